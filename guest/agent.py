@@ -1,0 +1,461 @@
+#!/usr/bin/env python3
+"""sandboxd's guest agent: runs exactly one job inside a sandbox and reports on it.
+
+It runs on the image's own python3 and uses only the standard library. Every backend
+starts it the same way; only the channel differs (the jail's stdin/stdout pipes, a
+virtio-serial port or vsock), and it never needs a network interface.
+
+Wire protocol: one JSON object per line, UTF-8, in both directions.
+
+    agent → host   {"type": "hello", "protocol": 1, "pid": N}
+    host → agent   {"type": "job",
+                    "files":  [{"path": "main.py", "content": "...", "encoding": "utf-8"|"base64"}],
+                    "compile": {"argv": [...]} | null,
+                    "run":     {"argv": [...]},
+                    "env":    {"NAME": "value"},
+                    "stdin":  "...",
+                    "limits": {"wall_time": s, "cpu_time": s, "compile_time": s,
+                               "processes": n, "output_bytes": n, "file_size_bytes": n}}
+    agent → host   {"type": "output", "stage": "compile"|"run", "stream": "stdout"|"stderr",
+                    "data": "..."}                                   (any number of these)
+    agent → host   {"type": "result", "status": ..., "message": ..., "exit_code": n|null,
+                    "signal": n|null, "stdout": ..., "stderr": ...,
+                    "truncated": {"stdout": bool, "stderr": bool},
+                    "compile": {stage record}|null,
+                    "timings": {"compile": s, "run": s},
+                    "usage": {"cpu_time": s, "memory_bytes": n}}
+
+The agent exits after the result: a sandbox serves one job. Output is captured up to
+``output_bytes`` per stream (the prefix is kept) and streamed as it is produced; a
+program that writes more is stopped. With ``--isolated`` the agent knows it is alone in
+its pid namespace and removes every process the program left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import codecs
+import contextlib
+import json
+import os
+import resource
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+PROTOCOL = 1
+CHUNK = 65536
+# After the program is killed, how long to wait for pipes that a stray process might hold.
+DRAIN_GRACE = 2.0
+BASE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+}
+
+
+class JobError(Exception):
+    """The job cannot be carried out (bad message, a file that cannot be written)."""
+
+
+class Channel:
+    """The agent's line-delimited JSON link to the host."""
+
+    def __init__(self, reader: IO[bytes], writer: IO[bytes]) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    def send(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+        self._writer.write(line.encode() + b"\n")
+        self._writer.flush()
+
+    def receive(self) -> dict[str, Any] | None:
+        line = self._reader.readline()
+        if not line:
+            return None
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise JobError("a message from the host was not a JSON object")
+        return message
+
+
+class Capture:
+    """One output stream of a process: keeps the prefix up to the cap, streams it out."""
+
+    def __init__(self, name: str, cap: int, emit: Callable[[str, str], None]) -> None:
+        self.name = name
+        self.cap = cap
+        self.data = bytearray()
+        self.truncated = False
+        self._emit = emit
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, chunk: bytes) -> bool:
+        """Keep what fits; return False once the stream went over its cap."""
+        room = self.cap - len(self.data)
+        kept = chunk[: max(room, 0)]
+        if kept:
+            self.data += kept
+            text = self._decoder.decode(kept)
+            if text:
+                self._emit(self.name, text)
+        if len(chunk) > room:
+            self.truncated = True
+            tail = self._decoder.decode(b"", final=True)
+            if tail:
+                self._emit(self.name, tail)
+            return False
+        return True
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+
+class StageOutcome:
+    """What happened to one process run (compile or run stage)."""
+
+    def __init__(self) -> None:
+        self.exit_code: int | None = None
+        self.signal: int | None = None
+        self.timed_out = False
+        self.output_limited: str | None = None  # the stream that went over its cap
+        self.captures: dict[str, Capture] = {}
+        self.wall = 0.0
+        self.cpu = 0.0
+        self.memory_bytes = 0
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "stdout": self.captures["stdout"].text(),
+            "stderr": self.captures["stderr"].text(),
+            "truncated": {name: c.truncated for name, c in self.captures.items()},
+            "time": round(self.wall, 6),
+        }
+
+
+def cpu_rlimit(cpu_time: float) -> tuple[int, int]:
+    """RLIMIT_CPU for a CPU-time limit: SIGXCPU at the soft limit, SIGKILL a second later."""
+    soft = max(1, int(cpu_time + 0.999))
+    return soft, soft + 1
+
+
+def _apply_limits(limits: dict[str, Any], cpu_time: float) -> Callable[[], None]:
+    def preexec() -> None:
+        resource.setrlimit(resource.RLIMIT_CPU, cpu_rlimit(cpu_time))
+        size = int(limits["file_size_bytes"])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        nproc = int(limits["processes"])
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        try:  # the program, not the agent, is what the OOM killer should take first
+            with open("/proc/self/oom_score_adj", "w") as adj:
+                adj.write("1000")
+        except OSError:
+            pass
+
+    return preexec
+
+
+def _feed_stdin(pipe: IO[bytes], data: bytes) -> None:
+    try:
+        if data:
+            pipe.write(data)
+    except (BrokenPipeError, OSError):
+        pass  # the program did not read all of its input; that is its business
+    finally:
+        with contextlib.suppress(OSError):
+            pipe.close()
+
+
+class Runner:
+    """Runs processes for one job under its limits, reporting output as it comes."""
+
+    def __init__(self, channel: Channel, workdir: str, isolated: bool) -> None:
+        self.channel = channel
+        self.workdir = workdir
+        self.isolated = isolated
+
+    def kill_all(self, pid: int) -> None:
+        """Kill the program's process group and, when alone in the namespace, every
+        other process but ourselves (what a program detached from its group left)."""
+        for target, how in ((pid, os.killpg), (-1, os.kill)):
+            if target == -1 and not self.isolated:
+                continue
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                how(target, signal.SIGKILL)
+
+    def run(
+        self,
+        stage: str,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        stdin: bytes,
+        wall_time: float,
+        cpu_time: float,
+        limits: dict[str, Any],
+    ) -> StageOutcome:
+        outcome = StageOutcome()
+
+        def emit(stream: str, data: str) -> None:
+            self.channel.send({"type": "output", "stage": stage, "stream": stream, "data": data})
+
+        cap = int(limits["output_bytes"])
+        start = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=self.workdir,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=_apply_limits(limits, cpu_time),
+            )
+        except OSError as exc:
+            raise JobError(f"cannot start {argv[0]}: {exc.strerror}") from exc
+        assert proc.stdin and proc.stdout and proc.stderr
+        threading.Thread(target=_feed_stdin, args=(proc.stdin, stdin), daemon=True).start()
+        pidfd = os.pidfd_open(proc.pid)
+        selector = selectors.DefaultSelector()
+        pipes = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
+        outcome.captures = {
+            "stdout": Capture("stdout", cap, emit),
+            "stderr": Capture("stderr", cap, emit),
+        }
+        streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+        for fd in pipes:
+            os.set_blocking(fd, False)
+            selector.register(fd, selectors.EVENT_READ)
+        selector.register(pidfd, selectors.EVENT_READ)
+        deadline = start + wall_time
+        killed_at: float | None = None
+        exited = False
+        try:
+            while pipes or not exited:
+                now = time.monotonic()
+                if killed_at is None and now >= deadline:
+                    outcome.timed_out = True
+                    killed_at = now
+                    self.kill_all(proc.pid)
+                limit = deadline if killed_at is None else killed_at + DRAIN_GRACE
+                if now >= limit and killed_at is not None:
+                    if exited:
+                        break  # a process we cannot reach still holds a pipe; stop waiting
+                    wait: float | None = None  # killed: only its exit is left to wait for
+                else:
+                    wait = max(0.0, limit - now)
+                for key, _ in selector.select(wait):
+                    if key.fd == pidfd:
+                        _, status, usage = os.wait4(proc.pid, 0)
+                        proc.returncode = os.waitstatus_to_exitcode(status)
+                        outcome.cpu = usage.ru_utime + usage.ru_stime
+                        outcome.memory_bytes = usage.ru_maxrss * 1024
+                        selector.unregister(pidfd)
+                        exited = True
+                        # Whatever the program left running dies with it.
+                        self.kill_all(proc.pid)
+                        continue
+                    try:
+                        chunk = os.read(key.fd, CHUNK)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        selector.unregister(key.fd)
+                        pipes.pop(key.fd).close()
+                        continue
+                    if not outcome.captures[streams[key.fd]].add(chunk) and killed_at is None:
+                        outcome.output_limited = streams[key.fd]
+                        killed_at = time.monotonic()
+                        self.kill_all(proc.pid)
+        finally:
+            selector.close()
+            os.close(pidfd)
+            for pipe in pipes.values():
+                pipe.close()
+            if proc.returncode is None:
+                self.kill_all(proc.pid)
+                proc.wait()
+        outcome.wall = time.monotonic() - start
+        code = proc.returncode
+        if code < 0:
+            outcome.signal = -code
+        else:
+            outcome.exit_code = code
+        return outcome
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def classify(outcome: StageOutcome, stage: str, limits: dict[str, Any]) -> tuple[str, str]:
+    """The status and a one-line reason for one stage's outcome."""
+    if outcome.output_limited:
+        return "output_limit", (
+            f"{outcome.output_limited} went over the output limit of {limits['output_bytes']} bytes"
+        )
+    if outcome.timed_out:
+        limit = limits["compile_time"] if stage == "compile" else limits["wall_time"]
+        what = "compile time" if stage == "compile" else "wall time"
+        return "timeout", f"{what} limit of {limit:g} s exceeded"
+    cpu_limit = limits["compile_time"] if stage == "compile" else limits["cpu_time"]
+    if outcome.signal == signal.SIGXCPU or (
+        outcome.signal == signal.SIGKILL and outcome.cpu >= cpu_rlimit(cpu_limit)[1] - 0.05
+    ):
+        return "timeout", f"CPU time limit of {cpu_limit:g} s exceeded"
+    if stage == "compile" and (outcome.signal or outcome.exit_code):
+        return "compile_error", "compilation failed"
+    if outcome.signal:
+        return "runtime_error", f"killed by {_signal_name(outcome.signal)}"
+    if outcome.exit_code:
+        return "runtime_error", f"process exited with code {outcome.exit_code}"
+    return "ok", ""
+
+
+def _open_dir(name: str, dir_fd: int) -> int:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o755, dir_fd=dir_fd)
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+
+
+def write_files(workdir: str, files: list[dict[str, Any]]) -> None:
+    """Write the job's files under ``workdir`` without following any link or leaving it."""
+    root = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for entry in files:
+            path = str(entry["path"])
+            parts = path.split("/")
+            if any(part in ("", ".", "..") for part in parts) or "\0" in path:
+                raise JobError(f"refusing file path {path!r}")
+            if entry.get("encoding") == "base64":
+                content = base64.b64decode(entry["content"], validate=True)
+            else:
+                content = str(entry["content"]).encode()
+            dir_fd = os.dup(root)
+            try:
+                for part in parts[:-1]:
+                    next_fd = _open_dir(part, dir_fd)
+                    os.close(dir_fd)
+                    dir_fd = next_fd
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                fd = os.open(parts[-1], flags, 0o644, dir_fd=dir_fd)
+                with os.fdopen(fd, "wb") as stream:
+                    stream.write(content)
+            finally:
+                os.close(dir_fd)
+    except OSError as exc:
+        raise JobError(f"cannot write the job's files: {exc.strerror}") from exc
+    finally:
+        os.close(root)
+
+
+def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
+    """Carry out one job and return its result record (without the "type" key)."""
+    try:
+        limits = job["limits"]
+        files = job["files"]
+        run_argv = [str(arg) for arg in job["run"]["argv"]]
+        compile_argv = [str(arg) for arg in job["compile"]["argv"]] if job.get("compile") else None
+        env = {**BASE_ENV, **{str(k): str(v) for k, v in job.get("env", {}).items()}}
+        stdin = str(job.get("stdin") or "").encode()
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise JobError(f"malformed job message: {exc!r}") from exc
+    write_files(runner.workdir, files)
+    result: dict[str, Any] = {
+        "exit_code": None,
+        "signal": None,
+        "stdout": "",
+        "stderr": "",
+        "truncated": {"stdout": False, "stderr": False},
+        "compile": None,
+        "timings": {"compile": 0.0, "run": 0.0},
+        "usage": {"cpu_time": 0.0, "memory_bytes": 0},
+    }
+    if compile_argv:
+        compiled = runner.run(
+            "compile",
+            compile_argv,
+            env=env,
+            stdin=b"",
+            wall_time=float(limits["compile_time"]),
+            cpu_time=float(limits["compile_time"]),
+            limits=limits,
+        )
+        result["compile"] = compiled.record()
+        result["timings"]["compile"] = round(compiled.wall, 6)
+        status, message = classify(compiled, "compile", limits)
+        if status != "ok":
+            result["usage"] = {
+                "cpu_time": round(compiled.cpu, 6),
+                "memory_bytes": compiled.memory_bytes,
+            }
+            return {"status": status, "message": message, **result}
+    ran = runner.run(
+        "run",
+        run_argv,
+        env=env,
+        stdin=stdin,
+        wall_time=float(limits["wall_time"]),
+        cpu_time=float(limits["cpu_time"]),
+        limits=limits,
+    )
+    status, message = classify(ran, "run", limits)
+    record = ran.record()
+    result.update(
+        exit_code=record["exit_code"],
+        signal=record["signal"],
+        stdout=record["stdout"],
+        stderr=record["stderr"],
+        truncated=record["truncated"],
+        usage={"cpu_time": round(ran.cpu, 6), "memory_bytes": ran.memory_bytes},
+    )
+    result["timings"]["run"] = record["time"]
+    return {"status": status, "message": message, **result}
+
+
+def serve(channel: Channel, runner: Runner) -> int:
+    """Say hello, take one job, answer with its result."""
+    channel.send({"type": "hello", "protocol": PROTOCOL, "pid": os.getpid()})
+    try:
+        job = channel.receive()
+        if job is None:
+            return 0  # the host closed the channel: this sandbox was not needed
+        if job.get("type") != "job":
+            raise JobError(f"expected a job message, got {job.get('type')!r}")
+        result = run_job(job, runner)
+    except (JobError, ValueError) as exc:
+        result = {"status": "internal_error", "message": f"agent: {exc}"}
+    channel.send({"type": "result", **result})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/work", help="where the job's files go")
+    parser.add_argument(
+        "--isolated",
+        action="store_true",
+        help="the agent is alone in its pid namespace: kill leftovers with kill(-1)",
+    )
+    options = parser.parse_args(argv)
+    channel = Channel(sys.stdin.buffer, sys.stdout.buffer)
+    return serve(channel, Runner(channel, options.workdir, options.isolated))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The host's end of the agent protocol (the wire format is in guest/agent.py).
+
+The link only speaks the protocol over whatever byte streams the backend gives it; it
+keeps a transcript of the output it relayed so that a run whose agent died still
+returns everything the program wrote before.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from sandboxd.errors import AgentError
+from sandboxd.framing import LineBuffer, LineTooLong, encode, receive_line
+
+PROTOCOL = 1
+OutputHandler = Callable[[str, str, str], Awaitable[None]]  # (stage, stream, data)
+
+
+class Transcript:
+    """The output relayed so far, per stage and stream, capped like the agent caps it."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._text: dict[tuple[str, str], list[str]] = {}
+        self._sizes: dict[tuple[str, str], int] = {}
+
+    def add(self, stage: str, stream: str, data: str) -> None:
+        key = (stage, stream)
+        size = self._sizes.get(key, 0)
+        if size < self.cap:
+            self._text.setdefault(key, []).append(data)
+            self._sizes[key] = size + len(data.encode())
+
+    def text(self, stage: str, stream: str) -> str:
+        return "".join(self._text.get((stage, stream), []))
+
+    def truncated(self, stage: str, stream: str) -> bool:
+        return self._sizes.get((stage, stream), 0) >= self.cap
+
+
+class AgentLink:
+    def __init__(
+        self, send: trio.abc.SendStream, receive: trio.abc.ReceiveStream, *, max_line: int
+    ) -> None:
+        self._send = send
+        self._receive = receive
+        self._buffer = LineBuffer(max_line)
+
+    async def _next(self) -> dict[str, Any] | None:
+        try:
+            line = await receive_line(self._receive, self._buffer)
+        except LineTooLong as exc:
+            raise AgentError(f"agent sent an oversized message: {exc}") from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise AgentError(f"agent channel broke: {exc}") from exc
+        if line is None:
+            return None
+        try:
+            message = json.loads(line)
+        except ValueError as exc:
+            raise AgentError(f"agent sent a line that is not JSON: {line[:200]!r}") from exc
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            raise AgentError(f"agent sent a message without a type: {line[:200]!r}")
+        return message
+
+    async def wait_hello(self) -> dict[str, Any]:
+        """Wait for the agent's hello; AgentError if anything else comes first."""
+        message = await self._next()
+        if message is None:
+            raise AgentError("agent exited before saying hello")
+        if message["type"] != "hello" or message.get("protocol") != PROTOCOL:
+            raise AgentError(f"expected hello for protocol {PROTOCOL}, got {message}")
+        return message
+
+    async def run(
+        self, job: dict[str, Any], on_output: OutputHandler, transcript: Transcript
+    ) -> dict[str, Any]:
+        """Send one job, relay its output, return the agent's result record.
+
+        Raises AgentError if the agent breaks the protocol or goes away first.
+        """
+        try:
+            await self._send.send_all(encode(job))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise AgentError(f"agent went away before taking the job: {exc}") from exc
+        while (message := await self._next()) is not None:
+            if message["type"] == "result":
+                return message
+            if message["type"] != "output":
+                raise AgentError(f"unexpected agent message type {message['type']!r}")
+            stage, stream, data = message.get("stage"), message.get("stream"), message.get("data")
+            if not (isinstance(stage, str) and isinstance(stream, str) and isinstance(data, str)):
+                raise AgentError("agent sent a malformed output message")
+            transcript.add(stage, stream, data)
+            await on_output(stage, stream, data)
+        raise AgentError("agent exited without a result")

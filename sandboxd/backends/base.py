@@ -1,0 +1,140 @@
+"""What every backend provides: sandboxes that start with a ready agent, run one job,
+and release every host resource they held when they are closed.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import logging
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import trio
+
+from sandboxd.agent_link import AgentLink, OutputHandler, Transcript
+from sandboxd.errors import AgentError, InternalError
+from sandboxd.limits import Limits
+
+# How long past its own limits the host lets a job run before killing the sandbox: the
+# agent enforces the limits itself, this only catches an agent that cannot.
+HOST_GRACE = 5.0
+
+
+class SandboxState(enum.Enum):
+    CREATING = "creating"
+    READY = "ready"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class SandboxStateError(InternalError):
+    """A sandbox was asked to do something its state does not allow (a bug)."""
+
+
+@dataclass
+class JobRun:
+    """What a sandbox saw of one job, before the daemon turns it into a result."""
+
+    record: dict[str, Any] | None  # the agent's result; None if it never came
+    transcript: Transcript
+    lost: str  # why there is no record
+    deadline_hit: bool  # the host had to stop a job that outlived its limits
+    oom_kills: int
+
+
+class Sandbox(abc.ABC):
+    """One sandbox with its agent. The backend's ``open_sandbox`` owns its lifetime; the
+    pool hands it to one job and then retires it."""
+
+    def __init__(self, sandbox_id: str, link: AgentLink, log: logging.Logger) -> None:
+        self.id = sandbox_id
+        self.link = link
+        self.log = log
+        self.state = SandboxState.CREATING
+        self.finished = trio.Event()  # set once it can serve nothing more
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} {self.state.value}>"
+
+    def set_state(self, state: SandboxState) -> None:
+        self.log.debug("%s -> %s", self.state.value, state.value)
+        self.state = state
+        if state in (SandboxState.STOPPING, SandboxState.STOPPED, SandboxState.FAILED):
+            self.finished.set()
+
+    def _expect(self, *states: SandboxState) -> None:
+        if self.state not in states:
+            raise SandboxStateError(
+                f"sandbox {self.id} is {self.state.value}, not "
+                + " or ".join(s.value for s in states)
+            )
+
+    def claim(self) -> bool:
+        """Take a ready sandbox for a job; False if it is no longer ready."""
+        if self.state is not SandboxState.READY:
+            return False
+        self.set_state(SandboxState.RUNNING)
+        return True
+
+    def retire(self) -> None:
+        """No more jobs: its owner tears it down."""
+        if not self.finished.is_set():
+            self.set_state(SandboxState.STOPPING)
+
+    @abc.abstractmethod
+    def apply_limits(self, limits: Limits) -> None:
+        """Set the job's limits on what the host controls (cgroup, VM size)."""
+
+    @abc.abstractmethod
+    def oom_kills(self) -> int:
+        """How many processes the OOM killer took in this sandbox so far."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Stop everything in the sandbox at once (its owner still cleans up)."""
+
+    async def run(self, job: dict[str, Any], limits: Limits, on_output: OutputHandler) -> JobRun:
+        """Run one job through the agent, enforcing the time limits from outside too."""
+        self._expect(SandboxState.RUNNING)
+        self.apply_limits(limits)
+        transcript = Transcript(limits.output_bytes)
+        budget = limits.wall_time + HOST_GRACE
+        if job.get("compile"):
+            budget += limits.compile_time
+        record, lost = None, ""
+        with trio.move_on_after(budget) as deadline:
+            try:
+                record = await self.link.run(job, on_output, transcript)
+            except AgentError as exc:
+                lost = str(exc)
+        if deadline.cancelled_caught:
+            lost = f"the sandbox outlived its time limits by {HOST_GRACE:g} s and was killed"
+        if record is None:
+            self.log.warning("job lost: %s", lost)
+            self.kill()
+        return JobRun(record, transcript, lost, deadline.cancelled_caught, self.oom_kills())
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    isolation: ClassVar[str]
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Prepare the host and remove what a crashed earlier daemon left behind."""
+
+    @abc.abstractmethod
+    def open_sandbox(self, slot: int) -> AbstractAsyncContextManager[Sandbox]:
+        """A ready sandbox for the duration of the ``async with``; everything it held is
+        released on exit, whatever happened. ``slot`` is unique among live sandboxes."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Remove everything the backend created on the host."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "isolation": self.isolation}

@@ -1,0 +1,255 @@
+"""The namespaces backend: no VM, a bubblewrap jail and a cgroup per sandbox.
+
+Each sandbox is bubblewrap started as its own unprivileged host uid (so nothing in it
+is root anywhere, even outside its namespaces) with every namespace unshared (its only
+network interface is lo), no capabilities, no further user namespaces, a new session,
+the image's root tree read-only, and a private tmpfs as working directory. The agent
+talks over the jail's stdin/stdout. This is weaker than a VM: sandboxes share the host
+kernel. It exists so the product works, and tests fast, on hosts without usable KVM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from sandboxd.agent_link import AgentLink
+from sandboxd.backends.base import Backend, Sandbox, SandboxState
+from sandboxd.cgroups import Cgroup, CgroupLayout
+from sandboxd.errors import AgentError, LaunchError, StartTimeout
+from sandboxd.limits import Limits
+from sandboxd.process import ChildProcess, LogTail, spawn
+
+log = logging.getLogger(__name__)
+
+GUEST_DIR = "/opt/sandboxd"  # where the agent appears inside the jail
+WORKDIR = "/work"
+JAIL_ID = 65534  # the uid/gid the program sees: nobody/nogroup
+# bubblewrap's two processes, the agent and its stdin thread run beside the program.
+OVERHEAD_PROCESSES = 8
+
+
+def _enter_jail(cgroup: Cgroup, uid: int) -> None:
+    """Pre-exec hook: join the sandbox's cgroup, then drop to its unprivileged uid."""
+    cgroup.attach_self()
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+class NamespacesSandbox(Sandbox):
+    def __init__(
+        self,
+        sandbox_id: str,
+        link: AgentLink,
+        child: ChildProcess,
+        cgroup: Cgroup,
+        cpus: float,
+    ) -> None:
+        super().__init__(sandbox_id, link, log.getChild(sandbox_id))
+        self.child = child
+        self.cgroup = cgroup
+        self._cpus = cpus
+
+    def apply_limits(self, limits: Limits) -> None:
+        self.cgroup.set_limits(
+            memory_bytes=limits.memory_bytes,
+            processes=limits.processes + OVERHEAD_PROCESSES,
+            cpus=self._cpus,
+        )
+
+    def oom_kills(self) -> int:
+        return self.cgroup.oom_kills()
+
+    def kill(self) -> None:
+        self.child.send_signal(signal.SIGKILL)
+        for pid in self.cgroup.pids():
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    async def watch(self, tail: LogTail) -> None:
+        """Notice the jail ending on its own (a crash, or the agent being killed)."""
+        code = await self.child.wait()
+        if not self.finished.is_set():
+            self.log.warning("jail exited on its own (code %s): %s", code, tail.text()[-500:])
+            self.set_state(SandboxState.FAILED)
+
+
+class NamespacesBackend(Backend):
+    name = "namespaces"
+    isolation = "namespaces (bubblewrap + cgroup; weaker than a VM: shares the host kernel)"
+
+    def __init__(
+        self,
+        *,
+        rootfs: Path,
+        agent_source: Path,
+        run_dir: Path,
+        instance: str,
+        uid_base: int,
+        cpus: float,
+        workdir_bytes: int,
+        max_message_bytes: int,
+    ) -> None:
+        self.rootfs = rootfs
+        self.agent_source = agent_source
+        self.guest_dir = run_dir / instance / "guest"
+        self.instance = instance
+        self.uid_base = uid_base
+        self.cpus = cpus
+        self.workdir_bytes = workdir_bytes
+        self.max_message_bytes = max_message_bytes
+        self.cgroups: CgroupLayout | None = None
+
+    @staticmethod
+    def probe(uid: int) -> str:
+        """Why this backend can run here; LaunchError saying why not."""
+        bwrap = shutil.which("bwrap")
+        if bwrap is None:
+            raise LaunchError("bubblewrap is not installed (apt install bubblewrap)")
+        check = subprocess.run(
+            [
+                bwrap,
+                "--unshare-all",
+                "--unshare-user",
+                "--disable-userns",
+                "--ro-bind",
+                "/",
+                "/",
+                "--",
+                "/bin/true",
+            ],
+            preexec_fn=partial(os.setresuid, uid, uid, uid),
+            capture_output=True,
+            text=True,
+        )
+        if check.returncode != 0:
+            raise LaunchError(
+                "bubblewrap cannot create namespaces as an unprivileged user here: "
+                + check.stderr.strip(),
+                argv=check.args,
+                exit_code=check.returncode,
+            )
+        version = subprocess.run([bwrap, "--version"], capture_output=True, text=True)
+        return f"{version.stdout.strip()} runs unprivileged jails here"
+
+    async def start(self) -> None:
+        if not (self.rootfs / "usr/bin/python3").exists():
+            raise LaunchError(f"image root {self.rootfs} has no usr/bin/python3 for the agent")
+        self.cgroups = CgroupLayout.detect()
+        found = await self.cgroups.sweep(self.instance)
+        if found:
+            log.warning("removed %d sandbox(es) left by an earlier daemon", found)
+        self.cgroups.prepare(self.instance)
+        # The agent is copied where every sandbox uid can read it, whoever installed us.
+        shutil.rmtree(self.guest_dir, ignore_errors=True)
+        self.guest_dir.mkdir(parents=True, mode=0o755)
+        for parent in (self.guest_dir.parent, self.guest_dir.parent.parent):
+            parent.chmod(parent.stat().st_mode | 0o055)
+        shutil.copy(self.agent_source, self.guest_dir / "agent.py")
+        (self.guest_dir / "agent.py").chmod(0o644)
+
+    def argv(self) -> list[str]:
+        return [
+            "bwrap",
+            "--unshare-all", "--unshare-user", "--disable-userns",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--uid", str(JAIL_ID), "--gid", str(JAIL_ID),
+            "--hostname", "sandbox",
+            "--ro-bind", str(self.rootfs), "/",
+            "--ro-bind", str(self.guest_dir), GUEST_DIR,
+            "--proc", "/proc",
+            "--dev", "/dev",
+            "--size", str(self.workdir_bytes), "--tmpfs", "/tmp",
+            "--size", str(self.workdir_bytes), "--perms", "0755", "--tmpfs", WORKDIR,
+            "--chdir", WORKDIR,
+            "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
+            "--",
+            "/usr/bin/python3", "-I", "-S", f"{GUEST_DIR}/agent.py",
+            "--workdir", WORKDIR, "--isolated",
+        ]  # fmt: skip
+
+    @asynccontextmanager
+    async def open_sandbox(self, slot: int, start_timeout: float) -> AsyncIterator[Sandbox]:
+        assert self.cgroups is not None, "start() first"
+        sandbox_id = uuid.uuid4().hex[:12]
+        cgroup = self.cgroups.sandbox(self.instance, sandbox_id)
+        cgroup.create()
+        try:
+            argv = self.argv()
+            child = spawn(
+                argv,
+                cwd="/",
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                preexec=partial(_enter_jail, cgroup, self.uid_base + slot),
+                stdin=True,
+                stdout=True,
+                stderr=True,
+            )
+            try:
+                assert child.stdin and child.stdout and child.stderr
+                link = AgentLink(child.stdin, child.stdout, max_line=self.max_message_bytes)
+                sandbox = NamespacesSandbox(sandbox_id, link, child, cgroup, self.cpus)
+                tail = LogTail(sandbox.log)
+                await self._wait_ready(sandbox, tail, argv, start_timeout)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(tail.pump, child.stderr)
+                    nursery.start_soon(sandbox.watch, tail)
+                    try:
+                        yield sandbox
+                    finally:
+                        sandbox.retire()
+                        await child.stop()
+                        nursery.cancel_scope.cancel()  # the pump, before its pipe closes
+            finally:
+                await child.aclose()
+        finally:
+            await cgroup.destroy()
+        sandbox.set_state(SandboxState.STOPPED)
+
+    @staticmethod
+    async def _wait_ready(
+        sandbox: NamespacesSandbox, tail: LogTail, argv: list[str], start_timeout: float
+    ) -> None:
+        """Wait for the agent's hello; LaunchError (with the jail's stderr) if none comes.
+
+        The jail writes little before the hello, so its stderr is only read on failure.
+        """
+        try:
+            with trio.fail_after(start_timeout):
+                await sandbox.link.wait_hello()
+        except (AgentError, trio.TooSlowError) as exc:
+            sandbox.kill()
+            await sandbox.child.wait()
+            assert sandbox.child.stderr
+            with trio.move_on_after(1):
+                await tail.pump(sandbox.child.stderr)
+            sandbox.set_state(SandboxState.FAILED)
+            timed_out = isinstance(exc, trio.TooSlowError)
+            error = StartTimeout if timed_out else LaunchError
+            reason = f"no agent within {start_timeout:g} s" if timed_out else str(exc)
+            raise error(
+                f"sandbox {sandbox.id} did not start: {reason}: {tail.text()[-300:]}",
+                argv=argv,
+                exit_code=sandbox.child.returncode,
+                log_tail=tail.text(),
+            ) from exc
+        sandbox.set_state(SandboxState.READY)
+
+    async def aclose(self) -> None:
+        if self.cgroups is not None:
+            await self.cgroups.sweep(self.instance, remove_parents=True)
+        shutil.rmtree(self.guest_dir, ignore_errors=True)
+        for parent in (self.guest_dir.parent,):
+            with suppress(OSError):
+                parent.rmdir()

@@ -1,0 +1,208 @@
+"""A cgroup per sandbox, on cgroup v2 or on v1's separate memory/pids/cpu hierarchies.
+
+Every sandbox's processes live in ``<hierarchy>/<instance name>/<sandbox id>``, created
+before the sandbox's first process starts (it joins in its pre-exec hook, so nothing it
+forks can escape) and removed after the last one is gone. The per-instance parent lets
+a restarted daemon find and remove what a crashed one left, and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from sandboxd.errors import LaunchError
+
+log = logging.getLogger(__name__)
+
+V1_CONTROLLERS = ("memory", "pids", "cpu")
+CPU_PERIOD_US = 100_000
+
+
+def _mounts() -> list[tuple[str, str, set[str]]]:
+    """(fstype, mount point, super options) of each cgroup mount."""
+    found = []
+    with open("/proc/self/mountinfo") as info:
+        for line in info:
+            fields = line.split()
+            sep = fields.index("-")
+            fstype, options = fields[sep + 1], fields[sep + 3]
+            if fstype in ("cgroup", "cgroup2"):
+                found.append((fstype, fields[4], set(options.split(","))))
+    return found
+
+
+@dataclass(frozen=True)
+class CgroupLayout:
+    """Where this host keeps the controllers sandboxd needs."""
+
+    version: int
+    roots: dict[str, Path]  # controller → hierarchy root (one shared root on v2)
+
+    @classmethod
+    def detect(cls) -> CgroupLayout:
+        """Prefer v2 when it carries the controllers; else v1. LaunchError if neither."""
+        mounts = _mounts()
+        for fstype, point, _ in mounts:
+            controllers = Path(point, "cgroup.controllers")
+            if fstype == "cgroup2" and controllers.exists():
+                available = set(controllers.read_text().split())
+                if {"memory", "pids", "cpu"} <= available:
+                    return cls(2, {name: Path(point) for name in V1_CONTROLLERS})
+        roots = {}
+        for fstype, point, options in mounts:
+            for name in V1_CONTROLLERS:
+                if fstype == "cgroup" and name in options:
+                    roots.setdefault(name, Path(point))
+        missing = [name for name in V1_CONTROLLERS if name not in roots]
+        if missing:
+            raise LaunchError(
+                f"no usable cgroups: controllers {', '.join(missing)} are mounted neither "
+                "on cgroup v2 nor on v1"
+            )
+        return cls(1, roots)
+
+    def parents(self, instance: str) -> list[Path]:
+        return sorted({root / instance for root in self.roots.values()})
+
+    def prepare(self, instance: str) -> None:
+        """Create the instance's parent cgroups and delegate the controllers on v2."""
+        try:
+            for parent in self.parents(instance):
+                parent.mkdir(exist_ok=True)
+            if self.version == 2:
+                root = self.roots["memory"]
+                for level in (root, root / instance):
+                    (level / "cgroup.subtree_control").write_text("+memory +pids +cpu")
+        except OSError as exc:
+            raise LaunchError(f"cannot prepare cgroups for {instance}: {exc}") from exc
+
+    def sandbox(self, instance: str, name: str) -> Cgroup:
+        return Cgroup(self, instance, name)
+
+    async def sweep(self, instance: str, *, remove_parents: bool = False) -> int:
+        """Kill and remove every sandbox cgroup of ``instance``; how many were found."""
+        names: set[str] = set()
+        for parent in self.parents(instance):
+            if parent.is_dir():
+                names |= {child.name for child in parent.iterdir() if child.is_dir()}
+        for name in sorted(names):
+            await self.sandbox(instance, name).destroy()
+        if remove_parents:
+            for parent in self.parents(instance):
+                _rmdir(parent)
+        return len(names)
+
+
+def _rmdir(path: Path) -> bool:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return False
+        raise
+    return True
+
+
+class Cgroup:
+    """One sandbox's cgroup (one directory per hierarchy on v1)."""
+
+    def __init__(self, layout: CgroupLayout, instance: str, name: str) -> None:
+        self.layout = layout
+        self.name = name
+        self.dirs = {c: root / instance / name for c, root in layout.roots.items()}
+
+    def __repr__(self) -> str:
+        return f"<Cgroup v{self.layout.version} {self.name}>"
+
+    def _file(self, controller: str, v1: str, v2: str) -> Path:
+        return self.dirs[controller] / (v2 if self.layout.version == 2 else v1)
+
+    def create(self) -> None:
+        try:
+            for path in set(self.dirs.values()):
+                path.mkdir()
+        except OSError as exc:
+            raise LaunchError(f"cannot create cgroup {self.name}: {exc}") from exc
+
+    def set_limits(self, *, memory_bytes: int, processes: int, cpus: float) -> None:
+        """Memory (swap included), process count and CPU share of the whole sandbox."""
+        quota = max(1000, int(cpus * CPU_PERIOD_US))
+        if self.layout.version == 2:
+            (self.dirs["memory"] / "memory.max").write_text(str(memory_bytes))
+            swap = self.dirs["memory"] / "memory.swap.max"
+            if swap.exists():
+                swap.write_text("0")
+            (self.dirs["pids"] / "pids.max").write_text(str(processes))
+            (self.dirs["cpu"] / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+            return
+        limit = self.dirs["memory"] / "memory.limit_in_bytes"
+        memsw = self.dirs["memory"] / "memory.memsw.limit_in_bytes"
+        # memory+swap may never be below memory alone: lower memory first, raise it last.
+        lowering = memory_bytes < int(limit.read_text())
+        for path in [limit, memsw] if lowering else [memsw, limit]:
+            if path.exists():
+                path.write_text(str(memory_bytes))
+        (self.dirs["pids"] / "pids.max").write_text(str(processes))
+        (self.dirs["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+        (self.dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(quota))
+
+    def attach_self(self) -> None:
+        """Move the calling process into this cgroup (used in a child's pre-exec hook)."""
+        pid = str(os.getpid())
+        for path in set(self.dirs.values()):
+            (path / "cgroup.procs").write_text(pid)
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for path in set(self.dirs.values()):
+            with contextlib.suppress(FileNotFoundError):
+                found |= {int(p) for p in (path / "cgroup.procs").read_text().split()}
+        return found
+
+    def oom_kills(self) -> int:
+        """How many processes the OOM killer took in this cgroup."""
+        path = self._file("memory", "memory.oom_control", "memory.events")
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except FileNotFoundError:
+            pass
+        return 0
+
+    def peak_memory(self) -> int:
+        path = self._file("memory", "memory.max_usage_in_bytes", "memory.peak")
+        try:
+            return int(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    async def destroy(self) -> None:
+        """Kill whatever is left in the cgroup and remove it. Shielded, idempotent."""
+        with trio.CancelScope(shield=True):
+            kill_file = self.dirs["memory"] / "cgroup.kill"
+            for attempt in range(200):
+                pids = self.pids()
+                if not pids and all(_rmdir(path) for path in set(self.dirs.values())):
+                    return
+                if self.layout.version == 2 and kill_file.exists():
+                    kill_file.write_text("1")
+                else:
+                    for pid in pids:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                # A killed process leaves its cgroup only once the kernel has reaped it;
+                # v1 offers no event for "empty", so check again shortly.
+                await trio.sleep(0.005 * min(attempt + 1, 20))
+            log.error("cgroup %s still busy after repeated kills: %s", self.name, self.pids())

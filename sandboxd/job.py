@@ -1,0 +1,158 @@
+"""One job as the daemon accepts it: checked at the edge, then turned into the agent's
+``job`` message.
+
+The same fields serve the JSON-RPC ``execute`` method and the HTTP gateway: ``language``,
+``code``, ``stdin``, ``args``, ``files``, ``timeout`` and ``limits``. Every way a field
+can be wrong raises :class:`InvalidParams` naming the field and the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sandboxd.errors import InvalidParams
+from sandboxd.languages import Language, LanguageTable
+from sandboxd.limits import LimitBounds, Limits, resolve_limits
+
+FIELDS = ("language", "code", "stdin", "args", "files", "timeout", "limits")
+MAX_ARGS = 256
+MAX_FILES = 100
+MAX_PATH = 255
+
+
+@dataclass(frozen=True)
+class JobFile:
+    path: str
+    content: bytes
+
+
+@dataclass(frozen=True)
+class Job:
+    language: Language
+    code: str
+    stdin: str
+    args: tuple[str, ...]
+    files: tuple[JobFile, ...]
+    limits: Limits
+
+    def agent_message(self) -> dict[str, Any]:
+        """The ``job`` message of the agent protocol (see guest/agent.py)."""
+        files = [{"path": self.language.source_file, "content": self.code, "encoding": "utf-8"}]
+        files += [
+            {"path": f.path, "content": base64.b64encode(f.content).decode(), "encoding": "base64"}
+            for f in self.files
+        ]
+        compile_step = {"argv": list(self.language.compile)} if self.language.compile else None
+        return {
+            "type": "job",
+            "files": files,
+            "compile": compile_step,
+            "run": {"argv": [*self.language.run, *self.args]},
+            "env": dict(self.language.env),
+            "stdin": self.stdin,
+            "limits": self.limits.to_dict(),
+        }
+
+
+def _text(params: Mapping[str, Any], name: str, *, required: bool) -> str:
+    value = params.get(name)
+    if value is None:
+        if required:
+            raise InvalidParams.field(name, "is required")
+        return ""
+    if not isinstance(value, str):
+        raise InvalidParams.field(name, "expected a string")
+    return value
+
+
+def _args(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_ARGS:
+        raise InvalidParams.field("args", f"expected a list of at most {MAX_ARGS} strings")
+    for index, arg in enumerate(value):
+        if not isinstance(arg, str) or "\0" in arg:
+            raise InvalidParams.field(f"args[{index}]", "expected a string without NUL bytes")
+    return tuple(value)
+
+
+def check_path(path: Any, where: str) -> str:
+    """A file path confined to the working directory: relative, plain names only."""
+    if not isinstance(path, str) or not path:
+        raise InvalidParams.field(where, "expected a non-empty relative path")
+    if path.startswith("/"):
+        raise InvalidParams.field(where, "absolute paths are not allowed")
+    if "\0" in path or len(path) > 1024:
+        raise InvalidParams.field(where, "must be at most 1024 characters without NUL bytes")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise InvalidParams.field(
+                where, f"{part or 'an empty'!r} path component is not allowed"
+            )
+        if len(part.encode()) > MAX_PATH:
+            raise InvalidParams.field(where, f"a path component is longer than {MAX_PATH} bytes")
+    return path
+
+
+def _files(value: Any, source_file: str) -> tuple[JobFile, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_FILES:
+        raise InvalidParams.field("files", f"expected a list of at most {MAX_FILES} files")
+    files: list[JobFile] = []
+    taken = {source_file}
+    for index, entry in enumerate(value):
+        where = f"files[{index}]"
+        if not isinstance(entry, dict) or not {"path", "content"} <= entry.keys():
+            raise InvalidParams.field(where, "expected an object with path and content")
+        extra = set(entry) - {"path", "content", "encoding"}
+        if extra:
+            raise InvalidParams.field(f"{where}.{sorted(extra)[0]}", "unknown field")
+        path = check_path(entry["path"], f"{where}.path")
+        # A file may not also be a directory of another, nor replace the program itself.
+        prefixes = {"/".join(path.split("/")[:n]) for n in range(1, path.count("/") + 1)}
+        if path in taken or prefixes & taken or any(t.startswith(path + "/") for t in taken):
+            raise InvalidParams.field(f"{where}.path", f"{path!r} clashes with another file")
+        taken.add(path)
+        files.append(JobFile(path, _content(entry, where)))
+    return tuple(files)
+
+
+def _content(entry: Mapping[str, Any], where: str) -> bytes:
+    encoding = entry.get("encoding", "utf-8")
+    content = entry["content"]
+    if not isinstance(content, str):
+        raise InvalidParams.field(f"{where}.content", "expected a string")
+    if encoding == "utf-8":
+        return content.encode()
+    if encoding == "base64":
+        try:
+            return base64.b64decode(content, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidParams.field(f"{where}.content", "is not valid base64") from None
+    raise InvalidParams.field(f"{where}.encoding", "expected 'utf-8' or 'base64'")
+
+
+def parse_job(
+    params: Mapping[str, Any], languages: LanguageTable, bounds: Mapping[str, LimitBounds]
+) -> Job:
+    """Check an ``execute`` request's params and build its Job.
+
+    Raises InvalidParams, UnsupportedLanguage or LimitAboveMaximum.
+    """
+    unknown = sorted(set(params) - set(FIELDS))
+    if unknown:
+        raise InvalidParams.field(unknown[0], f"unknown field (known: {', '.join(FIELDS)})")
+    language = languages.resolve(_text(params, "language", required=True))
+    return Job(
+        language=language,
+        code=_text(params, "code", required=True),
+        stdin=_text(params, "stdin", required=False),
+        args=_args(params.get("args")),
+        files=_files(params.get("files"), language.source_file),
+        limits=resolve_limits(params.get("limits"), params.get("timeout"), bounds),
+    )

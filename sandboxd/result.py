@@ -1,0 +1,82 @@
+"""The result record of one execution: what happened, the output, timings and usage.
+
+The agent fills in what it saw inside the sandbox; the daemon adds what only the host
+knows (queue time, an OOM kill seen by the sandbox's cgroup, a sandbox that died or had
+to be killed from outside). Clients rebuild it with :meth:`ExecutionResult.from_dict`.
+The record is documented field by field in ``docs/api.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Status(enum.StrEnum):
+    OK = "ok"
+    COMPILE_ERROR = "compile_error"
+    RUNTIME_ERROR = "runtime_error"
+    TIMEOUT = "timeout"
+    MEMORY_LIMIT = "memory_limit"
+    OUTPUT_LIMIT = "output_limit"
+    KILLED = "killed"
+    INTERNAL_ERROR = "internal_error"
+
+
+STREAMS = ("stdout", "stderr")
+
+
+@dataclass
+class CompileResult:
+    """The compile stage of a compiled language."""
+
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    truncated: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(STREAMS, False))
+    time: float = 0.0
+
+
+@dataclass
+class ExecutionResult:
+    status: Status
+    message: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    truncated: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(STREAMS, False))
+    compile: CompileResult | None = None
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"queue": 0.0, "compile": 0.0, "run": 0.0, "total": 0.0}
+    )
+    usage: dict[str, float] = field(default_factory=lambda: {"cpu_time": 0.0, "memory_bytes": 0})
+    sandbox_id: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+    def to_dict(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["status"] = str(self.status)
+        return record
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> ExecutionResult:
+        """Rebuild a record, ignoring keys a newer daemon may have added."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in record.items() if key in names}
+        try:
+            values["status"] = Status(record.get("status"))
+        except ValueError:
+            values["status"] = Status.INTERNAL_ERROR
+        if isinstance(record.get("compile"), dict):
+            compile_names = {f.name for f in dataclasses.fields(CompileResult)}
+            values["compile"] = CompileResult(
+                **{k: v for k, v in record["compile"].items() if k in compile_names}
+            )
+        return cls(**values)

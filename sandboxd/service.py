@@ -1,0 +1,159 @@
+"""What the daemon does for its clients, independent of how they reach it: the
+``health``, ``languages``, ``status`` and ``execute`` methods.
+
+The RPC server (and nothing else) exposes these over the socket; they take and return
+plain JSON-able values and raise errors from :mod:`sandboxd.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import trio
+
+from sandboxd import __version__
+from sandboxd.backends.base import Backend, JobRun
+from sandboxd.errors import InvalidParams
+from sandboxd.images import Image
+from sandboxd.job import Job, parse_job
+from sandboxd.languages import LanguageTable
+from sandboxd.limits import LimitBounds
+from sandboxd.pool import Pool
+from sandboxd.result import CompileResult, ExecutionResult, Status
+
+log = logging.getLogger(__name__)
+
+OutputSink = Callable[[str, str, str], Awaitable[None]]  # (stage, stream, data)
+
+
+def _no_params(params: Mapping[str, Any]) -> None:
+    if params:
+        raise InvalidParams.field(next(iter(params)), "this method takes no parameters")
+
+
+def result_of(run: JobRun, job: Job, sandbox_id: str) -> ExecutionResult:
+    """The result record of a job from what its sandbox saw."""
+    if run.record is not None:
+        result = ExecutionResult.from_dict(run.record)
+        # Inside its jail the agent cannot see the cgroup that counted an OOM kill.
+        if (
+            run.oom_kills
+            and result.signal == signal.SIGKILL
+            and result.status
+            in (
+                Status.RUNTIME_ERROR,
+                Status.KILLED,
+            )
+        ):
+            result.status = Status.MEMORY_LIMIT
+            result.message = f"memory limit of {job.limits.memory_bytes // 2**20} MiB exceeded"
+    else:
+        if run.deadline_hit:
+            status, message = Status.TIMEOUT, run.lost
+        elif run.oom_kills:
+            mib = job.limits.memory_bytes // 2**20
+            status, message = (
+                Status.MEMORY_LIMIT,
+                f"memory limit of {mib} MiB exceeded ({run.lost})",
+            )
+        else:
+            status, message = Status.KILLED, f"the sandbox was killed: {run.lost}"
+        transcript = run.transcript
+        result = ExecutionResult(
+            status=status,
+            message=message,
+            signal=signal.SIGKILL,
+            stdout=transcript.text("run", "stdout"),
+            stderr=transcript.text("run", "stderr"),
+            truncated={s: transcript.truncated("run", s) for s in ("stdout", "stderr")},
+        )
+        if job.language.compiled:
+            result.compile = CompileResult(
+                stdout=transcript.text("compile", "stdout"),
+                stderr=transcript.text("compile", "stderr"),
+            )
+    result.sandbox_id = sandbox_id
+    return result
+
+
+class Service:
+    def __init__(
+        self,
+        *,
+        pool: Pool,
+        backend: Backend,
+        backend_reason: str,
+        image: Image,
+        limits: Mapping[str, LimitBounds],
+    ) -> None:
+        self.pool = pool
+        self.backend = backend
+        self.backend_reason = backend_reason
+        self.image = image
+        self.languages_table = LanguageTable(image.languages)
+        self.limits = limits
+        self.started = time.time()
+
+    async def health(self, **params: Any) -> dict[str, Any]:
+        _no_params(params)
+        healthy = self.pool.can_serve()
+        answer: dict[str, Any] = {
+            "status": "healthy" if healthy else "unhealthy",
+            "time": int(time.time()),
+            "version": __version__,
+            "backend": self.backend.name,
+            "pool": self.pool.stats(),
+        }
+        if not healthy:
+            answer["reason"] = f"sandboxes fail to start: {self.pool.last_error}"
+        return answer
+
+    async def languages(self, **params: Any) -> dict[str, Any]:
+        _no_params(params)
+        return {
+            "languages": self.languages_table.names(),
+            "details": self.languages_table.describe(),
+        }
+
+    async def status(self, **params: Any) -> dict[str, Any]:
+        _no_params(params)
+        return {
+            "version": __version__,
+            "uptime": round(time.time() - self.started, 3),
+            "backend": {**self.backend.describe(), "reason": self.backend_reason},
+            "pool": self.pool.stats(),
+            "image": self.image.describe(),
+            "limits": {
+                name: {"default": bound.default, "maximum": bound.maximum}
+                for name, bound in self.limits.items()
+            },
+        }
+
+    async def execute(self, params: Mapping[str, Any], on_output: OutputSink) -> dict[str, Any]:
+        """Run one job in a fresh sandbox; the result record as a dict.
+
+        Raises InvalidParams, UnsupportedLanguage, LimitAboveMaximum or NoCapacity.
+        """
+        start = trio.current_time()
+        job = parse_job(params, self.languages_table, self.limits)
+        async with self.pool.sandbox() as sandbox:
+            queued = trio.current_time() - start
+            run = await sandbox.run(job.agent_message(), job.limits, on_output)
+        result = result_of(run, job, sandbox.id)
+        result.timings["queue"] = round(queued, 6)
+        result.timings["total"] = round(trio.current_time() - start, 6)
+        log.info(
+            "job sandbox=%s language=%s status=%s exit=%s signal=%s queue=%.3fs total=%.3fs",
+            sandbox.id,
+            job.language.name,
+            result.status,
+            result.exit_code,
+            result.signal,
+            queued,
+            result.timings["total"],
+        )
+        return result.to_dict()
