@@ -28,7 +28,7 @@ Wire protocol: one JSON object per line, UTF-8, in both directions.
 The agent exits after the result: a sandbox serves one job. Output is captured up to
 ``output_bytes`` per stream (the prefix is kept) and streamed as it is produced; a
 program that writes more is stopped. With ``--isolated`` the agent knows it is alone in
-its pid namespace and removes every process the program left behind.
+its pid namespace (it is PID 1 there) and removes every process the program left behind.
 """
 
 from __future__ import annotations
@@ -177,6 +177,49 @@ def _feed_stdin(pipe: IO[bytes], data: bytes) -> None:
             pipe.close()
 
 
+class Reaper:
+    """Reaps every child of the agent, with its resource usage.
+
+    The agent may be PID 1 (in a VM, or a jail without an init of its own): then the
+    orphans a program leaves behind become its children too and must be reaped, or
+    their zombies would use up the process limit. SIGCHLD wakes the selector through
+    a pipe, so no exit is missed however early it happens.
+    """
+
+    def __init__(self) -> None:
+        self.fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(write_fd, False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(write_fd)
+        self.exits: dict[int, tuple[int, resource.struct_rusage]] = {}
+
+    def reap(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.exits[pid] = (status, usage)
+
+    def wait(self, pid: int) -> tuple[int, resource.struct_rusage]:
+        """Block until ``pid`` has been reaped."""
+        while pid not in self.exits:
+            try:
+                _, status, usage = os.wait4(pid, 0)
+            except ChildProcessError:
+                self.reap()
+                continue
+            self.exits[pid] = (status, usage)
+        return self.exits.pop(pid)
+
+
 class Runner:
     """Runs processes for one job under its limits, reporting output as it comes."""
 
@@ -184,6 +227,7 @@ class Runner:
         self.channel = channel
         self.workdir = workdir
         self.isolated = isolated
+        self.reaper = Reaper()
 
     def kill_all(self, pid: int) -> None:
         """Kill the program's process group and, when alone in the namespace, every
@@ -191,8 +235,10 @@ class Runner:
         for target, how in ((pid, os.killpg), (-1, os.kill)):
             if target == -1 and not self.isolated:
                 continue
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
                 how(target, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def run(
         self,
@@ -227,7 +273,6 @@ class Runner:
             raise JobError(f"cannot start {argv[0]}: {exc.strerror}") from exc
         assert proc.stdin and proc.stdout and proc.stderr
         threading.Thread(target=_feed_stdin, args=(proc.stdin, stdin), daemon=True).start()
-        pidfd = os.pidfd_open(proc.pid)
         selector = selectors.DefaultSelector()
         pipes = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
         outcome.captures = {
@@ -238,12 +283,12 @@ class Runner:
         for fd in pipes:
             os.set_blocking(fd, False)
             selector.register(fd, selectors.EVENT_READ)
-        selector.register(pidfd, selectors.EVENT_READ)
+        selector.register(self.reaper.fd, selectors.EVENT_READ)
         deadline = start + wall_time
         killed_at: float | None = None
-        exited = False
+        exit_status: tuple[int, resource.struct_rusage] | None = None
         try:
-            while pipes or not exited:
+            while pipes or exit_status is None:
                 now = time.monotonic()
                 if killed_at is None and now >= deadline:
                     outcome.timed_out = True
@@ -251,21 +296,18 @@ class Runner:
                     self.kill_all(proc.pid)
                 limit = deadline if killed_at is None else killed_at + DRAIN_GRACE
                 if now >= limit and killed_at is not None:
-                    if exited:
+                    if exit_status is not None:
                         break  # a process we cannot reach still holds a pipe; stop waiting
                     wait: float | None = None  # killed: only its exit is left to wait for
                 else:
                     wait = max(0.0, limit - now)
                 for key, _ in selector.select(wait):
-                    if key.fd == pidfd:
-                        _, status, usage = os.wait4(proc.pid, 0)
-                        proc.returncode = os.waitstatus_to_exitcode(status)
-                        outcome.cpu = usage.ru_utime + usage.ru_stime
-                        outcome.memory_bytes = usage.ru_maxrss * 1024
-                        selector.unregister(pidfd)
-                        exited = True
-                        # Whatever the program left running dies with it.
-                        self.kill_all(proc.pid)
+                    if key.fd == self.reaper.fd:
+                        self.reaper.reap()
+                        if exit_status is None and proc.pid in self.reaper.exits:
+                            exit_status = self.reaper.exits.pop(proc.pid)
+                            # Whatever the program left running dies with it.
+                            self.kill_all(proc.pid)
                         continue
                     try:
                         chunk = os.read(key.fd, CHUNK)
@@ -281,18 +323,20 @@ class Runner:
                         self.kill_all(proc.pid)
         finally:
             selector.close()
-            os.close(pidfd)
             for pipe in pipes.values():
                 pipe.close()
-            if proc.returncode is None:
+            if exit_status is None:
                 self.kill_all(proc.pid)
-                proc.wait()
+                exit_status = self.reaper.wait(proc.pid)
         outcome.wall = time.monotonic() - start
-        code = proc.returncode
-        if code < 0:
-            outcome.signal = -code
+        status, usage = exit_status
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        outcome.cpu = usage.ru_utime + usage.ru_stime
+        outcome.memory_bytes = usage.ru_maxrss * 1024
+        if proc.returncode < 0:
+            outcome.signal = -proc.returncode
         else:
-            outcome.exit_code = code
+            outcome.exit_code = proc.returncode
         return outcome
 
 

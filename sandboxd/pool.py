@@ -106,6 +106,8 @@ class Pool:
                 starting = False
                 self._failures = 0
                 self._live.add(sandbox)
+                if self._closing:  # it finished starting after the pool was closed
+                    sandbox.retire()
                 try:
                     self._ready_send.send_nowait(sandbox)
                     self._changed()

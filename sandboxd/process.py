@@ -107,7 +107,6 @@ def spawn(
         (pair[0] if index == 0 else pair[1]) if pair else subprocess.DEVNULL
         for index, pair in enumerate(ends)
     ]
-    log.debug("spawn: %s", " ".join(argv))
     try:
         popen = subprocess.Popen(
             list(argv),
@@ -125,6 +124,7 @@ def spawn(
                 os.close(pair[0])
                 os.close(pair[1])
         raise LaunchError(f"cannot start {argv[0]}: {exc}", argv=list(argv)) from exc
+    log.debug("spawned pid %d: %s", popen.pid, " ".join(argv))
     for index, pair in enumerate(ends):
         if pair:
             os.close(pair[0] if index == 0 else pair[1])

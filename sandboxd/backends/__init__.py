@@ -44,7 +44,6 @@ def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
     backend = NamespacesBackend(
         rootfs=image.rootfs,
         agent_source=agent_source(),
-        run_dir=config.daemon.run_dir,
         instance=config.daemon.name,
         uid_base=config.backend.uid_base,
         cpus=config.backend.cpus,

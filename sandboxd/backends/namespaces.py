@@ -37,6 +37,7 @@ WORKDIR = "/work"
 JAIL_ID = 65534  # the uid/gid the program sees: nobody/nogroup
 # bubblewrap's two processes, the agent and its stdin thread run beside the program.
 OVERHEAD_PROCESSES = 8
+JAIL_EXIT_TIMEOUT = 5.0
 
 
 def _enter_jail(cgroup: Cgroup, uid: int) -> None:
@@ -72,16 +73,28 @@ class NamespacesSandbox(Sandbox):
         return self.cgroup.oom_kills()
 
     def kill(self) -> None:
-        self.child.send_signal(signal.SIGKILL)
-        for pid in self.cgroup.pids():
+        # Everything but the outer bubblewrap: it stays to reap the jail's init, whose
+        # death reaps the rest of the pid namespace, and then exits on its own. Killing
+        # it first would leave the jail's processes as zombies for the host's init.
+        for pid in self.cgroup.pids() - {self.child.pid}:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        """Kill the jail and reap it; the outer bubblewrap too if it lingers. Shielded."""
+        with trio.CancelScope(shield=True):
+            self.kill()
+            with trio.move_on_after(JAIL_EXIT_TIMEOUT):
+                await self.child.wait()
+            await self.child.stop()
 
     async def watch(self, tail: LogTail) -> None:
         """Notice the jail ending on its own (a crash, or the agent being killed)."""
         code = await self.child.wait()
-        if not self.finished.is_set():
-            self.log.warning("jail exited on its own (code %s): %s", code, tail.text()[-500:])
+        # A running job finds out through its agent link (the agent exits after its
+        # result); a ready sandbox that dies must leave the pool.
+        if self.state is SandboxState.READY:
+            self.log.warning("jail exited while ready (code %s): %s", code, tail.text()[-500:])
             self.set_state(SandboxState.FAILED)
 
 
@@ -94,7 +107,6 @@ class NamespacesBackend(Backend):
         *,
         rootfs: Path,
         agent_source: Path,
-        run_dir: Path,
         instance: str,
         uid_base: int,
         cpus: float,
@@ -103,7 +115,7 @@ class NamespacesBackend(Backend):
     ) -> None:
         self.rootfs = rootfs
         self.agent_source = agent_source
-        self.guest_dir = run_dir / instance / "guest"
+        self.agent = b""
         self.instance = instance
         self.uid_base = uid_base
         self.cpus = cpus
@@ -123,6 +135,7 @@ class NamespacesBackend(Backend):
                 "--unshare-all",
                 "--unshare-user",
                 "--disable-userns",
+                "--as-pid-1",  # as the jails run: no init of bubblewrap's to leave behind
                 "--ro-bind",
                 "/",
                 "/",
@@ -146,28 +159,35 @@ class NamespacesBackend(Backend):
     async def start(self) -> None:
         if not (self.rootfs / "usr/bin/python3").exists():
             raise LaunchError(f"image root {self.rootfs} has no usr/bin/python3 for the agent")
+        self.agent = self.agent_source.read_bytes()
         self.cgroups = CgroupLayout.detect()
         found = await self.cgroups.sweep(self.instance)
         if found:
             log.warning("removed %d sandbox(es) left by an earlier daemon", found)
         self.cgroups.prepare(self.instance)
-        # The agent is copied where every sandbox uid can read it, whoever installed us.
-        shutil.rmtree(self.guest_dir, ignore_errors=True)
-        self.guest_dir.mkdir(parents=True, mode=0o755)
-        for parent in (self.guest_dir.parent, self.guest_dir.parent.parent):
-            parent.chmod(parent.stat().st_mode | 0o055)
-        shutil.copy(self.agent_source, self.guest_dir / "agent.py")
-        (self.guest_dir / "agent.py").chmod(0o644)
 
-    def argv(self) -> list[str]:
+    def _agent_fd(self) -> int:
+        """A fresh memfd holding the agent, for bubblewrap to copy into the jail: nothing
+        of ours on the host disk has to be readable by the sandbox uids."""
+        fd = os.memfd_create("sandboxd-agent", os.MFD_CLOEXEC)
+        os.write(fd, self.agent)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+
+    def argv(self, agent_fd: int) -> list[str]:
         return [
             "bwrap",
             "--unshare-all", "--unshare-user", "--disable-userns",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            # The agent is the jail's PID 1: it reaps, the program cannot signal it, and
+            # the outer bubblewrap reaps the agent itself (no init in between to orphan).
+            "--as-pid-1",
             "--uid", str(JAIL_ID), "--gid", str(JAIL_ID),
             "--hostname", "sandbox",
             "--ro-bind", str(self.rootfs), "/",
-            "--ro-bind", str(self.guest_dir), GUEST_DIR,
+            "--tmpfs", GUEST_DIR,
+            "--ro-bind-data", str(agent_fd), f"{GUEST_DIR}/agent.py",
+            "--remount-ro", GUEST_DIR,
             "--proc", "/proc",
             "--dev", "/dev",
             "--size", str(self.workdir_bytes), "--tmpfs", "/tmp",
@@ -186,16 +206,21 @@ class NamespacesBackend(Backend):
         cgroup = self.cgroups.sandbox(self.instance, sandbox_id)
         cgroup.create()
         try:
-            argv = self.argv()
-            child = spawn(
-                argv,
-                cwd="/",
-                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                preexec=partial(_enter_jail, cgroup, self.uid_base + slot),
-                stdin=True,
-                stdout=True,
-                stderr=True,
-            )
+            agent_fd = self._agent_fd()
+            argv = self.argv(agent_fd)
+            try:
+                child = spawn(
+                    argv,
+                    cwd="/",
+                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                    preexec=partial(_enter_jail, cgroup, self.uid_base + slot),
+                    stdin=True,
+                    stdout=True,
+                    stderr=True,
+                    pass_fds=[agent_fd],
+                )
+            finally:
+                os.close(agent_fd)
             try:
                 assert child.stdin and child.stdout and child.stderr
                 link = AgentLink(child.stdin, child.stdout, max_line=self.max_message_bytes)
@@ -209,7 +234,7 @@ class NamespacesBackend(Backend):
                         yield sandbox
                     finally:
                         sandbox.retire()
-                        await child.stop()
+                        await sandbox.stop()
                         nursery.cancel_scope.cancel()  # the pump, before its pipe closes
             finally:
                 await child.aclose()
@@ -229,8 +254,7 @@ class NamespacesBackend(Backend):
             with trio.fail_after(start_timeout):
                 await sandbox.link.wait_hello()
         except (AgentError, trio.TooSlowError) as exc:
-            sandbox.kill()
-            await sandbox.child.wait()
+            await sandbox.stop()
             assert sandbox.child.stderr
             with trio.move_on_after(1):
                 await tail.pump(sandbox.child.stderr)
@@ -249,7 +273,3 @@ class NamespacesBackend(Backend):
     async def aclose(self) -> None:
         if self.cgroups is not None:
             await self.cgroups.sweep(self.instance, remove_parents=True)
-        shutil.rmtree(self.guest_dir, ignore_errors=True)
-        for parent in (self.guest_dir.parent,):
-            with suppress(OSError):
-                parent.rmdir()

@@ -1,0 +1,97 @@
+# sandboxd — make targets. `make help` lists them.
+# Targets that touch the host (apt, images, the service) need root: run them with sudo.
+
+SHELL       := /bin/bash
+PYTHON      ?= python3
+VENV        := .venv
+BIN         := $(VENV)/bin
+APT_PACKAGES := bubblewrap mmdebstrap uidmap e2fsprogs python3-venv
+SOCKET      ?= /run/sandboxd.sock
+LOG         ?= /var/log/sandboxd.log
+PIDFILE     ?= /run/sandboxd.pid
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+.PHONY: deps apt-deps
+deps: apt-deps $(BIN)/sandboxd ## Install the Debian packages (root) and the Python venv
+apt-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/sandboxd: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+.PHONY: build image
+build: deps image ## Install everything and build the sandbox image
+image: $(BIN)/sandboxd ## Build the sandbox image (cached by its recipe: a no-op when unchanged)
+	$(BIN)/sandboxd image build
+
+.PHONY: run run-dev
+run: build ## Run the daemon in the foreground
+	$(BIN)/sandboxd run --socket $(SOCKET)
+run-dev: build ## Run the daemon in the foreground with debug logging
+	SANDBOXD_LOG_LEVEL=debug $(BIN)/sandboxd run --socket $(SOCKET) --pool-size 1
+
+.PHONY: test
+test: build ## Run the whole test suite (root: real jails, cgroups and namespaces)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+.PHONY: fmt lint
+fmt: $(BIN)/sandboxd ## Format the code
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+lint: $(BIN)/sandboxd ## Lint (ruff) without changing anything
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+.PHONY: quickstart install start stop status
+quickstart: build install start ## Install everything and start the service
+	@$(BIN)/sandboxctl --socket $(SOCKET) health
+	@echo "try: sandboxctl exec -l python -c 'print(2+2)'"
+
+install: $(BIN)/sandboxd ## Put sandboxctl/sandboxd on PATH, add the sandboxd group and config
+	getent group sandboxd >/dev/null || groupadd --system sandboxd
+	install -d /etc/sandboxd
+	[ -e /etc/sandboxd/sandboxd.toml ] || install -m 0644 contrib/sandboxd.toml /etc/sandboxd/sandboxd.toml
+	ln -sf $(CURDIR)/$(BIN)/sandboxctl /usr/local/bin/sandboxctl
+	ln -sf $(CURDIR)/$(BIN)/sandboxd /usr/local/bin/sandboxd
+
+start: ## Start the service (systemd when it runs, else in the background)
+	@if [ -d /run/systemd/system ]; then \
+	  sed 's|@SANDBOXD@|$(CURDIR)/$(BIN)/sandboxd|' contrib/sandboxd.service > /etc/systemd/system/sandboxd.service; \
+	  systemctl daemon-reload && systemctl enable --now sandboxd; \
+	elif [ -S $(SOCKET) ] && $(BIN)/sandboxctl --socket $(SOCKET) health >/dev/null 2>&1; then \
+	  echo "sandboxd is already running"; \
+	else \
+	  echo "no systemd here: starting sandboxd in the background (log: $(LOG))"; \
+	  setsid $(BIN)/sandboxd run --socket $(SOCKET) >>$(LOG) 2>&1 < /dev/null & echo $$! > $(PIDFILE); \
+	fi
+	@for i in $$(seq 100); do $(BIN)/sandboxctl --socket $(SOCKET) health >/dev/null 2>&1 && exit 0; sleep 0.2; done; \
+	  echo "sandboxd did not come up; see $(LOG)"; tail -n 20 $(LOG); exit 1
+
+stop: ## Stop the service
+	@if [ -d /run/systemd/system ]; then systemctl stop sandboxd; \
+	elif [ -f $(PIDFILE) ]; then kill $$(cat $(PIDFILE)) && rm -f $(PIDFILE); \
+	else echo "not running from make start"; fi
+
+status: ## What is installed, and the service's status
+	@for p in $(APT_PACKAGES); do printf '  %-14s %s\n' $$p "$$(dpkg-query -W -f='$${Version}' $$p 2>/dev/null || echo MISSING)"; done
+	@printf '  %-14s %s\n' venv "$$([ -x $(BIN)/sandboxd ] && echo ok || echo MISSING '(make deps)')"
+	@[ -x $(BIN)/sandboxd ] && $(BIN)/sandboxd image list | sed 's/^/  image          /' || true
+	@[ -x $(BIN)/sandboxctl ] && $(BIN)/sandboxctl --socket $(SOCKET) status || true
+
+.PHONY: clean
+clean: ## Remove the venv and caches (images stay: sandboxd image rm)
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info build dist
+	find . -name __pycache__ -prune -exec rm -rf {} +

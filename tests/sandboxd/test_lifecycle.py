@@ -1,0 +1,144 @@
+"""What the daemon leaves behind: nothing, whether a client leaves mid-job, the daemon is
+stopped, or it crashes and starts again."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+
+from sandboxd.cgroups import CgroupLayout
+from tests.conftest import start_daemon
+
+
+def sandbox_processes(uid_base: int, count: int = 64) -> dict[int, str]:
+    """Pid → command line of the processes running as one of the daemon's sandbox uids."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        uid = int(status.split("\nUid:")[1].split()[1])
+        if uid_base <= uid < uid_base + count:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def program_processes(uid_base: int) -> set[int]:
+    """The user programs' processes (not the jails and agents waiting in the pool)."""
+    return {pid for pid, cmd in sandbox_processes(uid_base).items() if cmd == "python3 main.py"}
+
+
+def sandbox_cgroups(name: str) -> list[Path]:
+    return [
+        child
+        for parent in CgroupLayout.detect().parents(name)
+        if parent.is_dir()
+        for child in parent.iterdir()
+        if child.is_dir()
+    ]
+
+
+def mounts() -> list[str]:
+    return Path("/proc/self/mountinfo").read_text().splitlines()
+
+
+def wait_for(condition, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def start_endless_job(daemon) -> tuple[socket.socket, str]:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(daemon.socket))
+    request = {
+        "jsonrpc": "2.0",
+        "method": "execute",
+        "id": 1,
+        "params": {
+            "language": "python",
+            "code": "import os, time\nprint(os.getpid(), flush=True)\n"
+            "os.fork(); os.fork()\ntime.sleep(3600)",
+        },
+    }
+    sock.sendall(json.dumps(request).encode() + b"\n")
+    note = json.loads(sock.makefile("rb").readline())
+    assert note["method"] == "execute.output"
+    return sock, note["params"]["data"]
+
+
+def busy_sandboxes(daemon) -> int:
+    return daemon.client.health()["pool"]["busy"]
+
+
+def test_a_client_that_leaves_mid_job_gets_its_sandbox_killed(make_daemon):
+    daemon = make_daemon(pool={"size": 1})
+    before = set(sandbox_cgroups(daemon.name))
+    sock, _ = start_endless_job(daemon)
+    assert busy_sandboxes(daemon) == 1
+    job_cgroups = set(sandbox_cgroups(daemon.name)) - before
+    assert job_cgroups or before  # the job's sandbox was one of the ready ones
+    running = program_processes(daemon.uid_base)
+    assert len(running) == 4  # the program forked twice
+    sock.close()
+    assert wait_for(lambda: busy_sandboxes(daemon) == 0)
+    assert wait_for(lambda: not program_processes(daemon.uid_base))
+    # The job's cgroup went away with it; only fresh pool sandboxes remain.
+    live = {path.name for path in sandbox_cgroups(daemon.name)}
+    assert len(live) <= 2
+    assert daemon.client.execute("python", "print('next')").stdout == "next\n"
+
+
+def test_after_the_daemon_stops_nothing_of_it_remains(make_daemon):
+    mounts_before = mounts()
+    daemon = make_daemon(pool={"size": 3})
+    sock, _ = start_endless_job(daemon)  # a job still running when the signal comes
+    assert sandbox_processes(daemon.uid_base)
+    assert sandbox_cgroups(daemon.name)
+    started = time.monotonic()
+    sock.close()
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 30
+    assert sandbox_processes(daemon.uid_base) == {}
+    assert not any(parent.exists() for parent in CgroupLayout.detect().parents(daemon.name))
+    assert mounts() == mounts_before
+    assert not daemon.socket.exists()
+    assert not (daemon.run_dir / daemon.name).exists()
+    assert list(daemon.run_dir.iterdir()) == []
+    assert "stopped; everything removed" in daemon.log()
+
+
+def test_a_crashed_daemons_leftovers_are_removed_at_the_next_start(make_daemon, tmp_path):
+    daemon = make_daemon(pool={"size": 2})
+    sock, _ = start_endless_job(daemon)
+    leftovers = {path.name for path in sandbox_cgroups(daemon.name)}
+    assert leftovers
+    daemon.stop(signal.SIGKILL)
+    sock.close()
+    # --die-with-parent takes the jails down with the daemon...
+    assert wait_for(lambda: sandbox_processes(daemon.uid_base) == {})
+    # ...but its cgroups stay until a daemon of the same name starts again.
+    assert leftovers <= {path.name for path in sandbox_cgroups(daemon.name)}
+    again = tmp_path / "again"
+    again.mkdir()
+    restarted = start_daemon(
+        again,
+        daemon={"name": daemon.name, "run_dir": str(daemon.run_dir)},
+        backend={"uid_base": daemon.uid_base},
+    )
+    try:
+        assert not leftovers & {path.name for path in sandbox_cgroups(daemon.name)}
+        assert "left by an earlier daemon" in restarted.log()
+        assert restarted.client.execute("python", "print(1)").stdout == "1\n"
+    finally:
+        assert restarted.stop() == 0
