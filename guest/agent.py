@@ -235,10 +235,8 @@ class Runner:
         for target, how in ((pid, os.killpg), (-1, os.kill)):
             if target == -1 and not self.isolated:
                 continue
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 how(target, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def run(
         self,

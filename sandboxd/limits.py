@@ -37,6 +37,10 @@ class LimitSpec:
             raise InvalidParams.field(where, "must be greater than 0")
         return int(value) if self.unit != "seconds" else float(value)
 
+    def format(self, value: float) -> str:
+        amount = f"{value:g}" if self.unit == "seconds" else str(int(value))
+        return f"{amount} {self.unit}"
+
 
 LIMIT_SPECS: tuple[LimitSpec, ...] = (
     LimitSpec("wall_time", "seconds", 30, 300, "wall-clock time of the program's run"),
@@ -112,8 +116,8 @@ def resolve_limits(requested: Any, timeout: Any, bounds: Mapping[str, LimitBound
         value = spec.check(wanted[spec.name], where)
         if value > bound.maximum:
             raise LimitAboveMaximum(
-                f"{where} of {value:g} {spec.unit} is above the server's maximum of "
-                f"{bound.maximum:g} {spec.unit}",
+                f"{where} of {spec.format(value)} is above the server's maximum of "
+                f"{spec.format(bound.maximum)}",
                 limit=spec.name,
                 requested=value,
                 maximum=bound.maximum,

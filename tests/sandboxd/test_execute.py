@@ -60,7 +60,8 @@ def test_output_streams_before_the_response(daemon):
         "id": "job-1",
         "params": {
             "language": "python",
-            "code": "import sys, time\nprint('one')\ntime.sleep(0.2)\nprint('two', file=sys.stderr)",
+            "code": "import sys, time\nprint('one')\ntime.sleep(0.2)\n"
+            "print('two', file=sys.stderr)",
         },
     }
     *notes, response = exchange(daemon.socket, request)
@@ -143,7 +144,8 @@ def test_a_second_sandbox_cannot_see_what_the_first_wrote(client):
         "python",
         (
             "import os\n"
-            "print([p for p in ('/work/secret', '/tmp/secret', '/dev/shm/secret') if os.path.exists(p)])\n"
+            "paths = ('/work/secret', '/tmp/secret', '/dev/shm/secret')\n"
+            "print([p for p in paths if os.path.exists(p)])\n"
             "print(sorted(os.listdir('/work')))"
         ),
     )

@@ -1,0 +1,166 @@
+"""The guest agent on its own: the protocol, limits it enforces, and what it refuses.
+
+It runs here on the host's python3 without a jail (not --isolated), which is what the
+agent must tolerate too: it never signals processes that are not its program's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+AGENT = Path(__file__).parents[2] / "guest" / "agent.py"
+LIMITS = {
+    "wall_time": 10,
+    "cpu_time": 10,
+    "compile_time": 10,
+    "processes": 64,
+    "output_bytes": 10_000,
+    "file_size_bytes": 10**7,
+}
+
+
+def run_agent(tmp_path: Path, job: dict | None, raw: bytes | None = None) -> list[dict]:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    payload = raw if raw is not None else (json.dumps(job).encode() + b"\n" if job else b"")
+    done = subprocess.run(
+        [sys.executable, "-I", str(AGENT), "--workdir", str(workdir)],
+        input=payload,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def python_job(code: str, **extra) -> dict:
+    return {
+        "type": "job",
+        "files": [{"path": "main.py", "content": code}],
+        "run": {"argv": [sys.executable, "main.py", *extra.pop("args", [])]},
+        "limits": {**LIMITS, **extra.pop("limits", {})},
+        **extra,
+    }
+
+
+def test_hello_then_output_then_result(tmp_path):
+    hello, *events, result = run_agent(
+        tmp_path,
+        python_job(
+            "import sys\nprint(sys.stdin.read(), sys.argv[1:])\nsys.exit(4)",
+            stdin="in",
+            args=["a"],
+        ),
+    )
+    assert hello == {"type": "hello", "protocol": 1, "pid": hello["pid"]}
+    assert "".join(e["data"] for e in events if e["stream"] == "stdout") == "in ['a']\n"
+    assert (result["type"], result["status"], result["exit_code"]) == ("result", "runtime_error", 4)
+    assert result["stdout"] == "in ['a']\n"
+    assert result["timings"]["run"] > 0
+
+
+def test_output_over_the_cap_keeps_the_prefix_and_stops_the_program(tmp_path):
+    *_, result = run_agent(
+        tmp_path,
+        python_job(
+            "import sys\nwhile True: sys.stdout.write('y' * 1000)",
+            limits={"output_bytes": 5000},
+        ),
+    )
+    assert result["status"] == "output_limit"
+    assert result["stdout"] == "y" * 5000
+    assert result["truncated"] == {"stdout": True, "stderr": False}
+
+
+def test_wall_time(tmp_path):
+    *_, result = run_agent(
+        tmp_path,
+        python_job(
+            "import time\nprint('started', flush=True)\ntime.sleep(60)",
+            limits={"wall_time": 0.5},
+        ),
+    )
+    assert result["status"] == "timeout"
+    assert result["stdout"] == "started\n"
+    assert result["message"] == "wall time limit of 0.5 s exceeded"
+    assert result["timings"]["run"] < 5
+
+
+def test_cpu_time(tmp_path):
+    *_, result = run_agent(tmp_path, python_job("while True: pass", limits={"cpu_time": 1}))
+    assert result["status"] == "timeout"
+    assert "CPU time limit" in result["message"]
+    assert result["usage"]["cpu_time"] >= 1
+
+
+def test_a_background_child_holding_the_pipes_does_not_hang_the_run(tmp_path):
+    *_, result = run_agent(
+        tmp_path,
+        python_job(
+            "import subprocess\nsubprocess.Popen(['sleep', '30'])\nprint('parent done')",
+            limits={"wall_time": 2},
+        ),
+    )
+    # Not isolated, the agent may only kill the program's own process group: it does.
+    assert result["status"] == "ok"
+    assert result["stdout"] == "parent done\n"
+
+
+def test_compile_stage_failure_stops_before_running(tmp_path):
+    job = python_job("print('never')")
+    failing = "import sys; print('bad syntax', file=sys.stderr); sys.exit(1)"
+    job["compile"] = {"argv": [sys.executable, "-c", failing]}
+    *_, result = run_agent(tmp_path, job)
+    assert result["status"] == "compile_error"
+    assert result["compile"]["stderr"] == "bad syntax\n"
+    assert result["stdout"] == ""
+
+
+@pytest.mark.parametrize("path", ["../escape.txt", "/tmp/abs.txt", "a/../../x"])
+def test_file_paths_outside_the_workdir_are_refused(tmp_path, path):
+    job = python_job("print(1)")
+    job["files"].append({"path": path, "content": "x"})
+    *_, result = run_agent(tmp_path, job)
+    assert result["status"] == "internal_error"
+    assert "refusing file path" in result["message"]
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_a_symlink_in_the_workdir_is_never_followed(tmp_path):
+    # The agent writes with O_NOFOLLOW at every level: even if a link were there first,
+    # it would not write through it.
+    (tmp_path / "outside").mkdir()
+    job = python_job("print(1)")
+    job["files"].append({"path": "link/x.txt", "content": "x"})
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "link").symlink_to(tmp_path / "outside")
+    payload = json.dumps(job).encode() + b"\n"
+    done = subprocess.run(
+        [sys.executable, "-I", str(AGENT), "--workdir", str(workdir)],
+        input=payload,
+        capture_output=True,
+        timeout=60,
+    )
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["status"] == "internal_error"
+    assert list((tmp_path / "outside").iterdir()) == []
+
+
+def test_malformed_job_gets_an_internal_error_result(tmp_path):
+    *_, result = run_agent(tmp_path, {"type": "job", "files": []})
+    assert result["status"] == "internal_error"
+
+
+def test_a_line_that_is_not_json_gets_an_internal_error_result(tmp_path):
+    [_, result] = run_agent(tmp_path, None, raw=b"not json\n")
+    assert result["status"] == "internal_error"
+
+
+def test_host_closing_the_channel_ends_the_agent_quietly(tmp_path):
+    assert [m["type"] for m in run_agent(tmp_path, None)] == ["hello"]
