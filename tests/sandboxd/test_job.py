@@ -32,7 +32,8 @@ def test_aliases(alias):
 
 
 def test_unknown_and_unoffered_languages():
-    with pytest.raises(UnsupportedLanguage, match=r"Unsupported language: go \(known: python, rust"):
+    known = r"Unsupported language: go \(known: python, rust"
+    with pytest.raises(UnsupportedLanguage, match=known):
         job(language="go")
     with pytest.raises(UnsupportedLanguage):  # a language the image was not built with
         job(language="typescript")
