@@ -10,7 +10,7 @@ Wire protocol: one JSON object per line, UTF-8, in both directions.
     agent → host   {"type": "hello", "protocol": 1, "pid": N}
     host → agent   {"type": "job",
                     "files":  [{"path": "main.py", "content": "...", "encoding": "utf-8"|"base64"}],
-                    "compile": {"argv": [...]} | null,
+                    "compile": {"argv": [...], "file_size_bytes": n} | null,
                     "run":     {"argv": [...]},
                     "env":    {"NAME": "value"},
                     "stdin":  "...",
@@ -362,6 +362,8 @@ def classify(outcome: StageOutcome, stage: str, limits: dict[str, Any]) -> tuple
         return "timeout", f"CPU time limit of {cpu_limit:g} s exceeded"
     if stage == "compile" and (outcome.signal or outcome.exit_code):
         return "compile_error", "compilation failed"
+    if outcome.signal == signal.SIGXFSZ:
+        return "runtime_error", f"file size limit of {limits['file_size_bytes']} bytes exceeded"
     if outcome.signal:
         return "runtime_error", f"killed by {_signal_name(outcome.signal)}"
     if outcome.exit_code:
@@ -412,7 +414,14 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
         limits = job["limits"]
         files = job["files"]
         run_argv = [str(arg) for arg in job["run"]["argv"]]
-        compile_argv = [str(arg) for arg in job["compile"]["argv"]] if job.get("compile") else None
+        compile_step = job.get("compile") or {}
+        compile_argv = [str(arg) for arg in compile_step.get("argv", [])]
+        # The compiler writes its own files (the binary, temporaries): the program's
+        # file-size limit is not meant for them.
+        compile_limits = {
+            **limits,
+            "file_size_bytes": compile_step.get("file_size_bytes", limits["file_size_bytes"]),
+        }
         env = {**BASE_ENV, **{str(k): str(v) for k, v in job.get("env", {}).items()}}
         stdin = str(job.get("stdin") or "").encode()
     except (KeyError, TypeError, AttributeError) as exc:
@@ -436,7 +445,7 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
             stdin=b"",
             wall_time=float(limits["compile_time"]),
             cpu_time=float(limits["compile_time"]),
-            limits=limits,
+            limits=compile_limits,
         )
         result["compile"] = compiled.record()
         result["timings"]["compile"] = round(compiled.wall, 6)

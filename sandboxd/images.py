@@ -17,8 +17,10 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import tomllib
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -138,10 +140,12 @@ class ImageStore:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(mode=0o755)
         try:
-            steps = 2
+            steps = 3
             progress(f"[1/{steps}] bootstrapping Debian {recipe['suite']} with mmdebstrap")
             _bootstrap(recipe, work / "rootfs", progress)
-            progress(f"[2/{steps}] recording runtime versions")
+            progress(f"[2/{steps}] installing runtimes from PyPI wheels")
+            _install_wheels(recipe, work / "rootfs", work / "wheels", progress)
+            progress(f"[3/{steps}] recording runtime versions")
             versions = {name: _version(work / "rootfs", name) for name in recipe["languages"]}
             for name, version in versions.items():
                 progress(f"    {name}: {version}")
@@ -227,6 +231,43 @@ def _bootstrap(recipe: dict[str, Any], rootfs: Path, progress: Progress) -> None
         *sources,
     ]
     _run_with_progress(argv, progress)
+
+
+def _install_wheels(
+    recipe: dict[str, Any], rootfs: Path, download: Path, progress: Progress
+) -> None:
+    """Put the binaries that PyPI wheels ship (e.g. Deno's) into /usr/local/bin."""
+    wheels = [w for lang in recipe["languages"].values() for w in lang.get("wheels", [])]
+    if not wheels:
+        progress("    none")
+        return
+    download.mkdir()
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--progress-bar",
+        "off",
+        "--dest",
+        str(download),
+        *wheels,
+    ]
+    _run_with_progress(argv, progress)
+    target = rootfs / "usr/local/bin"
+    for wheel in sorted(download.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as archive:
+            for member in archive.namelist():
+                parts = member.split("/")
+                if len(parts) == 3 and parts[0].endswith(".data") and parts[1] == "scripts":
+                    destination = target / parts[2]
+                    with archive.open(member) as source, destination.open("wb") as out:
+                        shutil.copyfileobj(source, out)
+                    destination.chmod(0o755)
+                    progress(f"    {wheel.name}: /usr/local/bin/{parts[2]}")
+    shutil.rmtree(download)
 
 
 def _run_with_progress(argv: list[str], progress: Progress) -> None:

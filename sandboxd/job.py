@@ -38,6 +38,7 @@ class Job:
     args: tuple[str, ...]
     files: tuple[JobFile, ...]
     limits: Limits
+    compile_file_size_bytes: int  # the compiler's own files may be as large as the maximum
 
     def agent_message(self) -> dict[str, Any]:
         """The ``job`` message of the agent protocol (see guest/agent.py)."""
@@ -46,7 +47,11 @@ class Job:
             {"path": f.path, "content": base64.b64encode(f.content).decode(), "encoding": "base64"}
             for f in self.files
         ]
-        compile_step = {"argv": list(self.language.compile)} if self.language.compile else None
+        compile_step = (
+            {"argv": list(self.language.compile), "file_size_bytes": self.compile_file_size_bytes}
+            if self.language.compile
+            else None
+        )
         return {
             "type": "job",
             "files": files,
@@ -155,4 +160,5 @@ def parse_job(
         args=_args(params.get("args")),
         files=_files(params.get("files"), language.source_file),
         limits=resolve_limits(params.get("limits"), params.get("timeout"), bounds),
+        compile_file_size_bytes=int(bounds["file_size_bytes"].maximum),
     )

@@ -95,7 +95,7 @@ def test_cpu_time(tmp_path):
     *_, result = run_agent(tmp_path, python_job("while True: pass", limits={"cpu_time": 1}))
     assert result["status"] == "timeout"
     assert "CPU time limit" in result["message"]
-    assert result["usage"]["cpu_time"] >= 1
+    assert result["usage"]["cpu_time"] >= 0.9  # the kernel accounts CPU time in ticks
 
 
 def test_a_background_child_holding_the_pipes_does_not_hang_the_run(tmp_path):

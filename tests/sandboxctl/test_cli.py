@@ -96,7 +96,7 @@ def test_killed_by_a_signal_exits_128_plus_n(run):
 def test_refused_request_is_one_line_and_exit_2(run):
     result = run("exec", "-l", "go", "-c", "package main")
     assert result.exit_code == 2
-    assert result.stderr == "Error: Unsupported language: go (known: python)\n"
+    assert result.stderr == "Error: Unsupported language: go (known: python, typescript, rust)\n"
 
 
 def test_limit_above_maximum_is_one_line(run):
@@ -114,7 +114,7 @@ def test_health_languages_status(run):
     health = run("health")
     assert health.exit_code == 0 and health.stdout.startswith("healthy: backend namespaces")
     languages = run("languages", "--json")
-    assert json.loads(languages.stdout)["languages"] == ["python"]
+    assert json.loads(languages.stdout)["languages"] == ["python", "typescript", "rust"]
     status = run("status")
     assert "namespaces" in status.stdout and "weaker than a VM" in status.stdout
 

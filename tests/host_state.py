@@ -1,0 +1,64 @@
+"""What a daemon under test has on the host: processes, cgroups, mounts.
+
+Tests read these to show that nothing of a sandbox is left once it is gone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sandboxd.cgroups import CgroupLayout
+
+# How the programs of the three languages show up in the process table.
+PROGRAM_COMMANDS = ("python3 main.py", "./main", "deno run")
+
+
+def sandbox_processes(uid_base: int, count: int = 64) -> dict[int, str]:
+    """Pid → command line of the processes running as one of the daemon's sandbox uids."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        uid = int(status.split("\nUid:")[1].split()[1])
+        if uid_base <= uid < uid_base + count:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def program_processes(uid_base: int) -> set[int]:
+    """The user programs' processes (not the jails and agents waiting in the pool)."""
+    return {
+        pid
+        for pid, cmd in sandbox_processes(uid_base).items()
+        if cmd.startswith(PROGRAM_COMMANDS) or "rustc" in cmd
+    }
+
+
+def sandbox_cgroups(name: str) -> list[Path]:
+    return [
+        child
+        for parent in CgroupLayout.detect().parents(name)
+        if parent.is_dir()
+        for child in parent.iterdir()
+        if child.is_dir()
+    ]
+
+
+def mounts() -> list[str]:
+    return Path("/proc/self/mountinfo").read_text().splitlines()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()

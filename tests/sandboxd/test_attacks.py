@@ -1,0 +1,330 @@
+"""Every limit, attacked in each language where the attack makes sense.
+
+Each attack must end with its own status and the output written before the limit hit;
+the daemon must stay up, and nothing of the attacking sandbox may remain: no process,
+no cgroup, no mount. The next job runs as if nothing happened.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from sandboxd.result import Status
+from tests.host_state import mounts, program_processes, sandbox_cgroups, sandbox_processes, wait_for
+
+LIMITS = {
+    "wall_time": 3,
+    "memory_bytes": 256 * 2**20,
+    "output_bytes": 10_000,
+    "file_size_bytes": 2**20,
+    "processes": 32,
+}
+
+# name → {language: code}; every program first prints "start" (its partial output).
+ATTACKS: dict[str, dict[str, str]] = {
+    "infinite loop": {
+        "python": "print('start', flush=True)\nwhile True: pass",
+        "typescript": "console.log('start'); while (true) {}",
+        "rust": 'fn main() { println!("start"); loop {} }',
+    },
+    "sleep forever": {
+        "python": "import time\nprint('start', flush=True)\ntime.sleep(10**6)",
+        "typescript": "console.log('start'); await new Promise(() => setInterval(() => {}, 1e6));",
+        "rust": 'fn main() { println!("start"); std::thread::sleep(std::time::Duration::MAX); }',
+    },
+    "fork bomb": {
+        "python": "import os\nprint('start', flush=True)\nwhile True:\n"
+        "    try: os.fork()\n    except OSError: pass",
+        "rust": 'use std::process::Command;\nfn main() { println!("start");\n'
+        '  loop { let _ = Command::new("/proc/self/exe").spawn(); } }',
+    },
+    "memory bomb": {
+        "python": "a = []\nprint('start', flush=True)\nwhile True: a.append(bytearray(10**7))",
+        "typescript": "const a = []; console.log('start');\n"
+        "while (true) a.push(new Uint8Array(1e7).fill(1));",
+        "rust": 'fn main() { println!("start"); let mut v = Vec::new();\n'
+        "  loop { v.push(vec![1u8; 10_000_000]); } }",
+    },
+    "endless output": {
+        "python": "print('start', flush=True)\nwhile True: print('y' * 100)",
+        "typescript": "console.log('start'); while (true) console.log('y'.repeat(100));",
+        "rust": 'fn main() { println!("start"); loop { println!("{}", "y".repeat(100)); } }',
+    },
+    "huge file": {
+        "python": "f = open('big', 'wb')\nprint('start', flush=True)\n"
+        "while True: f.write(b'x' * 65536)",
+        "typescript": "console.log('start');\n"
+        "const f = Deno.openSync('big', { write: true, create: true });\n"
+        "while (true) f.writeSync(new Uint8Array(65536));",
+        "rust": 'use std::io::Write;\nfn main() { println!("start");\n'
+        '  let mut f = std::fs::File::create("big").unwrap();\n'
+        "  loop { f.write_all(&[0u8; 65536]).unwrap(); } }",
+    },
+    "uncaught exception": {
+        "python": "print('start', flush=True)\nraise RuntimeError('boom')",
+        "typescript": "console.log('start'); throw new Error('boom');",
+        "rust": 'fn main() { println!("start"); panic!("boom"); }',
+    },
+    "segfault": {
+        "python": "import ctypes\nprint('start', flush=True)\nctypes.string_at(0)",
+        "rust": 'fn main() { println!("start");\n'
+        "  unsafe { std::ptr::read_volatile(std::ptr::null::<i32>()); } }",
+    },
+}
+
+EXPECTED = {
+    "infinite loop": Status.TIMEOUT,
+    "sleep forever": Status.TIMEOUT,
+    "fork bomb": Status.TIMEOUT,
+    "memory bomb": Status.MEMORY_LIMIT,
+    "endless output": Status.OUTPUT_LIMIT,
+    "huge file": Status.RUNTIME_ERROR,
+    "uncaught exception": Status.RUNTIME_ERROR,
+    "segfault": Status.RUNTIME_ERROR,
+}
+
+CASES = [(name, language) for name, codes in ATTACKS.items() for language in codes]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_mount_leaks(daemon):
+    before = mounts()
+    yield
+    assert mounts() == before
+
+
+def assert_nothing_left(daemon, sandbox_id: str) -> None:
+    assert wait_for(lambda: not any(p.name == sandbox_id for p in sandbox_cgroups(daemon.name)))
+    assert wait_for(lambda: not program_processes(daemon.uid_base))
+    assert daemon.client.health()["status"] == "healthy"
+    assert sorted(p.name for p in daemon.run_dir.iterdir()) == [f"{daemon.name}.lock"]
+
+
+@pytest.mark.parametrize(("attack", "language"), CASES, ids=[f"{a}-{lang}" for a, lang in CASES])
+def test_attack(daemon, client, attack, language):
+    result = client.execute(language, ATTACKS[attack][language], limits=LIMITS)
+    assert result.status == EXPECTED[attack], (result.message, result.stderr[-500:])
+    assert result.stdout.startswith("start\n")
+    assert_nothing_left(daemon, result.sandbox_id)
+    # The next job in the pool is unaffected.
+    follow = client.execute("python", "print('next')")
+    assert (follow.status, follow.stdout) == (Status.OK, "next\n")
+
+
+def test_the_details_of_each_limit(client):
+    endless = client.execute("python", "while True: print('y' * 99)", limits=LIMITS)
+    assert endless.truncated == {"stdout": True, "stderr": False}
+    assert len(endless.stdout.encode()) == LIMITS["output_bytes"]
+    assert endless.message == "stdout went over the output limit of 10000 bytes"
+
+    memory = client.execute("python", "x = bytearray(400 * 2**20)", limits=LIMITS)
+    assert (memory.status, memory.signal) == (Status.MEMORY_LIMIT, signal.SIGKILL)
+    assert memory.message == "memory limit of 256 MiB exceeded"
+
+    big_file = client.execute("typescript", ATTACKS["huge file"]["typescript"], limits=LIMITS)
+    assert big_file.signal == signal.SIGXFSZ
+    assert big_file.message == f"file size limit of {2**20} bytes exceeded"
+
+    cpu = client.execute("python", "while True: pass", limits={"cpu_time": 1})
+    assert cpu.status == Status.TIMEOUT
+    assert cpu.message == "CPU time limit of 1 s exceeded"
+    assert cpu.usage["cpu_time"] >= 0.9  # the kernel accounts CPU time in ticks
+
+    wall = client.execute("python", "import time; time.sleep(30)", timeout=1)
+    assert wall.message == "wall time limit of 1 s exceeded"
+    assert 1 <= wall.timings["run"] < 5
+
+    forks = client.execute(
+        "python",
+        "import os\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
+        "            import time; time.sleep(30)\n        n += 1\n"
+        "except OSError as e:\n    print(n, e.errno)",
+        limits={"processes": 10},
+    )
+    forked, errno = map(int, forks.stdout.split())
+    assert forked < 10 and errno == 11  # EAGAIN: the process limit held
+
+
+def test_compile_error_reports_the_compiler_output(client):
+    result = client.execute("rust", 'fn main() { let x: i32 = "text"; }')
+    assert result.status == Status.COMPILE_ERROR
+    assert "mismatched types" in result.compile.stderr
+    assert result.compile.exit_code == 1
+    assert result.stdout == "" and result.exit_code is None
+
+
+def test_compile_time_limit(client):
+    # Deeply nested generics make rustc work for a long time.
+    code = "\n".join(
+        ["struct S0;"]
+        + [f"type S{i} = (S{i - 1}, S{i - 1});" for i in range(1, 40)]
+        + ['fn main() { let x: Option<S39> = None; println!("{:?}", x.is_none()); }']
+    )
+    result = client.execute("rust", code, limits={"compile_time": 1})
+    assert result.status in (Status.TIMEOUT, Status.OK)
+    if result.status == Status.TIMEOUT:
+        assert result.message == "compile time limit of 1 s exceeded"
+
+
+@pytest.mark.parametrize("language", ["python", "rust"])
+def test_killing_the_agent_from_inside_fails(client, language):
+    code = {
+        "python": "import os, signal\nfor target in (1, -1):\n    try:\n"
+        "        os.kill(target, signal.SIGKILL)\n    except OSError as e:\n"
+        "        print('refused', e.errno)\nprint('alive')",
+        "rust": "use std::process::Command;\nfn main() {\n"
+        '  let _ = Command::new("kill").args(["-9", "1"]).status();\n'
+        '  println!("alive"); }',
+    }[language]
+    result = client.execute(language, code)
+    # The agent is PID 1 of the jail: signals from inside cannot reach it.
+    assert result.status == Status.OK
+    assert result.stdout.endswith("alive\n")
+
+
+@pytest.fixture
+def host_secret():
+    """A file only the host has, which no sandbox may read."""
+    path = "/etc/sandboxd-test-secret"
+    secret = os.urandom(16).hex()
+    with open(path, "w") as stream:
+        stream.write(secret)
+    yield path, secret
+    os.unlink(path)
+
+
+READERS = {
+    "python": "import sys\nfor p in sys.argv[1:]:\n    try:\n        print(open(p).read())\n"
+    "    except OSError as e:\n        print('refused', p, e.errno)",
+    "typescript": "for (const p of Deno.args) { try { console.log(Deno.readTextFileSync(p)); }"
+    " catch (e) { console.log('refused', p, e.name); } }",
+    "rust": "fn main() { for p in std::env::args().skip(1) {\n"
+    '  match std::fs::read_to_string(&p) { Ok(t) => println!("{}", t),'
+    ' Err(e) => println!("refused {} {}", p, e) } } }',
+}
+
+
+@pytest.mark.parametrize("language", READERS)
+def test_host_files_are_out_of_reach(daemon, client, language, host_secret):
+    path, secret = host_secret
+    targets = [
+        path,
+        f"/proc/1/root{path}",
+        f"/proc/self/root{path}",
+        "/etc/sandboxd/sandboxd.toml",
+        str(daemon.config_file),
+        str(daemon.socket),
+    ]
+    result = client.execute(language, READERS[language], args=targets)
+    assert secret not in result.stdout + result.stderr
+    assert "[daemon]" not in result.stdout  # no config file of the host either
+    assert result.stdout.count("refused") == len(targets), result.stdout + result.stderr
+
+
+WRITERS = {
+    "python": "for p in ('/etc/evil', '/usr/bin/evil', '/opt/sandboxd/agent.py', '../evil'):\n"
+    "    try:\n        open(p, 'w').write('x')\n        print('wrote', p)\n"
+    "    except OSError as e:\n        print('refused', p, e.errno)",
+    "typescript": "try { Deno.writeTextFileSync('/etc/evil', 'x'); console.log('wrote'); }"
+    " catch (e) { console.log('refused', e.name); }",
+    "rust": 'fn main() { match std::fs::write("/etc/evil", "x") {\n'
+    '  Ok(_) => println!("wrote"), Err(e) => println!("refused {}", e) } }',
+}
+
+
+@pytest.mark.parametrize("language", WRITERS)
+def test_writing_outside_the_workdir_fails(daemon, client, language):
+    result = client.execute(language, WRITERS[language])
+    assert "wrote" not in result.stdout
+    assert "refused" in result.stdout
+    image_root = client.status()["image"]["path"]
+    assert not os.path.exists(f"{image_root}/rootfs/etc/evil")
+    assert not os.path.exists(f"{image_root}/rootfs/evil")
+
+
+def test_typescript_has_no_env_network_or_subprocess_permission(client):
+    code = (
+        "for (const [what, f] of [['env', () => Deno.env.get('PATH')],\n"
+        "    ['run', () => new Deno.Command('/bin/sh').outputSync()],\n"
+        "    ['read', () => Deno.readTextFileSync('/etc/passwd')]]) {\n"
+        "  try { f(); console.log(what, 'allowed'); } catch (e) { console.log(what, e.name); }\n"
+        "}\n"
+        "try { await fetch('http://127.0.0.1:8000/'); } catch (e) { console.log('net', e.name); }\n"
+        "Deno.writeTextFileSync('/work/ok.txt', 'fine');\n"
+        "console.log(Deno.readTextFileSync('ok.txt'));"
+    )
+    result = client.execute("typescript", code)
+    assert result.stdout.splitlines() == [
+        "env NotCapable",
+        "run NotCapable",
+        "read NotCapable",
+        "net NotCapable",
+        "fine",
+    ], result.stderr
+
+
+def test_the_agent_dying_mid_job_is_reported_as_killed(daemon, client):
+    """A crash of the agent (here: killed from the host) keeps the output so far."""
+    outcome = {}
+
+    def run() -> None:
+        outcome["result"] = client.execute(
+            "python", "import time\nprint('before', flush=True)\ntime.sleep(60)"
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert wait_for(lambda: bool(program_processes(daemon.uid_base)))
+    time.sleep(0.3)  # let the output reach the daemon
+    [agent] = busy_agents(daemon)
+    os.kill(agent, signal.SIGKILL)
+    thread.join(30)
+    result = outcome["result"]
+    assert result.status == Status.KILLED
+    assert result.stdout == "before\n"
+    assert_nothing_left(daemon, result.sandbox_id)
+
+
+def test_an_agent_that_stops_responding_is_killed_from_outside(daemon, client):
+    """The host enforces the wall time too: a frozen agent cannot hold a sandbox."""
+    outcome = {}
+
+    def run() -> None:
+        outcome["result"] = client.execute(
+            "python", "import time\nprint('before', flush=True)\ntime.sleep(60)", timeout=1
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert wait_for(lambda: bool(program_processes(daemon.uid_base)))
+    time.sleep(0.3)
+    [agent] = busy_agents(daemon)
+    os.kill(agent, signal.SIGSTOP)
+    thread.join(30)
+    result = outcome["result"]
+    assert result.status == Status.TIMEOUT
+    assert "outlived its time limits" in result.message
+    assert result.stdout == "before\n"
+    assert_nothing_left(daemon, result.sandbox_id)
+
+
+def busy_agents(daemon) -> list[int]:
+    """Pids of the agents that are running a program (not those waiting in the pool)."""
+    return [
+        pid
+        for pid, cmd in sandbox_processes(daemon.uid_base).items()
+        if cmd.startswith("/usr/bin/python3 -I -S /opt/sandboxd/agent.py") and _children(pid)
+    ]
+
+
+def _children(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return children.read().split()
+    except OSError:
+        return []
