@@ -47,6 +47,11 @@ run-dev: build ## Run the daemon in the foreground with debug logging
 test: build ## Run the whole test suite (root: real jails, cgroups and namespaces)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+.PHONY: bench
+bench: build ## Benchmarks: latency beside the bare runtimes, as ratios (root)
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python -m bench.hello_latency
+
 .PHONY: fmt lint
 fmt: $(BIN)/sandboxd ## Format the code
 	$(BIN)/ruff format .

@@ -8,9 +8,10 @@ a line over the cap is refused as soon as the cap is passed, without reading it 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import trio
+if TYPE_CHECKING:  # the sync client must not pay for importing trio
+    import trio
 
 
 class LineTooLong(Exception):

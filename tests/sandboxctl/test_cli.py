@@ -155,3 +155,42 @@ def test_no_permission_on_the_socket_explains_the_group(daemon):
     assert stderr.startswith("Error: no permission to use")
     assert "sandboxd group" in stderr
     assert "Traceback" not in stderr
+
+
+HELLOS = {
+    "python": ('print("Hello Python!")', "Hello Python!\n"),
+    "typescript": ('console.log("Hello TypeScript!")', "Hello TypeScript!\n"),
+    "rust": ('fn main() { println!("Hello Rust!"); }', "Hello Rust!\n"),
+}
+ECHOES = {
+    "py": "import sys\nprint(sys.stdin.read().strip().upper(), *sys.argv[1:])",
+    "ts": "const text = new TextDecoder().decode(await new Response(Deno.stdin.readable)"
+    ".arrayBuffer());\nconsole.log(text.trim().toUpperCase(), ...Deno.args);",
+    "rs": "use std::io::Read;\nfn main() { let mut s = String::new();\n"
+    "  std::io::stdin().read_to_string(&mut s).unwrap();\n"
+    "  let args: Vec<String> = std::env::args().skip(1).collect();\n"
+    '  println!("{} {}", s.trim().to_uppercase(), args.join(" ")); }',
+}
+
+
+@pytest.mark.parametrize("language", HELLOS)
+def test_hello_world_in_each_language(run, language):
+    code, expected = HELLOS[language]
+    result = run("exec", "-l", language, "-c", code)
+    assert (result.exit_code, result.stdout, result.stderr) == (0, expected, "")
+
+
+@pytest.mark.parametrize("alias", ECHOES)
+def test_stdin_and_arguments_in_each_language(run, alias):
+    result = run(
+        "exec", "-l", alias, "-c", ECHOES[alias], "--stdin", "shout\n", "-a", "one", "-a", "two"
+    )
+    assert (result.exit_code, result.stdout) == (0, "SHOUT one two\n"), result.stderr
+
+
+def test_compile_errors_go_to_stderr_and_exit_1(run):
+    result = run("exec", "-l", "rust", "-c", "fn main() { nope }")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "cannot find value `nope`" in result.stderr
+    assert result.stderr.endswith("sandboxctl: compile_error: compilation failed\n")

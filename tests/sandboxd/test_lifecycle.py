@@ -9,7 +9,7 @@ import socket
 import time
 
 from sandboxd.cgroups import CgroupLayout
-from tests.conftest import start_daemon
+from tests.daemon_process import start_daemon
 from tests.host_state import (
     mounts,
     program_processes,

@@ -1,0 +1,102 @@
+"""A real sandboxd started as its own process, with its own socket, run directory,
+cgroup name and uid range, so tests and benchmarks never touch an installed service."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandboxctl.client import Client
+from sandboxd.errors import DaemonUnavailable
+
+
+@dataclass
+class Daemon:
+    """A sandboxd process under test."""
+
+    process: subprocess.Popen[bytes]
+    socket: Path
+    run_dir: Path
+    name: str
+    uid_base: int
+    config_file: Path
+    log_file: Path
+
+    @property
+    def client(self) -> Client:
+        return Client(self.socket)
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+_counter = 0
+
+
+def start_daemon(tmp_path: Path, **sections: dict[str, object]) -> Daemon:
+    """Start ``sandboxd run`` with a config of its own; wait until it answers health."""
+    global _counter
+    _counter += 1
+    name = f"sbxtest{os.getpid() % 10000}n{_counter}"
+    uid_base = 700_000 + (os.getpid() % 1000) * 4096 + _counter * 64
+    run_dir = tmp_path / "run"
+    settings: dict[str, dict[str, object]] = {
+        "daemon": {
+            "socket": str(tmp_path / "sandboxd.sock"),
+            "run_dir": str(run_dir),
+            "name": name,
+            "log_level": "debug",
+        },
+        "pool": {"size": 2, "max_sandboxes": 32, "queue_timeout": 30},
+        "backend": {"name": "namespaces", "uid_base": uid_base},
+    }
+    for section, values in sections.items():
+        settings.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in settings.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+    config_file = tmp_path / "sandboxd.toml"
+    config_file.write_text("\n".join(lines) + "\n")
+    log_file = tmp_path / "daemon.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")}
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sandboxd", "run", "--config", str(config_file)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    daemon = Daemon(
+        process, tmp_path / "sandboxd.sock", run_dir, name, uid_base, config_file, log_file
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"sandboxd exited with {process.returncode}:\n{daemon.log()}")
+        try:
+            if daemon.client.health()["pool"]["ready"] >= min(1, int(settings["pool"]["size"])):
+                return daemon
+        except DaemonUnavailable:
+            pass
+        time.sleep(0.05)
+    daemon.stop(signal.SIGKILL)
+    raise RuntimeError(f"sandboxd did not become ready:\n{daemon.log()}")
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,41 @@
+"""`sandboxd image build|list|rm` on the real image store (the Makefile built the image)."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from sandboxd.cli import main
+from sandboxd.images import load_recipe, recipe_id
+from tests.conftest import needs_root
+
+pytestmark = needs_root
+
+
+def test_build_without_changes_reuses_the_cached_image():
+    result = CliRunner().invoke(main, ["image", "build"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == recipe_id(load_recipe())
+    assert "is up to date (recipe unchanged)" in result.stderr
+
+
+def test_list_shows_the_current_image_and_its_languages():
+    result = CliRunner().invoke(main, ["image", "list", "--json"])
+    images = {image["id"]: image for image in json.loads(result.stdout)}
+    current = images[recipe_id(load_recipe())]
+    assert set(current["languages"]) == {"python", "typescript", "rust"}
+
+
+def test_removing_an_unknown_image_is_one_line():
+    result = CliRunner().invoke(main, ["image", "rm", "no-such-image"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: no image matches 'no-such-image'")
+
+
+def test_a_bad_config_stops_with_one_line(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("[pool]\nsize = 'two'\n")
+    result = CliRunner().invoke(main, ["run", "--config", str(config)])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {config}: pool.size: expected an integer, got 'two'\n"
