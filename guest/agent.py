@@ -14,8 +14,10 @@ Wire protocol: one JSON object per line, UTF-8, in both directions.
                     "run":     {"argv": [...]},
                     "env":    {"NAME": "value"},
                     "stdin":  "...",
+                    "stdin_stream": false,    (true: stdin stays open for "stdin" messages)
                     "limits": {"wall_time": s, "cpu_time": s, "compile_time": s,
                                "processes": n, "output_bytes": n, "file_size_bytes": n}}
+    host → agent   {"type": "stdin", "data": "...", "eof": bool}  (during the run, if streamed)
     agent → host   {"type": "output", "stage": "compile"|"run", "stream": "stdout"|"stderr",
                     "data": "..."}                                   (any number of these)
     agent → host   {"type": "result", "status": ..., "message": ..., "exit_code": n|null,
@@ -39,6 +41,7 @@ import codecs
 import contextlib
 import json
 import os
+import queue
 import resource
 import selectors
 import signal
@@ -66,25 +69,46 @@ class JobError(Exception):
 
 
 class Channel:
-    """The agent's line-delimited JSON link to the host."""
+    """The agent's line-delimited JSON link to the host, read from a raw fd so that the
+    run loop can also wait for host messages (streamed stdin) with its selector."""
 
-    def __init__(self, reader: IO[bytes], writer: IO[bytes]) -> None:
-        self._reader = reader
+    def __init__(self, read_fd: int, writer: IO[bytes]) -> None:
+        self.fd = read_fd
         self._writer = writer
+        self._buffer = b""
+        self.closed = False
 
     def send(self, message: dict[str, Any]) -> None:
         line = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
         self._writer.write(line.encode() + b"\n")
         self._writer.flush()
 
-    def receive(self) -> dict[str, Any] | None:
-        line = self._reader.readline()
-        if not line:
-            return None
+    def _parse(self, line: bytes) -> dict[str, Any]:
         message = json.loads(line)
         if not isinstance(message, dict):
             raise JobError("a message from the host was not a JSON object")
         return message
+
+    def receive(self) -> dict[str, Any] | None:
+        """The next message, waiting for it; None once the host closed the channel."""
+        while b"\n" not in self._buffer:
+            data = os.read(self.fd, CHUNK)
+            if not data:
+                self.closed = True
+                return self._parse(self._buffer) if self._buffer.strip() else None
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return self._parse(line)
+
+    def receive_ready(self, read: bool = True) -> list[dict[str, Any]]:
+        """The complete messages buffered, after one read if the fd polled readable."""
+        if read:
+            data = os.read(self.fd, CHUNK)
+            if not data:
+                self.closed = True
+            self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        return [self._parse(line) for line in lines if line.strip()]
 
 
 class Capture:
@@ -166,15 +190,32 @@ def _apply_limits(limits: dict[str, Any], cpu_time: float) -> Callable[[], None]
     return preexec
 
 
-def _feed_stdin(pipe: IO[bytes], data: bytes) -> None:
-    try:
+class StdinFeeder:
+    """Writes the program's stdin from a thread, so a program that does not read it
+    cannot block the agent: the job's stdin first, then whatever the host streams."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self._pipe = pipe
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        threading.Thread(target=self._write, daemon=True).start()
+
+    def feed(self, data: bytes) -> None:
         if data:
-            pipe.write(data)
-    except (BrokenPipeError, OSError):
-        pass  # the program did not read all of its input; that is its business
-    finally:
-        with contextlib.suppress(OSError):
-            pipe.close()
+            self._queue.put(data)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _write(self) -> None:
+        try:
+            while (data := self._queue.get()) is not None:
+                self._pipe.write(data)
+                self._pipe.flush()
+        except OSError:
+            pass  # the program did not read all of its input; that is its business
+        finally:
+            with contextlib.suppress(OSError):
+                self._pipe.close()
 
 
 class Reaper:
@@ -238,6 +279,20 @@ class Runner:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 how(target, signal.SIGKILL)
 
+    def _take_stdin(
+        self, feeder: StdinFeeder, selector: selectors.BaseSelector, read: bool = True
+    ) -> None:
+        """Pass streamed stdin from the host on to the program."""
+        for message in self.channel.receive_ready(read):
+            if message.get("type") != "stdin":
+                raise JobError(f"unexpected message during a run: {message.get('type')!r}")
+            feeder.feed(str(message.get("data", "")).encode())
+            if message.get("eof"):
+                feeder.close()
+        if self.channel.closed:
+            selector.unregister(self.channel.fd)
+            feeder.close()
+
     def run(
         self,
         stage: str,
@@ -245,6 +300,7 @@ class Runner:
         *,
         env: dict[str, str],
         stdin: bytes,
+        stream_stdin: bool = False,
         wall_time: float,
         cpu_time: float,
         limits: dict[str, Any],
@@ -270,7 +326,10 @@ class Runner:
         except OSError as exc:
             raise JobError(f"cannot start {argv[0]}: {exc.strerror}") from exc
         assert proc.stdin and proc.stdout and proc.stderr
-        threading.Thread(target=_feed_stdin, args=(proc.stdin, stdin), daemon=True).start()
+        feeder = StdinFeeder(proc.stdin)
+        feeder.feed(stdin)
+        if not stream_stdin:
+            feeder.close()
         selector = selectors.DefaultSelector()
         pipes = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
         outcome.captures = {
@@ -282,6 +341,9 @@ class Runner:
             os.set_blocking(fd, False)
             selector.register(fd, selectors.EVENT_READ)
         selector.register(self.reaper.fd, selectors.EVENT_READ)
+        if stream_stdin and not self.channel.closed:
+            selector.register(self.channel.fd, selectors.EVENT_READ)
+            self._take_stdin(feeder, selector, read=False)  # what came with the job
         deadline = start + wall_time
         killed_at: float | None = None
         exit_status: tuple[int, resource.struct_rusage] | None = None
@@ -307,6 +369,9 @@ class Runner:
                             # Whatever the program left running dies with it.
                             self.kill_all(proc.pid)
                         continue
+                    if key.fd == self.channel.fd:
+                        self._take_stdin(feeder, selector)
+                        continue
                     try:
                         chunk = os.read(key.fd, CHUNK)
                     except BlockingIOError:
@@ -321,6 +386,7 @@ class Runner:
                         self.kill_all(proc.pid)
         finally:
             selector.close()
+            feeder.close()
             for pipe in pipes.values():
                 pipe.close()
             if exit_status is None:
@@ -424,6 +490,7 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
         }
         env = {**BASE_ENV, **{str(k): str(v) for k, v in job.get("env", {}).items()}}
         stdin = str(job.get("stdin") or "").encode()
+        stream_stdin = bool(job.get("stdin_stream"))
     except (KeyError, TypeError, AttributeError) as exc:
         raise JobError(f"malformed job message: {exc!r}") from exc
     write_files(runner.workdir, files)
@@ -461,6 +528,7 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
         run_argv,
         env=env,
         stdin=stdin,
+        stream_stdin=stream_stdin,
         wall_time=float(limits["wall_time"]),
         cpu_time=float(limits["cpu_time"]),
         limits=limits,
@@ -504,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the agent is alone in its pid namespace: kill leftovers with kill(-1)",
     )
     options = parser.parse_args(argv)
-    channel = Channel(sys.stdin.buffer, sys.stdout.buffer)
+    channel = Channel(sys.stdin.fileno(), sys.stdout.buffer)
     return serve(channel, Runner(channel, options.workdir, options.isolated))
 
 

@@ -18,7 +18,8 @@ import itertools
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ def execute_params(
     files: list[dict[str, str]] | None = None,
     timeout: float | None = None,
     limits: dict[str, float] | None = None,
+    interactive: bool | None = None,
 ) -> dict[str, Any]:
     """The params of an ``execute`` request, leaving out what was not given."""
     params = {
@@ -72,6 +74,7 @@ def execute_params(
         "files": files,
         "timeout": timeout,
         "limits": limits,
+        "interactive": interactive,
     }
     return {key: value for key, value in params.items() if value is not None}
 
@@ -82,18 +85,16 @@ class _Call:
 
     method: str
     params: dict[str, Any]
-    on_notification: Callable[[dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         self.id = next(_ids)
 
-    def request(self) -> bytes:
-        return encode(
-            {"jsonrpc": "2.0", "method": self.method, "params": self.params, "id": self.id}
-        )
+    def request_message(self) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "method": self.method, "params": self.params, "id": self.id}
 
     def feed(self, line: bytes) -> tuple[bool, Any]:
-        """(done, result) for one line; raises the daemon's error as its class."""
+        """(True, result) for the response, (False, params) for a notification; raises
+        the daemon's error as its class."""
         try:
             message = json.loads(line)
         except ValueError as exc:
@@ -103,9 +104,8 @@ class _Call:
         if not isinstance(message, dict):
             raise DaemonUnavailable(f"sandboxd sent an unexpected message: {line[:80]!r}")
         if "method" in message:
-            if self.on_notification and isinstance(message.get("params"), dict):
-                self.on_notification(message["params"])
-            return False, None
+            params = message.get("params")
+            return False, params if isinstance(params, dict) else {}
         if "error" in message:
             raise SandboxError.from_wire(message["error"])
         return True, message.get("result")
@@ -139,12 +139,12 @@ class Client:
         params: dict[str, Any] | None = None,
         on_notification: Callable[[dict[str, Any]], None] | None = None,
     ) -> Any:
-        call = _Call(method, params or {}, on_notification)
+        call = _Call(method, params or {})
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(self.timeout)
             try:
                 sock.connect(str(self.socket_path))
-                sock.sendall(call.request())
+                sock.sendall(encode(call.request_message()))
             except OSError as exc:
                 raise _unavailable(self.socket_path, exc) from exc
             buffer = LineBuffer(MAX_LINE)
@@ -159,9 +159,11 @@ class Client:
                         raise call.closed()
                     buffer.feed(data)
                     continue
-                done, result = call.feed(line)
+                done, value = call.feed(line)
                 if done:
-                    return result
+                    return value
+                if on_notification is not None:
+                    on_notification(value)
 
     def health(self) -> dict[str, Any]:
         return self.call("health")
@@ -185,36 +187,103 @@ class Client:
         return ExecutionResult.from_dict(record)
 
 
+@dataclass(frozen=True)
+class OutputEvent:
+    """A chunk of a running program's output."""
+
+    stream: str  # stdout | stderr
+    data: str
+    stage: str  # compile | run
+
+
+class Execution:
+    """A call in progress on a connection of its own — above all ``execute``: iterate it
+    for the output as it comes; ``result`` is there once it ended.
+    See :meth:`AsyncClient.open_execution`.
+    """
+
+    def __init__(self, stream: Any, call: _Call) -> None:
+        import trio
+
+        self._stream = stream
+        self._call = call
+        self._buffer = LineBuffer(MAX_LINE)
+        self._send_lock = trio.Lock()
+        self.done = False
+        self.value: Any = None  # the response's result, as sent
+
+    @property
+    def result(self) -> ExecutionResult:
+        if not self.done:
+            raise RuntimeError("the execution has not ended yet")
+        return ExecutionResult.from_dict(self.value)
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        import trio
+
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(encode(message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise self._call.closed() from exc
+
+    async def send_stdin(self, data: str, *, eof: bool = False) -> None:
+        """Input for an interactive execution (``interactive=True``)."""
+        params = {"id": self._call.id, "data": data, "eof": eof}
+        await self._send({"jsonrpc": "2.0", "method": "execute.stdin", "params": params})
+
+    async def close_stdin(self) -> None:
+        await self.send_stdin("", eof=True)
+
+    def __aiter__(self) -> Execution:
+        return self
+
+    async def __anext__(self) -> OutputEvent:
+        """The next chunk of output; StopAsyncIteration once the result is in."""
+        import trio
+
+        while not self.done:
+            try:
+                line = await receive_line(self._stream, self._buffer)
+            except trio.BrokenResourceError as exc:
+                raise self._call.closed() from exc
+            if line is None:
+                raise self._call.closed()
+            self.done, value = self._call.feed(line)
+            if self.done:
+                self.value = value
+            else:
+                return OutputEvent(
+                    str(value.get("stream")), str(value.get("data", "")), str(value.get("stage"))
+                )
+        raise StopAsyncIteration
+
+
 class AsyncClient:
     """The same calls for trio programs; cancel a call to stop its job."""
 
     def __init__(self, socket_path: str | Path | None = None) -> None:
         self.socket_path = Path(socket_path) if socket_path else default_socket()
 
-    async def call(
-        self,
-        method: str,
-        params: dict[str, Any] | None = None,
-        on_notification: Callable[[dict[str, Any]], None] | None = None,
-    ) -> Any:
+    @asynccontextmanager
+    async def _open(self, call: _Call) -> AsyncIterator[Execution]:
         import trio  # here, not at the top: `sandboxctl` starts 0.1 s faster without it
 
-        call = _Call(method, params or {}, on_notification)
         try:
             stream = await trio.open_unix_socket(str(self.socket_path))
         except OSError as exc:
             raise _unavailable(self.socket_path, exc) from exc
         async with stream:
-            try:
-                await stream.send_all(call.request())
-                buffer = LineBuffer(MAX_LINE)
-                while (line := await receive_line(stream, buffer)) is not None:
-                    done, result = call.feed(line)
-                    if done:
-                        return result
-            except trio.BrokenResourceError as exc:
-                raise call.closed() from exc
-            raise call.closed()
+            running = Execution(stream, call)
+            await running._send(call.request_message())
+            yield running
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """One request; its result."""
+        async with self._open(_Call(method, params or {})) as running:
+            async for _ in running:
+                pass
+        return running.value
 
     async def health(self) -> dict[str, Any]:
         return await self.call("health")
@@ -225,10 +294,21 @@ class AsyncClient:
     async def status(self) -> dict[str, Any]:
         return await self.call("status")
 
+    def open_execution(
+        self, language: str, code: str, **options: Any
+    ) -> AbstractAsyncContextManager[Execution]:
+        """Start ``execute`` and hand over the running call; leaving the block early (or
+        being cancelled) closes the connection, which stops the job.
+
+        ``options``: stdin, args, files, timeout, limits, interactive (see docs/api.md).
+        """
+        return self._open(_Call("execute", execute_params(language, code, **options)))
+
     async def execute(
         self, language: str, code: str, *, on_output: OutputCallback | None = None, **options: Any
     ) -> ExecutionResult:
-        record = await self.call(
-            "execute", execute_params(language, code, **options), _output_relay(on_output)
-        )
-        return ExecutionResult.from_dict(record)
+        async with self.open_execution(language, code, **options) as execution:
+            async for event in execution:
+                if on_output is not None:
+                    on_output(event.stream, event.data, event.stage)
+        return execution.result

@@ -18,6 +18,7 @@ from sandboxd.framing import LineBuffer, LineTooLong, encode, receive_line
 
 PROTOCOL = 1
 OutputHandler = Callable[[str, str, str], Awaitable[None]]  # (stage, stream, data)
+StdinChunk = tuple[str, bool]  # (data, end of input)
 
 
 class Transcript:
@@ -49,6 +50,7 @@ class AgentLink:
         self._send = send
         self._receive = receive
         self._buffer = LineBuffer(max_line)
+        self._send_lock = trio.Lock()
 
     async def _next(self) -> dict[str, Any] | None:
         try:
@@ -76,17 +78,50 @@ class AgentLink:
             raise AgentError(f"expected hello for protocol {PROTOCOL}, got {message}")
         return message
 
+    async def _send_message(self, message: dict[str, Any]) -> None:
+        async with self._send_lock:
+            try:
+                await self._send.send_all(encode(message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise AgentError(f"agent went away: {exc}") from exc
+
     async def run(
-        self, job: dict[str, Any], on_output: OutputHandler, transcript: Transcript
+        self,
+        job: dict[str, Any],
+        on_output: OutputHandler,
+        transcript: Transcript,
+        stdin: trio.MemoryReceiveChannel[StdinChunk] | None = None,
     ) -> dict[str, Any]:
-        """Send one job, relay its output, return the agent's result record.
+        """Send one job, relay its output (and streamed stdin), return the agent's result.
 
         Raises AgentError if the agent breaks the protocol or goes away first.
         """
+        await self._send_message(job)
+        if stdin is None:
+            return await self._collect(on_output, transcript)
+        failure: AgentError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._forward_stdin, stdin)
+            try:
+                record = await self._collect(on_output, transcript)
+            except AgentError as exc:
+                failure = exc  # raised below, not through the nursery (no exception group)
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return record
+
+    async def _forward_stdin(self, stdin: trio.MemoryReceiveChannel[StdinChunk]) -> None:
         try:
-            await self._send.send_all(encode(job))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise AgentError(f"agent went away before taking the job: {exc}") from exc
+            async for data, eof in stdin:
+                await self._send_message({"type": "stdin", "data": data, "eof": eof})
+                if eof:
+                    return
+            await self._send_message({"type": "stdin", "data": "", "eof": True})
+        except AgentError:
+            pass  # the agent is gone; collecting its output says so
+
+    async def _collect(self, on_output: OutputHandler, transcript: Transcript) -> dict[str, Any]:
         while (message := await self._next()) is not None:
             if message["type"] == "result":
                 return message

@@ -18,7 +18,7 @@ from sandboxd.errors import InvalidParams
 from sandboxd.languages import Language, LanguageTable
 from sandboxd.limits import LimitBounds, Limits, resolve_limits
 
-FIELDS = ("language", "code", "stdin", "args", "files", "timeout", "limits")
+FIELDS = ("language", "code", "stdin", "args", "files", "timeout", "limits", "interactive")
 MAX_ARGS = 256
 MAX_FILES = 100
 MAX_PATH = 255
@@ -38,6 +38,7 @@ class Job:
     args: tuple[str, ...]
     files: tuple[JobFile, ...]
     limits: Limits
+    interactive: bool  # stdin stays open for what the client streams (execute.stdin)
     compile_file_size_bytes: int  # the compiler's own files may be as large as the maximum
 
     def agent_message(self) -> dict[str, Any]:
@@ -59,6 +60,7 @@ class Job:
             "run": {"argv": [*self.language.run, *self.args]},
             "env": dict(self.language.env),
             "stdin": self.stdin,
+            "stdin_stream": self.interactive,
             "limits": self.limits.to_dict(),
         }
 
@@ -71,6 +73,13 @@ def _text(params: Mapping[str, Any], name: str, *, required: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise InvalidParams.field(name, "expected a string")
+    return value
+
+
+def _flag(params: Mapping[str, Any], name: str) -> bool:
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidParams.field(name, "expected true or false")
     return value
 
 
@@ -160,5 +169,6 @@ def parse_job(
         args=_args(params.get("args")),
         files=_files(params.get("files"), language.source_file),
         limits=resolve_limits(params.get("limits"), params.get("timeout"), bounds),
+        interactive=_flag(params, "interactive"),
         compile_file_size_bytes=int(bounds["file_size_bytes"].maximum),
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import select
 import socket
 import struct
@@ -38,7 +39,8 @@ from jsonrpcserver.result import Error, Result, Success
 from jsonrpcserver.sentinels import NODATA, NOID
 from oslash.either import Left  # type: ignore[import-untyped]
 
-from sandboxd.errors import InternalError, RequestTooLarge, SandboxError
+from sandboxd.agent_link import StdinChunk
+from sandboxd.errors import InternalError, InvalidParams, RequestTooLarge, SandboxError
 from sandboxd.framing import LineBuffer, LineTooLong, encode, receive_line
 from sandboxd.service import Service
 
@@ -67,6 +69,8 @@ class Connection:
         self.scope = scope
         self.peer = Peer.of(stream.socket)
         self._send_lock = trio.Lock()
+        # Interactive executions running on this connection: request id → their stdin.
+        self.stdin_sinks: dict[Any, trio.MemorySendChannel[StdinChunk]] = {}
 
     async def send(self, message: Any) -> None:
         async with self._send_lock:
@@ -130,6 +134,7 @@ class RpcServer:
                 "languages": self._languages,
                 "status": self._status,
                 "execute": self._execute,
+                "execute.stdin": self._stdin,
             }.items()
         }
         self._accepting = trio.CancelScope()
@@ -150,7 +155,33 @@ class RpcServer:
                 {"id": context.request_id, "stage": stage, "stream": stream, "data": data},
             )
 
-        return await self.service.execute(params, relay)
+        if not params.get("interactive"):
+            return await self.service.execute(params, relay)
+        if context.request_id is NOID or context.request_id in context.connection.stdin_sinks:
+            raise InvalidParams.field("interactive", "needs a request id unique on the connection")
+        send, receive = trio.open_memory_channel[StdinChunk](math.inf)
+        context.connection.stdin_sinks[context.request_id] = send
+        try:
+            return await self.service.execute(params, relay, receive)
+        finally:
+            del context.connection.stdin_sinks[context.request_id]
+            send.close()
+
+    async def _stdin(self, context: RequestContext, **params: Any) -> Any:
+        """``execute.stdin``: input for an interactive execution on the same connection."""
+        unknown = sorted(set(params) - {"id", "data", "eof"})
+        if unknown:
+            raise InvalidParams.field(unknown[0], "unknown field (known: id, data, eof)")
+        data, eof = params.get("data", ""), params.get("eof", False)
+        if not isinstance(data, str):
+            raise InvalidParams.field("data", "expected a string")
+        if not isinstance(eof, bool):
+            raise InvalidParams.field("eof", "expected true or false")
+        sink = context.connection.stdin_sinks.get(params.get("id"))
+        if sink is None:
+            raise InvalidParams.field("id", "no interactive execution with this id here")
+        sink.send_nowait((data, eof))
+        return None
 
     async def serve(
         self,

@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from sandboxd import __version__
+from sandboxd.agent_link import StdinChunk
 from sandboxd.backends.base import Backend, JobRun
 from sandboxd.errors import InvalidParams
 from sandboxd.images import Image
@@ -133,16 +134,24 @@ class Service:
             },
         }
 
-    async def execute(self, params: Mapping[str, Any], on_output: OutputSink) -> dict[str, Any]:
+    async def execute(
+        self,
+        params: Mapping[str, Any],
+        on_output: OutputSink,
+        stdin: trio.MemoryReceiveChannel[StdinChunk] | None = None,
+    ) -> dict[str, Any]:
         """Run one job in a fresh sandbox; the result record as a dict.
 
+        ``stdin`` carries what the client streams to an interactive job.
         Raises InvalidParams, UnsupportedLanguage, LimitAboveMaximum or NoCapacity.
         """
         start = trio.current_time()
         job = parse_job(params, self.languages_table, self.limits)
         async with self.pool.sandbox() as sandbox:
             queued = trio.current_time() - start
-            run = await sandbox.run(job.agent_message(), job.limits, on_output)
+            run = await sandbox.run(
+                job.agent_message(), job.limits, on_output, stdin if job.interactive else None
+            )
         result = result_of(run, job, sandbox.id)
         result.timings["queue"] = round(queued, 6)
         result.timings["total"] = round(trio.current_time() - start, 6)

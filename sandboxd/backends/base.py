@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import trio
 
-from sandboxd.agent_link import AgentLink, OutputHandler, Transcript
+from sandboxd.agent_link import AgentLink, OutputHandler, StdinChunk, Transcript
 from sandboxd.errors import AgentError, InternalError
 from sandboxd.limits import Limits
 
@@ -97,8 +97,17 @@ class Sandbox(abc.ABC):
     def kill(self) -> None:
         """Stop everything in the sandbox at once (its owner still cleans up)."""
 
-    async def run(self, job: dict[str, Any], limits: Limits, on_output: OutputHandler) -> JobRun:
-        """Run one job through the agent, enforcing the time limits from outside too."""
+    async def run(
+        self,
+        job: dict[str, Any],
+        limits: Limits,
+        on_output: OutputHandler,
+        stdin: trio.MemoryReceiveChannel[StdinChunk] | None = None,
+    ) -> JobRun:
+        """Run one job through the agent, enforcing the time limits from outside too.
+
+        ``stdin`` streams input to an interactive job as it comes.
+        """
         self._expect(SandboxState.RUNNING)
         self.apply_limits(limits)
         transcript = Transcript(limits.output_bytes)
@@ -108,7 +117,7 @@ class Sandbox(abc.ABC):
         record, lost = None, ""
         with trio.move_on_after(budget) as deadline:
             try:
-                record = await self.link.run(job, on_output, transcript)
+                record = await self.link.run(job, on_output, transcript, stdin)
             except AgentError as exc:
                 lost = str(exc)
         if deadline.cancelled_caught:

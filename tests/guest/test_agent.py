@@ -164,3 +164,27 @@ def test_a_line_that_is_not_json_gets_an_internal_error_result(tmp_path):
 
 def test_host_closing_the_channel_ends_the_agent_quietly(tmp_path):
     assert [m["type"] for m in run_agent(tmp_path, None)] == ["hello"]
+
+
+def test_streamed_stdin_reaches_the_program_until_eof(tmp_path):
+    job = python_job(
+        "import sys\nfor line in sys.stdin:\n    print('got', line.strip(), flush=True)\n"
+        "print('eof')",
+        stdin="first\n",
+        stdin_stream=True,
+    )
+    messages = [
+        job,
+        {"type": "stdin", "data": "second\nthi"},
+        {"type": "stdin", "data": "rd\n"},
+        {"type": "stdin", "data": "", "eof": True},
+    ]
+    raw = b"".join(json.dumps(m).encode() + b"\n" for m in messages)
+    *_, result = run_agent(tmp_path, None, raw=raw)
+    assert result["stdout"] == "got first\ngot second\ngot third\neof\n"
+
+
+def test_streamed_stdin_ends_when_the_host_closes_the_channel(tmp_path):
+    job = python_job("import sys\nprint(len(sys.stdin.read()))", stdin="abc", stdin_stream=True)
+    *_, result = run_agent(tmp_path, job)
+    assert result["stdout"] == "3\n"

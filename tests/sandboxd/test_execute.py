@@ -188,3 +188,45 @@ def test_the_program_runs_unprivileged(client):
         ),
     )
     assert result.stdout == "65534 65534\n0000000000000000\n"
+
+
+async def test_interactive_stdin_streams_to_the_program(daemon):
+    client = AsyncClient(daemon.socket)
+    code = (
+        "import sys\n"
+        "for line in sys.stdin:\n"
+        "    print('echo', line.strip(), flush=True)\n"
+        "print('bye')"
+    )
+    seen = []
+    async with client.open_execution("python", code, interactive=True, stdin="zero\n") as run:
+        async for event in run:
+            seen.append(event.data)
+            if "".join(seen).endswith("echo zero\n"):
+                await run.send_stdin("one\n")
+            if "".join(seen).endswith("echo one\n"):
+                await run.close_stdin()
+    assert run.result.status == Status.OK
+    assert run.result.stdout == "echo zero\necho one\nbye\n"
+
+
+def test_stdin_for_an_unknown_execution_is_refused(client):
+    import pytest
+
+    from sandboxd.errors import InvalidParams
+
+    with pytest.raises(InvalidParams) as caught:
+        client.call("execute.stdin", {"id": 12345, "data": "x"})
+    assert caught.value.data["field"] == "id"
+
+
+async def test_leaving_an_execution_early_stops_the_job(daemon):
+    client = AsyncClient(daemon.socket)
+    code = "import time\nprint('tick', flush=True)\ntime.sleep(60)"
+    async with client.open_execution("python", code) as run:
+        async for event in run:
+            assert event.data.startswith("tick")
+            break
+    with trio.fail_after(20):
+        while (await client.health())["pool"]["busy"]:
+            await trio.sleep(0.05)
