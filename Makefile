@@ -51,6 +51,7 @@ test: build ## Run the whole test suite (root: real jails, cgroups and namespace
 bench: build ## Benchmarks: latency beside the bare runtimes, as ratios (root)
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench.hello_latency
+	$(BIN)/python -m bench.gateway_overhead
 
 .PHONY: fmt lint
 fmt: $(BIN)/sandboxd ## Format the code

@@ -72,6 +72,12 @@ class BackendConfig:
 class GatewayConfig:
     api_port: int = _setting(8000, env=("API_PORT",), check="port")
     bind: str = _setting("127.0.0.1", env=("SANDBOXD_BIND",))
+    # Lines of "key-id:key"; without a file the gateway serves loopback only, unauthenticated.
+    api_keys_file: str = _setting("", env=("SANDBOXD_API_KEYS_FILE",))
+    rate_per_minute: float = _setting(600.0, check="positive")  # executions per key
+    rate_burst: int = _setting(60, check="positive")
+    concurrent_per_key: int = _setting(16, check="positive")
+    max_body_bytes: int = _setting(4 * 1024 * 1024, kind="size", check="positive")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ one table::
     │   ├── InvalidParams           -32602  data: field, reason
     │   ├── UnsupportedLanguage     -32001  data: language, known
     │   ├── LimitAboveMaximum       -32002  data: limit, requested, maximum
-    │   └── RequestTooLarge         -32003  data: maximum
+    │   ├── RequestTooLarge         -32003  data: maximum
+    │   ├── Unauthorized            HTTP gateway only: no or a wrong API key
+    │   └── RateLimited             HTTP gateway only: data: retry_after (seconds)
     ├── NoCapacity                  -32010  data: waited (seconds)
     ├── ServiceError                the daemon could not do its part
     │   ├── LaunchError             -32020  data: argv, exit_code, log_tail
@@ -91,6 +93,14 @@ class LimitAboveMaximum(RequestError):
 
 class RequestTooLarge(RequestError):
     code = -32003
+
+
+class Unauthorized(RequestError):
+    """The HTTP gateway wants an API key and got none, or a wrong one."""
+
+
+class RateLimited(RequestError):
+    """An API key is over its request rate or its concurrent requests."""
 
 
 class NoCapacity(SandboxError):

@@ -47,6 +47,43 @@ from sandboxd.service import Service
 log = logging.getLogger(__name__)
 
 OUTPUT_NOTIFICATION = "execute.output"
+STDIN_METHOD = "execute.stdin"
+# Input may arrive before its execute request is dispatched; how much is kept for it.
+MAX_EARLY_STDIN_IDS = 8
+MAX_EARLY_STDIN_BYTES = 1024 * 1024
+
+
+def _feed_stdin(connection: Connection, params: Any) -> None:
+    """Check ``execute.stdin`` params and pass the input on; InvalidParams if wrong."""
+    if not isinstance(params, dict):
+        raise InvalidParams.field("params", "expected an object with id, data and eof")
+    unknown = sorted(set(params) - {"id", "data", "eof"})
+    if unknown:
+        raise InvalidParams.field(unknown[0], "unknown field (known: id, data, eof)")
+    data, eof = params.get("data", ""), params.get("eof", False)
+    if not isinstance(data, str):
+        raise InvalidParams.field("data", "expected a string")
+    if not isinstance(eof, bool):
+        raise InvalidParams.field("eof", "expected true or false")
+    connection.feed_stdin(params.get("id"), data, eof)
+
+
+def _stdin_notification(connection: Connection, line: bytes) -> bool:
+    """Take an ``execute.stdin`` notification right in the reading loop, so that input
+    keeps its order (tasks would race); False for any other line."""
+    if STDIN_METHOD.encode() not in line:
+        return False
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return False
+    if not isinstance(message, dict) or message.get("method") != STDIN_METHOD or "id" in message:
+        return False
+    try:
+        _feed_stdin(connection, message.get("params", {}))
+    except InvalidParams as exc:
+        log.info("dropped execute.stdin notification: %s", exc.message)
+    return True
 
 
 @dataclass(frozen=True)
@@ -69,8 +106,10 @@ class Connection:
         self.scope = scope
         self.peer = Peer.of(stream.socket)
         self._send_lock = trio.Lock()
-        # Interactive executions running on this connection: request id → their stdin.
-        self.stdin_sinks: dict[Any, trio.MemorySendChannel[StdinChunk]] = {}
+        # Interactive executions running on this connection: request id → their stdin;
+        # and input that arrived before its execute request was dispatched.
+        self._stdin: dict[Any, trio.MemorySendChannel[StdinChunk]] = {}
+        self._early_stdin: dict[Any, list[StdinChunk]] = {}
 
     async def send(self, message: Any) -> None:
         async with self._send_lock:
@@ -78,6 +117,33 @@ class Connection:
                 await self.stream.send_all(encode(message))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.scope.cancel()  # the peer is gone: stop everything it asked for
+
+    def feed_stdin(self, request_id: Any, data: str, eof: bool) -> None:
+        """Input for an interactive execution, kept in order; InvalidParams if the
+        connection holds too much input for executions that have not started."""
+        sink = self._stdin.get(request_id)
+        if sink is not None:
+            sink.send_nowait((data, eof))
+            return
+        early = self._early_stdin.get(request_id)
+        if early is None and len(self._early_stdin) >= MAX_EARLY_STDIN_IDS:
+            raise InvalidParams.field("id", "no interactive execution with this id here")
+        early = self._early_stdin.setdefault(request_id, [])
+        if sum(len(chunk) for chunk, _ in early) + len(data) > MAX_EARLY_STDIN_BYTES:
+            raise InvalidParams.field("data", "too much input before its execution started")
+        early.append((data, eof))
+
+    def open_stdin(self, request_id: Any) -> trio.MemoryReceiveChannel[StdinChunk]:
+        if request_id is NOID or request_id in self._stdin:
+            raise InvalidParams.field("interactive", "needs a request id unique on the connection")
+        send, receive = trio.open_memory_channel[StdinChunk](math.inf)
+        for chunk in self._early_stdin.pop(request_id, []):
+            send.send_nowait(chunk)
+        self._stdin[request_id] = send
+        return receive
+
+    def close_stdin(self, request_id: Any) -> None:
+        self._stdin.pop(request_id).close()
 
     async def watch_hangup(self) -> None:
         """Cancel the connection's work once the peer has closed its end entirely.
@@ -134,7 +200,7 @@ class RpcServer:
                 "languages": self._languages,
                 "status": self._status,
                 "execute": self._execute,
-                "execute.stdin": self._stdin,
+                STDIN_METHOD: self._stdin,
             }.items()
         }
         self._accepting = trio.CancelScope()
@@ -157,30 +223,15 @@ class RpcServer:
 
         if not params.get("interactive"):
             return await self.service.execute(params, relay)
-        if context.request_id is NOID or context.request_id in context.connection.stdin_sinks:
-            raise InvalidParams.field("interactive", "needs a request id unique on the connection")
-        send, receive = trio.open_memory_channel[StdinChunk](math.inf)
-        context.connection.stdin_sinks[context.request_id] = send
+        stdin = context.connection.open_stdin(context.request_id)
         try:
-            return await self.service.execute(params, relay, receive)
+            return await self.service.execute(params, relay, stdin)
         finally:
-            del context.connection.stdin_sinks[context.request_id]
-            send.close()
+            context.connection.close_stdin(context.request_id)
 
     async def _stdin(self, context: RequestContext, **params: Any) -> Any:
-        """``execute.stdin``: input for an interactive execution on the same connection."""
-        unknown = sorted(set(params) - {"id", "data", "eof"})
-        if unknown:
-            raise InvalidParams.field(unknown[0], "unknown field (known: id, data, eof)")
-        data, eof = params.get("data", ""), params.get("eof", False)
-        if not isinstance(data, str):
-            raise InvalidParams.field("data", "expected a string")
-        if not isinstance(eof, bool):
-            raise InvalidParams.field("eof", "expected true or false")
-        sink = context.connection.stdin_sinks.get(params.get("id"))
-        if sink is None:
-            raise InvalidParams.field("id", "no interactive execution with this id here")
-        sink.send_nowait((data, eof))
+        """``execute.stdin`` sent as a request (with an id); see :func:`_feed_stdin`."""
+        _feed_stdin(context.connection, params)
         return None
 
     async def serve(
@@ -231,7 +282,7 @@ class RpcServer:
                 return
             if line is None:
                 return
-            if line.strip():
+            if line.strip() and not _stdin_notification(connection, line):
                 requests.start_soon(self._answer, connection, line)
 
     async def _answer(self, connection: Connection, line: bytes) -> None:

@@ -3,8 +3,10 @@ cgroup name and uid range, so tests and benchmarks never touch an installed serv
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +45,22 @@ class Daemon:
 _counter = 0
 
 
+def write_config(path: Path, settings: dict[str, dict[str, object]]) -> Path:
+    lines = []
+    for section, values in settings.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def launch(argv: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+    """Start a service of ours with its output in ``log_file`` and none of our SANDBOXD_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")}
+    with log_file.open("wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
 def start_daemon(tmp_path: Path, **sections: dict[str, object]) -> Daemon:
     """Start ``sandboxd run`` with a config of its own; wait until it answers health."""
     global _counter
@@ -62,21 +80,11 @@ def start_daemon(tmp_path: Path, **sections: dict[str, object]) -> Daemon:
     }
     for section, values in sections.items():
         settings.setdefault(section, {}).update(values)
-    lines = []
-    for section, values in settings.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
-    config_file = tmp_path / "sandboxd.toml"
-    config_file.write_text("\n".join(lines) + "\n")
+    config_file = write_config(tmp_path / "sandboxd.toml", settings)
     log_file = tmp_path / "daemon.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")}
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "sandboxd", "run", "--config", str(config_file)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    process = launch(
+        [sys.executable, "-m", "sandboxd", "run", "--config", str(config_file)], log_file
+    )
     daemon = Daemon(
         process, tmp_path / "sandboxd.sock", run_dir, name, uid_base, config_file, log_file
     )
@@ -94,9 +102,73 @@ def start_daemon(tmp_path: Path, **sections: dict[str, object]) -> Daemon:
     raise RuntimeError(f"sandboxd did not become ready:\n{daemon.log()}")
 
 
+@dataclass
+class Gateway:
+    """A sandboxd-gateway process under test."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_file: Path
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_gateway(
+    tmp_path: Path, daemon_socket: Path, *, extra_args: list[str] = (), **gateway: object
+) -> Gateway:
+    """Start ``sandboxd-gateway`` on a free loopback port; wait until it answers."""
+    port = free_port()
+    config = write_config(
+        tmp_path / "gateway.toml",
+        {
+            "daemon": {"socket": str(daemon_socket)},
+            "gateway": {"api_port": port, "bind": "127.0.0.1", **gateway},
+        },
+    )
+    log_file = tmp_path / "gateway.log"
+    process = launch(
+        [sys.executable, "-m", "sandboxctl.gateway", "--config", str(config), *extra_args], log_file
+    )
+    running = Gateway(process, f"http://127.0.0.1:{port}", log_file)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{running.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return running
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"gateway did not come up:\n{running.log()}")
+
+
 def _toml(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def receive_json_line(sock: socket.socket) -> dict:
+    """One JSON line from a raw socket (a makefile() would keep the socket alive)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return json.loads(data)

@@ -210,14 +210,28 @@ async def test_interactive_stdin_streams_to_the_program(daemon):
     assert run.result.stdout == "echo zero\necho one\nbye\n"
 
 
-def test_stdin_for_an_unknown_execution_is_refused(client):
-    import pytest
-
+async def test_stdin_before_its_execute_is_kept_but_bounded(daemon):
+    """Input may arrive before its execute is dispatched: kept for a few ids, in order."""
     from sandboxd.errors import InvalidParams
+    from sandboxd.rpc_server import MAX_EARLY_STDIN_IDS
 
-    with pytest.raises(InvalidParams) as caught:
-        client.call("execute.stdin", {"id": 12345, "data": "x"})
-    assert caught.value.data["field"] == "id"
+    stream = await trio.open_unix_socket(str(daemon.socket))
+    async with stream:
+        for request_id in range(MAX_EARLY_STDIN_IDS + 1):
+            request = {
+                "jsonrpc": "2.0",
+                "method": "execute.stdin",
+                "id": request_id,
+                "params": {"id": f"not-yet-{request_id}", "data": "x"},
+            }
+            await stream.send_all(json.dumps(request).encode() + b"\n")
+        replies = b""
+        while replies.count(b"\n") < MAX_EARLY_STDIN_IDS + 1:
+            replies += await stream.receive_some(65536)
+    answers = {m["id"]: m for m in map(json.loads, replies.splitlines())}
+    assert all(answers[i]["result"] is None for i in range(MAX_EARLY_STDIN_IDS))
+    refused = answers[MAX_EARLY_STDIN_IDS]["error"]
+    assert (refused["code"], refused["data"]["field"]) == (InvalidParams.code, "id")
 
 
 async def test_leaving_an_execution_early_stops_the_job(daemon):

@@ -9,7 +9,7 @@ import socket
 import time
 
 from sandboxd.cgroups import CgroupLayout
-from tests.daemon_process import start_daemon
+from tests.daemon_process import receive_json_line, start_daemon
 from tests.host_state import (
     mounts,
     program_processes,
@@ -33,7 +33,7 @@ def start_endless_job(daemon) -> tuple[socket.socket, str]:
         },
     }
     sock.sendall(json.dumps(request).encode() + b"\n")
-    note = json.loads(sock.makefile("rb").readline())
+    note = receive_json_line(sock)
     assert note["method"] == "execute.output"
     return sock, note["params"]["data"]
 

@@ -15,6 +15,7 @@ from sandboxd.errors import (
     NoCapacity,
     UnsupportedLanguage,
 )
+from tests.daemon_process import receive_json_line
 
 
 def raw_exchange(path, payload: bytes, *, replies: int = 1, timeout: float = 30) -> list:
@@ -140,7 +141,7 @@ def test_oversized_request_is_refused_unread(daemon):
                 sent += sock.send(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        reply = json.loads(sock.makefile("rb").readline())
+        reply = receive_json_line(sock)
     assert reply["error"]["code"] == errors.RequestTooLarge.code
     assert sent < 16 * 2**20
     assert daemon.client.health()["status"] == "healthy"
@@ -160,7 +161,7 @@ def test_no_capacity_after_the_queue_timeout(make_daemon):
         },
     }
     holder.sendall(json.dumps(request).encode() + b"\n")
-    holder.makefile("rb").readline()  # the job is running: its first output arrived
+    receive_json_line(holder)  # the job is running: its first output arrived
     started = time.monotonic()
     with pytest.raises(NoCapacity) as caught:
         daemon.client.execute("python", "print(1)")

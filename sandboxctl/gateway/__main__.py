@@ -1,0 +1,3 @@
+from sandboxctl.gateway.server import main
+
+main()

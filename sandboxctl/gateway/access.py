@@ -1,0 +1,114 @@
+"""Who may call the gateway, and how often: API keys, a token bucket per key for the
+request rate, and a cap on each key's executions running at once.
+
+Keys come from a file of ``key-id:key`` lines (``#`` comments). Logs and metrics only
+ever name the key id. Without a key file everyone is the one anonymous caller, which
+the gateway allows only on loopback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandboxd.errors import ConfigError, RateLimited, Unauthorized
+
+ANONYMOUS = "anonymous"
+
+
+def load_keys(path: Path) -> dict[str, str]:
+    """Key id → key from a key file; ConfigError naming the line that is wrong."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the API key file: {exc.strerror}") from exc
+    keys: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key_id, sep, key = line.partition(":")
+        if not sep or not key_id.strip() or len(key.strip()) < 16:
+            raise ConfigError(
+                f"{path}:{number}: expected 'key-id:key' with a key of 16+ characters"
+            )
+        if key_id.strip() in keys:
+            raise ConfigError(f"{path}:{number}: key id {key_id.strip()!r} appears twice")
+        keys[key_id.strip()] = key.strip()
+    if not keys:
+        raise ConfigError(f"{path}: no API keys in the file")
+    return keys
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+    running: int = 0
+
+
+@dataclass
+class AccessControl:
+    """Authenticates requests and enforces each key's rate and concurrency."""
+
+    keys: Mapping[str, str]  # empty: no authentication (loopback only)
+    rate_per_minute: float
+    burst: int
+    concurrent: int
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    @property
+    def required(self) -> bool:
+        return bool(self.keys)
+
+    def authenticate(self, headers: Mapping[str, str]) -> str:
+        """The key id of the caller; Unauthorized if a key is needed and not right."""
+        if not self.keys:
+            return ANONYMOUS
+        presented = headers.get("x-api-key", "")
+        authorization = headers.get("authorization", "")
+        if authorization.lower().startswith("bearer "):
+            presented = authorization[7:].strip()
+        if not presented:
+            raise Unauthorized("an API key is required (Authorization: Bearer KEY or X-API-Key)")
+        for key_id, key in self.keys.items():
+            if hmac.compare_digest(presented.encode(), key.encode()):
+                return key_id
+        raise Unauthorized("unknown API key")
+
+    def _bucket(self, key_id: str, now: float) -> _Bucket:
+        bucket = self._buckets.setdefault(key_id, _Bucket(float(self.burst), now))
+        refill = (now - bucket.updated) * self.rate_per_minute / 60
+        bucket.tokens = min(float(self.burst), bucket.tokens + refill)
+        bucket.updated = now
+        return bucket
+
+    @contextmanager
+    def admit(self, key_id: str) -> Iterator[None]:
+        """Hold one of the key's execution slots; RateLimited (with retry_after) if it is
+        over its rate or already has its maximum running."""
+        bucket = self._bucket(key_id, time.monotonic())
+        if bucket.running >= self.concurrent:
+            raise RateLimited(
+                f"too many executions at once for this key (at most {self.concurrent})",
+                retry_after=1,
+                reason="concurrency",
+            )
+        if bucket.tokens < 1:
+            wait = math.ceil((1 - bucket.tokens) * 60 / self.rate_per_minute)
+            raise RateLimited(
+                f"rate limit of {self.rate_per_minute:g} executions per minute exceeded",
+                retry_after=wait,
+                reason="rate",
+            )
+        bucket.tokens -= 1
+        bucket.running += 1
+        try:
+            yield
+        finally:
+            bucket.running -= 1

@@ -1,0 +1,262 @@
+"""The FastAPI application: routes, the error handlers, and the middleware that gives
+each request its id, enforces the body cap and API keys, and writes its log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sandboxctl.client import AsyncClient
+from sandboxctl.gateway.access import AccessControl
+from sandboxctl.gateway.http_errors import error_body
+from sandboxctl.gateway.metrics import Metrics
+from sandboxctl.gateway.models import (
+    ErrorResponse,
+    ExecuteRequest,
+    ExecuteResponse,
+    HealthResponse,
+    LanguagesResponse,
+)
+from sandboxctl.gateway.runs import GatewayRun
+from sandboxctl.gateway.streaming import EventStream, serve_websocket
+from sandboxd import __version__
+from sandboxd.errors import DaemonUnavailable, RequestTooLarge, SandboxError
+
+log = logging.getLogger("sandboxd.gateway")
+access_log = logging.getLogger("sandboxd.gateway.access")
+
+PROTECTED = ("/execute",)  # and everything under it; the rest is open
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "invalid request or unsupported language"),
+        (401, "missing or unknown API key"),
+        (413, "request body over the size limit"),
+        (429, "over the key's rate or concurrency limit (see Retry-After)"),
+        (503, "no sandbox free in time, or the daemon is unreachable"),
+    )
+}
+
+
+class GatewayMiddleware:
+    """Request id, body cap, API key check and one structured log line per request."""
+
+    def __init__(
+        self, app: ASGIApp, access: AccessControl, metrics: Metrics, max_body: int
+    ) -> None:
+        self.app = app
+        self.access = access
+        self.metrics = metrics
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        request_id = str(uuid.uuid4())
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, key_id=None, log={})
+        started = time.monotonic()
+        status = {"code": 0}
+
+        async def send_logged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            refusal = self._check_access(scope, state)
+            if refusal is None and scope["type"] == "http":
+                receive, refusal = await self._capped_body(receive)
+            if refusal is not None:
+                self.metrics.rejected.labels(type(refusal).__name__).inc()
+                await _send_error(scope, send_logged, request_id, refusal)
+                return
+            await self.app(scope, receive, send_logged)
+        finally:
+            line = {
+                "request_id": request_id,
+                "method": scope.get("method", "WEBSOCKET"),
+                "path": scope["path"],
+                "status": status["code"],
+                "key_id": state["key_id"],
+                "duration": round(time.monotonic() - started, 6),
+                **state["log"],
+            }
+            access_log.info(json.dumps(line))
+
+    def _check_access(self, scope: Scope, state: dict[str, Any]) -> SandboxError | None:
+        if not scope["path"].startswith(PROTECTED):
+            return None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            state["key_id"] = self.access.authenticate(headers)
+        except SandboxError as exc:
+            return exc
+        return None
+
+    async def _capped_body(self, receive: Receive) -> tuple[Receive, SandboxError | None]:
+        """Read the body (refusing it as soon as it passes the cap) and replay it."""
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                return receive, RequestTooLarge(
+                    f"request body larger than {self.max_body} bytes", maximum=self.max_body
+                )
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        return replay, None
+
+
+async def _send_error(scope: Scope, send: Send, request_id: str, error: SandboxError) -> None:
+    if scope["type"] == "websocket":  # refused before the handshake: an HTTP 403
+        await send({"type": "websocket.close", "code": 1008, "reason": error.message[:120]})
+        return
+    status, body, headers = error_body(request_id, error)
+    await JSONResponse(body, status, headers)(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(client: AsyncClient, access: AccessControl, *, max_body_bytes: int) -> FastAPI:
+    metrics = Metrics()
+    app = FastAPI(
+        title="sandboxd",
+        version=__version__,
+        description=(
+            "Run untrusted Python, TypeScript and Rust in throw-away sandboxes. "
+            "`/health`, `/languages` and `/execute` answer as the original codesandbox did; "
+            "`/execute` also returns the full result record, streams with "
+            "`Accept: text/event-stream`, and has a WebSocket twin at `/execute/ws`. "
+            "With API keys configured, `/execute` needs `Authorization: Bearer KEY` "
+            "or `X-API-Key: KEY`."
+        ),
+    )
+    app.add_middleware(GatewayMiddleware, access=access, metrics=metrics, max_body=max_body_bytes)
+
+    def request_id(request: Request) -> str:
+        return str(request.state.request_id)
+
+    @app.exception_handler(SandboxError)
+    async def sandbox_error(request: Request, exc: SandboxError) -> JSONResponse:
+        metrics.rejected.labels(type(exc).__name__).inc()
+        status, body, headers = error_body(request_id(request), exc)
+        return JSONResponse(body, status, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.rejected.labels("InvalidRequest").inc()
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid body"}
+        where = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
+        body = ErrorResponse(
+            request_id=request_id(request), error=f"Invalid request: {where}: {first['msg']}"
+        )
+        return JSONResponse(body.model_dump(), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = ErrorResponse(request_id=request_id(request), error=str(exc.detail))
+        return JSONResponse(body.model_dump(), exc.status_code, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error, request id %s", request_id(request))
+        body = ErrorResponse(
+            request_id=request_id(request),
+            error=f"internal error (request id {request_id(request)})",
+        )
+        return JSONResponse(body.model_dump(), 500)
+
+    @app.get(
+        "/health",
+        response_model=HealthResponse,
+        response_model_exclude_none=True,
+        responses={503: {"model": HealthResponse, "description": "cannot run code now"}},
+    )
+    async def health() -> JSONResponse:
+        """Whether the service can run code now."""
+        try:
+            answer = await client.health()
+        except DaemonUnavailable as exc:
+            body = HealthResponse(status="unhealthy", time=int(time.time()), reason=exc.message)
+            return JSONResponse(body.model_dump(exclude_none=True), 503)
+        body = HealthResponse.model_validate(answer)
+        return JSONResponse(
+            body.model_dump(exclude_none=True), 200 if body.status == "healthy" else 503
+        )
+
+    @app.get("/languages", response_model=LanguagesResponse, responses={503: ERRORS[503]})
+    async def languages() -> dict[str, Any]:
+        """The languages the service runs (the original's list, and details)."""
+        return await client.languages()
+
+    @app.post(
+        "/execute",
+        response_model=ExecuteResponse,
+        responses={
+            **ERRORS,
+            200: {
+                "description": "the result; with `Accept: text/event-stream`, a stream of "
+                "`output` events ending with a `result` (or `error`) event",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+        },
+    )
+    async def execute(request: Request, body: ExecuteRequest) -> Response:
+        """Run a program in a fresh sandbox and answer with its output and result."""
+        key_id = request.state.key_id
+        run = GatewayRun(request_id(request), body)
+        request.state.log.update(language=body.language)
+        if "text/event-stream" in request.headers.get("accept", ""):
+            return EventStream(client, run, access, key_id, metrics, request.state.log)
+        with access.admit(key_id):
+            answer = await run.complete(client)
+        metrics.executed(body.language, answer)
+        request.state.log.update(result=answer["status"], timings=answer["timings"])
+        return JSONResponse(answer)
+
+    @app.websocket("/execute/ws")
+    async def execute_ws(websocket: WebSocket) -> None:
+        """The first message is an ExecuteRequest; then `output` messages come, `stdin`
+        messages may go, and a `result` (or `error`) message ends it."""
+        await serve_websocket(websocket, client, access, metrics)
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def prometheus() -> Response:
+        """Prometheus metrics."""
+        try:
+            health_answer: dict[str, Any] | None = await client.health()
+        except DaemonUnavailable:
+            health_answer = None
+        return Response(
+            metrics.render(health_answer), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    return app

@@ -1,0 +1,55 @@
+"""Prometheus metrics of the gateway: executions by language and status, latency
+histograms by phase, the daemon's pool, and rejected requests by reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.executions = Counter(
+            "sandboxd_executions",
+            "Executions by language and result status",
+            ["language", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "sandboxd_execution_seconds",
+            "Execution latency by phase (queue, run, total)",
+            ["phase"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "sandboxd_gateway_rejected_requests",
+            "Requests refused by the gateway or daemon",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.pool = Gauge(
+            "sandboxd_pool_sandboxes",
+            "The daemon's pool, by state (ready, busy)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.up = Gauge("sandboxd_up", "1 if the daemon answered", registry=self.registry)
+
+    def executed(self, language: str, record: dict[str, Any]) -> None:
+        self.executions.labels(language, record["status"]).inc()
+        timings = record["timings"]
+        for phase in ("queue", "run", "total"):
+            self.latency.labels(phase).observe(timings[phase])
+
+    def render(self, health: dict[str, Any] | None) -> bytes:
+        """The exposition text, with the pool as the daemon just reported it."""
+        self.up.set(1 if health is not None else 0)
+        pool = (health or {}).get("pool", {})
+        for state in ("ready", "busy"):
+            self.pool.labels(state).set(pool.get(state, 0))
+        return generate_latest(self.registry)

@@ -1,0 +1,195 @@
+"""The HTTP bodies, as pydantic models: the handlers use them and /openapi.json is
+generated from them, so the documentation cannot drift from what is served."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PositiveSeconds = Field(default=None, gt=0, description="seconds")
+PositiveCount = Field(default=None, gt=0)
+
+
+class FileInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="relative path in the working directory, plain names only")
+    content: str
+    encoding: Literal["utf-8", "base64"] = "utf-8"
+
+
+class LimitsInput(BaseModel):
+    """Per-run limits, each at most the server's maximum (see GET /languages for none;
+    the daemon's `status` lists defaults and maxima)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wall_time: float | None = PositiveSeconds
+    cpu_time: float | None = PositiveSeconds
+    compile_time: float | None = PositiveSeconds
+    memory_bytes: int | None = PositiveCount
+    processes: int | None = PositiveCount
+    output_bytes: int | None = PositiveCount
+    file_size_bytes: int | None = PositiveCount
+
+
+class ExecuteRequest(BaseModel):
+    """The original service's request (language, code, timeout) and sandboxd's additions."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"language": "python", "code": "print(2 + 2)"},
+                {"language": "typescript", "code": 'console.log("Hello TypeScript!")'},
+                {
+                    "language": "rust",
+                    "code": 'fn main() { println!("Hello Rust!"); }',
+                    "timeout": 10,
+                },
+                {
+                    "language": "python",
+                    "code": "import sys; print(sys.stdin.read(), sys.argv[1:])",
+                    "stdin": "input",
+                    "args": ["a", "b"],
+                    "limits": {"memory_bytes": 268435456},
+                },
+            ]
+        },
+    )
+
+    language: str = Field(description="python, typescript or rust (or py, ts, deno, rs)")
+    code: str
+    timeout: float | None = Field(
+        default=None, description="wall-time limit in seconds; <= 0 means the default"
+    )
+    stdin: str | None = None
+    args: list[str] | None = None
+    files: list[FileInput] | None = None
+    limits: LimitsInput | None = None
+
+    def params(self) -> dict[str, Any]:
+        """The daemon's ``execute`` params for this request."""
+        return self.model_dump(exclude_none=True)
+
+
+class CompileRecord(BaseModel):
+    exit_code: int | None
+    signal: int | None
+    stdout: str
+    stderr: str
+    truncated: dict[str, bool]
+    time: float
+
+
+class ExecuteResponse(BaseModel):
+    """The original's fields first (request_id, success, output, error, execution_time),
+    then the full result record."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "request_id": "5f0c2c1e-8a4e-4a51-9a55-0b1e7f3f7a10",
+                    "success": True,
+                    "output": "4\n",
+                    "error": None,
+                    "execution_time": 0.031,
+                    "status": "ok",
+                    "message": "",
+                    "exit_code": 0,
+                    "signal": None,
+                    "stdout": "4\n",
+                    "stderr": "",
+                    "truncated": {"stdout": False, "stderr": False},
+                    "compile": None,
+                    "timings": {"queue": 0.0002, "compile": 0.0, "run": 0.012, "total": 0.025},
+                    "usage": {"cpu_time": 0.011, "memory_bytes": 9437184},
+                    "sandbox_id": "2070668943a8",
+                }
+            ]
+        }
+    )
+
+    request_id: str
+    success: bool
+    output: str = Field(description="stdout and stderr as the program wrote them")
+    error: str | None = Field(description="why it did not succeed; null on success")
+    execution_time: float = Field(description="seconds, measured at the gateway")
+    status: Literal[
+        "ok",
+        "compile_error",
+        "runtime_error",
+        "timeout",
+        "memory_limit",
+        "output_limit",
+        "killed",
+        "internal_error",
+    ]
+    message: str
+    exit_code: int | None
+    signal: int | None
+    stdout: str
+    stderr: str
+    truncated: dict[str, bool]
+    compile: CompileRecord | None
+    timings: dict[str, float]
+    usage: dict[str, float]
+    sandbox_id: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in the shape the original service used for its 400 and 503."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "request_id": "5f0c2c1e-8a4e-4a51-9a55-0b1e7f3f7a10",
+                    "success": False,
+                    "error": "Unsupported language: go (known: python, typescript, rust)",
+                    "execution_time": 0,
+                }
+            ]
+        }
+    )
+
+    request_id: str
+    success: Literal[False] = False
+    error: str
+    execution_time: float = 0
+
+
+class PoolStats(BaseModel):
+    size: int
+    max: int
+    ready: int
+    busy: int
+    starting: int
+    waiting: int
+    last_error: str
+
+
+class HealthResponse(BaseModel):
+    """The original's {"status", "time"} plus the backend, pool and version."""
+
+    status: Literal["healthy", "unhealthy"]
+    time: int = Field(description="unix seconds")
+    backend: str | None = None
+    version: str | None = None
+    pool: PoolStats | None = None
+    reason: str | None = Field(default=None, description="why it is unhealthy")
+
+
+class LanguageDetail(BaseModel):
+    name: str
+    version: str
+    extension: str
+    compiled: bool
+    aliases: list[str]
+
+
+class LanguagesResponse(BaseModel):
+    languages: list[str] = Field(description="the original's list of names")
+    details: list[LanguageDetail]

@@ -1,0 +1,42 @@
+"""One execution as the gateway reports it: the output in the order the program wrote
+it, and the response body with the original service's fields and the result record."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sandboxctl.client import AsyncClient, OutputEvent
+from sandboxctl.gateway.models import ExecuteRequest
+from sandboxd.result import ExecutionResult, Status
+
+
+class GatewayRun:
+    def __init__(self, request_id: str, request: ExecuteRequest) -> None:
+        self.request_id = request_id
+        self.request = request
+        self.started = time.monotonic()
+        self._chunks: dict[str, list[str]] = {"compile": [], "run": []}
+
+    def add(self, event: OutputEvent) -> None:
+        self._chunks.setdefault(event.stage, []).append(event.data)
+
+    def response(self, result: ExecutionResult) -> dict[str, Any]:
+        """The ExecuteResponse body (see models.py)."""
+        # A failed compile has nothing but the compiler to show; otherwise the program.
+        stage = "compile" if result.status is Status.COMPILE_ERROR else "run"
+        return {
+            "request_id": self.request_id,
+            "success": result.ok,
+            "output": "".join(self._chunks[stage]),
+            "error": None if result.ok else result.message,
+            "execution_time": round(time.monotonic() - self.started, 6),
+            **result.to_dict(),
+        }
+
+    async def complete(self, client: AsyncClient, **extra: Any) -> dict[str, Any]:
+        """Run it to the end; the response body."""
+        async with client.open_execution(**self.request.params(), **extra) as execution:
+            async for event in execution:
+                self.add(event)
+        return self.response(execution.result)

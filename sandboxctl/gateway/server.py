@@ -1,0 +1,153 @@
+"""``sandboxd-gateway``: serve the HTTP API with hypercorn's trio worker.
+
+Without API keys the gateway refuses to listen beyond loopback, and says so at start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed
+from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
+
+from sandboxctl.client import AsyncClient
+from sandboxctl.gateway.access import AccessControl, load_keys
+from sandboxctl.gateway.app import create_app
+from sandboxd import __version__
+from sandboxd.config import Config, load_config
+from sandboxd.errors import ConfigError, SandboxError
+
+log = logging.getLogger("sandboxd.gateway")
+
+
+def _survive_racing_close() -> None:
+    """Hypercorn (0.18) sends EOF outside its send lock when a connection closes; a
+    WebSocket frame sent at that moment raises BusyResourceError, which would end the
+    whole server. That connection is closing anyway: treat the race as its close."""
+    send = TCPServer.protocol_send
+
+    async def protocol_send(self: TCPServer, event: object) -> None:
+        try:
+            await send(self, event)  # type: ignore[arg-type]
+        except trio.BusyResourceError:
+            await self.protocol.handle(Closed())
+
+    TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+
+
+_survive_racing_close()
+
+
+def split_bind(bind: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6]:port`` → (host, port); ConfigError if malformed."""
+    host, port = bind, default_port
+    if bind.startswith("["):
+        host, _, rest = bind[1:].partition("]")
+        if rest:
+            port = int(rest.removeprefix(":")) if rest.removeprefix(":").isdigit() else -1
+    elif bind.count(":") == 1:
+        host, _, text = bind.partition(":")
+        port = int(text) if text.isdigit() else -1
+    if not host or not 0 < port < 65536:
+        raise ConfigError(f"--bind {bind!r}: expected HOST, HOST:PORT or [IPv6]:PORT")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_access(config: Config, host: str) -> AccessControl:
+    gateway = config.gateway
+    keys = load_keys(Path(gateway.api_keys_file)) if gateway.api_keys_file else {}
+    if not keys:
+        if not is_loopback(host):
+            raise ConfigError(
+                f"refusing to serve {host} without API keys: set gateway.api_keys_file "
+                "(SANDBOXD_API_KEYS_FILE) or bind to 127.0.0.1"
+            )
+        log.warning("no API keys configured: serving without authentication, on loopback only")
+    else:
+        log.info("API keys: %d (ids: %s)", len(keys), ", ".join(sorted(keys)))
+    return AccessControl(
+        keys, gateway.rate_per_minute, gateway.rate_burst, gateway.concurrent_per_key
+    )
+
+
+async def run_gateway(config: Config, host: str, port: int, access: AccessControl) -> None:
+    app = create_app(
+        AsyncClient(config.daemon.socket), access, max_body_bytes=config.gateway.max_body_bytes
+    )
+    hypercorn = HypercornConfig()
+    hypercorn.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    hypercorn.accesslog = None  # we write our own structured line per request
+    hypercorn.graceful_timeout = 5
+
+    async def stop_on_signal() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                return
+
+    log.info(
+        "sandboxd-gateway %s: http://%s:%d/ -> %s", __version__, host, port, config.daemon.socket
+    )
+    await serve(app, hypercorn, shutdown_trigger=stop_on_signal)  # type: ignore[arg-type]
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help="Config file [env: SANDBOXD_CONFIG; default: /etc/sandboxd/sandboxd.toml]",
+)
+@click.option(
+    "--bind",
+    help="HOST[:PORT] to listen on [env: SANDBOXD_BIND, API_PORT; default: 127.0.0.1:8000]",
+)
+@click.option("--socket", "socket_path", help="The daemon's socket [env: SANDBOXD_SOCKET]")
+@click.option("--api-keys", "api_keys", help="API key file [env: SANDBOXD_API_KEYS_FILE]")
+@click.option("--debug", is_flag=True, help="Debug logging and full tracebacks.")
+@click.version_option(__version__, prog_name="sandboxd-gateway")
+def main(
+    config_file: Path | None,
+    bind: str | None,
+    socket_path: str | None,
+    api_keys: str | None,
+    debug: bool,
+) -> None:
+    """The HTTP API of sandboxd (compatible with the original codesandbox)."""
+    try:
+        config = load_config(
+            config_file,
+            overrides={
+                "daemon.socket": (socket_path, "--socket"),
+                "gateway.api_keys_file": (api_keys, "--api-keys"),
+            },
+        )
+        logging.basicConfig(
+            level="DEBUG" if debug else config.daemon.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        host, port = split_bind(bind or config.gateway.bind, config.gateway.api_port)
+        access = build_access(config, host)
+    except SandboxError as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {exc.message}", err=True)
+        sys.exit(1)
+    trio.run(run_gateway, config, host, port, access)

@@ -1,0 +1,192 @@
+"""Streaming executions: Server-Sent Events on ``POST /execute`` and the ``/execute/ws``
+WebSocket (which also carries stdin to the program).
+
+SSE: ``event: output`` with ``{"stream", "stage", "data"}`` as the program writes, then
+one ``event: result`` with the same body as the JSON answer, or ``event: error`` with an
+ErrorResponse body. Errors found before the first output (a bad language, no capacity,
+a rate limit) are answered as plain JSON with their HTTP status instead.
+
+WebSocket: the client's first message is an ExecuteRequest; the server sends
+``{"type": "output", ...}`` messages and ends with ``{"type": "result", ...}`` or
+``{"type": "error", "status": N, ...}``; the client may send
+``{"type": "stdin", "data": "...", "eof": false}`` at any time. Either side leaving
+stops the job.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import trio
+from fastapi import WebSocket
+from pydantic import ValidationError
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocketDisconnect
+
+from sandboxctl.client import AsyncClient, Execution, OutputEvent
+from sandboxctl.gateway.access import AccessControl
+from sandboxctl.gateway.http_errors import error_body
+from sandboxctl.gateway.metrics import Metrics
+from sandboxctl.gateway.models import ExecuteRequest
+from sandboxctl.gateway.runs import GatewayRun
+from sandboxd.errors import InvalidRequest, SandboxError
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def _output(event: OutputEvent) -> dict[str, str]:
+    return {"stream": event.stream, "stage": event.stage, "data": event.data}
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()  # the client went away: closing the execution stops the job
+
+
+class EventStream(Response):
+    """An SSE answer that runs the execution while it streams."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        run: GatewayRun,
+        access: AccessControl,
+        key_id: str,
+        metrics: Metrics,
+        log_fields: dict[str, Any],
+    ) -> None:
+        super().__init__(status_code=200, media_type=self.media_type)
+        self.client = client
+        self.run = run
+        self.access = access
+        self.key_id = key_id
+        self.metrics = metrics
+        self.log_fields = log_fields
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            with self.access.admit(self.key_id):
+                async with self.client.open_execution(**self.run.request.params()) as execution:
+                    first = await anext(execution, None)  # errors before output: plain JSON
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 200,
+                            "headers": [
+                                (b"content-type", b"text/event-stream; charset=utf-8"),
+                                (b"cache-control", b"no-cache"),
+                            ],
+                        }
+                    )
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                        await self._relay(send, execution, first)
+                        nursery.cancel_scope.cancel()
+        except SandboxError as exc:
+            self.metrics.rejected.labels(type(exc).__name__).inc()
+            status, body, headers = error_body(self.run.request_id, exc)
+            await JSONResponse(body, status, headers)(scope, receive, send)
+
+    async def _relay(self, send: Send, execution: Execution, first: OutputEvent | None) -> None:
+        """Stream the output and the ending; errors become an ``error`` event here."""
+        try:
+            event = first
+            while event is not None:
+                self.run.add(event)
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": _sse("output", _output(event)),
+                        "more_body": True,
+                    }
+                )
+                event = await anext(execution, None)
+            answer = self.run.response(execution.result)
+            self.metrics.executed(self.run.request.language, answer)
+            self.log_fields.update(result=answer["status"], timings=answer["timings"])
+            ending = _sse("result", answer)
+        except SandboxError as exc:
+            ending = _sse("error", error_body(self.run.request_id, exc)[1])
+        await send({"type": "http.response.body", "body": ending, "more_body": False})
+
+
+async def serve_websocket(
+    websocket: WebSocket, client: AsyncClient, access: AccessControl, metrics: Metrics
+) -> None:
+    await websocket.accept()
+    request_id = websocket.state.request_id
+    try:
+        try:
+            request = ExecuteRequest.model_validate(await websocket.receive_json())
+        except (ValidationError, ValueError) as exc:
+            raise InvalidRequest(f"the first message must be an ExecuteRequest: {exc}") from exc
+        run = GatewayRun(request_id, request)
+        websocket.state.log.update(language=request.language)
+        ending: dict[str, Any] | None = None  # stays None if the client leaves
+        with access.admit(websocket.state.key_id):
+            async with (
+                client.open_execution(**request.params(), interactive=True) as execution,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(_forward_stdin, websocket, execution, nursery.cancel_scope)
+                ending = await _relay_websocket(websocket, run, execution, metrics)
+                nursery.cancel_scope.cancel()
+    except SandboxError as exc:
+        metrics.rejected.labels(type(exc).__name__).inc()
+        ending = _websocket_error(request_id, exc)
+    except WebSocketDisconnect:
+        return
+    if ending is None:
+        return
+    try:
+        await websocket.send_json(ending)
+        await websocket.close(1000 if ending["type"] == "result" else 1008)
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the client left first
+
+
+def _websocket_error(request_id: str, error: SandboxError) -> dict[str, Any]:
+    status, body, _ = error_body(request_id, error)
+    return {"type": "error", "status": status, **body}
+
+
+async def _relay_websocket(
+    websocket: WebSocket, run: GatewayRun, execution: Execution, metrics: Metrics
+) -> dict[str, Any] | None:
+    """Send the output as it comes; the final message (result or error) to send, or
+    None if the client left."""
+    try:
+        async for event in execution:
+            run.add(event)
+            await websocket.send_json({"type": "output", **_output(event)})
+    except SandboxError as exc:
+        return _websocket_error(run.request_id, exc)
+    except WebSocketDisconnect:
+        return None
+    answer = run.response(execution.result)
+    metrics.executed(run.request.language, answer)
+    websocket.state.log.update(result=answer["status"], timings=answer["timings"])
+    return {"type": "result", **answer}
+
+
+async def _forward_stdin(
+    websocket: WebSocket, execution: Execution, scope: trio.CancelScope
+) -> None:
+    """Pass the client's stdin messages on; if the client leaves, stop everything."""
+    try:
+        while True:
+            message = await websocket.receive_json()
+            if isinstance(message, dict) and message.get("type") == "stdin":
+                data, eof = message.get("data", ""), bool(message.get("eof", False))
+                await execution.send_stdin(str(data), eof=eof)
+    except (WebSocketDisconnect, ValueError):
+        scope.cancel()
+    except SandboxError:
+        pass  # the execution ended; its relay reports how

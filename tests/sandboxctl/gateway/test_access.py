@@ -1,0 +1,132 @@
+"""API keys, the per-key rate and concurrency limits, and the loopback-only rule."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+import trio
+
+from tests.sandboxctl.gateway.conftest import KEYS
+
+HELLO = {"language": "python", "code": "print('hi')"}
+
+
+def test_without_a_key_execute_is_401_and_health_stays_open(keyed_gateway):
+    assert httpx.post(f"{keyed_gateway.url}/execute", json=HELLO).status_code == 401
+    wrong = httpx.post(
+        f"{keyed_gateway.url}/execute", json=HELLO, headers={"X-API-Key": "not-a-key-at-all-really"}
+    )
+    assert wrong.status_code == 401 and wrong.json()["error"] == "unknown API key"
+    assert httpx.get(f"{keyed_gateway.url}/health").status_code == 200
+
+
+def test_bearer_and_x_api_key_both_work_and_the_key_is_never_logged(keyed_gateway):
+    bearer = httpx.post(
+        f"{keyed_gateway.url}/execute",
+        json=HELLO,
+        headers={"Authorization": f"Bearer {KEYS['bob']}"},
+    )
+    assert bearer.json()["success"] is True
+    header = httpx.post(
+        f"{keyed_gateway.url}/execute", json=HELLO, headers={"X-API-Key": KEYS["bob"]}
+    )
+    assert header.json()["success"] is True
+    log = keyed_gateway.log()
+    assert '"key_id": "bob"' in log
+    assert all(key not in log for key in KEYS.values())
+
+
+def test_rate_limit_is_429_with_retry_after(keyed_gateway):
+    headers = {"X-API-Key": KEYS["alice"]}
+    statuses = [
+        httpx.post(f"{keyed_gateway.url}/execute", json=HELLO, headers=headers, timeout=30)
+        for _ in range(5)
+    ]
+    codes = [answer.status_code for answer in statuses]
+    assert codes[:3] == [200, 200, 200] and 429 in codes  # bursts of 3, then 6 a minute
+    limited = next(answer for answer in statuses if answer.status_code == 429)
+    assert 1 <= int(limited.headers["Retry-After"]) <= 10
+    assert limited.json()["error"].startswith("rate limit of 6 executions per minute")
+
+
+async def test_concurrency_limit_per_key(keyed_gateway, daemon, tmp_path):
+    from tests.daemon_process import start_gateway
+
+    keys = tmp_path / "keys"
+    keys.write_text(f"carol:{'c' * 20}\n")
+    gateway = start_gateway(tmp_path, daemon.socket, api_keys_file=str(keys), concurrent_per_key=2)
+    codes: list[int] = []
+    slow = {"language": "python", "code": "import time; time.sleep(1.5)"}
+    try:
+        async with httpx.AsyncClient(
+            base_url=gateway.url, timeout=30, headers={"X-API-Key": "c" * 20}
+        ) as client:
+
+            async def one() -> None:
+                codes.append((await client.post("/execute", json=slow)).status_code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(one)
+                await trio.sleep(0.5)
+                third = await client.post("/execute", json=slow)
+        assert third.status_code == 429
+        assert third.json()["error"].startswith("too many executions at once")
+        assert codes == [200, 200]
+    finally:
+        gateway.stop()
+
+
+def test_without_keys_it_refuses_to_listen_beyond_loopback(daemon, tmp_path):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sandboxctl.gateway",
+            "--config",
+            str(empty),
+            "--bind",
+            "0.0.0.0:18999",
+            "--socket",
+            str(daemon.socket),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("Error: ")
+    assert "refusing to serve 0.0.0.0 without API keys" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "line", ["short:key", "nocolon", "a:0123456789abcdefg\na:0123456789abcdefg"]
+)
+def test_a_bad_key_file_is_one_clear_line(daemon, tmp_path, line):
+    keys = tmp_path / "keys"
+    keys.write_text(line + "\n")
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sandboxctl.gateway",
+            "--config",
+            str(empty),
+            "--api-keys",
+            str(keys),
+            "--socket",
+            str(daemon.socket),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"Error: {keys}:")

@@ -1,0 +1,116 @@
+"""Streaming through the gateway: Server-Sent Events and the WebSocket (with stdin)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from tests.sandboxctl.gateway.ws_client import connect
+
+SSE = {"Accept": "text/event-stream"}
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_sse_streams_output_then_the_result(http):
+    code = (
+        "import sys, time\nprint('one', flush=True)\ntime.sleep(0.3)\nprint('two', file=sys.stderr)"
+    )
+    with http.stream(
+        "POST", "/execute", json={"language": "python", "code": code}, headers=SSE
+    ) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        text = "".join(answer.iter_text())
+    events = parse_sse(text)
+    *outputs, (last, result) = events
+    assert {name for name, _ in outputs} == {"output"}
+    assert "".join(e["data"] for _, e in outputs if e["stream"] == "stdout") == "one\n"
+    assert "".join(e["data"] for _, e in outputs if e["stream"] == "stderr") == "two\n"
+    assert last == "result"
+    assert (result["success"], result["output"]) == (True, "one\ntwo\n")
+
+
+def test_sse_errors_before_any_output_keep_their_status(http):
+    answer = http.post("/execute", json={"language": "go", "code": ""}, headers=SSE)
+    assert answer.status_code == 400
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.json()["error"].startswith("Unsupported language: go")
+
+
+def test_sse_client_leaving_stops_the_job(gateway, daemon):
+    code = "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.1)"
+    with (
+        httpx.Client(base_url=gateway.url, timeout=30) as client,
+        client.stream(
+            "POST", "/execute", json={"language": "python", "code": code}, headers=SSE
+        ) as answer,
+    ):
+        for chunk in answer.iter_text():
+            if "tick" in chunk:
+                break
+    end = time.monotonic() + 20
+    while daemon.client.health()["pool"]["busy"] and time.monotonic() < end:
+        time.sleep(0.05)
+    assert daemon.client.health()["pool"]["busy"] == 0
+
+
+async def test_websocket_streams_output_and_takes_stdin(gateway):
+    url = gateway.url.replace("http://", "ws://") + "/execute/ws"
+    code = (
+        "import sys\nfor line in sys.stdin:\n    print('echo', line.strip(), flush=True)\n"
+        "print('done')"
+    )
+    async with connect(url) as ws:
+        await ws.send({"language": "python", "code": code})
+        await ws.send({"type": "stdin", "data": "hello\n"})
+        seen = ""
+        messages = []
+        while True:
+            message = await ws.receive()
+            messages.append(message)
+            if message["type"] != "output":
+                break
+            seen += message["data"]
+            if seen == "echo hello\n":  # answered: now end its input
+                await ws.send({"type": "stdin", "data": "", "eof": True})
+    result = messages[-1]
+    assert result["type"] == "result"
+    assert result["output"] == "echo hello\ndone\n"
+    assert result["success"] is True
+
+
+async def test_websocket_bad_first_message_gets_an_error(gateway):
+    url = gateway.url.replace("http://", "ws://") + "/execute/ws"
+    async with connect(url) as ws:
+        await ws.send({"language": "python"})
+        message = await ws.receive()
+    assert (message["type"], message["status"]) == ("error", 400)
+    assert "ExecuteRequest" in message["error"]
+
+
+async def test_websocket_needs_a_key_when_keys_are_configured(keyed_gateway):
+    from tests.sandboxctl.gateway.conftest import KEYS
+
+    upgrade = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    refused = httpx.get(f"{keyed_gateway.url}/execute/ws", headers=upgrade)
+    assert refused.status_code == 403
+    url = keyed_gateway.url.replace("http://", "ws://") + "/execute/ws"
+    async with connect(url, [("X-API-Key", KEYS["bob"])]) as ws:
+        await ws.send({"language": "python", "code": "print(7)"})
+        while (message := await ws.receive())["type"] == "output":
+            pass
+    assert message["stdout"] == "7\n"
