@@ -2,13 +2,16 @@
 # Targets that touch the host (apt, images, the service) need root: run them with sudo.
 
 SHELL       := /bin/bash
-PYTHON      ?= python3
+# Debian's python3 where there is one: a venv on it can be run by the gateway's own user.
+PYTHON      ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV        := .venv
 BIN         := $(VENV)/bin
-APT_PACKAGES := bubblewrap mmdebstrap uidmap e2fsprogs python3-venv
+APT_PACKAGES := bubblewrap mmdebstrap uidmap e2fsprogs python3-venv curl
 SOCKET      ?= /run/sandboxd.sock
 LOG         ?= /var/log/sandboxd.log
+GATEWAY_LOG ?= /var/log/sandboxd-gateway.log
 PIDFILE     ?= /run/sandboxd.pid
+GATEWAY_PIDFILE ?= /run/sandboxd-gateway.pid
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -65,31 +68,46 @@ lint: $(BIN)/sandboxd ## Lint (ruff) without changing anything
 quickstart: build install start ## Install everything and start the service
 	@$(BIN)/sandboxctl --socket $(SOCKET) health
 	@echo "try: sandboxctl exec -l python -c 'print(2+2)'"
+	@echo " or: curl -X POST http://localhost:8000/execute -H 'Content-Type: application/json' -d '{\"language\": \"python\", \"code\": \"print(2 + 2)\"}'"
 
-install: $(BIN)/sandboxd ## Put sandboxctl/sandboxd on PATH, add the sandboxd group and config
+install: $(BIN)/sandboxd ## Put the commands on PATH, add the sandboxd group and user, config
 	getent group sandboxd >/dev/null || groupadd --system sandboxd
+	getent passwd sandboxd-gateway >/dev/null || useradd --system --user-group --no-create-home \
+	  --home-dir /nonexistent --shell /usr/sbin/nologin --groups sandboxd sandboxd-gateway
 	install -d /etc/sandboxd
 	[ -e /etc/sandboxd/sandboxd.toml ] || install -m 0644 contrib/sandboxd.toml /etc/sandboxd/sandboxd.toml
 	ln -sf $(CURDIR)/$(BIN)/sandboxctl /usr/local/bin/sandboxctl
 	ln -sf $(CURDIR)/$(BIN)/sandboxd /usr/local/bin/sandboxd
+	ln -sf $(CURDIR)/$(BIN)/sandboxd-gateway /usr/local/bin/sandboxd-gateway
 
-start: ## Start the service (systemd when it runs, else in the background)
+start: ## Start the daemon and the gateway (systemd when it runs, else in the background)
 	@if [ -d /run/systemd/system ]; then \
 	  sed 's|@SANDBOXD@|$(CURDIR)/$(BIN)/sandboxd|' contrib/sandboxd.service > /etc/systemd/system/sandboxd.service; \
-	  systemctl daemon-reload && systemctl enable --now sandboxd; \
-	elif [ -S $(SOCKET) ] && $(BIN)/sandboxctl --socket $(SOCKET) health >/dev/null 2>&1; then \
-	  echo "sandboxd is already running"; \
+	  sed 's|@GATEWAY@|$(CURDIR)/$(BIN)/sandboxd-gateway|' contrib/sandboxd-gateway.service > /etc/systemd/system/sandboxd-gateway.service; \
+	  systemctl daemon-reload && systemctl enable --now sandboxd sandboxd-gateway; \
 	else \
-	  echo "no systemd here: starting sandboxd in the background (log: $(LOG))"; \
-	  setsid $(BIN)/sandboxd run --socket $(SOCKET) >>$(LOG) 2>&1 < /dev/null & echo $$! > $(PIDFILE); \
+	  if $(BIN)/sandboxctl --socket $(SOCKET) health >/dev/null 2>&1; then echo "sandboxd is already running"; \
+	  else echo "no systemd here: starting sandboxd in the background (log: $(LOG))"; \
+	    setsid $(BIN)/sandboxd run --socket $(SOCKET) >>$(LOG) 2>&1 < /dev/null & echo $$! > $(PIDFILE); fi; \
+	  for i in $$(seq 150); do [ -S $(SOCKET) ] && break; sleep 0.2; done; \
+	  if [ -f $(GATEWAY_PIDFILE) ] && kill -0 $$(cat $(GATEWAY_PIDFILE)) 2>/dev/null; then echo "the gateway is already running"; \
+	  else echo "starting sandboxd-gateway as user sandboxd-gateway (log: $(GATEWAY_LOG))"; \
+	    setsid setpriv --reuid sandboxd-gateway --regid sandboxd-gateway --init-groups --inh-caps=-all \
+	      $(BIN)/sandboxd-gateway --socket $(SOCKET) >>$(GATEWAY_LOG) 2>&1 < /dev/null & echo $$! > $(GATEWAY_PIDFILE); fi; \
 	fi
-	@for i in $$(seq 100); do $(BIN)/sandboxctl --socket $(SOCKET) health >/dev/null 2>&1 && exit 0; sleep 0.2; done; \
+	@for i in $$(seq 150); do $(BIN)/sandboxctl --socket $(SOCKET) health >/dev/null 2>&1 && exit 0; sleep 0.2; done; \
 	  echo "sandboxd did not come up; see $(LOG)"; tail -n 20 $(LOG); exit 1
+	@for i in $$(seq 100); do curl -sf http://127.0.0.1:8000/health >/dev/null 2>&1 && exit 0; sleep 0.2; done; \
+	  echo "the gateway did not come up; see $(GATEWAY_LOG)"; tail -n 20 $(GATEWAY_LOG); exit 1
 
-stop: ## Stop the service
-	@if [ -d /run/systemd/system ]; then systemctl stop sandboxd; \
-	elif [ -f $(PIDFILE) ]; then kill $$(cat $(PIDFILE)) && rm -f $(PIDFILE); \
-	else echo "not running from make start"; fi
+stop: ## Stop the gateway and the daemon
+	@if [ -d /run/systemd/system ]; then systemctl stop sandboxd-gateway sandboxd; \
+	else \
+	  for f in $(GATEWAY_PIDFILE) $(PIDFILE); do \
+	    if [ -f $$f ]; then p=$$(cat $$f); kill $$p 2>/dev/null; \
+	      for i in $$(seq 150); do kill -0 $$p 2>/dev/null || break; sleep 0.2; done; rm -f $$f; fi; \
+	  done; \
+	fi
 
 status: ## What is installed, and the service's status
 	@for p in $(APT_PACKAGES); do printf '  %-14s %s\n' $$p "$$(dpkg-query -W -f='$${Version}' $$p 2>/dev/null || echo MISSING)"; done
