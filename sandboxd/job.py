@@ -65,15 +65,25 @@ class Job:
         }
 
 
+def unicode_text(value: Any, where: str, expected: str = "expected a string") -> str:
+    """``value`` if it is a string that UTF-8 can carry (JSON can hold lone surrogates,
+    which no program could be given); InvalidParams otherwise."""
+    if not isinstance(value, str):
+        raise InvalidParams.field(where, expected)
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidParams.field(where, "is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
 def _text(params: Mapping[str, Any], name: str, *, required: bool) -> str:
     value = params.get(name)
     if value is None:
         if required:
             raise InvalidParams.field(name, "is required")
         return ""
-    if not isinstance(value, str):
-        raise InvalidParams.field(name, "expected a string")
-    return value
+    return unicode_text(value, name)
 
 
 def _flag(params: Mapping[str, Any], name: str) -> bool:
@@ -89,14 +99,14 @@ def _args(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or len(value) > MAX_ARGS:
         raise InvalidParams.field("args", f"expected a list of at most {MAX_ARGS} strings")
     for index, arg in enumerate(value):
-        if not isinstance(arg, str) or "\0" in arg:
+        if "\0" in unicode_text(arg, f"args[{index}]"):
             raise InvalidParams.field(f"args[{index}]", "expected a string without NUL bytes")
     return tuple(value)
 
 
 def check_path(path: Any, where: str) -> str:
     """A file path confined to the working directory: relative, plain names only."""
-    if not isinstance(path, str) or not path:
+    if not unicode_text(path, where, "expected a non-empty relative path"):
         raise InvalidParams.field(where, "expected a non-empty relative path")
     if path.startswith("/"):
         raise InvalidParams.field(where, "absolute paths are not allowed")
@@ -138,9 +148,7 @@ def _files(value: Any, source_file: str) -> tuple[JobFile, ...]:
 
 def _content(entry: Mapping[str, Any], where: str) -> bytes:
     encoding = entry.get("encoding", "utf-8")
-    content = entry["content"]
-    if not isinstance(content, str):
-        raise InvalidParams.field(f"{where}.content", "expected a string")
+    content = unicode_text(entry["content"], f"{where}.content")
     if encoding == "utf-8":
         return content.encode()
     if encoding == "base64":

@@ -26,6 +26,7 @@ class LimitSpec:
     default: float
     maximum: float
     help: str
+    minimum: float = 0  # exclusive when 0: any positive amount
 
     def check(self, value: Any, where: str) -> float:
         """Return ``value`` if it is a valid amount of this limit, else raise InvalidParams."""
@@ -35,6 +36,8 @@ class LimitSpec:
             raise InvalidParams.field(where, f"expected a whole number of {self.unit}")
         if value <= 0:
             raise InvalidParams.field(where, "must be greater than 0")
+        if value < self.minimum:
+            raise InvalidParams.field(where, f"must be at least {self.format(self.minimum)}")
         return int(value) if self.unit != "seconds" else float(value)
 
     def format(self, value: float) -> str:
@@ -46,7 +49,15 @@ LIMIT_SPECS: tuple[LimitSpec, ...] = (
     LimitSpec("wall_time", "seconds", 30, 300, "wall-clock time of the program's run"),
     LimitSpec("cpu_time", "seconds", 30, 300, "CPU time of each process of the run"),
     LimitSpec("compile_time", "seconds", 30, 120, "wall-clock time of the compile stage"),
-    LimitSpec("memory_bytes", "bytes", 512 * MiB, 4096 * MiB, "memory of the whole sandbox"),
+    # Below this the sandbox's own agent would not fit.
+    LimitSpec(
+        "memory_bytes",
+        "bytes",
+        512 * MiB,
+        4096 * MiB,
+        "memory of the whole sandbox",
+        minimum=32 * MiB,
+    ),
     LimitSpec("processes", "count", 64, 1024, "processes and threads at once"),
     LimitSpec("output_bytes", "bytes", 1 * MiB, 16 * MiB, "captured bytes per output stream"),
     LimitSpec("file_size_bytes", "bytes", 64 * MiB, 1024 * MiB, "size of any file written"),

@@ -42,6 +42,7 @@ from oslash.either import Left  # type: ignore[import-untyped]
 from sandboxd.agent_link import StdinChunk
 from sandboxd.errors import InternalError, InvalidParams, RequestTooLarge, SandboxError
 from sandboxd.framing import LineBuffer, LineTooLong, encode, receive_line
+from sandboxd.job import unicode_text
 from sandboxd.service import Service
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,7 @@ def _feed_stdin(connection: Connection, params: Any) -> None:
     unknown = sorted(set(params) - {"id", "data", "eof"})
     if unknown:
         raise InvalidParams.field(unknown[0], "unknown field (known: id, data, eof)")
-    data, eof = params.get("data", ""), params.get("eof", False)
-    if not isinstance(data, str):
-        raise InvalidParams.field("data", "expected a string")
+    data, eof = unicode_text(params.get("data", ""), "data"), params.get("eof", False)
     if not isinstance(eof, bool):
         raise InvalidParams.field("eof", "expected true or false")
     connection.feed_stdin(params.get("id"), data, eof)

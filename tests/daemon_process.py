@@ -172,3 +172,25 @@ def receive_json_line(sock: socket.socket) -> dict:
             break
         data += chunk
     return json.loads(data)
+
+
+HOLDING_CODE = (
+    "import os, time\nprint(os.getpid(), flush=True)\nos.fork(); os.fork()\ntime.sleep(3600)"
+)
+
+
+def start_holding_job(socket_path: Path, code: str = HOLDING_CODE) -> tuple[socket.socket, str]:
+    """Start a job that runs until its connection closes (by default: forks, then sleeps);
+    return the connection and its first output, which shows it is running."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(socket_path))
+    request = {
+        "jsonrpc": "2.0",
+        "method": "execute",
+        "id": 1,
+        "params": {"language": "python", "code": code},
+    }
+    sock.sendall(json.dumps(request).encode() + b"\n")
+    note = receive_json_line(sock)
+    assert note["method"] == "execute.output", note
+    return sock, note["params"]["data"]

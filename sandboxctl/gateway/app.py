@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
@@ -141,6 +142,18 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
+def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents a 422 for every body; invalid bodies get 400 here, as in the
+    original service, so the schema must not promise a 422."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(client: AsyncClient, access: AccessControl, *, max_body_bytes: int) -> FastAPI:
     metrics = Metrics()
     app = FastAPI(
@@ -156,6 +169,7 @@ def create_app(client: AsyncClient, access: AccessControl, *, max_body_bytes: in
         ),
     )
     app.add_middleware(GatewayMiddleware, access=access, metrics=metrics, max_body=max_body_bytes)
+    app.openapi = partial(_openapi_without_422, app)  # type: ignore[method-assign]
 
     def request_id(request: Request) -> str:
         return str(request.state.request_id)

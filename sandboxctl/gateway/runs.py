@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from sandboxctl.client import AsyncClient, OutputEvent
-from sandboxctl.gateway.models import ExecuteRequest
+from sandboxctl.gateway.models import ExecuteRequest, ExecuteResponse
 from sandboxd.result import ExecutionResult, Status
 
 
@@ -22,10 +22,10 @@ class GatewayRun:
         self._chunks.setdefault(event.stage, []).append(event.data)
 
     def response(self, result: ExecutionResult) -> dict[str, Any]:
-        """The ExecuteResponse body (see models.py)."""
+        """The ExecuteResponse body, checked against its model (what /openapi.json shows)."""
         # A failed compile has nothing but the compiler to show; otherwise the program.
         stage = "compile" if result.status is Status.COMPILE_ERROR else "run"
-        return {
+        body = {
             "request_id": self.request_id,
             "success": result.ok,
             "output": "".join(self._chunks[stage]),
@@ -33,6 +33,7 @@ class GatewayRun:
             "execution_time": round(time.monotonic() - self.started, 6),
             **result.to_dict(),
         }
+        return ExecuteResponse.model_validate(body).model_dump(mode="json")
 
     async def complete(self, client: AsyncClient, **extra: Any) -> dict[str, Any]:
         """Run it to the end; the response body."""

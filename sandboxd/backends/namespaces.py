@@ -63,11 +63,14 @@ class NamespacesSandbox(Sandbox):
         self._cpus = cpus
 
     def apply_limits(self, limits: Limits) -> None:
-        self.cgroup.set_limits(
-            memory_bytes=limits.memory_bytes,
-            processes=limits.processes + OVERHEAD_PROCESSES,
-            cpus=self._cpus,
-        )
+        try:
+            self.cgroup.set_limits(
+                memory_bytes=limits.memory_bytes,
+                processes=limits.processes + OVERHEAD_PROCESSES,
+                cpus=self._cpus,
+            )
+        except OSError as exc:
+            raise LaunchError(f"cannot set the limits of sandbox {self.id}: {exc}") from exc
 
     def oom_kills(self) -> int:
         return self.cgroup.oom_kills()

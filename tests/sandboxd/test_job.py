@@ -128,3 +128,28 @@ def test_rust_compiles_then_runs_with_args():
     message = parsed.agent_message()
     assert message["compile"]["argv"][0] == "rustc"
     assert message["run"]["argv"] == ["./main", "x"]
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"code": "print('\ud800')"}, "code"),
+        ({"stdin": "\udfff"}, "stdin"),
+        ({"args": ["ok", "\ud9e1"]}, "args[1]"),
+        ({"files": [{"path": "x\udc00", "content": ""}]}, "files[0].path"),
+        ({"files": [{"path": "x", "content": "\udc00"}]}, "files[0].content"),
+    ],
+)
+def test_strings_must_be_valid_unicode(params, field):
+    # JSON can carry lone surrogates; no program can be given them.
+    with pytest.raises(InvalidParams) as caught:
+        job(**params)
+    assert caught.value.data == {
+        "field": field,
+        "reason": "is not valid Unicode (a lone surrogate)",
+    }
+
+
+def test_memory_has_a_minimum_the_agent_fits_in():
+    with pytest.raises(InvalidParams, match="at least 33554432 bytes"):
+        job(limits={"memory_bytes": 2471})

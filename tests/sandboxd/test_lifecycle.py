@@ -3,13 +3,11 @@ stopped, or it crashes and starts again."""
 
 from __future__ import annotations
 
-import json
 import signal
-import socket
 import time
 
 from sandboxd.cgroups import CgroupLayout
-from tests.daemon_process import receive_json_line, start_daemon
+from tests.daemon_process import start_daemon, start_holding_job
 from tests.host_state import (
     mounts,
     program_processes,
@@ -19,25 +17,6 @@ from tests.host_state import (
 )
 
 
-def start_endless_job(daemon) -> tuple[socket.socket, str]:
-    sock = socket.socket(socket.AF_UNIX)
-    sock.connect(str(daemon.socket))
-    request = {
-        "jsonrpc": "2.0",
-        "method": "execute",
-        "id": 1,
-        "params": {
-            "language": "python",
-            "code": "import os, time\nprint(os.getpid(), flush=True)\n"
-            "os.fork(); os.fork()\ntime.sleep(3600)",
-        },
-    }
-    sock.sendall(json.dumps(request).encode() + b"\n")
-    note = receive_json_line(sock)
-    assert note["method"] == "execute.output"
-    return sock, note["params"]["data"]
-
-
 def busy_sandboxes(daemon) -> int:
     return daemon.client.health()["pool"]["busy"]
 
@@ -45,7 +24,7 @@ def busy_sandboxes(daemon) -> int:
 def test_a_client_that_leaves_mid_job_gets_its_sandbox_killed(make_daemon):
     daemon = make_daemon(pool={"size": 1})
     before = set(sandbox_cgroups(daemon.name))
-    sock, _ = start_endless_job(daemon)
+    sock, _ = start_holding_job(daemon.socket)
     assert busy_sandboxes(daemon) == 1
     job_cgroups = set(sandbox_cgroups(daemon.name)) - before
     assert job_cgroups or before  # the job's sandbox was one of the ready ones
@@ -63,7 +42,7 @@ def test_a_client_that_leaves_mid_job_gets_its_sandbox_killed(make_daemon):
 def test_after_the_daemon_stops_nothing_of_it_remains(make_daemon):
     mounts_before = mounts()
     daemon = make_daemon(pool={"size": 3})
-    sock, _ = start_endless_job(daemon)  # a job still running when the signal comes
+    sock, _ = start_holding_job(daemon.socket)  # a job still running when the signal comes
     assert sandbox_processes(daemon.uid_base)
     assert sandbox_cgroups(daemon.name)
     started = time.monotonic()
@@ -81,7 +60,7 @@ def test_after_the_daemon_stops_nothing_of_it_remains(make_daemon):
 
 def test_a_crashed_daemons_leftovers_are_removed_at_the_next_start(make_daemon, tmp_path):
     daemon = make_daemon(pool={"size": 2})
-    sock, _ = start_endless_job(daemon)
+    sock, _ = start_holding_job(daemon.socket)
     leftovers = {path.name for path in sandbox_cgroups(daemon.name)}
     assert leftovers
     daemon.stop(signal.SIGKILL)

@@ -15,7 +15,7 @@ from sandboxd.errors import (
     NoCapacity,
     UnsupportedLanguage,
 )
-from tests.daemon_process import receive_json_line
+from tests.daemon_process import receive_json_line, start_holding_job
 
 
 def raw_exchange(path, payload: bytes, *, replies: int = 1, timeout: float = 30) -> list:
@@ -149,19 +149,7 @@ def test_oversized_request_is_refused_unread(daemon):
 
 def test_no_capacity_after_the_queue_timeout(make_daemon):
     daemon = make_daemon(pool={"size": 1, "max_sandboxes": 1, "queue_timeout": 0.5})
-    holder = socket.socket(socket.AF_UNIX)
-    holder.connect(str(daemon.socket))
-    request = {
-        "jsonrpc": "2.0",
-        "method": "execute",
-        "id": 1,
-        "params": {
-            "language": "python",
-            "code": "print('busy', flush=True)\nimport time\ntime.sleep(60)",
-        },
-    }
-    holder.sendall(json.dumps(request).encode() + b"\n")
-    receive_json_line(holder)  # the job is running: its first output arrived
+    holder, _ = start_holding_job(daemon.socket)  # the job is running
     started = time.monotonic()
     with pytest.raises(NoCapacity) as caught:
         daemon.client.execute("python", "print(1)")

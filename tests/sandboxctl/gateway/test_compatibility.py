@@ -128,28 +128,14 @@ def test_body_that_is_not_json_is_400(http):
 
 
 def test_no_capacity_is_503_no_available_vms(make_daemon, tmp_path):
-    import socket as socketlib
+    import httpx
 
-    from tests.daemon_process import receive_json_line, start_gateway
+    from tests.daemon_process import start_gateway, start_holding_job
 
     daemon = make_daemon(pool={"size": 1, "max_sandboxes": 1, "queue_timeout": 0.5})
     gateway = start_gateway(tmp_path, daemon.socket)
-    holder = socketlib.socket(socketlib.AF_UNIX)
+    holder, _ = start_holding_job(daemon.socket)
     try:
-        holder.connect(str(daemon.socket))
-        request = {
-            "jsonrpc": "2.0",
-            "method": "execute",
-            "id": 1,
-            "params": {
-                "language": "python",
-                "code": "print('hold', flush=True)\nimport time; time.sleep(60)",
-            },
-        }
-        holder.sendall(json.dumps(request).encode() + b"\n")
-        receive_json_line(holder)
-        import httpx
-
         answer = httpx.post(
             f"{gateway.url}/execute", json={"language": "python", "code": "1"}, timeout=30
         )
