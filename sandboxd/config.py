@@ -236,10 +236,12 @@ def _read_limits(path: Path, table: Any, limits: dict[str, LimitBounds]) -> None
                 value = _coerce(kind, raw)
             except (ValueError, TypeError):
                 value = 0
-            if value <= 0:
+            if value <= 0 or value < spec.minimum:
+                least = (
+                    f"at least {spec.format(spec.minimum)}" if spec.minimum else "greater than 0"
+                )
                 raise ConfigError(
-                    f"{path}: limits.{name}.{which}: "
-                    f"expected {_KIND_WORDS[kind]} greater than 0, got {raw!r}"
+                    f"{path}: limits.{name}.{which}: expected {_KIND_WORDS[kind]} {least}, got {raw!r}"
                 )
             current[which] = value
         if current["default"] > current["maximum"]:

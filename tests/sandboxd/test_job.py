@@ -48,17 +48,17 @@ def test_timeout_is_the_wall_time_and_nonpositive_means_default():
 
 
 def test_limits_within_and_above_the_maximum():
-    bounds = {**BOUNDS, "memory_bytes": LimitBounds(2**20, 2**21)}
+    bounds = {**BOUNDS, "memory_bytes": LimitBounds(2**26, 2**27)}
     parsed = parse_job(
-        {"language": "py", "code": "", "limits": {"memory_bytes": 2**21}}, LANGUAGES, bounds
+        {"language": "py", "code": "", "limits": {"memory_bytes": 2**27}}, LANGUAGES, bounds
     )
-    assert parsed.limits.memory_bytes == 2**21
+    assert parsed.limits.memory_bytes == 2**27
     with pytest.raises(LimitAboveMaximum) as caught:
         parse_job(
-            {"language": "py", "code": "", "limits": {"memory_bytes": 2**21 + 1}}, LANGUAGES, bounds
+            {"language": "py", "code": "", "limits": {"memory_bytes": 2**27 + 1}}, LANGUAGES, bounds
         )
     assert "limits.memory_bytes" in caught.value.message
-    assert caught.value.data["maximum"] == 2**21
+    assert caught.value.data["maximum"] == 2**27
 
 
 @pytest.mark.parametrize(
