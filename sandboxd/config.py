@@ -241,7 +241,8 @@ def _read_limits(path: Path, table: Any, limits: dict[str, LimitBounds]) -> None
                     f"at least {spec.format(spec.minimum)}" if spec.minimum else "greater than 0"
                 )
                 raise ConfigError(
-                    f"{path}: limits.{name}.{which}: expected {_KIND_WORDS[kind]} {least}, got {raw!r}"
+                    f"{path}: limits.{name}.{which}: "
+                    f"expected {_KIND_WORDS[kind]} {least}, got {raw!r}"
                 )
             current[which] = value
         if current["default"] > current["maximum"]:
