@@ -7,7 +7,10 @@ virtio-serial port or vsock), and it never needs a network interface.
 
 Wire protocol: one JSON object per line, UTF-8, in both directions.
 
-    agent → host   {"type": "hello", "protocol": 1, "pid": N}
+    host → agent   {"type": "sync", "nonce": N, "entropy": base64, "time": unix seconds}
+    agent → host   {"type": "hello", "protocol": 1, "pid": N, "nonce": N}
+                   (a VM restored from a snapshot meets a new host: it syncs again,
+                   reseeding its random pool and setting its clock from the host's)
     host → agent   {"type": "job",
                     "files":  [{"path": "main.py", "content": "...", "encoding": "utf-8"|"base64"}],
                     "compile": {"argv": [...], "file_size_bytes": n} | null,
@@ -39,12 +42,15 @@ import argparse
 import base64
 import codecs
 import contextlib
+import ctypes
+import fcntl
 import json
 import os
 import queue
 import resource
 import selectors
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -151,6 +157,7 @@ class StageOutcome:
         self.signal: int | None = None
         self.timed_out = False
         self.output_limited: str | None = None  # the stream that went over its cap
+        self.oom_killed = False  # seen by the agent's own cgroup (in a VM)
         self.captures: dict[str, Capture] = {}
         self.wall = 0.0
         self.cpu = 0.0
@@ -167,14 +174,88 @@ class StageOutcome:
         }
 
 
+class Confinement:
+    """Where the program runs beyond its rlimits. In a jail the host holds the cgroup and
+    the uid, so there is nothing more to do here."""
+
+    def prepare(self, workdir: str, limits: dict[str, Any]) -> None:
+        """Before a stage: set the stage's limits."""
+
+    def enter(self) -> None:
+        """In the program's process, before it starts (pre-exec)."""
+
+    def oom_kills(self) -> int:
+        return 0
+
+
+class VmConfinement(Confinement):
+    """As PID 1 of a VM the agent is root: the program gets a cgroup of its own for
+    memory and processes, and runs as an unprivileged uid."""
+
+    CGROUP = "/sys/fs/cgroup/job"
+    UID = 65534
+
+    def __init__(self, memory_reserve: int) -> None:
+        self.memory_reserve = memory_reserve
+        if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            os.makedirs("/sys/fs/cgroup", exist_ok=True)
+            _mount("cgroup2", "/sys/fs/cgroup", "cgroup2")
+        with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as control:
+            control.write("+memory +pids")
+        os.makedirs(self.CGROUP, exist_ok=True)
+
+    def prepare(self, workdir: str, limits: dict[str, Any]) -> None:
+        os.chown(workdir, self.UID, self.UID)
+        for entry in os.listdir(workdir):
+            os.chown(os.path.join(workdir, entry), self.UID, self.UID, follow_symlinks=False)
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = min(int(limits["memory_bytes"]), max(total - self.memory_reserve, 2**24))
+        for name, value in (
+            ("memory.max", memory),
+            ("memory.swap.max", 0),
+            ("pids.max", int(limits["processes"])),
+        ):
+            path = os.path.join(self.CGROUP, name)
+            if os.path.exists(path):
+                with open(path, "w") as control:
+                    control.write(str(value))
+
+    def enter(self) -> None:
+        with open(os.path.join(self.CGROUP, "cgroup.procs"), "w") as procs:
+            procs.write(str(os.getpid()))
+        os.setgroups([])
+        os.setresgid(self.UID, self.UID, self.UID)
+        os.setresuid(self.UID, self.UID, self.UID)
+
+    def oom_kills(self) -> int:
+        try:
+            with open(os.path.join(self.CGROUP, "memory.events")) as events:
+                for line in events:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except OSError:
+            pass
+        return 0
+
+
+def _mount(source: str, target: str, fstype: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {fstype} on {target}")
+
+
 def cpu_rlimit(cpu_time: float) -> tuple[int, int]:
     """RLIMIT_CPU for a CPU-time limit: SIGXCPU at the soft limit, SIGKILL a second later."""
     soft = max(1, int(cpu_time + 0.999))
     return soft, soft + 1
 
 
-def _apply_limits(limits: dict[str, Any], cpu_time: float) -> Callable[[], None]:
+def _apply_limits(
+    limits: dict[str, Any], cpu_time: float, confinement: Confinement
+) -> Callable[[], None]:
     def preexec() -> None:
+        confinement.enter()
         resource.setrlimit(resource.RLIMIT_CPU, cpu_rlimit(cpu_time))
         size = int(limits["file_size_bytes"])
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
@@ -264,10 +345,13 @@ class Reaper:
 class Runner:
     """Runs processes for one job under its limits, reporting output as it comes."""
 
-    def __init__(self, channel: Channel, workdir: str, isolated: bool) -> None:
+    def __init__(
+        self, channel: Channel, workdir: str, isolated: bool, confinement: Confinement
+    ) -> None:
         self.channel = channel
         self.workdir = workdir
         self.isolated = isolated
+        self.confinement = confinement
         self.reaper = Reaper()
 
     def kill_all(self, pid: int) -> None:
@@ -311,6 +395,8 @@ class Runner:
             self.channel.send({"type": "output", "stage": stage, "stream": stream, "data": data})
 
         cap = int(limits["output_bytes"])
+        self.confinement.prepare(self.workdir, limits)
+        oom_kills = self.confinement.oom_kills()
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -321,7 +407,7 @@ class Runner:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=_apply_limits(limits, cpu_time),
+                preexec_fn=_apply_limits(limits, cpu_time, self.confinement),
             )
         except OSError as exc:
             raise JobError(f"cannot start {argv[0]}: {exc.strerror}") from exc
@@ -393,6 +479,7 @@ class Runner:
                 self.kill_all(proc.pid)
                 exit_status = self.reaper.wait(proc.pid)
         outcome.wall = time.monotonic() - start
+        outcome.oom_killed = self.confinement.oom_kills() > oom_kills
         status, usage = exit_status
         proc.returncode = os.waitstatus_to_exitcode(status)
         outcome.cpu = usage.ru_utime + usage.ru_stime
@@ -416,6 +503,11 @@ def classify(outcome: StageOutcome, stage: str, limits: dict[str, Any]) -> tuple
     if outcome.output_limited:
         return "output_limit", (
             f"{outcome.output_limited} went over the output limit of {limits['output_bytes']} bytes"
+        )
+    if outcome.oom_killed and outcome.signal == signal.SIGKILL:
+        return (
+            "memory_limit",
+            f"memory limit of {int(limits['memory_bytes']) // 2**20} MiB exceeded",
         )
     if outcome.timed_out:
         limit = limits["compile_time"] if stage == "compile" else limits["wall_time"]
@@ -547,20 +639,66 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
     return {"status": status, "message": message, **result}
 
 
-def serve(channel: Channel, runner: Runner) -> int:
-    """Say hello, take one job, answer with its result."""
-    channel.send({"type": "hello", "protocol": PROTOCOL, "pid": os.getpid()})
+RNDADDENTROPY = 0x40085203
+
+
+def synchronise(message: dict[str, Any], in_vm: bool) -> None:
+    """A (new) host connection: in a VM, perhaps restored from a snapshot that other VMs
+    share, take fresh entropy and the time from the host."""
+    if not in_vm:
+        return
+    entropy = base64.b64decode(message.get("entropy", ""))
+    if entropy:
+        with open("/dev/urandom", "wb") as pool:
+            fcntl.ioctl(
+                pool, RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy
+            )
+    if isinstance(message.get("time"), int | float):
+        time.clock_settime(time.CLOCK_REALTIME, float(message["time"]))
+
+
+def serve(channel: Channel, runner: Runner, in_vm: bool = False) -> int:
+    """Answer every sync with hello, take one job, answer with its result."""
     try:
-        job = channel.receive()
-        if job is None:
-            return 0  # the host closed the channel: this sandbox was not needed
-        if job.get("type") != "job":
-            raise JobError(f"expected a job message, got {job.get('type')!r}")
-        result = run_job(job, runner)
+        while True:
+            message = channel.receive()
+            if message is None:
+                return 0  # the host closed the channel: this sandbox was not needed
+            if message.get("type") == "sync":
+                synchronise(message, in_vm)
+                channel.send(
+                    {
+                        "type": "hello",
+                        "protocol": PROTOCOL,
+                        "pid": os.getpid(),
+                        "nonce": message.get("nonce"),
+                    }
+                )
+                continue
+            if message.get("type") != "job":
+                raise JobError(f"expected a job message, got {message.get('type')!r}")
+            result = run_job(message, runner)
+            break
     except (JobError, ValueError) as exc:
         result = {"status": "internal_error", "message": f"agent: {exc}"}
     channel.send({"type": "result", **result})
     return 0
+
+
+def open_port(name: str) -> int:
+    """The virtio-serial port called ``name`` (there is no udev to make its link)."""
+    base = "/sys/class/virtio-ports"
+    for port in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        with open(os.path.join(base, port, "name")) as label:
+            if label.read().strip() == name:
+                return os.open(f"/dev/{port}", os.O_RDWR | os.O_CLOEXEC)
+    raise JobError(f"no virtio-serial port named {name!r}")
+
+
+def power_off() -> None:
+    """The end of a VM's one job: nothing to keep, so no clean shutdown to wait for."""
+    os.sync()
+    ctypes.CDLL(None).reboot(0x4321FEDC)  # RB_POWER_OFF
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,9 +709,29 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the agent is alone in its pid namespace: kill leftovers with kill(-1)",
     )
+    parser.add_argument(
+        "--vm-port",
+        metavar="NAME",
+        help="run as PID 1 of a VM, talking on the virtio-serial port NAME",
+    )
+    parser.add_argument(
+        "--vm-memory-reserve",
+        type=int,
+        default=96 * 2**20,
+        help="bytes of the VM's memory kept for the agent and the kernel",
+    )
     options = parser.parse_args(argv)
+    if options.vm_port:
+        os.makedirs(options.workdir, exist_ok=True)
+        fd = open_port(options.vm_port)
+        channel = Channel(fd, os.fdopen(os.dup(fd), "wb"))
+        runner = Runner(channel, options.workdir, True, VmConfinement(options.vm_memory_reserve))
+        try:
+            return serve(channel, runner, in_vm=True)
+        finally:
+            power_off()
     channel = Channel(sys.stdin.fileno(), sys.stdout.buffer)
-    return serve(channel, Runner(channel, options.workdir, options.isolated))
+    return serve(channel, Runner(channel, options.workdir, options.isolated, Confinement()))
 
 
 if __name__ == "__main__":

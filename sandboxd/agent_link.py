@@ -7,7 +7,11 @@ returns everything the program wrote before.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -69,13 +73,28 @@ class AgentLink:
             raise AgentError(f"agent sent a message without a type: {line[:200]!r}")
         return message
 
-    async def wait_hello(self) -> dict[str, Any]:
-        """Wait for the agent's hello; AgentError if anything else comes first."""
+    async def handshake(self) -> dict[str, Any]:
+        """Sync with the agent and wait for its hello; AgentError if anything else comes.
+
+        The sync carries fresh host entropy and the time: a VM restored from a snapshot
+        shares its random pool and clock with every other clone until it takes them.
+        """
+        nonce = secrets.randbits(63)
+        await self._send_message(
+            {
+                "type": "sync",
+                "nonce": nonce,
+                "entropy": base64.b64encode(os.urandom(64)).decode(),
+                "time": time.time(),
+            }
+        )
         message = await self._next()
         if message is None:
             raise AgentError("agent exited before saying hello")
         if message["type"] != "hello" or message.get("protocol") != PROTOCOL:
             raise AgentError(f"expected hello for protocol {PROTOCOL}, got {message}")
+        if message.get("nonce") != nonce:
+            raise AgentError("agent answered an earlier sync")
         return message
 
     async def _send_message(self, message: dict[str, Any]) -> None:

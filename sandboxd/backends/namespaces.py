@@ -255,7 +255,7 @@ class NamespacesBackend(Backend):
         """
         try:
             with trio.fail_after(start_timeout):
-                await sandbox.link.wait_hello()
+                await sandbox.link.handshake()
         except (AgentError, trio.TooSlowError) as exc:
             await sandbox.stop()
             assert sandbox.child.stderr

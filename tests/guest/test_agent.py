@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 AGENT = Path(__file__).parents[2] / "guest" / "agent.py"
+SYNC = json.dumps({"type": "sync", "nonce": 7}).encode() + b"\n"
 LIMITS = {
     "wall_time": 10,
     "cpu_time": 10,
@@ -21,13 +22,16 @@ LIMITS = {
     "processes": 64,
     "output_bytes": 10_000,
     "file_size_bytes": 10**7,
+    "memory_bytes": 2**28,
 }
 
 
 def run_agent(tmp_path: Path, job: dict | None, raw: bytes | None = None) -> list[dict]:
     workdir = tmp_path / "work"
     workdir.mkdir()
-    payload = raw if raw is not None else (json.dumps(job).encode() + b"\n" if job else b"")
+    payload = SYNC + (
+        raw if raw is not None else (json.dumps(job).encode() + b"\n" if job else b"")
+    )
     done = subprocess.run(
         [sys.executable, "-I", str(AGENT), "--workdir", str(workdir)],
         input=payload,
@@ -57,7 +61,7 @@ def test_hello_then_output_then_result(tmp_path):
             args=["a"],
         ),
     )
-    assert hello == {"type": "hello", "protocol": 1, "pid": hello["pid"]}
+    assert hello == {"type": "hello", "protocol": 1, "pid": hello["pid"], "nonce": 7}
     assert "".join(e["data"] for e in events if e["stream"] == "stdout") == "in ['a']\n"
     assert (result["type"], result["status"], result["exit_code"]) == ("result", "runtime_error", 4)
     assert result["stdout"] == "in ['a']\n"
@@ -140,7 +144,7 @@ def test_a_symlink_in_the_workdir_is_never_followed(tmp_path):
     workdir = tmp_path / "work"
     workdir.mkdir()
     (workdir / "link").symlink_to(tmp_path / "outside")
-    payload = json.dumps(job).encode() + b"\n"
+    payload = SYNC + json.dumps(job).encode() + b"\n"
     done = subprocess.run(
         [sys.executable, "-I", str(AGENT), "--workdir", str(workdir)],
         input=payload,
