@@ -640,6 +640,7 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
 
 
 RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
 
 
 def synchronise(message: dict[str, Any], in_vm: bool) -> None:
@@ -653,6 +654,8 @@ def synchronise(message: dict[str, Any], in_vm: bool) -> None:
             fcntl.ioctl(
                 pool, RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy
             )
+            # Credited entropy only reaches the generator at its next reseed: force it now.
+            fcntl.ioctl(pool, RNDRESEEDCRNG)
     if isinstance(message.get("time"), int | float):
         time.clock_settime(time.CLOCK_REALTIME, float(message["time"]))
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from sandboxd.errors import ConfigError, LaunchError
 from sandboxd.languages import BY_NAME
+from sandboxd.vm_artifacts import build_vm_artifacts
 
 BUILDER_VERSION = 1  # bump when the build itself changes what an image contains
 Progress = Callable[[str], None]
@@ -69,6 +70,11 @@ class Image:
             )
         }
         return cls("external", rootfs, {"languages": found, "rootfs": str(rootfs)})
+
+    @property
+    def vm_dir(self) -> Path | None:
+        """The VM artifacts (bzImage, vmlinux, modules/, busybox, rootfs.ext4), if built."""
+        return self.path / "vm" if "vm" in self.manifest else None
 
     @property
     def rootfs(self) -> Path:
@@ -140,7 +146,7 @@ class ImageStore:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(mode=0o755)
         try:
-            steps = 3
+            steps = 4
             progress(f"[1/{steps}] bootstrapping Debian {recipe['suite']} with mmdebstrap")
             _bootstrap(recipe, work / "rootfs", progress)
             progress(f"[2/{steps}] installing runtimes from PyPI wheels")
@@ -149,11 +155,14 @@ class ImageStore:
             versions = {name: _version(work / "rootfs", name) for name in recipe["languages"]}
             for name, version in versions.items():
                 progress(f"    {name}: {version}")
+            progress(f"[4/{steps}] VM artifacts: kernel, modules, busybox, rootfs.ext4")
+            vm = build_vm_artifacts(recipe["vm"], work / "rootfs", work / "vm", progress)
             manifest = {
                 "id": image_id,
                 "recipe": recipe,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "languages": versions,
+                "vm": vm,
             }
             (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             if final.exists():

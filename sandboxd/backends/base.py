@@ -7,15 +7,17 @@ from __future__ import annotations
 import abc
 import enum
 import logging
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import trio
 
 from sandboxd.agent_link import AgentLink, OutputHandler, StdinChunk, Transcript
-from sandboxd.errors import AgentError, InternalError
+from sandboxd.errors import AgentError, InternalError, LaunchError, SandboxError, StartTimeout
 from sandboxd.limits import Limits
+from sandboxd.process import ChildProcess, LogTail
 
 # How long past its own limits the host lets a job run before killing the sandbox: the
 # agent enforces the limits itself, this only catches an agent that cannot.
@@ -50,10 +52,14 @@ class Sandbox(abc.ABC):
     """One sandbox with its agent. The backend's ``open_sandbox`` owns its lifetime; the
     pool hands it to one job and then retires it."""
 
-    def __init__(self, sandbox_id: str, link: AgentLink, log: logging.Logger) -> None:
+    def __init__(
+        self, sandbox_id: str, link: AgentLink, child: ChildProcess, log: logging.Logger
+    ) -> None:
         self.id = sandbox_id
         self.link = link
+        self.child = child  # the process the sandbox lives in (a jail, a VMM)
         self.log = log
+        self.tail = LogTail(log)  # its last lines of log, for errors
         self.state = SandboxState.CREATING
         self.finished = trio.Event()  # set once it can serve nothing more
 
@@ -84,6 +90,63 @@ class Sandbox(abc.ABC):
         """No more jobs: its owner tears it down."""
         if not self.finished.is_set():
             self.set_state(SandboxState.STOPPING)
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop everything of the sandbox and reap its process. Shielded, idempotent."""
+
+    async def become_ready(
+        self, start: Callable[[], Awaitable[object]], argv: list[str], start_timeout: float
+    ) -> None:
+        """Run ``start`` (up to the agent's hello) within ``start_timeout``; on failure stop
+        and raise LaunchError/StartTimeout with the command line and the log tail."""
+        try:
+            with trio.fail_after(start_timeout):
+                await start()
+        except (SandboxError, trio.TooSlowError) as exc:
+            await self.stop()
+            with trio.move_on_after(1):  # what the process wrote before it died
+                async with trio.open_nursery() as nursery:
+                    for stream in self.log_streams():
+                        nursery.start_soon(self.tail.pump, stream)
+            self.set_state(SandboxState.FAILED)
+            timed_out = isinstance(exc, trio.TooSlowError)
+            error = StartTimeout if timed_out else LaunchError
+            reason = f"not ready within {start_timeout:g} s" if timed_out else str(exc)
+            raise error(
+                f"sandbox {self.id} did not start: {reason}: {self.tail.text()[-300:]}",
+                argv=argv,
+                exit_code=self.child.returncode,
+                log_tail=self.tail.text(),
+            ) from exc
+        self.set_state(SandboxState.READY)
+
+    def log_streams(self) -> list[trio.abc.ReceiveStream]:
+        """The process's streams that carry its log (not its agent channel)."""
+        return [self.child.stderr] if self.child.stderr is not None else []
+
+    async def _watch(self) -> None:
+        """Notice the sandbox ending on its own (a crash, the agent killed)."""
+        code = await self.child.wait()
+        # A running job finds out through its agent link; a ready sandbox that dies
+        # must leave the pool.
+        if self.state is SandboxState.READY:
+            self.log.warning("died while ready (code %s): %s", code, self.tail.text()[-500:])
+            self.set_state(SandboxState.FAILED)
+
+    @asynccontextmanager
+    async def supervised(self) -> AsyncIterator[None]:
+        """While it serves: its log pumped, its death noticed; then stopped."""
+        async with trio.open_nursery() as nursery:
+            for stream in self.log_streams():
+                nursery.start_soon(self.tail.pump, stream)
+            nursery.start_soon(self._watch)
+            try:
+                yield
+            finally:
+                self.retire()
+                await self.stop()
+                nursery.cancel_scope.cancel()  # the pumps, before their pipes close
 
     @abc.abstractmethod
     def apply_limits(self, limits: Limits) -> None:
@@ -137,7 +200,7 @@ class Backend(abc.ABC):
         """Prepare the host and remove what a crashed earlier daemon left behind."""
 
     @abc.abstractmethod
-    def open_sandbox(self, slot: int) -> AbstractAsyncContextManager[Sandbox]:
+    def open_sandbox(self, slot: int, start_timeout: float) -> AbstractAsyncContextManager[Sandbox]:
         """A ready sandbox for the duration of the ``async with``; everything it held is
         released on exit, whatever happened. ``slot`` is unique among live sandboxes."""
 

@@ -26,9 +26,10 @@ import trio
 from sandboxd.agent_link import AgentLink
 from sandboxd.backends.base import Backend, Sandbox, SandboxState
 from sandboxd.cgroups import Cgroup, CgroupLayout
-from sandboxd.errors import AgentError, LaunchError, StartTimeout
+from sandboxd.errors import LaunchError
+from sandboxd.jail import BWRAP, jailed
 from sandboxd.limits import Limits
-from sandboxd.process import ChildProcess, LogTail, spawn
+from sandboxd.process import ChildProcess
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +41,11 @@ OVERHEAD_PROCESSES = 8
 JAIL_EXIT_TIMEOUT = 5.0
 
 
-def _enter_jail(cgroup: Cgroup, uid: int) -> None:
-    """Pre-exec hook: join the sandbox's cgroup, then drop to its unprivileged uid."""
-    cgroup.attach_self()
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-
-
 class NamespacesSandbox(Sandbox):
     def __init__(
-        self,
-        sandbox_id: str,
-        link: AgentLink,
-        child: ChildProcess,
-        cgroup: Cgroup,
-        cpus: float,
+        self, sandbox_id: str, link: AgentLink, child: ChildProcess, cgroup: Cgroup, cpus: float
     ) -> None:
-        super().__init__(sandbox_id, link, log.getChild(sandbox_id))
-        self.child = child
+        super().__init__(sandbox_id, link, child, log.getChild(sandbox_id))
         self.cgroup = cgroup
         self._cpus = cpus
 
@@ -76,29 +63,19 @@ class NamespacesSandbox(Sandbox):
         return self.cgroup.oom_kills()
 
     def kill(self) -> None:
-        # Everything but the outer bubblewrap: it stays to reap the jail's init, whose
-        # death reaps the rest of the pid namespace, and then exits on its own. Killing
-        # it first would leave the jail's processes as zombies for the host's init.
+        # Everything but the outer bubblewrap: it stays to reap the agent (the jail's
+        # PID 1), whose death takes the pid namespace with it, and then exits on its
+        # own. Killing it first would orphan the jail's processes to the host's init.
         for pid in self.cgroup.pids() - {self.child.pid}:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
     async def stop(self) -> None:
-        """Kill the jail and reap it; the outer bubblewrap too if it lingers. Shielded."""
         with trio.CancelScope(shield=True):
             self.kill()
             with trio.move_on_after(JAIL_EXIT_TIMEOUT):
                 await self.child.wait()
             await self.child.stop()
-
-    async def watch(self, tail: LogTail) -> None:
-        """Notice the jail ending on its own (a crash, or the agent being killed)."""
-        code = await self.child.wait()
-        # A running job finds out through its agent link (the agent exits after its
-        # result); a ready sandbox that dies must leave the pool.
-        if self.state is SandboxState.READY:
-            self.log.warning("jail exited while ready (code %s): %s", code, tail.text()[-500:])
-            self.set_state(SandboxState.FAILED)
 
 
 class NamespacesBackend(Backend):
@@ -133,18 +110,7 @@ class NamespacesBackend(Backend):
         if bwrap is None:
             raise LaunchError("bubblewrap is not installed (apt install bubblewrap)")
         check = subprocess.run(
-            [
-                bwrap,
-                "--unshare-all",
-                "--unshare-user",
-                "--disable-userns",
-                "--as-pid-1",  # as the jails run: no init of bubblewrap's to leave behind
-                "--ro-bind",
-                "/",
-                "/",
-                "--",
-                "/bin/true",
-            ],
+            [bwrap, *BWRAP[1:], "--ro-bind", "/", "/", "--", "/bin/true"],
             preexec_fn=partial(os.setresuid, uid, uid, uid),
             capture_output=True,
             text=True,
@@ -179,12 +145,7 @@ class NamespacesBackend(Backend):
 
     def argv(self, agent_fd: int) -> list[str]:
         return [
-            "bwrap",
-            "--unshare-all", "--unshare-user", "--disable-userns",
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            # The agent is the jail's PID 1: it reaps, the program cannot signal it, and
-            # the outer bubblewrap reaps the agent itself (no init in between to orphan).
-            "--as-pid-1",
+            *BWRAP,
             "--uid", str(JAIL_ID), "--gid", str(JAIL_ID),
             "--hostname", "sandbox",
             "--ro-bind", str(self.rootfs), "/",
@@ -206,72 +167,33 @@ class NamespacesBackend(Backend):
     async def open_sandbox(self, slot: int, start_timeout: float) -> AsyncIterator[Sandbox]:
         assert self.cgroups is not None, "start() first"
         sandbox_id = uuid.uuid4().hex[:12]
-        cgroup = self.cgroups.sandbox(self.instance, sandbox_id)
-        cgroup.create()
+        agent_fd = self._agent_fd()
+        argv = self.argv(agent_fd)
+        jail = jailed(
+            self.cgroups,
+            self.instance,
+            sandbox_id,
+            self.uid_base + slot,
+            argv,
+            pass_fds=[agent_fd],
+            stdin=True,
+            stdout=True,
+            stderr=True,
+        )
         try:
-            agent_fd = self._agent_fd()
-            argv = self.argv(agent_fd)
-            try:
-                child = spawn(
-                    argv,
-                    cwd="/",
-                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                    preexec=partial(_enter_jail, cgroup, self.uid_base + slot),
-                    stdin=True,
-                    stdout=True,
-                    stderr=True,
-                    pass_fds=[agent_fd],
-                )
-            finally:
+            async with jail as (child, cgroup):
                 os.close(agent_fd)
-            try:
-                assert child.stdin and child.stdout and child.stderr
+                agent_fd = -1
+                assert child.stdin and child.stdout
                 link = AgentLink(child.stdin, child.stdout, max_line=self.max_message_bytes)
                 sandbox = NamespacesSandbox(sandbox_id, link, child, cgroup, self.cpus)
-                tail = LogTail(sandbox.log)
-                await self._wait_ready(sandbox, tail, argv, start_timeout)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(tail.pump, child.stderr)
-                    nursery.start_soon(sandbox.watch, tail)
-                    try:
-                        yield sandbox
-                    finally:
-                        sandbox.retire()
-                        await sandbox.stop()
-                        nursery.cancel_scope.cancel()  # the pump, before its pipe closes
-            finally:
-                await child.aclose()
+                await sandbox.become_ready(link.handshake, argv, start_timeout)
+                async with sandbox.supervised():
+                    yield sandbox
         finally:
-            await cgroup.destroy()
+            if agent_fd >= 0:
+                os.close(agent_fd)
         sandbox.set_state(SandboxState.STOPPED)
-
-    @staticmethod
-    async def _wait_ready(
-        sandbox: NamespacesSandbox, tail: LogTail, argv: list[str], start_timeout: float
-    ) -> None:
-        """Wait for the agent's hello; LaunchError (with the jail's stderr) if none comes.
-
-        The jail writes little before the hello, so its stderr is only read on failure.
-        """
-        try:
-            with trio.fail_after(start_timeout):
-                await sandbox.link.handshake()
-        except (AgentError, trio.TooSlowError) as exc:
-            await sandbox.stop()
-            assert sandbox.child.stderr
-            with trio.move_on_after(1):
-                await tail.pump(sandbox.child.stderr)
-            sandbox.set_state(SandboxState.FAILED)
-            timed_out = isinstance(exc, trio.TooSlowError)
-            error = StartTimeout if timed_out else LaunchError
-            reason = f"no agent within {start_timeout:g} s" if timed_out else str(exc)
-            raise error(
-                f"sandbox {sandbox.id} did not start: {reason}: {tail.text()[-300:]}",
-                argv=argv,
-                exit_code=sandbox.child.returncode,
-                log_tail=tail.text(),
-            ) from exc
-        sandbox.set_state(SandboxState.READY)
 
     async def aclose(self) -> None:
         if self.cgroups is not None:

@@ -1,0 +1,36 @@
+#!/bin/busybox sh
+# sandboxd's VM init (the initramfs's /init): load the virtio modules, mount the image
+# read-only under a tmpfs overlay, and hand over to the agent as PID 1.
+# With "sandboxd.probe" on the kernel command line it only proves that the VM boots.
+
+/bin/busybox --install -s /bin
+export PATH=/bin
+
+fail() {
+    echo "sandboxd-init: $*"
+    poweroff -f
+}
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for module in $(cat /modules.order); do
+    insmod "/modules/$module.ko" || fail "cannot load module $module"
+done
+if grep -q sandboxd.probe /proc/cmdline; then
+    echo "sandboxd-probe-ok"
+    poweroff -f
+fi
+
+mount -t ext4 -o ro /dev/vda /lower || fail "cannot mount the root image /dev/vda"
+mount -t tmpfs -o mode=0755 tmpfs /rw || fail "cannot mount the tmpfs"
+mkdir -p /rw/upper /rw/work
+mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \
+    || fail "cannot mount the overlay"
+mkdir -p /newroot/opt/sandboxd
+cp /agent.py /newroot/opt/sandboxd/agent.py || fail "cannot place the agent"
+for fs in proc sys dev; do
+    mount --move "/$fs" "/newroot/$fs" || fail "cannot move /$fs"
+done
+exec switch_root /newroot /usr/bin/python3 -I -S /opt/sandboxd/agent.py \
+    --vm-port sandboxd.agent --workdir /work

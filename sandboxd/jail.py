@@ -1,0 +1,68 @@
+"""Jailed processes: bubblewrap run as a sandbox's own unprivileged host uid, inside the
+sandbox's cgroup. The namespaces backend jails the agent this way, the qemu backend
+jails QEMU itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+
+from sandboxd.cgroups import Cgroup, CgroupLayout
+from sandboxd.process import ChildProcess, spawn
+
+# Every namespace, no way to make more user namespaces, gone with the daemon, a new
+# session (no terminal to inject into), no capabilities, and the command as PID 1: it
+# reaps for itself and bubblewrap reaps it, so no init of bubblewrap's can be orphaned.
+BWRAP = (
+    "bwrap",
+    "--unshare-all", "--unshare-user", "--disable-userns",
+    "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+    "--as-pid-1",
+)  # fmt: skip
+
+
+def enter(cgroup: Cgroup, uid: int) -> None:
+    """Pre-exec hook: join the cgroup, then drop to the unprivileged uid for good."""
+    cgroup.attach_self()
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+@asynccontextmanager
+async def jailed(
+    cgroups: CgroupLayout,
+    instance: str,
+    name: str,
+    uid: int,
+    argv: Sequence[str],
+    *,
+    pass_fds: Sequence[int] = (),
+    stdin: bool = False,
+    stdout: bool = False,
+    stderr: bool = False,
+) -> AsyncIterator[tuple[ChildProcess, Cgroup]]:
+    """Run ``argv`` as ``uid`` in a new cgroup ``name``; on the way out the process is
+    killed and reaped and the cgroup removed, whatever happened."""
+    cgroup = cgroups.sandbox(instance, name)
+    cgroup.create()
+    try:
+        child = spawn(
+            argv,
+            cwd="/",
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            preexec=partial(enter, cgroup, uid),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            pass_fds=pass_fds,
+        )
+        try:
+            yield child, cgroup
+        finally:
+            await child.aclose()
+    finally:
+        await cgroup.destroy()
