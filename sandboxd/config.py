@@ -66,6 +66,12 @@ class BackendConfig:
     rootfs_path: str = _setting("", env=("ROOTFS_PATH",))
     kernel_path: str = _setting("", env=("KERNEL_PATH",))
     agent_port: int = _setting(8080, env=("AGENT_PORT",), check="port")
+    # VM backends: each sandbox's memory and vCPUs, whether `auto` may choose software
+    # emulation (slow, but a real VM), and whether pools restore from a snapshot.
+    vm_memory: int = _setting(1024 * 1024 * 1024, kind="size", check="positive")
+    vm_cpus: int = _setting(1, check="positive")
+    allow_tcg: bool = _setting(False, env=("SANDBOXD_ALLOW_TCG",))
+    snapshot: bool = _setting(True)
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,11 @@ BWRAP = (
 )  # fmt: skip
 
 
-def enter(cgroup: Cgroup, uid: int) -> None:
-    """Pre-exec hook: join the cgroup, then drop to the unprivileged uid for good."""
+def enter(cgroup: Cgroup, uid: int, groups: Sequence[int] = ()) -> None:
+    """Pre-exec hook: join the cgroup, then drop to the unprivileged uid for good (keeping
+    only ``groups``, e.g. the one that may open /dev/kvm)."""
     cgroup.attach_self()
-    os.setgroups([])
+    os.setgroups(list(groups))
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
 
@@ -41,6 +42,7 @@ async def jailed(
     argv: Sequence[str],
     *,
     pass_fds: Sequence[int] = (),
+    groups: Sequence[int] = (),
     stdin: bool = False,
     stdout: bool = False,
     stderr: bool = False,
@@ -54,7 +56,7 @@ async def jailed(
             argv,
             cwd="/",
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            preexec=partial(enter, cgroup, uid),
+            preexec=partial(enter, cgroup, uid, groups),
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,

@@ -6,8 +6,11 @@ One command at a time, like QEMU's own python/qemu/qmp: a command's answer is th
 
 from __future__ import annotations
 
+import array
 import json
 import logging
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -46,6 +49,32 @@ class QMPClient:
             raise QMPError(f"not a QMP greeting: {greeting}")
         await self.execute("qmp_capabilities")
         return greeting
+
+    async def send_fd(self, name: str, fd: int) -> None:
+        """Give QEMU a file descriptor under ``name`` (``getfd`` with SCM_RIGHTS)."""
+        request = encode({"execute": "getfd", "arguments": {"fdname": name}})
+        sock = self._stream.socket  # type: ignore[attr-defined]
+        async with self._lock:
+            await sock.sendmsg(
+                [request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            )
+            while "event" in (message := await self._receive()):
+                self.events.append(message)
+        if "error" in message:
+            raise QMPError(f"QMP getfd: {message['error'].get('desc')}")
+
+    async def wait_event(
+        self, name: str, matches: Callable[[dict[str, Any]], bool] = lambda data: True
+    ) -> dict[str, Any]:
+        """The first event ``name`` (kept or still to come) whose data ``matches``."""
+        async with self._lock:
+            while True:
+                for index, event in enumerate(self.events):
+                    if event["event"] == name and matches(event.get("data", {})):
+                        return self.events.pop(index)
+                message = await self._receive()
+                if "event" in message:
+                    self.events.append(message)
 
     async def execute(self, command: str, **arguments: Any) -> Any:
         """Run one command; its return value, or QMPError with QEMU's description."""

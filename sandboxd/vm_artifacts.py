@@ -111,6 +111,8 @@ def build_vm_artifacts(
         kernel_tree = download_package(kernel_package(recipe["kernel"]), Path(tmp))
         [vmlinuz] = sorted((kernel_tree / "boot").glob("vmlinuz-*"))
         version = vmlinuz.name.removeprefix("vmlinuz-")
+        config = (kernel_tree / "boot" / f"config-{version}").read_text()
+        hz = int(re.search(r"^CONFIG_HZ=(\d+)$", config, re.MULTILINE).group(1))  # type: ignore[union-attr]
         shutil.copyfile(vmlinuz, out / "bzImage")
         progress("    extracting the ELF vmlinux (for Firecracker)")
         (out / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
@@ -148,4 +150,4 @@ def build_vm_artifacts(
     )
     for artifact in out.rglob("*"):
         artifact.chmod(0o755 if artifact.is_dir() or artifact.name == "busybox" else 0o644)
-    return {"kernel_version": version, "modules": names}
+    return {"kernel_version": version, "hz": hz, "modules": names}

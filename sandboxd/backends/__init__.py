@@ -1,7 +1,10 @@
 """The backends, and the choice among them that ``backend = auto`` makes.
 
-The choice really probes the host and says why in words that end up in the log and in
-``sandboxctl status``.
+The choice really probes the host — can QEMU boot the image's kernel under KVM, is
+bubblewrap able to make unprivileged jails — and says why in words that end up in the
+log and in ``sandboxctl status``. ``auto`` takes the strongest backend that works:
+Firecracker (not part of this version yet), then QEMU (with KVM; with software
+emulation only when ``backend.allow_tcg`` says so), then namespaces.
 """
 
 from __future__ import annotations
@@ -11,13 +14,12 @@ from pathlib import Path
 
 from sandboxd.backends.base import Backend, Sandbox, SandboxState
 from sandboxd.backends.namespaces import NamespacesBackend
+from sandboxd.backends.qemu import QemuBackend
 from sandboxd.config import Config
 from sandboxd.errors import ConfigError, LaunchError
 from sandboxd.images import Image
 
 __all__ = ["Backend", "Sandbox", "SandboxState", "choose_backend"]
-
-NOT_BUILT = ("firecracker", "qemu")
 
 
 def agent_source() -> Path:
@@ -27,20 +29,33 @@ def agent_source() -> Path:
 def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
     """The backend this daemon will use and why; ConfigError/LaunchError if none can run."""
     wanted = config.backend.name
-    if wanted in NOT_BUILT:
+    if wanted == "firecracker":
         raise ConfigError(
-            f"{config.source}: backend.name: the {wanted} backend is not part of this "
-            "version of sandboxd yet; use namespaces or auto"
+            f"{config.source}: backend.name: the firecracker backend is not part of this "
+            "version of sandboxd yet; use qemu, namespaces or auto"
         )
+    passed_over = ["firecracker: not part of this version"]
+    if wanted in ("auto", "qemu"):
+        try:
+            backend, why = _qemu(config, image, allow_tcg=wanted == "qemu")
+        except LaunchError as exc:
+            if wanted == "qemu":
+                raise
+            passed_over.append(f"qemu: {exc.message}")
+        else:
+            return (
+                backend,
+                f"auto: {'; '.join(passed_over)}; qemu: {why}"
+                if wanted == "auto"
+                else f"qemu: {why}",
+            )
     try:
         works = NamespacesBackend.probe(config.backend.uid_base)
     except LaunchError as exc:
         raise LaunchError(f"no backend can run on this host: {exc.message}", **exc.data) from exc
     reason = f"namespaces: {works}"
     if wanted == "auto":
-        reason = (
-            f"auto: the {' and '.join(NOT_BUILT)} backends are not part of this version; {reason}"
-        )
+        reason = f"auto: {'; '.join(passed_over)}; {reason}"
     backend = NamespacesBackend(
         rootfs=image.rootfs,
         agent_source=agent_source(),
@@ -51,6 +66,24 @@ def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
         max_message_bytes=_max_agent_message(config),
     )
     return backend, reason
+
+
+def _qemu(config: Config, image: Image, *, allow_tcg: bool) -> tuple[Backend, str]:
+    """The qemu backend if it can run here (explicitly asked for, TCG is allowed)."""
+    accel, why = QemuBackend.probe(image, agent_source(), allow_tcg or config.backend.allow_tcg)
+    backend = QemuBackend(
+        image=image,
+        agent_source=agent_source(),
+        instance=config.daemon.name,
+        uid_base=config.backend.uid_base,
+        memory=config.backend.vm_memory,
+        cpus=config.backend.vm_cpus,
+        accel=accel,
+        run_dir=config.daemon.run_dir,
+        max_message_bytes=_max_agent_message(config),
+        snapshot=config.backend.snapshot,
+    )
+    return backend, why
 
 
 def _max_agent_message(config: Config) -> int:

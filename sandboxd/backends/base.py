@@ -7,14 +7,17 @@ from __future__ import annotations
 import abc
 import enum
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import trio
 
 from sandboxd.agent_link import AgentLink, OutputHandler, StdinChunk, Transcript
+from sandboxd.cgroups import Cgroup
 from sandboxd.errors import AgentError, InternalError, LaunchError, SandboxError, StartTimeout
 from sandboxd.limits import Limits
 from sandboxd.process import ChildProcess, LogTail
@@ -22,6 +25,7 @@ from sandboxd.process import ChildProcess, LogTail
 # How long past its own limits the host lets a job run before killing the sandbox: the
 # agent enforces the limits itself, this only catches an agent that cannot.
 HOST_GRACE = 5.0
+JAIL_EXIT_TIMEOUT = 5.0  # for a jail's outer bubblewrap to follow its PID 1
 
 
 class SandboxState(enum.Enum):
@@ -137,16 +141,23 @@ class Sandbox(abc.ABC):
     @asynccontextmanager
     async def supervised(self) -> AsyncIterator[None]:
         """While it serves: its log pumped, its death noticed; then stopped."""
-        async with trio.open_nursery() as nursery:
-            for stream in self.log_streams():
-                nursery.start_soon(self.tail.pump, stream)
-            nursery.start_soon(self._watch)
-            try:
-                yield
-            finally:
-                self.retire()
-                await self.stop()
-                nursery.cancel_scope.cancel()  # the pumps, before their pipes close
+        try:
+            async with trio.open_nursery() as nursery:
+                for stream in self.log_streams():
+                    nursery.start_soon(self.tail.pump, stream)
+                nursery.start_soon(self._watch)
+                try:
+                    yield
+                finally:
+                    self.retire()
+                    await self.stop()
+                    nursery.cancel_scope.cancel()  # the pumps, before their pipes close
+        except BaseExceptionGroup as group:
+            # The pumps and the watch end quietly: what comes out is the body's own
+            # error, which callers expect as itself, not wrapped in a group.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     @abc.abstractmethod
     def apply_limits(self, limits: Limits) -> None:
@@ -189,6 +200,40 @@ class Sandbox(abc.ABC):
             self.log.warning("job lost: %s", lost)
             self.kill()
         return JobRun(record, transcript, lost, deadline.cancelled_caught, self.oom_kills())
+
+
+class JailedSandbox(Sandbox):
+    """A sandbox whose process is a jail (sandboxd.jail): bubblewrap, its command as the
+    jail's PID 1, all of it in the sandbox's cgroup."""
+
+    def __init__(
+        self,
+        sandbox_id: str,
+        link: AgentLink,
+        child: ChildProcess,
+        cgroup: Cgroup,
+        log: logging.Logger,
+    ) -> None:
+        super().__init__(sandbox_id, link, child, log)
+        self.cgroup = cgroup
+
+    def oom_kills(self) -> int:
+        return self.cgroup.oom_kills()
+
+    def kill(self) -> None:
+        # Everything but the outer bubblewrap: it stays to reap the jail's PID 1, whose
+        # death takes the pid namespace with it, and then exits on its own. Killing it
+        # first would orphan the jail's processes to the host's init.
+        for pid in self.cgroup.pids() - {self.child.pid}:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        with trio.CancelScope(shield=True):
+            self.kill()
+            with trio.move_on_after(JAIL_EXIT_TIMEOUT):
+                await self.child.wait()
+            await self.child.stop()
 
 
 class Backend(abc.ABC):

@@ -13,18 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
-import trio
-
 from sandboxd.agent_link import AgentLink
-from sandboxd.backends.base import Backend, Sandbox, SandboxState
+from sandboxd.backends.base import Backend, JailedSandbox, Sandbox, SandboxState
 from sandboxd.cgroups import Cgroup, CgroupLayout
 from sandboxd.errors import LaunchError
 from sandboxd.jail import BWRAP, jailed
@@ -38,15 +35,13 @@ WORKDIR = "/work"
 JAIL_ID = 65534  # the uid/gid the program sees: nobody/nogroup
 # bubblewrap's two processes, the agent and its stdin thread run beside the program.
 OVERHEAD_PROCESSES = 8
-JAIL_EXIT_TIMEOUT = 5.0
 
 
-class NamespacesSandbox(Sandbox):
+class NamespacesSandbox(JailedSandbox):
     def __init__(
         self, sandbox_id: str, link: AgentLink, child: ChildProcess, cgroup: Cgroup, cpus: float
     ) -> None:
-        super().__init__(sandbox_id, link, child, log.getChild(sandbox_id))
-        self.cgroup = cgroup
+        super().__init__(sandbox_id, link, child, cgroup, log.getChild(sandbox_id))
         self._cpus = cpus
 
     def apply_limits(self, limits: Limits) -> None:
@@ -58,24 +53,6 @@ class NamespacesSandbox(Sandbox):
             )
         except OSError as exc:
             raise LaunchError(f"cannot set the limits of sandbox {self.id}: {exc}") from exc
-
-    def oom_kills(self) -> int:
-        return self.cgroup.oom_kills()
-
-    def kill(self) -> None:
-        # Everything but the outer bubblewrap: it stays to reap the agent (the jail's
-        # PID 1), whose death takes the pid namespace with it, and then exits on its
-        # own. Killing it first would orphan the jail's processes to the host's init.
-        for pid in self.cgroup.pids() - {self.child.pid}:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-    async def stop(self) -> None:
-        with trio.CancelScope(shield=True):
-            self.kill()
-            with trio.move_on_after(JAIL_EXIT_TIMEOUT):
-                await self.child.wait()
-            await self.child.stop()
 
 
 class NamespacesBackend(Backend):

@@ -1,0 +1,406 @@
+"""The qemu backend: every sandbox a QEMU ``microvm`` with its own guest kernel.
+
+KVM where the host runs ordinary guests under it, software emulation (TCG) otherwise.
+QEMU itself is jailed like the namespaces backend's agent (bubblewrap as the sandbox's
+own uid, its cgroup, only the files it needs, ``-sandbox on``), and talks to the daemon
+over socket pairs passed as file descriptors: the agent's virtio-serial port and QMP.
+Nothing of a VM is ever on the host's disk but the image it reads.
+
+Pool VMs start from a snapshot: one VM is booted to agent-ready and saved (QEMU
+migration to a file), and each sandbox restores it, then syncs with its agent, which
+reseeds its random pool from the host. If restoring fails, sandboxes cold-boot, and the
+log and ``status`` say so.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from sandboxd import initramfs
+from sandboxd.agent_link import AgentLink
+from sandboxd.backends.base import Backend, JailedSandbox, Sandbox, SandboxState
+from sandboxd.cgroups import Cgroup, CgroupLayout
+from sandboxd.errors import LaunchError, SandboxError
+from sandboxd.images import Image
+from sandboxd.jail import BWRAP, jailed
+from sandboxd.limits import Limits
+from sandboxd.process import ChildProcess
+from sandboxd.qmp import QMPClient
+
+log = logging.getLogger(__name__)
+
+QEMU = "qemu-system-x86_64"
+# QEMU's own memory beside the guest's (device state, TCG's translation cache).
+QEMU_OVERHEAD = 384 * 1024 * 1024
+TCG_CACHE_MIB = 64
+PROBE_TIMEOUT = 20.0
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC frequency: a guest under TCG must be told it (tsc_early_khz), or
+    the Debian kernel can hang calibrating its clocks."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.MULTILINE)
+    return int(float(match.group(1)) * 1000) if match else None
+
+
+@dataclass(frozen=True)
+class VmLayout:
+    """What every VM of this daemon is made of; restores need the very same devices."""
+
+    vm_dir: Path
+    initramfs: Path
+    memory: int
+    cpus: int
+    accel: str  # "kvm" or "tcg"
+    hz: int
+
+    def kernel_cmdline(self, *extra: str) -> str:
+        words = ["console=ttyS0", "quiet", "panic=-1", "random.trust_cpu=on"]
+        khz = host_tsc_khz()
+        if self.accel == "tcg" and khz:
+            words += [f"tsc_early_khz={khz}", f"lpj={khz * 1000 // self.hz}"]
+        return " ".join([*words, *extra])
+
+    def jail_argv(self) -> list[str]:
+        """bubblewrap around QEMU: the system's programs and the image, read-only."""
+        argv = [
+            *BWRAP,
+            "--ro-bind", "/usr", "/usr",
+            "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+            "--symlink", "usr/bin", "/bin",
+            "--ro-bind", str(self.vm_dir), "/vm",
+            "--ro-bind", str(self.initramfs), "/initramfs.img",
+            "--dev", "/dev", "--proc", "/proc",
+        ]  # fmt: skip
+        if self.accel == "kvm":
+            argv += ["--dev-bind", "/dev/kvm", "/dev/kvm"]
+        return argv
+
+    def qemu_argv(
+        self,
+        agent_fd: int | None,
+        qmp_fd: int | None,
+        *,
+        incoming: bool = False,
+        probe: bool = False,
+    ) -> list[str]:
+        """QEMU's command line (paths as in the jail); without channels for a probe."""
+        machine = "microvm,pit=on,pic=on,rtc=on" if self.accel == "tcg" else "microvm"
+        accel = f"tcg,tb-size={TCG_CACHE_MIB}" if self.accel == "tcg" else "kvm"
+        argv = [
+            QEMU, "-M", machine, "-accel", accel,
+            "-cpu", "max" if self.accel == "tcg" else "host",
+            "-m", f"{self.memory // 2**20}M", "-smp", str(self.cpus),
+            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-serial", "stdio", "-monitor", "none",
+            "-kernel", "/vm/bzImage", "-initrd", "/initramfs.img",
+            "-append", self.kernel_cmdline(*(["sandboxd.probe"] if probe else [])),
+            "-drive", "id=root,file=/vm/rootfs.ext4,format=raw,if=none,readonly=on",
+            "-device", "virtio-blk-device,drive=root",
+            "-object", "rng-random,id=rng,filename=/dev/urandom",
+            "-device", "virtio-rng-device,rng=rng",
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]  # fmt: skip
+        if agent_fd is not None:
+            argv += [
+                "-device", "virtio-serial-device",
+                "-chardev", f"socket,id=agent,fd={agent_fd}",
+                "-device", f"virtserialport,chardev=agent,name={initramfs.AGENT_PORT_NAME}",
+            ]  # fmt: skip
+        if qmp_fd is not None:
+            argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control"]
+        if incoming:
+            argv += ["-incoming", "defer"]
+        return argv
+
+
+class QemuSandbox(JailedSandbox):
+    """A VM; the job's limits are enforced inside it by the agent (VmConfinement)."""
+
+    def __init__(
+        self,
+        sandbox_id: str,
+        link: AgentLink,
+        child: ChildProcess,
+        cgroup: Cgroup,
+        qmp: QMPClient,
+    ) -> None:
+        super().__init__(sandbox_id, link, child, cgroup, log.getChild(sandbox_id))
+        self.qmp = qmp
+
+    def log_streams(self) -> list[trio.abc.ReceiveStream]:
+        # QEMU's stdout is the guest's serial console.
+        return [s for s in (self.child.stdout, self.child.stderr) if s is not None]
+
+    def apply_limits(self, limits: Limits) -> None:
+        """The VM's size is fixed when it starts; the agent applies the rest inside."""
+
+
+def _stream(sock: socket.socket) -> trio.SocketStream:
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+class QemuBackend(Backend):
+    name = "qemu"
+
+    def __init__(
+        self,
+        *,
+        image: Image,
+        agent_source: Path,
+        instance: str,
+        uid_base: int,
+        memory: int,
+        cpus: int,
+        accel: str,
+        run_dir: Path,
+        max_message_bytes: int,
+        snapshot: bool,
+    ) -> None:
+        if image.vm_dir is None:
+            raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
+        self.image = image
+        self.agent_source = agent_source
+        self.instance = instance
+        self.uid_base = uid_base
+        self.accel = accel
+        self.work_dir = run_dir / instance / "vm"
+        self.max_message_bytes = max_message_bytes
+        self.use_snapshot = snapshot
+        self.layout = VmLayout(
+            vm_dir=image.vm_dir,
+            initramfs=self.work_dir / "initramfs.img",  # made in start()
+            memory=memory,
+            cpus=cpus,
+            accel=accel,
+            hz=int(image.manifest["vm"].get("hz", 250)),
+        )
+        self.cgroups: CgroupLayout | None = None
+        self.snapshot: Path | None = None
+        self.snapshot_note = "not made yet"
+        self.groups = [grp.getgrnam("kvm").gr_gid] if accel == "kvm" and _has_group("kvm") else []
+
+    @property
+    def isolation(self) -> str:  # type: ignore[override]
+        how = "KVM" if self.accel == "kvm" else "software emulation (TCG), slow"
+        return f"QEMU microVM ({how}); QEMU jailed (bubblewrap, own uid, cgroup, seccomp)"
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "accel": self.accel, "snapshot": self.snapshot_note}
+
+    @staticmethod
+    def probe(image: Image, agent_source: Path, allow_tcg: bool) -> tuple[str, str]:
+        """(accel, why) if QEMU can run VMs here; LaunchError saying why not.
+
+        KVM is tried by really booting the image's kernel with an initramfs that powers
+        off at once: /dev/kvm may exist and still not run an ordinary guest.
+        """
+        if shutil.which(QEMU) is None:
+            raise LaunchError(f"{QEMU} is not installed (apt install qemu-system-x86)")
+        if image.vm_dir is None:
+            raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
+        why_not_kvm = _kvm_boots(image, agent_source)
+        if why_not_kvm is None:
+            return "kvm", "KVM boots the guest kernel here"
+        if not allow_tcg:
+            raise LaunchError(
+                f"no usable KVM ({why_not_kvm}) and software emulation "
+                "is not allowed (backend.allow_tcg)"
+            )
+        return "tcg", f"no usable KVM ({why_not_kvm}): software emulation (TCG)"
+
+    async def start(self) -> None:
+        self.cgroups = CgroupLayout.detect()
+        found = await self.cgroups.sweep(self.instance)
+        if found:
+            log.warning("removed %d sandbox(es) left by an earlier daemon", found)
+        self.cgroups.prepare(self.instance)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.work_dir.mkdir(parents=True, mode=0o755)
+        self.work_dir.parent.chmod(0o755)
+        image = self.image
+        assert image.vm_dir is not None
+        data = initramfs.build(
+            image.vm_dir, image.manifest["vm"]["modules"], self.agent_source.read_bytes()
+        )
+        self.layout.initramfs.write_bytes(data)
+        self.layout.initramfs.chmod(0o644)
+        if self.use_snapshot:
+            await self._make_snapshot()
+        else:
+            self.snapshot_note = "off (backend.snapshot = false): every VM cold-boots"
+
+    async def _make_snapshot(self) -> None:
+        """Boot one VM to agent-ready and save it; pool VMs restore it."""
+        path = self.work_dir / "snapshot.bin"
+        started = trio.current_time()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                async with self._vm(slot=0, start_timeout=120) as sandbox:
+                    await sandbox.qmp.execute("stop")
+                    await sandbox.qmp.send_fd("snapshot", fd)
+                    await _migrate(sandbox.qmp, "migrate", uri="fd:snapshot")
+            finally:
+                os.close(fd)
+        except SandboxError as exc:
+            path.unlink(missing_ok=True)
+            self.snapshot_note = f"failed ({exc.message}): every VM cold-boots"
+            log.warning("snapshot %s", self.snapshot_note)
+            return
+        path.chmod(0o644)
+        self.snapshot = path
+        seconds = trio.current_time() - started
+        self.snapshot_note = (
+            f"pool VMs restore a snapshot ({path.stat().st_size >> 20} MiB, "
+            f"made in {seconds:.1f} s)"
+        )
+        log.info("snapshot: %s", self.snapshot_note)
+
+    @asynccontextmanager
+    async def open_sandbox(self, slot: int, start_timeout: float) -> AsyncIterator[Sandbox]:
+        async with AsyncExitStack() as stack:
+            sandbox: Sandbox | None = None
+            if self.snapshot is not None:
+                try:
+                    sandbox = await stack.enter_async_context(
+                        self._vm(slot, start_timeout, restore=self.snapshot)
+                    )
+                except LaunchError as exc:
+                    self.snapshot = None
+                    self.snapshot_note = f"restore failed ({exc.message}): VMs cold-boot"
+                    log.warning("snapshot %s", self.snapshot_note)
+            if sandbox is None:
+                sandbox = await stack.enter_async_context(self._vm(slot, start_timeout))
+            yield sandbox
+
+    @asynccontextmanager
+    async def _vm(
+        self,
+        slot: int,
+        start_timeout: float,
+        *,
+        restore: Path | None = None,
+    ) -> AsyncIterator[QemuSandbox]:
+        """A running VM, cold-booted or restored from ``restore``, with a ready agent."""
+        assert self.cgroups is not None, "start() first"
+        sandbox_id = uuid.uuid4().hex[:12]
+        agent_host, agent_vm = socket.socketpair()
+        qmp_host, qmp_vm = socket.socketpair()
+        fds = [agent_vm.fileno(), qmp_vm.fileno()]
+        qemu = self.layout.qemu_argv(agent_vm.fileno(), qmp_vm.fileno(), incoming=bool(restore))
+        argv = [*self.layout.jail_argv(), "--", *qemu]
+        jail = jailed(
+            self.cgroups,
+            self.instance,
+            sandbox_id,
+            self.uid_base + slot,
+            argv,
+            pass_fds=fds,
+            groups=self.groups,
+            stdout=True,
+            stderr=True,
+        )
+        try:
+            async with jail as (child, cgroup):
+                agent_vm.close()
+                qmp_vm.close()
+                cgroup.set_limits(
+                    memory_bytes=self.layout.memory + QEMU_OVERHEAD,
+                    processes=256,
+                    cpus=self.layout.cpus,
+                )
+                channel = _stream(agent_host)
+                link = AgentLink(channel, channel, max_line=self.max_message_bytes)
+                sandbox = QemuSandbox(sandbox_id, link, child, cgroup, QMPClient(_stream(qmp_host)))
+
+                async def start() -> None:
+                    await sandbox.qmp.start()
+                    if restore is not None:
+                        with restore.open("rb") as snapshot:
+                            await sandbox.qmp.send_fd("snapshot", snapshot.fileno())
+                        await _migrate(sandbox.qmp, "migrate-incoming", uri="fd:snapshot")
+                        await sandbox.qmp.execute("cont")
+                    await link.handshake()
+
+                await sandbox.become_ready(start, argv, start_timeout)
+                async with sandbox.supervised():
+                    yield sandbox
+        finally:
+            for sock in (agent_host, agent_vm, qmp_host, qmp_vm):
+                sock.close()
+        sandbox.set_state(SandboxState.STOPPED)
+
+    async def aclose(self) -> None:
+        if self.cgroups is not None:
+            await self.cgroups.sweep(self.instance, remove_parents=True)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        with_parent = self.work_dir.parent
+        if with_parent.exists() and not any(with_parent.iterdir()):
+            with_parent.rmdir()
+
+
+async def _migrate(qmp: QMPClient, command: str, uri: str) -> None:
+    """Save (``migrate``) or restore (``migrate-incoming``) and wait until it is done."""
+    await qmp.execute(
+        "migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}]
+    )
+    await qmp.execute(command, uri=uri)
+    event = await qmp.wait_event(
+        "MIGRATION", lambda data: data.get("status") in ("completed", "failed", "cancelled")
+    )
+    if event["data"]["status"] != "completed":
+        raise LaunchError(f"{command} ended {event['data']['status']}")
+
+
+def _has_group(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _kvm_boots(image: Image, agent_source: Path) -> str | None:
+    """None if KVM boots the image's kernel to its initramfs; else why not."""
+    if not os.path.exists("/dev/kvm"):
+        return "no /dev/kvm"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible"
+    assert image.vm_dir is not None
+    with tempfile.TemporaryDirectory(prefix="sandboxd-kvm-probe-") as tmp:
+        ramdisk = Path(tmp) / "initramfs.img"
+        ramdisk.write_bytes(
+            initramfs.build(
+                image.vm_dir, image.manifest["vm"]["modules"], agent_source.read_bytes()
+            )
+        )
+        layout = VmLayout(image.vm_dir, ramdisk, 256 * 2**20, 1, "kvm", 250)
+        argv = [*layout.jail_argv(), "--", *layout.qemu_argv(None, None, probe=True)]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return f"a KVM guest did not boot within {PROBE_TIMEOUT:g} s"
+    if "sandboxd-probe-ok" in done.stdout:
+        return None
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return f"a KVM guest failed: {lines[-1] if lines else f'exit code {done.returncode}'}"
