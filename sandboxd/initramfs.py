@@ -1,14 +1,13 @@
 """The VMs' initramfs: busybox, the virtio modules, ``guest/init.sh`` and the running
 daemon's agent, packed as a gzip'd cpio (newc) archive.
 
-Built at daemon start from the image's VM artifacts (so the agent always matches the
-daemon), and cached by the hash of what went into it.
+Built in memory at daemon start from the image's VM artifacts, so the agent always
+matches the daemon; each VM gets it through a memfd.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import stat
 from importlib import resources
 from pathlib import Path
@@ -75,19 +74,3 @@ def build(vm_dir: Path, modules: list[str], agent: bytes) -> bytes:
     archive.add("modules.order", stat.S_IFREG | 0o644, "\n".join(modules).encode() + b"\n")
     archive.add("agent.py", stat.S_IFREG | 0o644, agent)
     return gzip.compress(archive.close(), compresslevel=1)
-
-
-def cached(vm_dir: Path, modules: list[str], agent: bytes, cache: Path) -> Path:
-    """The initramfs as a file under ``cache``, built only if its inputs changed."""
-    digest = hashlib.sha256(agent)
-    digest.update(str(vm_dir.resolve()).encode())
-    digest.update(" ".join(modules).encode())
-    digest.update(resources.files("guest").joinpath("init.sh").read_bytes())
-    path = cache / f"initramfs-{digest.hexdigest()[:16]}.img"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_bytes(build(vm_dir, modules, agent))
-        partial.chmod(0o644)
-        partial.rename(path)
-    return path

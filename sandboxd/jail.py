@@ -24,6 +24,15 @@ BWRAP = (
 )  # fmt: skip
 
 
+def data_fd(data: bytes, name: str) -> int:
+    """A memfd holding ``data``, for bubblewrap's --ro-bind-data: what a jail is given
+    this way never has to be readable on the host's disk by the jail's uid."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 def enter(cgroup: Cgroup, uid: int, groups: Sequence[int] = ()) -> None:
     """Pre-exec hook: join the cgroup, then drop to the unprivileged uid for good (keeping
     only ``groups``, e.g. the one that may open /dev/kvm)."""

@@ -154,7 +154,7 @@ class Connection:
         with select.epoll() as poller:
             poller.register(self.stream.socket.fileno(), 0)
             await trio.lowlevel.wait_readable(poller.fileno())
-        log.info("peer pid=%d uid=%d hung up", self.peer.pid, self.peer.uid)
+        log.debug("peer pid=%d uid=%d hung up", self.peer.pid, self.peer.uid)
         self.scope.cancel()
 
 

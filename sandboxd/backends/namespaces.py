@@ -24,7 +24,7 @@ from sandboxd.agent_link import AgentLink
 from sandboxd.backends.base import Backend, JailedSandbox, Sandbox, SandboxState
 from sandboxd.cgroups import Cgroup, CgroupLayout
 from sandboxd.errors import LaunchError
-from sandboxd.jail import BWRAP, jailed
+from sandboxd.jail import BWRAP, data_fd, jailed
 from sandboxd.limits import Limits
 from sandboxd.process import ChildProcess
 
@@ -112,14 +112,6 @@ class NamespacesBackend(Backend):
             log.warning("removed %d sandbox(es) left by an earlier daemon", found)
         self.cgroups.prepare(self.instance)
 
-    def _agent_fd(self) -> int:
-        """A fresh memfd holding the agent, for bubblewrap to copy into the jail: nothing
-        of ours on the host disk has to be readable by the sandbox uids."""
-        fd = os.memfd_create("sandboxd-agent", os.MFD_CLOEXEC)
-        os.write(fd, self.agent)
-        os.lseek(fd, 0, os.SEEK_SET)
-        return fd
-
     def argv(self, agent_fd: int) -> list[str]:
         return [
             *BWRAP,
@@ -144,7 +136,7 @@ class NamespacesBackend(Backend):
     async def open_sandbox(self, slot: int, start_timeout: float) -> AsyncIterator[Sandbox]:
         assert self.cgroups is not None, "start() first"
         sandbox_id = uuid.uuid4().hex[:12]
-        agent_fd = self._agent_fd()
+        agent_fd = data_fd(self.agent, "sandboxd-agent")
         argv = self.argv(agent_fd)
         jail = jailed(
             self.cgroups,

@@ -21,7 +21,6 @@ import re
 import shutil
 import socket
 import subprocess
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -37,7 +36,7 @@ from sandboxd.backends.base import Backend, JailedSandbox, Sandbox, SandboxState
 from sandboxd.cgroups import Cgroup, CgroupLayout
 from sandboxd.errors import LaunchError, SandboxError
 from sandboxd.images import Image
-from sandboxd.jail import BWRAP, jailed
+from sandboxd.jail import BWRAP, data_fd, jailed
 from sandboxd.limits import Limits
 from sandboxd.process import ChildProcess
 from sandboxd.qmp import QMPClient
@@ -67,7 +66,6 @@ class VmLayout:
     """What every VM of this daemon is made of; restores need the very same devices."""
 
     vm_dir: Path
-    initramfs: Path
     memory: int
     cpus: int
     accel: str  # "kvm" or "tcg"
@@ -80,15 +78,16 @@ class VmLayout:
             words += [f"tsc_early_khz={khz}", f"lpj={khz * 1000 // self.hz}"]
         return " ".join([*words, *extra])
 
-    def jail_argv(self) -> list[str]:
-        """bubblewrap around QEMU: the system's programs and the image, read-only."""
+    def jail_argv(self, initramfs_fd: int) -> list[str]:
+        """bubblewrap around QEMU: the system's programs and the image, read-only; the
+        initramfs copied in from a memfd."""
         argv = [
             *BWRAP,
             "--ro-bind", "/usr", "/usr",
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
             "--symlink", "usr/bin", "/bin",
             "--ro-bind", str(self.vm_dir), "/vm",
-            "--ro-bind", str(self.initramfs), "/initramfs.img",
+            "--ro-bind-data", str(initramfs_fd), "/initramfs.img",
             "--dev", "/dev", "--proc", "/proc",
         ]  # fmt: skip
         if self.accel == "kvm":
@@ -186,9 +185,9 @@ class QemuBackend(Backend):
         self.work_dir = run_dir / instance / "vm"
         self.max_message_bytes = max_message_bytes
         self.use_snapshot = snapshot
+        self.ramdisk = b""  # the initramfs, made in start()
         self.layout = VmLayout(
             vm_dir=image.vm_dir,
-            initramfs=self.work_dir / "initramfs.img",  # made in start()
             memory=memory,
             cpus=cpus,
             accel=accel,
@@ -239,11 +238,9 @@ class QemuBackend(Backend):
         self.work_dir.parent.chmod(0o755)
         image = self.image
         assert image.vm_dir is not None
-        data = initramfs.build(
+        self.ramdisk = initramfs.build(
             image.vm_dir, image.manifest["vm"]["modules"], self.agent_source.read_bytes()
         )
-        self.layout.initramfs.write_bytes(data)
-        self.layout.initramfs.chmod(0o644)
         if self.use_snapshot:
             await self._make_snapshot()
         else:
@@ -306,9 +303,10 @@ class QemuBackend(Backend):
         sandbox_id = uuid.uuid4().hex[:12]
         agent_host, agent_vm = socket.socketpair()
         qmp_host, qmp_vm = socket.socketpair()
-        fds = [agent_vm.fileno(), qmp_vm.fileno()]
+        ramdisk_fd = data_fd(self.ramdisk, "sandboxd-initramfs")
+        fds = [agent_vm.fileno(), qmp_vm.fileno(), ramdisk_fd]
         qemu = self.layout.qemu_argv(agent_vm.fileno(), qmp_vm.fileno(), incoming=bool(restore))
-        argv = [*self.layout.jail_argv(), "--", *qemu]
+        argv = [*self.layout.jail_argv(ramdisk_fd), "--", *qemu]
         jail = jailed(
             self.cgroups,
             self.instance,
@@ -324,6 +322,8 @@ class QemuBackend(Backend):
             async with jail as (child, cgroup):
                 agent_vm.close()
                 qmp_vm.close()
+                os.close(ramdisk_fd)
+                ramdisk_fd = -1
                 cgroup.set_limits(
                     memory_bytes=self.layout.memory + QEMU_OVERHEAD,
                     processes=256,
@@ -348,6 +348,8 @@ class QemuBackend(Backend):
         finally:
             for sock in (agent_host, agent_vm, qmp_host, qmp_vm):
                 sock.close()
+            if ramdisk_fd >= 0:
+                os.close(ramdisk_fd)
         sandbox.set_state(SandboxState.STOPPED)
 
     async def aclose(self) -> None:
@@ -387,19 +389,20 @@ def _kvm_boots(image: Image, agent_source: Path) -> str | None:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is not accessible"
     assert image.vm_dir is not None
-    with tempfile.TemporaryDirectory(prefix="sandboxd-kvm-probe-") as tmp:
-        ramdisk = Path(tmp) / "initramfs.img"
-        ramdisk.write_bytes(
-            initramfs.build(
-                image.vm_dir, image.manifest["vm"]["modules"], agent_source.read_bytes()
-            )
+    ramdisk = initramfs.build(
+        image.vm_dir, image.manifest["vm"]["modules"], agent_source.read_bytes()
+    )
+    layout = VmLayout(image.vm_dir, 256 * 2**20, 1, "kvm", 250)
+    fd = data_fd(ramdisk, "sandboxd-probe-initramfs")
+    argv = [*layout.jail_argv(fd), "--", *layout.qemu_argv(None, None, probe=True)]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT, pass_fds=[fd]
         )
-        layout = VmLayout(image.vm_dir, ramdisk, 256 * 2**20, 1, "kvm", 250)
-        argv = [*layout.jail_argv(), "--", *layout.qemu_argv(None, None, probe=True)]
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            return f"a KVM guest did not boot within {PROBE_TIMEOUT:g} s"
+    except subprocess.TimeoutExpired:
+        return f"a KVM guest did not boot within {PROBE_TIMEOUT:g} s"
+    finally:
+        os.close(fd)
     if "sandboxd-probe-ok" in done.stdout:
         return None
     lines = (done.stderr or done.stdout).strip().splitlines()
