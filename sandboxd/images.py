@@ -31,7 +31,7 @@ from sandboxd.errors import ConfigError, LaunchError
 from sandboxd.languages import BY_NAME
 from sandboxd.vm_artifacts import build_vm_artifacts
 
-BUILDER_VERSION = 1  # bump when the build itself changes what an image contains
+BUILDER_VERSION = 2  # bump when the build itself changes what an image contains
 Progress = Callable[[str], None]
 
 
