@@ -17,10 +17,12 @@ from typing import Any, ClassVar
 import trio
 
 from sandboxd.agent_link import AgentLink, OutputHandler, StdinChunk, Transcript
-from sandboxd.cgroups import Cgroup
+from sandboxd.cgroups import Cgroup, CgroupLayout
 from sandboxd.errors import AgentError, InternalError, LaunchError, SandboxError, StartTimeout
 from sandboxd.limits import Limits
 from sandboxd.process import ChildProcess, LogTail
+
+log = logging.getLogger(__name__)
 
 # How long past its own limits the host lets a job run before killing the sandbox: the
 # agent enforces the limits itself, this only catches an agent that cannot.
@@ -255,3 +257,22 @@ class Backend(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "isolation": self.isolation}
+
+
+class JailedBackend(Backend):
+    """A backend whose sandboxes are jails in cgroups of this daemon's instance."""
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self.cgroups: CgroupLayout | None = None
+
+    async def start(self) -> None:
+        self.cgroups = CgroupLayout.detect()
+        found = await self.cgroups.sweep(self.instance)
+        if found:
+            log.warning("removed %d sandbox(es) left by an earlier daemon", found)
+        self.cgroups.prepare(self.instance)
+
+    async def aclose(self) -> None:
+        if self.cgroups is not None:
+            await self.cgroups.sweep(self.instance, remove_parents=True)

@@ -21,8 +21,8 @@ from functools import partial
 from pathlib import Path
 
 from sandboxd.agent_link import AgentLink
-from sandboxd.backends.base import Backend, JailedSandbox, Sandbox, SandboxState
-from sandboxd.cgroups import Cgroup, CgroupLayout
+from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, SandboxState
+from sandboxd.cgroups import Cgroup
 from sandboxd.errors import LaunchError
 from sandboxd.jail import BWRAP, data_fd, jailed
 from sandboxd.limits import Limits
@@ -55,7 +55,7 @@ class NamespacesSandbox(JailedSandbox):
             raise LaunchError(f"cannot set the limits of sandbox {self.id}: {exc}") from exc
 
 
-class NamespacesBackend(Backend):
+class NamespacesBackend(JailedBackend):
     name = "namespaces"
     isolation = "namespaces (bubblewrap + cgroup; weaker than a VM: shares the host kernel)"
 
@@ -70,15 +70,14 @@ class NamespacesBackend(Backend):
         workdir_bytes: int,
         max_message_bytes: int,
     ) -> None:
+        super().__init__(instance)
         self.rootfs = rootfs
         self.agent_source = agent_source
         self.agent = b""
-        self.instance = instance
         self.uid_base = uid_base
         self.cpus = cpus
         self.workdir_bytes = workdir_bytes
         self.max_message_bytes = max_message_bytes
-        self.cgroups: CgroupLayout | None = None
 
     @staticmethod
     def probe(uid: int) -> str:
@@ -106,11 +105,7 @@ class NamespacesBackend(Backend):
         if not (self.rootfs / "usr/bin/python3").exists():
             raise LaunchError(f"image root {self.rootfs} has no usr/bin/python3 for the agent")
         self.agent = self.agent_source.read_bytes()
-        self.cgroups = CgroupLayout.detect()
-        found = await self.cgroups.sweep(self.instance)
-        if found:
-            log.warning("removed %d sandbox(es) left by an earlier daemon", found)
-        self.cgroups.prepare(self.instance)
+        await super().start()
 
     def argv(self, agent_fd: int) -> list[str]:
         return [
@@ -163,7 +158,3 @@ class NamespacesBackend(Backend):
             if agent_fd >= 0:
                 os.close(agent_fd)
         sandbox.set_state(SandboxState.STOPPED)
-
-    async def aclose(self) -> None:
-        if self.cgroups is not None:
-            await self.cgroups.sweep(self.instance, remove_parents=True)

@@ -32,8 +32,8 @@ import trio
 
 from sandboxd import initramfs
 from sandboxd.agent_link import AgentLink
-from sandboxd.backends.base import Backend, JailedSandbox, Sandbox, SandboxState
-from sandboxd.cgroups import Cgroup, CgroupLayout
+from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, SandboxState
+from sandboxd.cgroups import Cgroup
 from sandboxd.errors import LaunchError, SandboxError
 from sandboxd.images import Image
 from sandboxd.jail import BWRAP, data_fd, jailed
@@ -158,7 +158,7 @@ def _stream(sock: socket.socket) -> trio.SocketStream:
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
-class QemuBackend(Backend):
+class QemuBackend(JailedBackend):
     name = "qemu"
 
     def __init__(
@@ -177,9 +177,9 @@ class QemuBackend(Backend):
     ) -> None:
         if image.vm_dir is None:
             raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
+        super().__init__(instance)
         self.image = image
         self.agent_source = agent_source
-        self.instance = instance
         self.uid_base = uid_base
         self.accel = accel
         self.work_dir = run_dir / instance / "vm"
@@ -193,7 +193,6 @@ class QemuBackend(Backend):
             accel=accel,
             hz=int(image.manifest["vm"].get("hz", 250)),
         )
-        self.cgroups: CgroupLayout | None = None
         self.snapshot: Path | None = None
         self.snapshot_note = "not made yet"
         self.groups = [grp.getgrnam("kvm").gr_gid] if accel == "kvm" and _has_group("kvm") else []
@@ -228,11 +227,7 @@ class QemuBackend(Backend):
         return "tcg", f"no usable KVM ({why_not_kvm}): software emulation (TCG)"
 
     async def start(self) -> None:
-        self.cgroups = CgroupLayout.detect()
-        found = await self.cgroups.sweep(self.instance)
-        if found:
-            log.warning("removed %d sandbox(es) left by an earlier daemon", found)
-        self.cgroups.prepare(self.instance)
+        await super().start()
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.work_dir.mkdir(parents=True, mode=0o755)
         self.work_dir.parent.chmod(0o755)
@@ -353,8 +348,7 @@ class QemuBackend(Backend):
         sandbox.set_state(SandboxState.STOPPED)
 
     async def aclose(self) -> None:
-        if self.cgroups is not None:
-            await self.cgroups.sweep(self.instance, remove_parents=True)
+        await super().aclose()
         shutil.rmtree(self.work_dir, ignore_errors=True)
         with_parent = self.work_dir.parent
         if with_parent.exists() and not any(with_parent.iterdir()):

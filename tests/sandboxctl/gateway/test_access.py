@@ -80,25 +80,20 @@ async def test_concurrency_limit_per_key(keyed_gateway, daemon, tmp_path):
         gateway.stop()
 
 
-def test_without_keys_it_refuses_to_listen_beyond_loopback(daemon, tmp_path):
+def run_gateway_command(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run sandboxd-gateway with an empty config (no installed config leaks in)."""
     empty = tmp_path / "empty.toml"
     empty.write_text("")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sandboxctl.gateway",
-            "--config",
-            str(empty),
-            "--bind",
-            "0.0.0.0:18999",
-            "--socket",
-            str(daemon.socket),
-        ],
+    return subprocess.run(
+        [sys.executable, "-m", "sandboxctl.gateway", "--config", str(empty), *args],
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_without_keys_it_refuses_to_listen_beyond_loopback(daemon, tmp_path):
+    done = run_gateway_command(tmp_path, "--bind", "0.0.0.0:18999", "--socket", str(daemon.socket))
     assert done.returncode == 1
     assert done.stderr.startswith("Error: ")
     assert "refusing to serve 0.0.0.0 without API keys" in done.stderr
@@ -110,23 +105,6 @@ def test_without_keys_it_refuses_to_listen_beyond_loopback(daemon, tmp_path):
 def test_a_bad_key_file_is_one_clear_line(daemon, tmp_path, line):
     keys = tmp_path / "keys"
     keys.write_text(line + "\n")
-    empty = tmp_path / "empty.toml"
-    empty.write_text("")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sandboxctl.gateway",
-            "--config",
-            str(empty),
-            "--api-keys",
-            str(keys),
-            "--socket",
-            str(daemon.socket),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_gateway_command(tmp_path, "--api-keys", str(keys), "--socket", str(daemon.socket))
     assert done.returncode == 1
     assert done.stderr.startswith(f"Error: {keys}:")
