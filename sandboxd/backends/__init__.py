@@ -9,6 +9,7 @@ emulation only when ``backend.allow_tcg`` says so), then namespaces.
 
 from __future__ import annotations
 
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
             f"{config.source}: backend.name: the firecracker backend is not part of this "
             "version of sandboxd yet; use qemu, namespaces or auto"
         )
-    passed_over = ["firecracker: not part of this version"]
+    passed_over = [
+        f"firecracker: {_firecracker_found()}, but its backend is not part of this version"
+    ]
     if wanted in ("auto", "qemu"):
         try:
             backend, why = _qemu(config, image, allow_tcg=wanted == "qemu")
@@ -66,6 +69,11 @@ def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
         max_message_bytes=_max_agent_message(config),
     )
     return backend, reason
+
+
+def _firecracker_found() -> str:
+    found = [name for name in ("firecracker", "jailer") if shutil.which(name)]
+    return f"{' and '.join(found)} installed" if found else "not installed"
 
 
 def _qemu(config: Config, image: Image, *, allow_tcg: bool) -> tuple[Backend, str]:
