@@ -8,6 +8,7 @@ request may ask for any value up to the maximum. The original service's ``timeou
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,11 @@ class LimitSpec:
 
     def check(self, value: Any, where: str) -> float:
         """Return ``value`` if it is a valid amount of this limit, else raise InvalidParams."""
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise InvalidParams.field(where, f"expected a number of {self.unit}")
         if self.unit != "seconds" and not float(value).is_integer():
             raise InvalidParams.field(where, f"expected a whole number of {self.unit}")
@@ -111,7 +116,7 @@ def resolve_limits(requested: Any, timeout: Any, bounds: Mapping[str, LimitBound
     if timeout is not None:
         if "wall_time" in wanted:
             raise InvalidParams.field("timeout", "give either timeout or limits.wall_time")
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout):
             raise InvalidParams.field("timeout", "expected a number of seconds")
         if timeout > 0:  # the original service read <= 0 as "use the default"
             wanted["wall_time"] = timeout

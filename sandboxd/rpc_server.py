@@ -61,10 +61,13 @@ def _feed_stdin(connection: Connection, params: Any) -> None:
     unknown = sorted(set(params) - {"id", "data", "eof"})
     if unknown:
         raise InvalidParams.field(unknown[0], "unknown field (known: id, data, eof)")
+    request_id = params.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int):
+        raise InvalidParams.field("id", "expected the id (string or integer) of an execute")
     data, eof = unicode_text(params.get("data", ""), "data"), params.get("eof", False)
     if not isinstance(eof, bool):
         raise InvalidParams.field("eof", "expected true or false")
-    connection.feed_stdin(params.get("id"), data, eof)
+    connection.feed_stdin(request_id, data, eof)
 
 
 def _stdin_notification(connection: Connection, line: bytes) -> bool:
@@ -253,6 +256,14 @@ class RpcServer:
         self._accepting.cancel()
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._serve_connection_unguarded(stream)
+        except Exception:
+            # No client may take the daemon down: a bug met on one connection ends
+            # that connection only (with the traceback in the log).
+            log.exception("connection ended by an internal error")
+
+    async def _serve_connection_unguarded(self, stream: trio.SocketStream) -> None:
         async with stream:
             with trio.CancelScope() as scope:
                 connection = Connection(stream, scope)

@@ -43,8 +43,10 @@ def test_a_bad_config_stops_with_one_line(tmp_path):
 
 def test_a_daemon_without_its_image_says_how_to_build_it(tmp_path):
     config = tmp_path / "empty-state.toml"
-    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\nrun_dir = "{tmp_path}/run"\n'
-                      f'socket = "{tmp_path}/s.sock"\nname = "sbxnoimage"\n')
+    config.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path}"\nrun_dir = "{tmp_path}/run"\n'
+        f'socket = "{tmp_path}/s.sock"\nname = "sbxnoimage"\n'
+    )
     result = CliRunner().invoke(main, ["run", "--config", str(config)])
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: no image for the current recipe")

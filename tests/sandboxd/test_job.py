@@ -153,3 +153,17 @@ def test_strings_must_be_valid_unicode(params, field):
 def test_memory_has_a_minimum_the_agent_fits_in():
     with pytest.raises(InvalidParams, match="at least 33554432 bytes"):
         job(limits={"memory_bytes": 2471})
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"timeout": float("nan")}, "timeout"),
+        ({"limits": {"wall_time": float("inf")}}, "limits.wall_time"),
+        ({"limits": {"cpu_time": float("nan")}}, "limits.cpu_time"),
+    ],
+)
+def test_limits_must_be_finite_numbers(params, field):
+    with pytest.raises(InvalidParams) as caught:
+        job(**params)
+    assert caught.value.data["field"] == field

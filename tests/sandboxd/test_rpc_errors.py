@@ -183,3 +183,35 @@ def test_methods_without_params_refuse_params(client):
     with pytest.raises(InvalidParams) as caught:
         client.call("health", {"verbose": True})
     assert caught.value.data["field"] == "verbose"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"jsonrpc": "2.0", "method": "execute.stdin", "params": {"id": [1], "data": "x"}}',
+        b'{"jsonrpc": "2.0", "method": "execute.stdin", "params": {"id": {"a": 1}}}',
+        b'{"jsonrpc": "2.0", "method": "execute.stdin", "params": [1, 2]}',
+        b'{"jsonrpc": "2.0", "method": "execute.stdin", "params": "x"}',
+        b'{"jsonrpc": "2.0", "method": "execute.stdin", "params": {"id": 1, "data": 5}}',
+        b'{"jsonrpc": "2.0", "method": "execute", "params": {"language": ["py"], "code": ""}, '
+        b'"id": 1}',
+        b'{"jsonrpc": "2.0", "method": "execute", "params": {"language": "py", "code": "", '
+        b'"timeout": NaN}, "id": 1}',
+        b'{"jsonrpc": "2.0", "method": "execute", "params": {"language": "py", "code": "", '
+        b'"limits": {"memory_bytes": 1e400}}, "id": 1}',
+        b'{"jsonrpc": "2.0", "method": "execute", "id": {"not": "an id"}}',
+        b'[{"jsonrpc": "2.0"}, 7, null, []]',
+        b'"just a string"',
+        b"\xff\xfe\x00garbage",
+        b"[" * 100_000,
+    ],
+)
+def test_malformed_messages_never_take_the_daemon_down(daemon, line):
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(daemon.socket))
+        sock.sendall(line + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):
+            pass
+    assert daemon.client.health()["status"] == "healthy"
