@@ -639,6 +639,7 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
     return {"status": status, "message": message, **result}
 
 
+PR_SET_DUMPABLE = 4
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 
@@ -724,6 +725,9 @@ def main(argv: list[str] | None = None) -> int:
         help="bytes of the VM's memory kept for the agent and the kernel",
     )
     options = parser.parse_args(argv)
+    # Not dumpable: the program (same uid in a jail) can then neither ptrace the agent
+    # nor open its /proc files to read or rewrite its memory and forge a result.
+    ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0)
     if options.vm_port:
         os.makedirs(options.workdir, exist_ok=True)
         fd = open_port(options.vm_port)

@@ -328,3 +328,19 @@ def _children(pid: int) -> list[str]:
             return children.read().split()
     except OSError:
         return []
+
+
+def test_the_program_cannot_reach_the_agents_channel_or_memory(client):
+    code = (
+        "import os\n"
+        "for path, flags in (('/proc/1/fd/0', os.O_RDONLY), ('/proc/1/fd/1', os.O_WRONLY),\n"
+        "                    ('/proc/1/mem', os.O_RDONLY), ('/proc/1/environ', os.O_RDONLY)):\n"
+        "    try:\n"
+        "        os.close(os.open(path, flags))\n"
+        "        print('opened', path)\n"
+        "    except OSError as e:\n"
+        "        print('refused', path, e.errno)\n"
+    )
+    result = client.execute("python", code)
+    assert "opened" not in result.stdout, result.stdout
+    assert result.stdout.count("refused") == 4
