@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
+from sandboxd import seccomp
 from sandboxd.agent_link import AgentLink
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, SandboxState
 from sandboxd.cgroups import Cgroup
@@ -57,7 +58,7 @@ class NamespacesSandbox(JailedSandbox):
 
 class NamespacesBackend(JailedBackend):
     name = "namespaces"
-    isolation = "namespaces (bubblewrap + cgroup; weaker than a VM: shares the host kernel)"
+    isolation = "namespaces (bubblewrap, seccomp, cgroup; weaker than a VM: shares the host kernel)"
 
     def __init__(
         self,
@@ -107,9 +108,10 @@ class NamespacesBackend(JailedBackend):
         self.agent = self.agent_source.read_bytes()
         await super().start()
 
-    def argv(self, agent_fd: int) -> list[str]:
+    def argv(self, agent_fd: int, seccomp_fd: int | None) -> list[str]:
         return [
             *BWRAP,
+            *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
             "--uid", str(JAIL_ID), "--gid", str(JAIL_ID),
             "--hostname", "sandbox",
             "--ro-bind", str(self.rootfs), "/",
@@ -131,23 +133,26 @@ class NamespacesBackend(JailedBackend):
     async def open_sandbox(self, slot: int, start_timeout: float) -> AsyncIterator[Sandbox]:
         assert self.cgroups is not None, "start() first"
         sandbox_id = uuid.uuid4().hex[:12]
-        agent_fd = data_fd(self.agent, "sandboxd-agent")
-        argv = self.argv(agent_fd)
+        fds = [data_fd(self.agent, "sandboxd-agent")]
+        if seccomp.supported():
+            fds.append(data_fd(seccomp.filter_program(), "sandboxd-seccomp"))
+        argv = self.argv(fds[0], fds[1] if len(fds) > 1 else None)
         jail = jailed(
             self.cgroups,
             self.instance,
             sandbox_id,
             self.uid_base + slot,
             argv,
-            pass_fds=[agent_fd],
+            pass_fds=fds,
             stdin=True,
             stdout=True,
             stderr=True,
         )
         try:
             async with jail as (child, cgroup):
-                os.close(agent_fd)
-                agent_fd = -1
+                for fd in fds:
+                    os.close(fd)
+                fds = []
                 assert child.stdin and child.stdout
                 link = AgentLink(child.stdin, child.stdout, max_line=self.max_message_bytes)
                 sandbox = NamespacesSandbox(sandbox_id, link, child, cgroup, self.cpus)
@@ -155,6 +160,6 @@ class NamespacesBackend(JailedBackend):
                 async with sandbox.supervised():
                     yield sandbox
         finally:
-            if agent_fd >= 0:
-                os.close(agent_fd)
+            for fd in fds:
+                os.close(fd)
         sandbox.set_state(SandboxState.STOPPED)

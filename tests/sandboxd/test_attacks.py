@@ -344,3 +344,22 @@ def test_the_program_cannot_reach_the_agents_channel_or_memory(client):
     result = client.execute("python", code)
     assert "opened" not in result.stdout, result.stdout
     assert result.stdout.count("refused") == 4
+
+
+def test_kernel_interfaces_exploits_start_from_are_refused(client):
+    from sandboxd.seccomp import DENIED_X86_64
+
+    names = ["bpf", "keyctl", "perf_event_open", "userfaultfd", "io_uring_setup", "ptrace",
+             "mount", "unshare", "add_key", "open_by_handle_at", "init_module", "kexec_load"]
+    code = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        f"for name, nr in {[(n, DENIED_X86_64[n]) for n in names]}:\n"
+        "    result = libc.syscall(nr, 0, 0, 0, 0, 0)\n"
+        "    print(name, result, ctypes.get_errno())\n"
+        "print('getpid', libc.syscall(39) == os.getpid())\n"
+    )
+    result = client.execute("python", code)
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "getpid True"
+    assert lines[:-1] == [f"{name} -1 1" for name in names]  # EPERM from the filter
