@@ -2,8 +2,9 @@
 
 Each sandbox is bubblewrap started as its own unprivileged host uid (so nothing in it
 is root anywhere, even outside its namespaces) with every namespace unshared (its only
-network interface is lo), no capabilities, no further user namespaces, a new session,
-the image's root tree read-only, and a private tmpfs as working directory. The agent
+network interface is lo), no capabilities, no further user namespaces, a seccomp
+filter (sandboxd.seccomp), a new session, the image's root tree read-only, and a private
+tmpfs as working directory. The agent
 talks over the jail's stdin/stdout. This is weaker than a VM: sandboxes share the host
 kernel. It exists so the product works, and tests fast, on hosts without usable KVM.
 """
