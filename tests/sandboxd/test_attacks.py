@@ -349,8 +349,20 @@ def test_the_program_cannot_reach_the_agents_channel_or_memory(client):
 def test_kernel_interfaces_exploits_start_from_are_refused(client):
     from sandboxd.seccomp import DENIED_X86_64
 
-    names = ["bpf", "keyctl", "perf_event_open", "userfaultfd", "io_uring_setup", "ptrace",
-             "mount", "unshare", "add_key", "open_by_handle_at", "init_module", "kexec_load"]
+    names = [
+        "bpf",
+        "keyctl",
+        "perf_event_open",
+        "userfaultfd",
+        "io_uring_setup",
+        "ptrace",
+        "mount",
+        "unshare",
+        "add_key",
+        "open_by_handle_at",
+        "init_module",
+        "kexec_load",
+    ]
     code = (
         "import ctypes, os\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
