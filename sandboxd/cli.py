@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import trio
 
 from sandboxd import __version__
 from sandboxd.config import BACKEND_NAMES, Config, load_config
-from sandboxd.errors import SandboxError
+from sandboxd.errors import ConfigError, SandboxError
 from sandboxd.images import ImageStore
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -45,6 +46,11 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def _need_root(command: str, why: str) -> None:
+    if os.geteuid() != 0:
+        raise ConfigError(f"{command} needs root: {why} (use sudo)")
 
 
 class _Fail:
@@ -88,6 +94,7 @@ def run(
     from sandboxd.daemon import run_daemon
 
     with _Fail(debug):
+        _need_root("sandboxd run", "it makes jails, cgroups and VMs")
         config = _load(
             config_file,
             **{
@@ -112,6 +119,7 @@ def image() -> None:
 def image_build(config_file: Path | None, debug: bool, force: bool) -> None:
     """Build the image of the current recipe (cached: a no-op when unchanged)."""
     with _Fail(debug):
+        _need_root("sandboxd image build", "mmdebstrap builds the root tree as root")
         config = _load(config_file)
         store = ImageStore(config.daemon.state_dir)
         built = store.build(lambda line: click.echo(line, err=True), force=force)

@@ -38,9 +38,13 @@ DRAIN_TIMEOUT = 30.0
 @contextmanager
 def instance_lock(config: Config) -> Iterator[None]:
     """Hold ``<run_dir>/<name>.lock`` so two daemons never manage the same sandboxes."""
-    config.daemon.run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
     path = config.daemon.run_dir / f"{config.daemon.name}.lock"
-    with open(path, "a+") as lock:
+    try:
+        config.daemon.run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        lock = open(path, "a+")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the lock file {path}: {exc.strerror}") from exc
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

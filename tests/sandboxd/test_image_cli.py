@@ -52,3 +52,32 @@ def test_a_daemon_without_its_image_says_how_to_build_it(tmp_path):
     assert result.stderr.startswith("Error: no image for the current recipe")
     assert "sudo sandboxd image build" in result.stderr
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_the_daemon_and_the_image_build_say_they_need_root(tmp_path):
+    # In a child that has become nobody: one line each, no traceback.
+    import os
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            answers = [CliRunner().invoke(main, args) for args in (["run"], ["image", "build"])]
+            os.write(write_end, json.dumps([[a.exit_code, a.stderr] for a in answers]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        answers = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    assert answers == [
+        [1, "Error: sandboxd run needs root: it makes jails, cgroups and VMs (use sudo)\n"],
+        [
+            1,
+            "Error: sandboxd image build needs root: mmdebstrap builds the root tree as root "
+            "(use sudo)\n",
+        ],
+    ]
