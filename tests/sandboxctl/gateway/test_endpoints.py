@@ -9,6 +9,7 @@ import httpx
 from sandboxctl.gateway.http_errors import HTTP_STATUS
 from sandboxd import errors
 from tests.daemon_process import start_gateway
+from tests.host_state import wait_for
 
 
 def test_health_has_the_original_fields_and_more(http):
@@ -116,12 +117,18 @@ def test_one_structured_log_line_per_request(gateway, http):
     request_id = http.post("/execute", json={"language": "python", "code": "print(1)"}).json()[
         "request_id"
     ]
-    lines = [
-        json.loads(line.split("sandboxd.gateway.access: ", 1)[1])
-        for line in gateway.log().splitlines()
-        if "sandboxd.gateway.access: " in line
-    ]
-    [line] = [entry for entry in lines if entry["request_id"] == request_id]
+
+    def lines_of_the_request() -> list[dict]:
+        entries = [
+            json.loads(line.split("sandboxd.gateway.access: ", 1)[1])
+            for line in gateway.log().splitlines()
+            if "sandboxd.gateway.access: " in line
+        ]
+        return [entry for entry in entries if entry["request_id"] == request_id]
+
+    # The line is written once the answer has gone out: it may trail it a little.
+    assert wait_for(lambda: bool(lines_of_the_request()), timeout=10)
+    [line] = lines_of_the_request()
     assert (line["path"], line["status"], line["language"], line["result"]) == (
         "/execute",
         200,
