@@ -57,23 +57,38 @@ async def jailed(
     stderr: bool = False,
 ) -> AsyncIterator[tuple[ChildProcess, Cgroup]]:
     """Run ``argv`` as ``uid`` in a new cgroup ``name``; on the way out the process is
-    killed and reaped and the cgroup removed, whatever happened."""
-    cgroup = cgroups.sandbox(instance, name)
-    cgroup.create()
+    killed and reaped and the cgroup removed, whatever happened.
+
+    ``pass_fds`` are handed over: they are closed here once the child holds them.
+    """
     try:
-        child = spawn(
-            argv,
-            cwd="/",
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            preexec=partial(enter, cgroup, uid, groups),
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            pass_fds=pass_fds,
-        )
+        cgroup = cgroups.sandbox(instance, name)
+        cgroup.create()
+    except BaseException:
+        _close(pass_fds)
+        raise
+    try:
+        try:
+            child = spawn(
+                argv,
+                cwd="/",
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                preexec=partial(enter, cgroup, uid, groups),
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                pass_fds=pass_fds,
+            )
+        finally:
+            _close(pass_fds)
         try:
             yield child, cgroup
         finally:
             await child.aclose()
     finally:
         await cgroup.destroy()
+
+
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -9,7 +9,8 @@ import enum
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,6 +20,7 @@ import trio
 from sandboxd.agent_link import AgentLink, OutputHandler, StdinChunk, Transcript
 from sandboxd.cgroups import Cgroup, CgroupLayout
 from sandboxd.errors import AgentError, InternalError, LaunchError, SandboxError, StartTimeout
+from sandboxd.jail import jailed
 from sandboxd.limits import Limits
 from sandboxd.process import ChildProcess, LogTail
 
@@ -262,9 +264,21 @@ class Backend(abc.ABC):
 class JailedBackend(Backend):
     """A backend whose sandboxes are jails in cgroups of this daemon's instance."""
 
-    def __init__(self, instance: str) -> None:
+    def __init__(self, instance: str, uid_base: int) -> None:
         self.instance = instance
+        self.uid_base = uid_base
         self.cgroups: CgroupLayout | None = None
+
+    def jail(
+        self, slot: int, argv: Sequence[str], **options: Any
+    ) -> AbstractAsyncContextManager[tuple[ChildProcess, Cgroup]]:
+        """A new sandbox's jail: its own id (and cgroup), the uid of its slot.
+        ``options`` as for :func:`sandboxd.jail.jailed`."""
+        assert self.cgroups is not None, "start() first"
+        sandbox_id = uuid.uuid4().hex[:12]
+        return jailed(
+            self.cgroups, self.instance, sandbox_id, self.uid_base + slot, argv, **options
+        )
 
     async def start(self) -> None:
         self.cgroups = CgroupLayout.detect()

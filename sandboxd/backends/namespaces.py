@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import subprocess
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -26,7 +25,7 @@ from sandboxd.agent_link import AgentLink
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, SandboxState
 from sandboxd.cgroups import Cgroup
 from sandboxd.errors import LaunchError
-from sandboxd.jail import BWRAP, data_fd, jailed
+from sandboxd.jail import BWRAP, data_fd
 from sandboxd.limits import Limits
 from sandboxd.process import ChildProcess
 
@@ -72,11 +71,10 @@ class NamespacesBackend(JailedBackend):
         workdir_bytes: int,
         max_message_bytes: int,
     ) -> None:
-        super().__init__(instance)
+        super().__init__(instance, uid_base)
         self.rootfs = rootfs
         self.agent_source = agent_source
         self.agent = b""
-        self.uid_base = uid_base
         self.cpus = cpus
         self.workdir_bytes = workdir_bytes
         self.max_message_bytes = max_message_bytes
@@ -132,35 +130,16 @@ class NamespacesBackend(JailedBackend):
 
     @asynccontextmanager
     async def open_sandbox(self, slot: int, start_timeout: float) -> AsyncIterator[Sandbox]:
-        assert self.cgroups is not None, "start() first"
-        sandbox_id = uuid.uuid4().hex[:12]
         fds = [data_fd(self.agent, "sandboxd-agent")]
         if seccomp.supported():
             fds.append(data_fd(seccomp.filter_program(), "sandboxd-seccomp"))
         argv = self.argv(fds[0], fds[1] if len(fds) > 1 else None)
-        jail = jailed(
-            self.cgroups,
-            self.instance,
-            sandbox_id,
-            self.uid_base + slot,
-            argv,
-            pass_fds=fds,
-            stdin=True,
-            stdout=True,
-            stderr=True,
-        )
-        try:
-            async with jail as (child, cgroup):
-                for fd in fds:
-                    os.close(fd)
-                fds = []
-                assert child.stdin and child.stdout
-                link = AgentLink(child.stdin, child.stdout, max_line=self.max_message_bytes)
-                sandbox = NamespacesSandbox(sandbox_id, link, child, cgroup, self.cpus)
-                await sandbox.become_ready(link.handshake, argv, start_timeout)
-                async with sandbox.supervised():
-                    yield sandbox
-        finally:
-            for fd in fds:
-                os.close(fd)
+        jail = self.jail(slot, argv, pass_fds=fds, stdin=True, stdout=True, stderr=True)
+        async with jail as (child, cgroup):
+            assert child.stdin and child.stdout
+            link = AgentLink(child.stdin, child.stdout, max_line=self.max_message_bytes)
+            sandbox = NamespacesSandbox(cgroup.name, link, child, cgroup, self.cpus)
+            await sandbox.become_ready(link.handshake, argv, start_timeout)
+            async with sandbox.supervised():
+                yield sandbox
         sandbox.set_state(SandboxState.STOPPED)

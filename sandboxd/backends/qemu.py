@@ -21,7 +21,6 @@ import re
 import shutil
 import socket
 import subprocess
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, Sandbo
 from sandboxd.cgroups import Cgroup
 from sandboxd.errors import LaunchError, SandboxError
 from sandboxd.images import Image
-from sandboxd.jail import BWRAP, data_fd, jailed
+from sandboxd.jail import BWRAP, data_fd
 from sandboxd.limits import Limits
 from sandboxd.process import ChildProcess
 from sandboxd.qmp import QMPClient
@@ -177,10 +176,9 @@ class QemuBackend(JailedBackend):
     ) -> None:
         if image.vm_dir is None:
             raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
-        super().__init__(instance)
+        super().__init__(instance, uid_base)
         self.image = image
         self.agent_source = agent_source
-        self.uid_base = uid_base
         self.accel = accel
         self.work_dir = run_dir / instance / "vm"
         self.max_message_bytes = max_message_bytes
@@ -294,31 +292,15 @@ class QemuBackend(JailedBackend):
         restore: Path | None = None,
     ) -> AsyncIterator[QemuSandbox]:
         """A running VM, cold-booted or restored from ``restore``, with a ready agent."""
-        assert self.cgroups is not None, "start() first"
-        sandbox_id = uuid.uuid4().hex[:12]
         agent_host, agent_vm = socket.socketpair()
         qmp_host, qmp_vm = socket.socketpair()
-        ramdisk_fd = data_fd(self.ramdisk, "sandboxd-initramfs")
-        fds = [agent_vm.fileno(), qmp_vm.fileno(), ramdisk_fd]
-        qemu = self.layout.qemu_argv(agent_vm.fileno(), qmp_vm.fileno(), incoming=bool(restore))
-        argv = [*self.layout.jail_argv(ramdisk_fd), "--", *qemu]
-        jail = jailed(
-            self.cgroups,
-            self.instance,
-            sandbox_id,
-            self.uid_base + slot,
-            argv,
-            pass_fds=fds,
-            groups=self.groups,
-            stdout=True,
-            stderr=True,
-        )
-        try:
+        # QEMU gets its ends (and the initramfs) as file descriptors; the jail owns them.
+        fds = [agent_vm.detach(), qmp_vm.detach(), data_fd(self.ramdisk, "sandboxd-initramfs")]
+        qemu = self.layout.qemu_argv(fds[0], fds[1], incoming=bool(restore))
+        argv = [*self.layout.jail_argv(fds[2]), "--", *qemu]
+        jail = self.jail(slot, argv, pass_fds=fds, groups=self.groups, stdout=True, stderr=True)
+        with agent_host, qmp_host:
             async with jail as (child, cgroup):
-                agent_vm.close()
-                qmp_vm.close()
-                os.close(ramdisk_fd)
-                ramdisk_fd = -1
                 cgroup.set_limits(
                     memory_bytes=self.layout.memory + QEMU_OVERHEAD,
                     processes=256,
@@ -326,25 +308,21 @@ class QemuBackend(JailedBackend):
                 )
                 channel = _stream(agent_host)
                 link = AgentLink(channel, channel, max_line=self.max_message_bytes)
-                sandbox = QemuSandbox(sandbox_id, link, child, cgroup, QMPClient(_stream(qmp_host)))
+                qmp = QMPClient(_stream(qmp_host))
+                sandbox = QemuSandbox(cgroup.name, link, child, cgroup, qmp)
 
                 async def start() -> None:
-                    await sandbox.qmp.start()
+                    await qmp.start()
                     if restore is not None:
                         with restore.open("rb") as snapshot:
-                            await sandbox.qmp.send_fd("snapshot", snapshot.fileno())
-                        await _migrate(sandbox.qmp, "migrate-incoming", uri="fd:snapshot")
-                        await sandbox.qmp.execute("cont")
+                            await qmp.send_fd("snapshot", snapshot.fileno())
+                        await _migrate(qmp, "migrate-incoming", uri="fd:snapshot")
+                        await qmp.execute("cont")
                     await link.handshake()
 
                 await sandbox.become_ready(start, argv, start_timeout)
                 async with sandbox.supervised():
                     yield sandbox
-        finally:
-            for sock in (agent_host, agent_vm, qmp_host, qmp_vm):
-                sock.close()
-            if ramdisk_fd >= 0:
-                os.close(ramdisk_fd)
         sandbox.set_state(SandboxState.STOPPED)
 
     async def aclose(self) -> None:
