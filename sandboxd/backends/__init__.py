@@ -78,10 +78,11 @@ def _firecracker_found() -> str:
 
 def _qemu(config: Config, image: Image, *, allow_tcg: bool) -> tuple[Backend, str]:
     """The qemu backend if it can run here (explicitly asked for, TCG is allowed)."""
-    accel, why = QemuBackend.probe(image, agent_source(), allow_tcg or config.backend.allow_tcg)
+    ramdisk = QemuBackend.make_ramdisk(image, agent_source())  # for the probe and the VMs
+    accel, why = QemuBackend.probe(image, ramdisk, allow_tcg or config.backend.allow_tcg)
     backend = QemuBackend(
         image=image,
-        agent_source=agent_source(),
+        ramdisk=ramdisk,
         instance=config.daemon.name,
         uid_base=config.backend.uid_base,
         memory=config.backend.vm_memory,

@@ -164,7 +164,7 @@ class QemuBackend(JailedBackend):
         self,
         *,
         image: Image,
-        agent_source: Path,
+        ramdisk: bytes,
         instance: str,
         uid_base: int,
         memory: int,
@@ -178,12 +178,11 @@ class QemuBackend(JailedBackend):
             raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
         super().__init__(instance, uid_base)
         self.image = image
-        self.agent_source = agent_source
+        self.ramdisk = ramdisk  # the initramfs (see make_ramdisk)
         self.accel = accel
         self.work_dir = run_dir / instance / "vm"
         self.max_message_bytes = max_message_bytes
         self.use_snapshot = snapshot
-        self.ramdisk = b""  # the initramfs, made in start()
         self.layout = VmLayout(
             vm_dir=image.vm_dir,
             memory=memory,
@@ -204,7 +203,17 @@ class QemuBackend(JailedBackend):
         return {**super().describe(), "accel": self.accel, "snapshot": self.snapshot_note}
 
     @staticmethod
-    def probe(image: Image, agent_source: Path, allow_tcg: bool) -> tuple[str, str]:
+    def make_ramdisk(image: Image, agent_source: Path) -> bytes:
+        """The VMs' initramfs for ``image`` with this daemon's agent; LaunchError if the
+        image has no VM artifacts."""
+        if image.vm_dir is None:
+            raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
+        return initramfs.build(
+            image.vm_dir, image.manifest["vm"]["modules"], agent_source.read_bytes()
+        )
+
+    @staticmethod
+    def probe(image: Image, ramdisk: bytes, allow_tcg: bool) -> tuple[str, str]:
         """(accel, why) if QEMU can run VMs here; LaunchError saying why not.
 
         KVM is tried by really booting the image's kernel with an initramfs that powers
@@ -212,9 +221,7 @@ class QemuBackend(JailedBackend):
         """
         if shutil.which(QEMU) is None:
             raise LaunchError(f"{QEMU} is not installed (apt install qemu-system-x86)")
-        if image.vm_dir is None:
-            raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
-        why_not_kvm = _kvm_boots(image, agent_source)
+        why_not_kvm = _kvm_boots(image, ramdisk)
         if why_not_kvm is None:
             return "kvm", "KVM boots the guest kernel here"
         if not allow_tcg:
@@ -229,11 +236,6 @@ class QemuBackend(JailedBackend):
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.work_dir.mkdir(parents=True, mode=0o755)
         self.work_dir.parent.chmod(0o755)
-        image = self.image
-        assert image.vm_dir is not None
-        self.ramdisk = initramfs.build(
-            image.vm_dir, image.manifest["vm"]["modules"], self.agent_source.read_bytes()
-        )
         if self.use_snapshot:
             await self._make_snapshot()
         else:
@@ -354,16 +356,13 @@ def _has_group(name: str) -> bool:
     return True
 
 
-def _kvm_boots(image: Image, agent_source: Path) -> str | None:
+def _kvm_boots(image: Image, ramdisk: bytes) -> str | None:
     """None if KVM boots the image's kernel to its initramfs; else why not."""
     if not os.path.exists("/dev/kvm"):
         return "no /dev/kvm"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is not accessible"
     assert image.vm_dir is not None
-    ramdisk = initramfs.build(
-        image.vm_dir, image.manifest["vm"]["modules"], agent_source.read_bytes()
-    )
     layout = VmLayout(image.vm_dir, 256 * 2**20, 1, "kvm", 250)
     fd = data_fd(ramdisk, "sandboxd-probe-initramfs")
     argv = [*layout.jail_argv(fd), "--", *layout.qemu_argv(None, None, probe=True)]
