@@ -228,6 +228,7 @@ class VmConfinement(Confinement):
         os.setresuid(self.UID, self.UID, self.UID)
 
     def oom_kills(self) -> int:
+        # As sandboxd.cgroups reads it on the host: the agent ships alone, stdlib only.
         try:
             with open(os.path.join(self.CGROUP, "memory.events")) as events:
                 for line in events:

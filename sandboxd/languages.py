@@ -7,7 +7,7 @@ image's manifest lists the runtimes it was built with and their versions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -98,9 +98,6 @@ class LanguageTable:
             for language in self._offered
             for key in (language.name, *language.aliases)
         }
-
-    def __iter__(self) -> Iterator[Language]:
-        return iter(self._offered)
 
     def names(self) -> list[str]:
         return [language.name for language in self._offered]
