@@ -50,12 +50,13 @@ import queue
 import resource
 import selectors
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 PROTOCOL = 1
@@ -662,42 +663,70 @@ def synchronise(message: dict[str, Any], in_vm: bool) -> None:
         time.clock_settime(time.CLOCK_REALTIME, float(message["time"]))
 
 
-def serve(channel: Channel, runner: Runner, in_vm: bool = False) -> int:
-    """Answer every sync with hello, take one job, answer with its result."""
+def next_job(channel: Channel, in_vm: bool) -> dict[str, Any] | None:
+    """Answer every sync with hello until the job comes; None if the host left first
+    (closed the channel, or, on vsock, reset the connection)."""
     try:
-        while True:
-            message = channel.receive()
-            if message is None:
-                return 0  # the host closed the channel: this sandbox was not needed
-            if message.get("type") == "sync":
-                synchronise(message, in_vm)
-                channel.send(
-                    {
-                        "type": "hello",
-                        "protocol": PROTOCOL,
-                        "pid": os.getpid(),
-                        "nonce": message.get("nonce"),
-                    }
-                )
-                continue
-            if message.get("type") != "job":
-                raise JobError(f"expected a job message, got {message.get('type')!r}")
-            result = run_job(message, runner)
-            break
+        while (message := channel.receive()) is not None:
+            if message.get("type") != "sync":
+                if message.get("type") != "job":
+                    raise JobError(f"expected a job message, got {message.get('type')!r}")
+                return message
+            synchronise(message, in_vm)
+            hello = {"type": "hello", "protocol": PROTOCOL, "nonce": message.get("nonce")}
+            channel.send({**hello, "pid": os.getpid()})
+    except ConnectionError:
+        pass
+    return None
+
+
+def serve(channel: Channel, runner_for: Callable[[Channel], Runner], in_vm: bool = False) -> bool:
+    """Take one job from the host on ``channel`` and answer with its result; False if the
+    host went away before sending one (it did not need this sandbox, or, on vsock, a VM
+    restored from a snapshot lost the connection it had when it was saved)."""
+    try:
+        job = next_job(channel, in_vm)
+        if job is None:
+            return False
+        result = run_job(job, runner_for(channel))
     except (JobError, ValueError) as exc:
         result = {"status": "internal_error", "message": f"agent: {exc}"}
     channel.send({"type": "result", **result})
-    return 0
+    return True
 
 
-def open_port(name: str) -> int:
+def open_port(name: str) -> int | None:
     """The virtio-serial port called ``name`` (there is no udev to make its link)."""
     base = "/sys/class/virtio-ports"
     for port in sorted(os.listdir(base)) if os.path.isdir(base) else []:
         with open(os.path.join(base, port, "name")) as label:
             if label.read().strip() == name:
                 return os.open(f"/dev/{port}", os.O_RDWR | os.O_CLOEXEC)
-    raise JobError(f"no virtio-serial port named {name!r}")
+    return None
+
+
+def host_connections(port_name: str, vsock_port: int) -> Iterator[Channel]:
+    """A VM's links to the host: its virtio-serial port if it has one (one link for the
+    VM's life), else every connection the host makes to our vsock port in turn."""
+    fd = open_port(port_name)
+    if fd is not None:
+        yield Channel(fd, os.fdopen(os.dup(fd), "wb"))
+        return
+    try:
+        listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        listener.bind((socket.VMADDR_CID_ANY, vsock_port))
+        listener.listen(1)
+    except OSError as exc:
+        raise JobError(
+            f"no virtio-serial port named {port_name!r} and no vsock port {vsock_port}: {exc}"
+        ) from exc
+    with listener:
+        while True:
+            connection, _ = listener.accept()
+            with connection:
+                fd = connection.fileno()
+                with os.fdopen(os.dup(fd), "wb") as writer:
+                    yield Channel(fd, writer)
 
 
 def power_off() -> None:
@@ -715,10 +744,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the agent is alone in its pid namespace: kill leftovers with kill(-1)",
     )
     parser.add_argument(
-        "--vm-port",
-        metavar="NAME",
-        help="run as PID 1 of a VM, talking on the virtio-serial port NAME",
+        "--vm",
+        action="store_true",
+        help="run as PID 1 of a VM, talking on its virtio-serial port or its vsock port",
     )
+    parser.add_argument("--port-name", default="sandboxd.agent", help="the virtio-serial port")
+    parser.add_argument("--vsock-port", type=int, default=52, help="the vsock port to listen on")
     parser.add_argument(
         "--vm-memory-reserve",
         type=int,
@@ -729,17 +760,19 @@ def main(argv: list[str] | None = None) -> int:
     # Not dumpable: the program (same uid in a jail) can then neither ptrace the agent
     # nor open its /proc files to read or rewrite its memory and forge a result.
     ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0)
-    if options.vm_port:
+    if options.vm:
         os.makedirs(options.workdir, exist_ok=True)
-        fd = open_port(options.vm_port)
-        channel = Channel(fd, os.fdopen(os.dup(fd), "wb"))
-        runner = Runner(channel, options.workdir, True, VmConfinement(options.vm_memory_reserve))
+        confinement = VmConfinement(options.vm_memory_reserve)
         try:
-            return serve(channel, runner, in_vm=True)
+            for channel in host_connections(options.port_name, options.vsock_port):
+                if serve(channel, lambda c: Runner(c, options.workdir, True, confinement), True):
+                    break
         finally:
             power_off()
+        return 0
     channel = Channel(sys.stdin.fileno(), sys.stdout.buffer)
-    return serve(channel, Runner(channel, options.workdir, options.isolated, Confinement()))
+    serve(channel, lambda c: Runner(c, options.workdir, options.isolated, Confinement()))
+    return 0
 
 
 if __name__ == "__main__":

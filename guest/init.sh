@@ -1,6 +1,7 @@
 #!/bin/busybox sh
 # sandboxd's VM init (the initramfs's /init): load the virtio modules, mount the image
-# read-only under a tmpfs overlay, and hand over to the agent as PID 1.
+# read-only under a tmpfs overlay, and hand over to the agent as PID 1, which talks to
+# the host on the virtio-serial port sandboxd.agent if the VM has one, else on vsock.
 # With "sandboxd.probe" on the kernel command line it only proves that the VM boots.
 
 /bin/busybox --install -s /bin
@@ -16,6 +17,12 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for module in $(cat /modules.order); do
     insmod "/modules/$module.ko" || fail "cannot load module $module"
+done
+vsock_port=52  # the agent's, when the VM has vsock: sandboxd.agent_port=N overrides it
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        sandboxd.agent_port=*) vsock_port="${word#*=}" ;;
+    esac
 done
 if grep -q sandboxd.probe /proc/cmdline; then
     echo "sandboxd-probe-ok"
@@ -33,4 +40,4 @@ for fs in proc sys dev; do
     mount --move "/$fs" "/newroot/$fs" || fail "cannot move /$fs"
 done
 exec switch_root /newroot /usr/bin/python3 -I -S /opt/sandboxd/agent.py \
-    --vm-port sandboxd.agent --workdir /work
+    --vm --port-name sandboxd.agent --vsock-port "$vsock_port" --workdir /work

@@ -48,13 +48,24 @@ class Transcript:
 
 
 class AgentLink:
+    """The protocol over the backend's streams to one agent: given at once, or attached
+    once the backend has connected to an agent that had to start listening first."""
+
     def __init__(
-        self, send: trio.abc.SendStream, receive: trio.abc.ReceiveStream, *, max_line: int
+        self,
+        send: trio.abc.SendStream | None = None,
+        receive: trio.abc.ReceiveStream | None = None,
+        *,
+        max_line: int,
     ) -> None:
-        self._send = send
-        self._receive = receive
         self._buffer = LineBuffer(max_line)
         self._send_lock = trio.Lock()
+        if send is not None and receive is not None:
+            self.attach(send, receive)
+
+    def attach(self, send: trio.abc.SendStream, receive: trio.abc.ReceiveStream) -> None:
+        self._send = send
+        self._receive = receive
 
     async def _next(self) -> dict[str, Any] | None:
         try:

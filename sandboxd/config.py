@@ -25,6 +25,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/sandboxd/sandboxd.toml")
 DEFAULT_SOCKET = Path("/run/sandboxd.sock")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 BACKEND_NAMES = ("auto", "firecracker", "qemu", "namespaces")
+VM_CHANNELS = ("auto", "virtio-serial", "vsock")  # how the daemon reaches a VM's agent
 
 
 def _setting(default: Any, *, env: tuple[str, ...] = (), kind: str = "", check: str = "") -> Any:
@@ -72,6 +73,7 @@ class BackendConfig:
     vm_cpus: int = _setting(1, check="positive")
     allow_tcg: bool = _setting(False, env=("SANDBOXD_ALLOW_TCG",))
     snapshot: bool = _setting(True)
+    vm_channel: str = _setting("auto", check="vm_channel")
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "non_negative": (lambda v: v >= 0, "a number of at least 0"),
     "port": (lambda v: 0 < v < 65536, "a port number (1-65535)"),
     "backend": (lambda v: v in BACKEND_NAMES, "one of " + ", ".join(BACKEND_NAMES)),
+    "vm_channel": (lambda v: v in VM_CHANNELS, "one of " + ", ".join(VM_CHANNELS)),
     "log_level": (lambda v: v in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
     "name": (
         lambda v: re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", v) is not None,

@@ -16,6 +16,7 @@ from pathlib import Path
 from sandboxd.backends.base import Backend, Sandbox, SandboxState
 from sandboxd.backends.namespaces import NamespacesBackend
 from sandboxd.backends.qemu import QemuBackend
+from sandboxd.backends.vm_channel import choose_channel
 from sandboxd.config import Config
 from sandboxd.errors import ConfigError, LaunchError
 from sandboxd.images import Image
@@ -91,6 +92,8 @@ def _qemu(config: Config, image: Image, *, allow_tcg: bool) -> tuple[Backend, st
         run_dir=config.daemon.run_dir,
         max_message_bytes=_max_agent_message(config),
         snapshot=config.backend.snapshot,
+        channel=choose_channel(config.backend.vm_channel),
+        agent_port=config.backend.agent_port,
     )
     return backend, why
 

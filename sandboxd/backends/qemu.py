@@ -2,9 +2,10 @@
 
 KVM where the host runs ordinary guests under it, software emulation (TCG) otherwise.
 QEMU itself is jailed like the namespaces backend's agent (bubblewrap as the sandbox's
-own uid, its cgroup, only the files it needs, ``-sandbox on``), and talks to the daemon
-over socket pairs passed as file descriptors: the agent's virtio-serial port and QMP.
-Nothing of a VM is ever on the host's disk but the image it reads.
+own uid, its cgroup, only the files it needs, ``-sandbox on``), and gets everything from
+the daemon as file descriptors: QMP's socket, and the agent's channel (vm_channel: a
+virtio-serial port, or vhost-vsock where the host has it). Nothing of a VM is ever on the
+host's disk but the image it reads.
 
 Pool VMs start from a snapshot: one VM is booted to agent-ready and saved (QEMU
 migration to a file), and each sandbox restores it, then syncs with its agent, which
@@ -21,7 +22,7 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import trio
 from sandboxd import initramfs
 from sandboxd.agent_link import AgentLink
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, SandboxState
+from sandboxd.backends.vm_channel import open_channel
 from sandboxd.cgroups import Cgroup
 from sandboxd.errors import LaunchError, SandboxError
 from sandboxd.images import Image
@@ -69,9 +71,11 @@ class VmLayout:
     cpus: int
     accel: str  # "kvm" or "tcg"
     hz: int
+    agent_port: int  # where the agent listens when its VM has vsock
 
     def kernel_cmdline(self, *extra: str) -> str:
         words = ["console=ttyS0", "quiet", "panic=-1", "random.trust_cpu=on"]
+        words.append(f"sandboxd.agent_port={self.agent_port}")
         khz = host_tsc_khz()
         if self.accel == "tcg" and khz:
             words += [f"tsc_early_khz={khz}", f"lpj={khz * 1000 // self.hz}"]
@@ -95,13 +99,14 @@ class VmLayout:
 
     def qemu_argv(
         self,
-        agent_fd: int | None,
-        qmp_fd: int | None,
+        channel: Sequence[str] = (),
+        qmp_fd: int | None = None,
         *,
         incoming: bool = False,
         probe: bool = False,
     ) -> list[str]:
-        """QEMU's command line (paths as in the jail); without channels for a probe."""
+        """QEMU's command line (paths as in the jail), with the agent ``channel``'s
+        devices; a probe needs no channels."""
         machine = "microvm,pit=on,pic=on,rtc=on" if self.accel == "tcg" else "microvm"
         accel = f"tcg,tb-size={TCG_CACHE_MIB}" if self.accel == "tcg" else "kvm"
         argv = [
@@ -118,12 +123,7 @@ class VmLayout:
             "-device", "virtio-rng-device,rng=rng",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]  # fmt: skip
-        if agent_fd is not None:
-            argv += [
-                "-device", "virtio-serial-device",
-                "-chardev", f"socket,id=agent,fd={agent_fd}",
-                "-device", f"virtserialport,chardev=agent,name={initramfs.AGENT_PORT_NAME}",
-            ]  # fmt: skip
+        argv += channel
         if qmp_fd is not None:
             argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control"]
         if incoming:
@@ -173,6 +173,8 @@ class QemuBackend(JailedBackend):
         run_dir: Path,
         max_message_bytes: int,
         snapshot: bool,
+        channel: tuple[str, str],
+        agent_port: int,
     ) -> None:
         if image.vm_dir is None:
             raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
@@ -189,7 +191,9 @@ class QemuBackend(JailedBackend):
             cpus=cpus,
             accel=accel,
             hz=int(image.manifest["vm"].get("hz", 250)),
+            agent_port=agent_port,
         )
+        self.channel_kind, self.channel_why = channel  # see vm_channel.choose_channel
         self.snapshot: Path | None = None
         self.snapshot_note = "not made yet"
         self.groups = [grp.getgrnam("kvm").gr_gid] if accel == "kvm" and _has_group("kvm") else []
@@ -200,7 +204,12 @@ class QemuBackend(JailedBackend):
         return f"QEMU microVM ({how}); QEMU jailed (bubblewrap, own uid, cgroup, seccomp)"
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "accel": self.accel, "snapshot": self.snapshot_note}
+        return {
+            **super().describe(),
+            "accel": self.accel,
+            "snapshot": self.snapshot_note,
+            "channel": f"{self.channel_kind} ({self.channel_why})",
+        }
 
     @staticmethod
     def make_ramdisk(image: Image, agent_source: Path) -> bytes:
@@ -294,22 +303,23 @@ class QemuBackend(JailedBackend):
         restore: Path | None = None,
     ) -> AsyncIterator[QemuSandbox]:
         """A running VM, cold-booted or restored from ``restore``, with a ready agent."""
-        agent_host, agent_vm = socket.socketpair()
+        # A VM's vsock CID, like its uid, is unique on the host.
+        channel = open_channel(self.channel_kind, self.uid_base + slot, self.layout.agent_port)
         qmp_host, qmp_vm = socket.socketpair()
         # QEMU gets its ends (and the initramfs) as file descriptors; the jail owns them.
-        fds = [agent_vm.detach(), qmp_vm.detach(), data_fd(self.ramdisk, "sandboxd-initramfs")]
-        qemu = self.layout.qemu_argv(fds[0], fds[1], incoming=bool(restore))
-        argv = [*self.layout.jail_argv(fds[2]), "--", *qemu]
+        initramfs_fd = data_fd(self.ramdisk, "sandboxd-initramfs")
+        qemu = self.layout.qemu_argv(channel.qemu_args(), qmp_vm.fileno(), incoming=bool(restore))
+        argv = [*self.layout.jail_argv(initramfs_fd), "--", *qemu]
+        fds = [*channel.hand_over(), qmp_vm.detach(), initramfs_fd]
         jail = self.jail(slot, argv, pass_fds=fds, groups=self.groups, stdout=True, stderr=True)
-        with agent_host, qmp_host:
+        with channel, qmp_host:
             async with jail as (child, cgroup):
                 cgroup.set_limits(
                     memory_bytes=self.layout.memory + QEMU_OVERHEAD,
                     processes=256,
                     cpus=self.layout.cpus,
                 )
-                channel = _stream(agent_host)
-                link = AgentLink(channel, channel, max_line=self.max_message_bytes)
+                link = AgentLink(max_line=self.max_message_bytes)
                 qmp = QMPClient(_stream(qmp_host))
                 sandbox = QemuSandbox(cgroup.name, link, child, cgroup, qmp)
 
@@ -320,6 +330,8 @@ class QemuBackend(JailedBackend):
                             await qmp.send_fd("snapshot", snapshot.fileno())
                         await _migrate(qmp, "migrate-incoming", uri="fd:snapshot")
                         await qmp.execute("cont")
+                    stream = await channel.connect(lambda: child.returncode is None)
+                    link.attach(stream, stream)
                     await link.handshake()
 
                 await sandbox.become_ready(start, argv, start_timeout)
@@ -363,9 +375,9 @@ def _kvm_boots(image: Image, ramdisk: bytes) -> str | None:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is not accessible"
     assert image.vm_dir is not None
-    layout = VmLayout(image.vm_dir, 256 * 2**20, 1, "kvm", 250)
+    layout = VmLayout(image.vm_dir, 256 * 2**20, 1, "kvm", 250, agent_port=0)
     fd = data_fd(ramdisk, "sandboxd-probe-initramfs")
-    argv = [*layout.jail_argv(fd), "--", *layout.qemu_argv(None, None, probe=True)]
+    argv = [*layout.jail_argv(fd), "--", *layout.qemu_argv(probe=True)]
     try:
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT, pass_fds=[fd]
