@@ -57,6 +57,10 @@ bench: build ## Benchmarks: latency beside the bare runtimes, as ratios (root)
 	$(BIN)/python -m bench.gateway_overhead
 	$(BIN)/python -m bench.vm_startup
 
+.PHONY: deb
+deb: $(BIN)/sandboxd ## Build the Debian package into dist/ (then: sudo apt install ./dist/sandboxd_*.deb)
+	packaging/build-deb dist $(BIN)/python
+
 .PHONY: fmt lint
 fmt: $(BIN)/sandboxd ## Format the code
 	$(BIN)/ruff format .
@@ -83,7 +87,7 @@ install: $(BIN)/sandboxd ## Put the commands on PATH, add the sandboxd group and
 
 start: ## Start the daemon and the gateway (systemd when it runs, else in the background)
 	@if [ -d /run/systemd/system ]; then \
-	  sed 's|@SANDBOXD@|$(CURDIR)/$(BIN)/sandboxd|' contrib/sandboxd.service > /etc/systemd/system/sandboxd.service; \
+	  sed 's|@SANDBOXD@|$(CURDIR)/$(BIN)/sandboxd|g' contrib/sandboxd.service > /etc/systemd/system/sandboxd.service; \
 	  sed 's|@GATEWAY@|$(CURDIR)/$(BIN)/sandboxd-gateway|' contrib/sandboxd-gateway.service > /etc/systemd/system/sandboxd-gateway.service; \
 	  systemctl daemon-reload && systemctl enable --now sandboxd sandboxd-gateway; \
 	else \
