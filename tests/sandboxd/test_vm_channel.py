@@ -30,7 +30,7 @@ def test_virtio_serial_when_configured_or_without_vhost_vsock():
 
 def test_vsock_asked_for_without_the_device_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(vm_channel, "VHOST_VSOCK", str(tmp_path / "vhost-vsock"))
-    with pytest.raises(LaunchError, match="vm_channel = vsock, but there is no .*modprobe"):
+    with pytest.raises(LaunchError, match=r"vm_channel = vsock, but there is no .*modprobe"):
         choose_channel("vsock")
     assert choose_channel("auto")[0] == "virtio-serial"
 
@@ -68,10 +68,12 @@ async def test_vsock_connect_retries_while_the_vm_runs_then_gives_up(monkeypatch
         checks.append(trio.current_time())
         return len(checks) < 3
 
-    with VsockChannel(cid=900_003, port=52) as channel:
-        # No VM has this CID: every attempt fails (refused, or timed out after 2 s).
-        with pytest.raises(LaunchError, match="stopped before its agent listened"):
-            await channel.connect(running)
+    # No VM has this CID: every attempt fails (refused, or timed out after 2 s).
+    with (
+        VsockChannel(cid=900_003, port=52) as channel,
+        pytest.raises(LaunchError, match="stopped before its agent listened"),
+    ):
+        await channel.connect(running)
     assert len(checks) == 3
 
 

@@ -1,0 +1,131 @@
+"""The agent's vsock channel, in a real VM: the guest kernel's AF_VSOCK, the initramfs's
+vsock modules, the agent's listener, and the host reconnecting as after a snapshot restore.
+
+This host has no /dev/vhost-vsock, so QEMU's vsock device is served by a vhost-user
+back-end (tests/fakes/vhost_user_vsock.py) that speaks Firecracker's hybrid vsock on the
+host side (``CONNECT <port>`` on a Unix socket). The VM has no virtio-serial port: the
+agent must find vsock by itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from sandboxd.agent_link import AgentLink, Transcript
+from sandboxd.backends import agent_source
+from sandboxd.backends.qemu import QemuBackend, VmLayout
+from sandboxd.errors import ConfigError
+from sandboxd.images import ImageStore
+from tests.fakes.vhost_user_vsock import VhostUserVsock
+
+pytestmark = [pytest.mark.vm, pytest.mark.image]
+
+AGENT_PORT = 8080
+GUEST_CID = 3
+MEMORY = 512 * 2**20
+LIMITS = {
+    "wall_time": 20,
+    "cpu_time": 20,
+    "compile_time": 20,
+    "processes": 64,
+    "output_bytes": 10_000,
+    "file_size_bytes": 10**7,
+    "memory_bytes": 2**28,
+}
+
+
+@pytest.fixture
+def vsock_vm(tmp_path: Path) -> Iterator[Path]:
+    """A booting VM whose only agent channel is vsock; yields the hybrid vsock socket."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("QEMU is not installed")
+    try:
+        image = ImageStore(Path("/var/lib/sandboxd")).current()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    assert image.vm_dir is not None
+    ramdisk = tmp_path / "initramfs.img"
+    ramdisk.write_bytes(QemuBackend.make_ramdisk(image, agent_source()))
+    layout = VmLayout(
+        image.vm_dir, MEMORY, 1, "tcg", int(image.manifest["vm"]["hz"]), agent_port=AGENT_PORT
+    )
+    vsock = [
+        "-object", f"memory-backend-memfd,id=mem,size={MEMORY},share=on",
+        "-machine", "memory-backend=mem",
+        "-chardev", f"socket,id=vu,path={tmp_path / 'vu.sock'}",
+        "-device", "vhost-user-vsock-device,chardev=vu",
+    ]  # fmt: skip
+    # Paths as QEMU sees them outside a jail.
+    argv = [
+        arg.replace("/vm/", f"{image.vm_dir}/").replace("/initramfs.img", str(ramdisk))
+        for arg in layout.qemu_argv(vsock)
+    ]
+    uds = tmp_path / "v.sock"
+    with (
+        VhostUserVsock(tmp_path / "vu.sock", uds, GUEST_CID),
+        (tmp_path / "console").open("wb") as console,
+    ):
+        qemu = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT)
+        try:
+            yield uds
+        finally:
+            qemu.kill()
+            qemu.wait()
+
+
+async def connect(uds: Path, port: int) -> trio.SocketStream:
+    """Firecracker's host side of vsock: ``CONNECT port`` until the guest listens."""
+    with trio.fail_after(120):
+        while True:
+            stream = await trio.open_unix_socket(str(uds))
+            await stream.send_all(f"CONNECT {port}\n".encode())
+            answer = await stream.receive_some(64)
+            if answer.startswith(b"OK "):
+                return stream
+            await stream.aclose()  # no listener yet: closed without a word
+            await trio.sleep(0.2)
+
+
+async def test_the_agent_serves_vsock_and_takes_the_host_again_after_a_lost_connection(
+    vsock_vm: Path,
+):
+    first = await connect(vsock_vm, AGENT_PORT)
+    link = AgentLink(first, first, max_line=2**20)
+    hello = await link.handshake()
+    assert hello["pid"] == 1  # the VM's agent, as its PID 1
+    # The connection goes away before a job, as a restored VM's old one does.
+    await first.aclose()
+
+    second = await connect(vsock_vm, AGENT_PORT)
+    link = AgentLink(second, second, max_line=2**20)
+    await link.handshake()
+    output: list[str] = []
+
+    async def on_output(stage: str, stream: str, data: str) -> None:
+        output.append(data)
+
+    job = {
+        "type": "job",
+        "files": [{"path": "main.py", "content": "import socket\nprint(socket.gethostname())"}],
+        "run": {"argv": ["python3", "main.py"]},
+        "limits": LIMITS,
+    }
+    result = await link.run(job, on_output, Transcript(10_000))
+    assert result["status"] == "ok", result
+    assert result["stdout"] == "".join(output) != ""
+    await second.aclose()
+
+
+async def test_nothing_listens_on_other_vsock_ports(vsock_vm: Path):
+    stream = await connect(vsock_vm, AGENT_PORT)  # the agent is up
+    await stream.aclose()
+    async with await trio.open_unix_socket(str(vsock_vm)) as other:
+        await other.send_all(f"CONNECT {AGENT_PORT + 1}\n".encode())
+        with trio.fail_after(10):
+            assert await other.receive_some(64) == b""
