@@ -134,27 +134,40 @@ class Cgroup:
         except OSError as exc:
             raise LaunchError(f"cannot create cgroup {self.name}: {exc}") from exc
 
+    def limit_values(self, *, memory_bytes: int, processes: int, cpus: float) -> list[str]:
+        """``file=value`` for each limit (memory with swap, processes, CPU share), in an
+        order a new cgroup accepts; a file's controller is its prefix. For a jailer's
+        ``--cgroup``, or :meth:`set_limits`."""
+        quota = max(1000, int(cpus * CPU_PERIOD_US))
+        parent = self.dirs["memory"].parent  # has the files a sandbox's cgroup will have
+        if self.layout.version == 2:
+            swap = ["memory.swap.max=0"] if (parent / "memory.swap.max").exists() else []
+            return [
+                f"memory.max={memory_bytes}",
+                *swap,
+                f"pids.max={processes}",
+                f"cpu.max={quota} {CPU_PERIOD_US}",
+            ]
+        swap = (parent / "memory.memsw.limit_in_bytes").exists()
+        return [
+            f"memory.limit_in_bytes={memory_bytes}",
+            *([f"memory.memsw.limit_in_bytes={memory_bytes}"] if swap else []),
+            f"pids.max={processes}",
+            f"cpu.cfs_period_us={CPU_PERIOD_US}",
+            f"cpu.cfs_quota_us={quota}",
+        ]
+
     def set_limits(self, *, memory_bytes: int, processes: int, cpus: float) -> None:
         """Memory (swap included), process count and CPU share of the whole sandbox."""
-        quota = max(1000, int(cpus * CPU_PERIOD_US))
-        if self.layout.version == 2:
-            (self.dirs["memory"] / "memory.max").write_text(str(memory_bytes))
-            swap = self.dirs["memory"] / "memory.swap.max"
-            if swap.exists():
-                swap.write_text("0")
-            (self.dirs["pids"] / "pids.max").write_text(str(processes))
-            (self.dirs["cpu"] / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
-            return
-        limit = self.dirs["memory"] / "memory.limit_in_bytes"
-        memsw = self.dirs["memory"] / "memory.memsw.limit_in_bytes"
-        # memory+swap may never be below memory alone: lower memory first, raise it last.
-        lowering = memory_bytes < int(limit.read_text())
-        for path in [limit, memsw] if lowering else [memsw, limit]:
-            if path.exists():
-                path.write_text(str(memory_bytes))
-        (self.dirs["pids"] / "pids.max").write_text(str(processes))
-        (self.dirs["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-        (self.dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(quota))
+        values = self.limit_values(memory_bytes=memory_bytes, processes=processes, cpus=cpus)
+        if self.layout.version == 1 and values[1].startswith("memory.memsw."):
+            # memory+swap may never be below memory alone: when raising, it goes first.
+            current = self.dirs["memory"] / "memory.limit_in_bytes"
+            if memory_bytes > int(current.read_text()):
+                values[:2] = values[1::-1]
+        for value in values:
+            name, _, setting = value.partition("=")
+            (self.dirs[name.split(".")[0]] / name).write_text(setting)
 
     def attach_self(self) -> None:
         """Move the calling process into this cgroup (used in a child's pre-exec hook)."""

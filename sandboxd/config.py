@@ -74,6 +74,8 @@ class BackendConfig:
     allow_tcg: bool = _setting(False, env=("SANDBOXD_ALLOW_TCG",))
     snapshot: bool = _setting(True)
     vm_channel: str = _setting("auto", check="vm_channel")
+    firecracker_bin: str = _setting("firecracker")  # a path, or a name on PATH
+    jailer_bin: str = _setting("jailer")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ import stat
 from importlib import resources
 from pathlib import Path
 
+from sandboxd.errors import LaunchError
+from sandboxd.images import Image
+
 AGENT_PORT_NAME = "sandboxd.agent"  # guest/init.sh starts the agent on this port
 _DIRS = ("bin", "dev", "proc", "sys", "lower", "rw", "newroot", "modules")
 
@@ -74,3 +77,11 @@ def build(vm_dir: Path, modules: list[str], agent: bytes) -> bytes:
     archive.add("modules.order", stat.S_IFREG | 0o644, "\n".join(modules).encode() + b"\n")
     archive.add("agent.py", stat.S_IFREG | 0o644, agent)
     return gzip.compress(archive.close(), compresslevel=1)
+
+
+def for_image(image: Image, agent_source: Path) -> bytes:
+    """The initramfs for ``image``'s VMs with this daemon's agent; LaunchError if the
+    image has no VM artifacts."""
+    if image.vm_dir is None:
+        raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
+    return build(image.vm_dir, image.manifest["vm"]["modules"], agent_source.read_bytes())

@@ -49,6 +49,13 @@ class ChildProcess:
     def returncode(self) -> int | None:
         return self._popen.returncode
 
+    def exited(self) -> bool:
+        """Whether the child has exited, without reaping it (``wait`` does that)."""
+        if self._popen.returncode is not None:
+            return True
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        return os.waitid(os.P_PIDFD, self._pidfd, flags) is not None
+
     async def wait(self) -> int:
         """Wait for the child to exit and reap it; its exit code, or -signal."""
         async with self._wait_lock:

@@ -1,24 +1,28 @@
 """The backends, and the choice among them that ``backend = auto`` makes.
 
-The choice really probes the host — can QEMU boot the image's kernel under KVM, is
-bubblewrap able to make unprivileged jails — and says why in words that end up in the
-log and in ``sandboxctl status``. ``auto`` takes the strongest backend that works:
-Firecracker (not part of this version yet), then QEMU (with KVM; with software
-emulation only when ``backend.allow_tcg`` says so), then namespaces.
+The choice really probes the host — are Firecracker and its jailer installed, can KVM
+boot the image's kernel, is bubblewrap able to make unprivileged jails — and says why
+in words that end up in the log and in ``sandboxctl status``. ``auto`` takes the
+strongest backend that works: Firecracker (with KVM that boots a guest), then QEMU (with
+KVM; with software emulation only when ``backend.allow_tcg`` says so), then namespaces.
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from sandboxd import initramfs
 from sandboxd.backends.base import Backend, Sandbox, SandboxState
+from sandboxd.backends.firecracker import FirecrackerBackend
 from sandboxd.backends.namespaces import NamespacesBackend
-from sandboxd.backends.qemu import QemuBackend
+from sandboxd.backends.qemu import QEMU, QemuBackend, kvm_boots
 from sandboxd.backends.vm_channel import choose_channel
 from sandboxd.config import Config
-from sandboxd.errors import ConfigError, LaunchError
+from sandboxd.errors import LaunchError
 from sandboxd.images import Image
 
 __all__ = ["Backend", "Sandbox", "SandboxState", "choose_backend"]
@@ -31,35 +35,40 @@ def agent_source() -> Path:
 def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
     """The backend this daemon will use and why; ConfigError/LaunchError if none can run."""
     wanted = config.backend.name
-    if wanted == "firecracker":
-        raise ConfigError(
-            f"{config.source}: backend.name: the firecracker backend is not part of this "
-            "version of sandboxd yet; use qemu, namespaces or auto"
-        )
-    passed_over = [
-        f"firecracker: {_firecracker_found()}, but its backend is not part of this version"
+    auto = wanted == "auto"
+    ramdisk = functools.cache(lambda: initramfs.for_image(image, agent_source()))
+    why_not_kvm = functools.cache(lambda: kvm_boots(image, ramdisk()))
+    passed_over: list[str] = []
+    candidates: list[tuple[str, Callable[[], tuple[Backend, str]]]] = [
+        (
+            "firecracker",
+            lambda: _firecracker(config, image, ramdisk, why_not_kvm if auto else None),
+        ),
+        ("qemu", lambda: _qemu(config, image, ramdisk, why_not_kvm, allow_tcg=not auto)),
     ]
-    if wanted in ("auto", "qemu"):
+    for name, make in candidates:
+        if wanted not in ("auto", name):
+            continue
         try:
-            backend, why = _qemu(config, image, allow_tcg=wanted == "qemu")
+            backend, why = make()
         except LaunchError as exc:
-            if wanted == "qemu":
+            if not auto:
                 raise
-            passed_over.append(f"qemu: {exc.message}")
+            passed_over.append(f"{name}: {exc.message}")
         else:
             return (
                 backend,
-                f"auto: {'; '.join(passed_over)}; qemu: {why}"
-                if wanted == "auto"
-                else f"qemu: {why}",
+                f"auto: {'; '.join([*passed_over, f'{name}: {why}'])}"
+                if auto
+                else f"{name}: {why}",
             )
     try:
         works = NamespacesBackend.probe(config.backend.uid_base)
     except LaunchError as exc:
         raise LaunchError(f"no backend can run on this host: {exc.message}", **exc.data) from exc
     reason = f"namespaces: {works}"
-    if wanted == "auto":
-        reason = f"auto: {'; '.join(passed_over)}; {reason}"
+    if auto:
+        reason = f"auto: {'; '.join([*passed_over, reason])}"
     backend = NamespacesBackend(
         rootfs=image.rootfs,
         agent_source=agent_source(),
@@ -72,18 +81,49 @@ def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
     return backend, reason
 
 
-def _firecracker_found() -> str:
-    found = [name for name in ("firecracker", "jailer") if shutil.which(name)]
-    return f"{' and '.join(found)} installed" if found else "not installed"
+def _firecracker(
+    config: Config,
+    image: Image,
+    ramdisk: Callable[[], bytes],
+    why_not_kvm: Callable[[], str | None] | None,
+) -> tuple[Backend, str]:
+    """The firecracker backend if it is installed and can use KVM; ``why_not_kvm`` (for
+    auto) also demands that KVM boots an ordinary guest, where QEMU can find that out."""
+    firecracker, jailer, why = FirecrackerBackend.probe(
+        config.backend.firecracker_bin, config.backend.jailer_bin
+    )
+    if why_not_kvm is not None and shutil.which(QEMU) and (reason := why_not_kvm()):
+        raise LaunchError(f"installed, but no usable KVM ({reason})")
+    backend = FirecrackerBackend(
+        image=image,
+        ramdisk=ramdisk(),
+        instance=config.daemon.name,
+        uid_base=config.backend.uid_base,
+        memory=config.backend.vm_memory,
+        cpus=config.backend.vm_cpus,
+        state_dir=config.daemon.state_dir,
+        firecracker=firecracker,
+        jailer=jailer,
+        agent_port=config.backend.agent_port,
+        max_message_bytes=_max_agent_message(config),
+        snapshot=config.backend.snapshot,
+    )
+    return backend, why
 
 
-def _qemu(config: Config, image: Image, *, allow_tcg: bool) -> tuple[Backend, str]:
+def _qemu(
+    config: Config,
+    image: Image,
+    ramdisk: Callable[[], bytes],
+    why_not_kvm: Callable[[], str | None],
+    *,
+    allow_tcg: bool,
+) -> tuple[Backend, str]:
     """The qemu backend if it can run here (explicitly asked for, TCG is allowed)."""
-    ramdisk = QemuBackend.make_ramdisk(image, agent_source())  # for the probe and the VMs
-    accel, why = QemuBackend.probe(image, ramdisk, allow_tcg or config.backend.allow_tcg)
+    accel, why = QemuBackend.probe(why_not_kvm, allow_tcg or config.backend.allow_tcg)
     backend = QemuBackend(
         image=image,
-        ramdisk=ramdisk,
+        ramdisk=ramdisk(),
         instance=config.daemon.name,
         uid_base=config.backend.uid_base,
         memory=config.backend.vm_memory,

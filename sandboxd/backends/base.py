@@ -224,11 +224,14 @@ class JailedSandbox(Sandbox):
     def oom_kills(self) -> int:
         return self.cgroup.oom_kills()
 
+    # Whether the sandbox's own process outlives a kill of the rest: the outer bubblewrap
+    # stays to reap the jail's PID 1, whose death takes the pid namespace with it, and
+    # then exits on its own. Killing it first would orphan the jail's processes.
+    spares_its_process: ClassVar[bool] = True
+
     def kill(self) -> None:
-        # Everything but the outer bubblewrap: it stays to reap the jail's PID 1, whose
-        # death takes the pid namespace with it, and then exits on its own. Killing it
-        # first would orphan the jail's processes to the host's init.
-        for pid in self.cgroup.pids() - {self.child.pid}:
+        spared = {self.child.pid} if self.spares_its_process else set()
+        for pid in self.cgroup.pids() - spared:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 import grp
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,9 @@ from typing import Any
 
 import trio
 
-from sandboxd import initramfs
 from sandboxd.agent_link import AgentLink
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, SandboxState
+from sandboxd.backends.guest_kernel import kernel_cmdline
 from sandboxd.backends.vm_channel import open_channel
 from sandboxd.cgroups import Cgroup
 from sandboxd.errors import LaunchError, SandboxError
@@ -51,17 +50,6 @@ TCG_CACHE_MIB = 64
 PROBE_TIMEOUT = 20.0
 
 
-def host_tsc_khz() -> int | None:
-    """The host's TSC frequency: a guest under TCG must be told it (tsc_early_khz), or
-    the Debian kernel can hang calibrating its clocks."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    match = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.MULTILINE)
-    return int(float(match.group(1)) * 1000) if match else None
-
-
 @dataclass(frozen=True)
 class VmLayout:
     """What every VM of this daemon is made of; restores need the very same devices."""
@@ -73,13 +61,10 @@ class VmLayout:
     hz: int
     agent_port: int  # where the agent listens when its VM has vsock
 
-    def kernel_cmdline(self, *extra: str) -> str:
-        words = ["console=ttyS0", "quiet", "panic=-1", "random.trust_cpu=on"]
-        words.append(f"sandboxd.agent_port={self.agent_port}")
-        khz = host_tsc_khz()
-        if self.accel == "tcg" and khz:
-            words += [f"tsc_early_khz={khz}", f"lpj={khz * 1000 // self.hz}"]
-        return " ".join([*words, *extra])
+    def kernel_cmdline(self, extra: str = "") -> str:
+        return kernel_cmdline(
+            agent_port=self.agent_port, emulated=self.accel == "tcg", hz=self.hz, extra=extra
+        )
 
     def jail_argv(self, initramfs_fd: int) -> list[str]:
         """bubblewrap around QEMU: the system's programs and the image, read-only; the
@@ -116,7 +101,7 @@ class VmLayout:
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-serial", "stdio", "-monitor", "none",
             "-kernel", "/vm/bzImage", "-initrd", "/initramfs.img",
-            "-append", self.kernel_cmdline(*(["sandboxd.probe"] if probe else [])),
+            "-append", self.kernel_cmdline("sandboxd.probe" if probe else ""),
             "-drive", "id=root,file=/vm/rootfs.ext4,format=raw,if=none,readonly=on",
             "-device", "virtio-blk-device,drive=root",
             "-object", "rng-random,id=rng,filename=/dev/urandom",
@@ -180,7 +165,7 @@ class QemuBackend(JailedBackend):
             raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
         super().__init__(instance, uid_base)
         self.image = image
-        self.ramdisk = ramdisk  # the initramfs (see make_ramdisk)
+        self.ramdisk = ramdisk  # the initramfs (initramfs.for_image)
         self.accel = accel
         self.work_dir = run_dir / instance / "vm"
         self.max_message_bytes = max_message_bytes
@@ -212,33 +197,23 @@ class QemuBackend(JailedBackend):
         }
 
     @staticmethod
-    def make_ramdisk(image: Image, agent_source: Path) -> bytes:
-        """The VMs' initramfs for ``image`` with this daemon's agent; LaunchError if the
-        image has no VM artifacts."""
-        if image.vm_dir is None:
-            raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
-        return initramfs.build(
-            image.vm_dir, image.manifest["vm"]["modules"], agent_source.read_bytes()
-        )
-
-    @staticmethod
-    def probe(image: Image, ramdisk: bytes, allow_tcg: bool) -> tuple[str, str]:
+    def probe(why_not_kvm: Callable[[], str | None], allow_tcg: bool) -> tuple[str, str]:
         """(accel, why) if QEMU can run VMs here; LaunchError saying why not.
 
-        KVM is tried by really booting the image's kernel with an initramfs that powers
-        off at once: /dev/kvm may exist and still not run an ordinary guest.
+        ``why_not_kvm`` (see :func:`kvm_boots`) says whether KVM really boots a guest:
+        /dev/kvm may exist and still not run an ordinary one.
         """
         if shutil.which(QEMU) is None:
             raise LaunchError(f"{QEMU} is not installed (apt install qemu-system-x86)")
-        why_not_kvm = _kvm_boots(image, ramdisk)
-        if why_not_kvm is None:
+        reason = why_not_kvm()
+        if reason is None:
             return "kvm", "KVM boots the guest kernel here"
         if not allow_tcg:
             raise LaunchError(
-                f"no usable KVM ({why_not_kvm}) and software emulation "
+                f"no usable KVM ({reason}) and software emulation "
                 "is not allowed (backend.allow_tcg)"
             )
-        return "tcg", f"no usable KVM ({why_not_kvm}): software emulation (TCG)"
+        return "tcg", f"no usable KVM ({reason}): software emulation (TCG)"
 
     async def start(self) -> None:
         await super().start()
@@ -330,7 +305,7 @@ class QemuBackend(JailedBackend):
                             await qmp.send_fd("snapshot", snapshot.fileno())
                         await _migrate(qmp, "migrate-incoming", uri="fd:snapshot")
                         await qmp.execute("cont")
-                    stream = await channel.connect(lambda: child.returncode is None)
+                    stream = await channel.connect(lambda: not child.exited())
                     link.attach(stream, stream)
                     await link.handshake()
 
@@ -368,8 +343,9 @@ def _has_group(name: str) -> bool:
     return True
 
 
-def _kvm_boots(image: Image, ramdisk: bytes) -> str | None:
-    """None if KVM boots the image's kernel to its initramfs; else why not."""
+def kvm_boots(image: Image, ramdisk: bytes) -> str | None:
+    """None if KVM boots the image's kernel to its initramfs (one that powers off at
+    once) under QEMU; else why not."""
     if not os.path.exists("/dev/kvm"):
         return "no /dev/kvm"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):

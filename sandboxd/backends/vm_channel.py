@@ -1,4 +1,4 @@
-"""How the daemon reaches the agent inside a QEMU VM: a virtio-serial port or vhost-vsock.
+"""How the daemon reaches the agent inside a VM: a virtio-serial port or vsock.
 
 The agent takes whichever its VM has (see guest/agent.py ``host_connections``).
 
@@ -11,6 +11,8 @@ The agent takes whichever its VM has (see guest/agent.py ``host_connections``).
   once the agent listens; until then the guest refuses, so it retries. A VM restored from
   a snapshot gets a transport reset and its new CID, and the agent accepts the daemon's
   new connection.
+- Firecracker's hybrid vsock: the VMM serves the guest's vsock on a Unix socket of its
+  own, where the daemon asks for the agent's port with ``CONNECT <port>``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import abc
 import os
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import ClassVar
 
 import trio
@@ -28,6 +31,7 @@ from sandboxd.initramfs import AGENT_PORT_NAME
 
 VHOST_VSOCK = "/dev/vhost-vsock"
 CONNECT_RETRY = 0.05  # seconds between connection attempts while the guest boots
+HYBRID_ANSWER_MAX = 32  # "OK <port>\n"
 
 
 class VmChannel(abc.ABC):
@@ -119,6 +123,41 @@ class VsockChannel(VmChannel):
                 raise LaunchError(f"cannot connect to vsock {self.cid}:{self.port}: {exc}") from exc
             return trio.SocketStream(sock)
         raise LaunchError(f"the VM stopped before its agent listened on vsock port {self.port}")
+
+
+async def connect_hybrid_vsock(
+    uds: Path, port: int, running: Callable[[], bool]
+) -> trio.SocketStream:
+    """The daemon's end of a link to the agent on vsock ``port`` of a VM whose VMM serves
+    vsock on the Unix socket ``uds``: ``CONNECT <port>`` until the VMM answers ``OK`` (it
+    closes the connection while nothing listens on the port)."""
+    while running():
+        try:
+            stream = await trio.open_unix_socket(str(uds))
+        except (FileNotFoundError, ConnectionRefusedError):
+            await trio.sleep(CONNECT_RETRY)  # the VMM has not bound it yet
+            continue
+        try:
+            await stream.send_all(f"CONNECT {port}\n".encode())
+            answer = await _receive_line(stream, HYBRID_ANSWER_MAX)
+        except trio.BrokenResourceError:
+            answer = b""
+        if answer.startswith(b"OK "):
+            return stream
+        await stream.aclose()
+        await trio.sleep(CONNECT_RETRY)
+    raise LaunchError(f"the VM stopped before its agent listened on vsock port {port}")
+
+
+async def _receive_line(stream: trio.SocketStream, limit: int) -> bytes:
+    """One line, read a byte at a time: what follows it belongs to the agent."""
+    line = b""
+    while not line.endswith(b"\n") and len(line) < limit:
+        byte = await stream.receive_some(1)
+        if not byte:
+            break
+        line += byte
+    return line
 
 
 def choose_channel(wanted: str) -> tuple[str, str]:

@@ -1,0 +1,333 @@
+"""The firecracker backend: every sandbox a Firecracker microVM, started by its jailer.
+
+The jailer gives each Firecracker a chroot of its own, the sandbox's own uid, the
+sandbox's cgroup (``<hierarchy>/<instance>/<sandbox id>``, the layout of every backend,
+which a restarted daemon sweeps) and the instance's empty network namespace (VMs have no
+network device; a VMM that a guest broke out into reaches no network either). The
+daemon hard-links the guest's files into the chroot (the jails live beside the image
+store, on its filesystem: the root disk is far too big to copy), configures the VM over
+the API socket in the chroot, and reaches the agent over Firecracker's hybrid vsock.
+Everything of a VM is in its jail directory, removed with the sandbox.
+
+Pool VMs restore a snapshot: one VM is booted to agent-ready, paused and saved, and each
+sandbox loads it into a fresh Firecracker; the agent then syncs with the daemon, taking
+fresh entropy and the time (a restored guest's clock resumes at snapshot time). If a
+restore fails, sandboxes cold-boot, and the log and ``status`` say so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+from pyroute2 import netns
+
+from sandboxd.agent_link import AgentLink
+from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, SandboxState
+from sandboxd.backends.guest_kernel import kernel_cmdline
+from sandboxd.backends.vm_channel import connect_hybrid_vsock
+from sandboxd.cgroups import Cgroup
+from sandboxd.errors import LaunchError, SandboxError
+from sandboxd.firecracker_api import FirecrackerApi
+from sandboxd.images import Image
+from sandboxd.limits import Limits
+from sandboxd.process import ChildProcess, spawn
+
+log = logging.getLogger(__name__)
+
+API_SOCKET = "run/firecracker.socket"  # in the chroot: the jailer's default
+VSOCK_SOCKET = "v.sock"
+GUEST_CID = 3  # every VM has a hybrid vsock of its own: CIDs need not differ
+ROOT_DISK = "rootfs.ext4"
+SNAPSHOT_FILES = ("snapshot", "memory")  # the VM state and its memory, as saved
+# Firecracker's own memory beside the guest's (its threads, device state).
+VMM_OVERHEAD = 64 * 1024 * 1024
+SOCKET_POLL = 0.005  # seconds between looks for the API socket (it comes in ~12 ms)
+
+
+class FirecrackerSandbox(JailedSandbox):
+    """A Firecracker VM; the job's limits are enforced inside it by the agent."""
+
+    def __init__(
+        self,
+        sandbox_id: str,
+        link: AgentLink,
+        child: ChildProcess,
+        cgroup: Cgroup,
+        chroot: Path,
+    ) -> None:
+        super().__init__(sandbox_id, link, child, cgroup, log.getChild(sandbox_id))
+        self.chroot = chroot
+        self.api = FirecrackerApi(chroot / API_SOCKET)
+
+    def log_streams(self) -> list[trio.abc.ReceiveStream]:
+        # Firecracker's stdout is the guest's serial console.
+        return [s for s in (self.child.stdout, self.child.stderr) if s is not None]
+
+    spares_its_process = False  # the jailer exec'd into Firecracker: nothing to reap for
+
+    def apply_limits(self, limits: Limits) -> None:
+        """The VM's size is fixed when it starts; the agent applies the rest inside."""
+
+
+class FirecrackerBackend(JailedBackend):
+    name = "firecracker"
+    isolation = "Firecracker microVM (KVM); jailer: chroot, own uid, cgroup"
+
+    def __init__(
+        self,
+        *,
+        image: Image,
+        ramdisk: bytes,
+        instance: str,
+        uid_base: int,
+        memory: int,
+        cpus: int,
+        state_dir: Path,
+        firecracker: Path,
+        jailer: Path,
+        agent_port: int,
+        max_message_bytes: int,
+        snapshot: bool,
+    ) -> None:
+        if image.vm_dir is None:
+            raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
+        super().__init__(instance, uid_base)
+        self.vm_dir = image.vm_dir
+        self.ramdisk = ramdisk  # the initramfs (initramfs.for_image)
+        self.memory = memory
+        self.cpus = cpus
+        self.firecracker = firecracker
+        self.jailer = jailer
+        self.agent_port = agent_port
+        self.max_message_bytes = max_message_bytes
+        self.use_snapshot = snapshot
+        # The jailer's --chroot-base-dir: on the image store's filesystem, for hard links.
+        self.jail_base = state_dir / "jails" / instance
+        self.netns = f"sandboxd-{instance}"
+        self.snapshot: Path | None = None  # the directory with SNAPSHOT_FILES
+        self.snapshot_note = "not made yet"
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "snapshot": self.snapshot_note}
+
+    @staticmethod
+    def probe(firecracker: str, jailer: str) -> tuple[Path, Path, str]:
+        """(firecracker, jailer, why) if both are installed and Firecracker can use KVM
+        here; LaunchError saying why not."""
+        paths = []
+        for role, wanted in (("firecracker", firecracker), ("jailer", jailer)):
+            found = shutil.which(wanted)
+            if found is None:
+                raise LaunchError(f"not installed ({role} {wanted!r} is not found)")
+            paths.append(Path(found).resolve())
+        try:
+            version = subprocess.run(
+                [paths[0], "--version"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise LaunchError(f"{paths[0]} --version failed: {exc}") from exc
+        if not version.startswith("Firecracker v"):
+            raise LaunchError(f"{paths[0]} is not Firecracker (--version said {version!r})")
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise LaunchError("Firecracker needs KVM, and /dev/kvm is missing or not usable")
+        return paths[0], paths[1], f"{version.splitlines()[0]} with its jailer"
+
+    async def start(self) -> None:
+        await super().start()  # cgroups: leftovers swept, the instance's prepared
+        shutil.rmtree(self.jail_base, ignore_errors=True)  # a crashed daemon's jails
+        self.jail_base.mkdir(parents=True, mode=0o755)
+        if self.netns in netns.listnetns():
+            netns.remove(self.netns)
+        netns.create(self.netns)
+        initramfs = self.jail_base / "initramfs.img"
+        initramfs.write_bytes(self.ramdisk)
+        initramfs.chmod(0o644)
+        if self.use_snapshot:
+            await self._make_snapshot()
+        else:
+            self.snapshot_note = "off (backend.snapshot = false): every VM cold-boots"
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        shutil.rmtree(self.jail_base, ignore_errors=True)
+        if self.netns in netns.listnetns():
+            netns.remove(self.netns)
+
+    async def _make_snapshot(self) -> None:
+        """Boot one VM to agent-ready, pause it and save it; pool VMs load it."""
+        saved = self.jail_base / "snapshot"
+        started = trio.current_time()
+        try:
+            async with self._vm(slot=0, start_timeout=120) as sandbox:
+                await sandbox.api.patch("/vm", {"state": "Paused"})
+                await sandbox.api.put(
+                    "/snapshot/create",
+                    {
+                        "snapshot_type": "Full",
+                        "snapshot_path": "/snapshot",
+                        "mem_file_path": "/memory",
+                    },
+                )
+                saved.mkdir()
+                for name in SNAPSHOT_FILES:  # out of the jail before it goes
+                    os.rename(sandbox.chroot / name, saved / name)
+                    os.chown(saved / name, 0, 0)
+                    (saved / name).chmod(0o644)  # every sandbox's uid loads them
+        except (SandboxError, OSError) as exc:
+            shutil.rmtree(saved, ignore_errors=True)
+            self.snapshot_note = f"failed ({exc}): every VM cold-boots"
+            log.warning("snapshot %s", self.snapshot_note)
+            return
+        self.snapshot = saved
+        size = sum((saved / name).stat().st_size for name in SNAPSHOT_FILES)
+        seconds = trio.current_time() - started
+        self.snapshot_note = (
+            f"pool VMs restore a snapshot ({size >> 20} MiB, made in {seconds:.1f} s)"
+        )
+        log.info("snapshot: %s", self.snapshot_note)
+
+    @asynccontextmanager
+    async def open_sandbox(self, slot: int, start_timeout: float) -> AsyncIterator[Sandbox]:
+        async with AsyncExitStack() as stack:
+            sandbox: Sandbox | None = None
+            if self.snapshot is not None:
+                try:
+                    sandbox = await stack.enter_async_context(
+                        self._vm(slot, start_timeout, restore=self.snapshot)
+                    )
+                except LaunchError as exc:
+                    self.snapshot = None
+                    self.snapshot_note = f"restore failed ({exc.message}): VMs cold-boot"
+                    log.warning("snapshot %s", self.snapshot_note)
+            if sandbox is None:
+                sandbox = await stack.enter_async_context(self._vm(slot, start_timeout))
+            yield sandbox
+
+    def _jailer_argv(self, sandbox_id: str, uid: int, cgroup: Cgroup) -> list[str]:
+        assert self.cgroups is not None
+        limits = cgroup.limit_values(
+            memory_bytes=self.memory + VMM_OVERHEAD, processes=64, cpus=self.cpus
+        )
+        return [
+            str(self.jailer),
+            "--id", sandbox_id,
+            "--exec-file", str(self.firecracker),
+            "--uid", str(uid), "--gid", str(uid),
+            "--chroot-base-dir", str(self.jail_base),
+            "--cgroup-version", str(self.cgroups.version),
+            "--parent-cgroup", self.instance,
+            "--netns", f"{netns.NETNS_RUN_DIR}/{self.netns}",
+            *(arg for value in limits for arg in ("--cgroup", value)),
+            "--", "--api-sock", f"/{API_SOCKET}",
+        ]  # fmt: skip
+
+    def _furnish(self, chroot: Path, restore: Path | None) -> None:
+        """Hard-link what the VM reads into its chroot (restores: the saved state)."""
+        files = {ROOT_DISK: self.vm_dir / ROOT_DISK}
+        if restore is None:
+            files |= {"vmlinux": self.vm_dir / "vmlinux"}
+            files |= {"initramfs.img": self.jail_base / "initramfs.img"}
+        else:
+            files |= {name: restore / name for name in SNAPSHOT_FILES}
+        for name, source in files.items():
+            try:
+                os.link(source, chroot / name)
+            except OSError as exc:
+                raise LaunchError(
+                    f"cannot link {source} into the jail {chroot}: {exc.strerror} (the jails "
+                    "and the images must be on one filesystem: daemon.state_dir)"
+                ) from exc
+
+    async def _configure(self, sandbox: FirecrackerSandbox, restore: Path | None) -> None:
+        """Boot the VM, or load the snapshot into it and resume."""
+        api = sandbox.api
+        if restore is not None:
+            await api.put(
+                "/snapshot/load",
+                {
+                    "snapshot_path": "/snapshot",
+                    "mem_backend": {"backend_type": "File", "backend_path": "/memory"},
+                    "resume_vm": True,
+                },
+            )
+            return
+        await api.put(
+            "/boot-source",
+            {
+                "kernel_image_path": "/vmlinux",
+                "initrd_path": "/initramfs.img",
+                # reboot=k: a guest reboot ends Firecracker (a power-off only halts it).
+                "boot_args": kernel_cmdline(agent_port=self.agent_port, extra="reboot=k"),
+            },
+        )
+        await api.put(
+            "/drives/rootfs",
+            {
+                "drive_id": "rootfs",
+                "path_on_host": f"/{ROOT_DISK}",
+                "is_root_device": False,  # the initramfs mounts it
+                "is_read_only": True,
+            },
+        )
+        await api.put(
+            "/machine-config", {"vcpu_count": self.cpus, "mem_size_mib": self.memory >> 20}
+        )
+        await api.put("/vsock", {"guest_cid": GUEST_CID, "uds_path": f"/{VSOCK_SOCKET}"})
+        await api.put("/entropy", {})
+        await api.put("/actions", {"action_type": "InstanceStart"})
+
+    @asynccontextmanager
+    async def _vm(
+        self, slot: int, start_timeout: float, *, restore: Path | None = None
+    ) -> AsyncIterator[FirecrackerSandbox]:
+        """A running VM, cold-booted or restored from ``restore``, with a ready agent."""
+        assert self.cgroups is not None, "start() first"
+        sandbox_id = uuid.uuid4().hex[:12]
+        jail = self.jail_base / self.firecracker.name / sandbox_id
+        chroot = jail / "root"
+        cgroup = self.cgroups.sandbox(self.instance, sandbox_id)
+        try:
+            chroot.mkdir(parents=True)
+            self._furnish(chroot, restore)
+            argv = self._jailer_argv(sandbox_id, self.uid_base + slot, cgroup)
+            child = spawn(argv, stdout=True, stderr=True)
+            async with AsyncExitStack() as stack:
+                stack.push_async_callback(child.aclose)
+                link = AgentLink(max_line=self.max_message_bytes)
+                sandbox = FirecrackerSandbox(sandbox_id, link, child, cgroup, chroot)
+                stack.push_async_callback(sandbox.api.aclose)
+
+                async def start() -> None:
+                    await _wait_for_socket(chroot / API_SOCKET, child)
+                    await self._configure(sandbox, restore)
+                    stream = await connect_hybrid_vsock(
+                        chroot / VSOCK_SOCKET, self.agent_port, lambda: not child.exited()
+                    )
+                    stack.push_async_callback(stream.aclose)
+                    link.attach(stream, stream)
+                    await link.handshake()
+
+                await sandbox.become_ready(start, argv, start_timeout)
+                async with sandbox.supervised():
+                    yield sandbox
+            sandbox.set_state(SandboxState.STOPPED)
+        finally:
+            await cgroup.destroy()
+            shutil.rmtree(jail, ignore_errors=True)
+
+
+async def _wait_for_socket(path: Path, child: ChildProcess) -> None:
+    """Until Firecracker has bound its API socket; LaunchError if it exits first."""
+    while not path.exists():
+        if child.exited():
+            raise LaunchError(f"the jailer or Firecracker exited (code {await child.wait()})")
+        await trio.sleep(SOCKET_POLL)
