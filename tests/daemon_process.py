@@ -98,7 +98,10 @@ def start_daemon(tmp_path: Path, **sections: dict[str, object]) -> Daemon:
         except DaemonUnavailable:
             pass
         time.sleep(0.05)
-    daemon.stop(signal.SIGKILL)
+    try:
+        daemon.stop()  # SIGTERM: it removes what it made
+    except subprocess.TimeoutExpired:
+        daemon.stop(signal.SIGKILL)
     raise RuntimeError(f"sandboxd did not become ready:\n{daemon.log()}")
 
 

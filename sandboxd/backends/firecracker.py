@@ -25,17 +25,17 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import trio
 from pyroute2 import netns
 
 from sandboxd.agent_link import AgentLink
-from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, SandboxState
+from sandboxd.backends.base import JailedSandbox, SandboxState
 from sandboxd.backends.guest_kernel import kernel_cmdline
+from sandboxd.backends.snapshots import SnapshotBackend
 from sandboxd.backends.vm_channel import connect_hybrid_vsock
 from sandboxd.cgroups import Cgroup
-from sandboxd.errors import LaunchError, SandboxError
+from sandboxd.errors import LaunchError
 from sandboxd.firecracker_api import FirecrackerApi
 from sandboxd.images import Image
 from sandboxd.limits import Limits
@@ -78,7 +78,7 @@ class FirecrackerSandbox(JailedSandbox):
         """The VM's size is fixed when it starts; the agent applies the rest inside."""
 
 
-class FirecrackerBackend(JailedBackend):
+class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
     name = "firecracker"
     isolation = "Firecracker microVM (KVM); jailer: chroot, own uid, cgroup"
 
@@ -100,7 +100,7 @@ class FirecrackerBackend(JailedBackend):
     ) -> None:
         if image.vm_dir is None:
             raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
-        super().__init__(instance, uid_base)
+        super().__init__(instance, uid_base, snapshot=snapshot)
         self.vm_dir = image.vm_dir
         self.ramdisk = ramdisk  # the initramfs (initramfs.for_image)
         self.memory = memory
@@ -109,15 +109,9 @@ class FirecrackerBackend(JailedBackend):
         self.jailer = jailer
         self.agent_port = agent_port
         self.max_message_bytes = max_message_bytes
-        self.use_snapshot = snapshot
         # The jailer's --chroot-base-dir: on the image store's filesystem, for hard links.
         self.jail_base = state_dir / "jails" / instance
         self.netns = f"sandboxd-{instance}"
-        self.snapshot: Path | None = None  # the directory with SNAPSHOT_FILES
-        self.snapshot_note = "not made yet"
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "snapshot": self.snapshot_note}
 
     @staticmethod
     def probe(firecracker: str, jailer: str) -> tuple[Path, Path, str]:
@@ -151,10 +145,7 @@ class FirecrackerBackend(JailedBackend):
         initramfs = self.jail_base / "initramfs.img"
         initramfs.write_bytes(self.ramdisk)
         initramfs.chmod(0o644)
-        if self.use_snapshot:
-            await self._make_snapshot()
-        else:
-            self.snapshot_note = "off (backend.snapshot = false): every VM cold-boots"
+        await self.make_snapshot()
 
     async def aclose(self) -> None:
         await super().aclose()
@@ -162,55 +153,21 @@ class FirecrackerBackend(JailedBackend):
         if self.netns in netns.listnetns():
             netns.remove(self.netns)
 
-    async def _make_snapshot(self) -> None:
-        """Boot one VM to agent-ready, pause it and save it; pool VMs load it."""
-        saved = self.jail_base / "snapshot"
-        started = trio.current_time()
-        try:
-            async with self._vm(slot=0, start_timeout=120) as sandbox:
-                await sandbox.api.patch("/vm", {"state": "Paused"})
-                await sandbox.api.put(
-                    "/snapshot/create",
-                    {
-                        "snapshot_type": "Full",
-                        "snapshot_path": "/snapshot",
-                        "mem_file_path": "/memory",
-                    },
-                )
-                saved.mkdir()
-                for name in SNAPSHOT_FILES:  # out of the jail before it goes
-                    os.rename(sandbox.chroot / name, saved / name)
-                    os.chown(saved / name, 0, 0)
-                    (saved / name).chmod(0o644)  # every sandbox's uid loads them
-        except (SandboxError, OSError) as exc:
-            shutil.rmtree(saved, ignore_errors=True)
-            self.snapshot_note = f"failed ({exc}): every VM cold-boots"
-            log.warning("snapshot %s", self.snapshot_note)
-            return
-        self.snapshot = saved
-        size = sum((saved / name).stat().st_size for name in SNAPSHOT_FILES)
-        seconds = trio.current_time() - started
-        self.snapshot_note = (
-            f"pool VMs restore a snapshot ({size >> 20} MiB, made in {seconds:.1f} s)"
+    async def _save(self, vm: FirecrackerSandbox) -> Path:
+        """Pause the VM and save it; the files leave its jail before the jail goes."""
+        await vm.api.patch("/vm", {"state": "Paused"})
+        await vm.api.put(
+            "/snapshot/create",
+            {"snapshot_type": "Full", "snapshot_path": "/snapshot", "mem_file_path": "/memory"},
         )
-        log.info("snapshot: %s", self.snapshot_note)
-
-    @asynccontextmanager
-    async def open_sandbox(self, slot: int, start_timeout: float) -> AsyncIterator[Sandbox]:
-        async with AsyncExitStack() as stack:
-            sandbox: Sandbox | None = None
-            if self.snapshot is not None:
-                try:
-                    sandbox = await stack.enter_async_context(
-                        self._vm(slot, start_timeout, restore=self.snapshot)
-                    )
-                except LaunchError as exc:
-                    self.snapshot = None
-                    self.snapshot_note = f"restore failed ({exc.message}): VMs cold-boot"
-                    log.warning("snapshot %s", self.snapshot_note)
-            if sandbox is None:
-                sandbox = await stack.enter_async_context(self._vm(slot, start_timeout))
-            yield sandbox
+        saved = self.jail_base / "snapshot"
+        shutil.rmtree(saved, ignore_errors=True)
+        saved.mkdir()
+        for name in SNAPSHOT_FILES:
+            os.rename(vm.chroot / name, saved / name)
+            os.chown(saved / name, 0, 0)
+            (saved / name).chmod(0o644)  # every sandbox's uid loads them
+        return saved
 
     def _jailer_argv(self, sandbox_id: str, uid: int, cgroup: Cgroup) -> list[str]:
         assert self.cgroups is not None

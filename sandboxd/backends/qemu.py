@@ -22,7 +22,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,12 @@ from typing import Any
 import trio
 
 from sandboxd.agent_link import AgentLink
-from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, SandboxState
+from sandboxd.backends.base import JailedSandbox, SandboxState
 from sandboxd.backends.guest_kernel import kernel_cmdline
+from sandboxd.backends.snapshots import SnapshotBackend
 from sandboxd.backends.vm_channel import open_channel
 from sandboxd.cgroups import Cgroup
-from sandboxd.errors import LaunchError, SandboxError
+from sandboxd.errors import LaunchError
 from sandboxd.images import Image
 from sandboxd.jail import BWRAP, data_fd
 from sandboxd.limits import Limits
@@ -142,7 +143,7 @@ def _stream(sock: socket.socket) -> trio.SocketStream:
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
-class QemuBackend(JailedBackend):
+class QemuBackend(SnapshotBackend[QemuSandbox]):
     name = "qemu"
 
     def __init__(
@@ -163,13 +164,12 @@ class QemuBackend(JailedBackend):
     ) -> None:
         if image.vm_dir is None:
             raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
-        super().__init__(instance, uid_base)
+        super().__init__(instance, uid_base, snapshot=snapshot)
         self.image = image
         self.ramdisk = ramdisk  # the initramfs (initramfs.for_image)
         self.accel = accel
         self.work_dir = run_dir / instance / "vm"
         self.max_message_bytes = max_message_bytes
-        self.use_snapshot = snapshot
         self.layout = VmLayout(
             vm_dir=image.vm_dir,
             memory=memory,
@@ -179,8 +179,6 @@ class QemuBackend(JailedBackend):
             agent_port=agent_port,
         )
         self.channel_kind, self.channel_why = channel  # see vm_channel.choose_channel
-        self.snapshot: Path | None = None
-        self.snapshot_note = "not made yet"
         self.groups = [grp.getgrnam("kvm").gr_gid] if accel == "kvm" and _has_group("kvm") else []
 
     @property
@@ -192,7 +190,6 @@ class QemuBackend(JailedBackend):
         return {
             **super().describe(),
             "accel": self.accel,
-            "snapshot": self.snapshot_note,
             "channel": f"{self.channel_kind} ({self.channel_why})",
         }
 
@@ -220,54 +217,19 @@ class QemuBackend(JailedBackend):
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.work_dir.mkdir(parents=True, mode=0o755)
         self.work_dir.parent.chmod(0o755)
-        if self.use_snapshot:
-            await self._make_snapshot()
-        else:
-            self.snapshot_note = "off (backend.snapshot = false): every VM cold-boots"
+        await self.make_snapshot()
 
-    async def _make_snapshot(self) -> None:
-        """Boot one VM to agent-ready and save it; pool VMs restore it."""
+    async def _save(self, vm: QemuSandbox) -> Path:
+        """QEMU's migration of the paused VM, into a file."""
         path = self.work_dir / "snapshot.bin"
-        started = trio.current_time()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                async with self._vm(slot=0, start_timeout=120) as sandbox:
-                    await sandbox.qmp.execute("stop")
-                    await sandbox.qmp.send_fd("snapshot", fd)
-                    await _migrate(sandbox.qmp, "migrate", uri="fd:snapshot")
-            finally:
-                os.close(fd)
-        except SandboxError as exc:
-            path.unlink(missing_ok=True)
-            self.snapshot_note = f"failed ({exc.message}): every VM cold-boots"
-            log.warning("snapshot %s", self.snapshot_note)
-            return
-        path.chmod(0o644)
-        self.snapshot = path
-        seconds = trio.current_time() - started
-        self.snapshot_note = (
-            f"pool VMs restore a snapshot ({path.stat().st_size >> 20} MiB, "
-            f"made in {seconds:.1f} s)"
-        )
-        log.info("snapshot: %s", self.snapshot_note)
-
-    @asynccontextmanager
-    async def open_sandbox(self, slot: int, start_timeout: float) -> AsyncIterator[Sandbox]:
-        async with AsyncExitStack() as stack:
-            sandbox: Sandbox | None = None
-            if self.snapshot is not None:
-                try:
-                    sandbox = await stack.enter_async_context(
-                        self._vm(slot, start_timeout, restore=self.snapshot)
-                    )
-                except LaunchError as exc:
-                    self.snapshot = None
-                    self.snapshot_note = f"restore failed ({exc.message}): VMs cold-boot"
-                    log.warning("snapshot %s", self.snapshot_note)
-            if sandbox is None:
-                sandbox = await stack.enter_async_context(self._vm(slot, start_timeout))
-            yield sandbox
+            await vm.qmp.execute("stop")
+            await vm.qmp.send_fd("snapshot", fd)
+            await _migrate(vm.qmp, "migrate", uri="fd:snapshot")
+        finally:
+            os.close(fd)
+        return path
 
     @asynccontextmanager
     async def _vm(

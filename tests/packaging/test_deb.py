@@ -9,6 +9,7 @@ with the namespaces backend and the host's built image.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,21 @@ def as_root_of(root: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def run_in_own_session(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in a session of its own: on a timeout, what it started in the
+    background (the daemon, the gateway) is killed with it."""
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+            pytest.fail(f"timed out after {timeout} s: {err[-3000:]}")
+    return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="needs root: mmdebstrap, bubblewrap, jails")
 @pytest.mark.image
 def test_installs_on_bare_debian_and_runs_jobs_from_cli_and_gateway(deb, tmp_path):
@@ -165,12 +181,6 @@ def test_installs_on_bare_debian_and_runs_jobs_from_cli_and_gateway(deb, tmp_pat
         f'[backend]\nname = "namespaces"\nuid_base = {600_000 + os.getpid() % 1000 * 64}\n'
     )
     port = free_port()
-    ran = subprocess.run(
-        [*as_root_of(root), "sh", "-c", RUN_INSTALLED, "sh", str(port)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    ran = run_in_own_session([*as_root_of(root), "sh", "-c", RUN_INSTALLED, "sh", str(port)])
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert ran.stdout.splitlines() == ["cli: 42", "gateway: 4"], ran.stderr[-3000:]

@@ -142,7 +142,7 @@ def test_auto_chooses_by_probing(tmp_path):
         backend = daemon.client.status()["backend"]
         # Here KVM does not boot a guest and TCG is not allowed for auto: namespaces,
         # saying why; on a host with working KVM: qemu with KVM.
-        assert backend["reason"].startswith("auto: firecracker: not installed, but its backend")
+        assert backend["reason"].startswith("auto: firecracker: not installed")
         assert "qemu:" in backend["reason"]
         assert backend["name"] == ("qemu" if "KVM boots" in backend["reason"] else "namespaces")
     finally:

@@ -3,8 +3,9 @@ vsock modules, the agent's listener, and the host reconnecting as after a snapsh
 
 This host has no /dev/vhost-vsock, so QEMU's vsock device is served by a vhost-user
 back-end (tests/fakes/vhost_user_vsock.py) that speaks Firecracker's hybrid vsock on the
-host side (``CONNECT <port>`` on a Unix socket). The VM has no virtio-serial port: the
-agent must find vsock by itself.
+host side (``CONNECT <port>`` on a Unix socket), which the daemon's own connector uses
+as it does for Firecracker. The VM has no virtio-serial port: the agent must find vsock
+by itself.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from sandboxd import initramfs
 from sandboxd.agent_link import AgentLink, Transcript
 from sandboxd.backends import agent_source
-from sandboxd.backends.qemu import QemuBackend, VmLayout
+from sandboxd.backends.qemu import VmLayout
+from sandboxd.backends.vm_channel import connect_hybrid_vsock
 from sandboxd.errors import ConfigError
 from sandboxd.images import ImageStore
 from tests.fakes.vhost_user_vsock import VhostUserVsock
@@ -51,7 +54,7 @@ def vsock_vm(tmp_path: Path) -> Iterator[Path]:
         pytest.skip(str(exc))
     assert image.vm_dir is not None
     ramdisk = tmp_path / "initramfs.img"
-    ramdisk.write_bytes(QemuBackend.make_ramdisk(image, agent_source()))
+    ramdisk.write_bytes(initramfs.for_image(image, agent_source()))
     layout = VmLayout(
         image.vm_dir, MEMORY, 1, "tcg", int(image.manifest["vm"]["hz"]), agent_port=AGENT_PORT
     )
@@ -80,16 +83,8 @@ def vsock_vm(tmp_path: Path) -> Iterator[Path]:
 
 
 async def connect(uds: Path, port: int) -> trio.SocketStream:
-    """Firecracker's host side of vsock: ``CONNECT port`` until the guest listens."""
     with trio.fail_after(120):
-        while True:
-            stream = await trio.open_unix_socket(str(uds))
-            await stream.send_all(f"CONNECT {port}\n".encode())
-            answer = await stream.receive_some(64)
-            if answer.startswith(b"OK "):
-                return stream
-            await stream.aclose()  # no listener yet: closed without a word
-            await trio.sleep(0.2)
+        return await connect_hybrid_vsock(uds, port, lambda: True)
 
 
 async def test_the_agent_serves_vsock_and_takes_the_host_again_after_a_lost_connection(

@@ -1,0 +1,87 @@
+"""VM backends whose pool restores a snapshot of one booted VM, and cold-boots without.
+
+The snapshot is made when the backend starts: one VM is booted to agent-ready and saved.
+Each pool VM restores it — saving the boot, not sharing a sandbox: a VM still serves one
+job and is destroyed, and its agent reseeds its random pool from the host. If making or
+restoring the snapshot fails, VMs cold-boot from then on, and the log and ``status`` say
+why.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from sandboxd.backends.base import JailedBackend, Sandbox
+from sandboxd.errors import LaunchError, SandboxError
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_BOOT_TIMEOUT = 120.0  # the snapshot's VM boots while nothing else runs yet
+VmT = TypeVar("VmT", bound=Sandbox)
+
+
+class SnapshotBackend(JailedBackend, Generic[VmT]):
+    def __init__(self, instance: str, uid_base: int, *, snapshot: bool) -> None:
+        super().__init__(instance, uid_base)
+        self.use_snapshot = snapshot
+        self.snapshot: Path | None = None  # what _save made, while restores work
+        self.snapshot_note = "not made yet"
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "snapshot": self.snapshot_note}
+
+    @abc.abstractmethod
+    def _vm(
+        self, slot: int, start_timeout: float, *, restore: Path | None = None
+    ) -> AbstractAsyncContextManager[VmT]:
+        """A VM with a ready agent, cold-booted or restored from ``restore``."""
+
+    @abc.abstractmethod
+    async def _save(self, vm: VmT) -> Path:
+        """Save ``vm`` (ready, booted for this); the snapshot's file or directory."""
+
+    async def make_snapshot(self) -> None:
+        """Boot a VM and save it for the pool, if snapshots are on (the end of start())."""
+        if not self.use_snapshot:
+            self.snapshot_note = "off (backend.snapshot = false): every VM cold-boots"
+            return
+        started = trio.current_time()
+        try:
+            async with self._vm(slot=0, start_timeout=SNAPSHOT_BOOT_TIMEOUT) as vm:
+                saved = await self._save(vm)
+        except (SandboxError, OSError) as exc:
+            self.snapshot_note = f"failed ({exc}): every VM cold-boots"
+            log.warning("snapshot %s", self.snapshot_note)
+            return
+        self.snapshot = saved
+        files = [saved] if saved.is_file() else [p for p in saved.iterdir() if p.is_file()]
+        size = sum(path.stat().st_size for path in files)
+        seconds = trio.current_time() - started
+        self.snapshot_note = (
+            f"pool VMs restore a snapshot ({size >> 20} MiB, made in {seconds:.1f} s)"
+        )
+        log.info("snapshot: %s", self.snapshot_note)
+
+    @asynccontextmanager
+    async def open_sandbox(self, slot: int, start_timeout: float) -> AsyncIterator[Sandbox]:
+        async with AsyncExitStack() as stack:
+            sandbox: Sandbox | None = None
+            if self.snapshot is not None:
+                try:
+                    sandbox = await stack.enter_async_context(
+                        self._vm(slot, start_timeout, restore=self.snapshot)
+                    )
+                except LaunchError as exc:
+                    self.snapshot = None
+                    self.snapshot_note = f"restore failed ({exc.message}): VMs cold-boot"
+                    log.warning("snapshot %s", self.snapshot_note)
+            if sandbox is None:
+                sandbox = await stack.enter_async_context(self._vm(slot, start_timeout))
+            yield sandbox

@@ -1,0 +1,140 @@
+"""The firecracker backend against the fake Firecracker and jailer (tests/fakes/): no
+Firecracker can run here, so the fakes hold it to Firecracker's published interface (its
+API spec and state rules, the jailer's layout and cgroups, hybrid vsock), and boot the
+guest for real under QEMU, so jobs really run in VMs made through that interface."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyroute2 import netns
+
+from sandboxd.backends.firecracker import FirecrackerBackend
+from sandboxd.errors import LaunchError
+from sandboxd.result import Status
+from tests.conftest import IS_ROOT
+from tests.daemon_process import Daemon, start_daemon
+from tests.fakes.firecracker_bin import install_fakes
+from tests.host_state import sandbox_cgroups, sandbox_processes, wait_for
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(not IS_ROOT, reason="needs root: the jailer, cgroups and QEMU"),
+]
+
+STATE_DIR = Path("/var/lib/sandboxd")
+
+
+def settings(fakes: tuple[Path, Path], **backend: object) -> dict[str, dict[str, object]]:
+    firecracker, jailer = fakes
+    return {
+        "pool": {"size": 1, "max_sandboxes": 4, "start_timeout": 120, "queue_timeout": 120},
+        "backend": {
+            "name": "firecracker",
+            "firecracker_bin": str(firecracker),
+            "jailer_bin": str(jailer),
+            "vm_memory": 512 * 2**20,
+            **backend,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return install_fakes(tmp_path_factory.mktemp("fake-bin"))
+
+
+@pytest.fixture(scope="module")
+def fc_daemon(tmp_path_factory: pytest.TempPathFactory, fakes) -> Iterator[Daemon]:
+    running = start_daemon(tmp_path_factory.mktemp("firecracker"), **settings(fakes))
+    yield running
+    assert running.stop() == 0, running.log()
+    assert not (STATE_DIR / "jails" / running.name).exists()
+    assert not sandbox_cgroups(running.name)
+    assert f"sandboxd-{running.name}" not in netns.listnetns()
+
+
+def jails(daemon: Daemon) -> set[str]:
+    base = STATE_DIR / "jails" / daemon.name / "firecracker"
+    return {path.name for path in base.iterdir()} if base.is_dir() else set()
+
+
+def assert_vm_gone(daemon: Daemon, sandbox_id: str) -> None:
+    assert wait_for(lambda: sandbox_id not in jails(daemon))
+    assert wait_for(lambda: not any(p.name == sandbox_id for p in sandbox_cgroups(daemon.name)))
+    # Only the pool's next VM remains: one Firecracker, one QEMU.
+    assert wait_for(lambda: len(sandbox_processes(daemon.uid_base)) <= 2)
+
+
+def test_status_says_firecracker_and_snapshot(fc_daemon):
+    backend = fc_daemon.client.status()["backend"]
+    assert backend["name"] == "firecracker"
+    assert backend["reason"].startswith("firecracker: Firecracker v")
+    assert backend["snapshot"].startswith("pool VMs restore a snapshot")
+
+
+def test_jobs_run_in_restored_vms_and_leave_nothing(fc_daemon):
+    code = "import os\nprint(os.uname().release.endswith('cloud-amd64'), os.getuid())"
+    result = fc_daemon.client.execute("python", code)
+    assert (result.status, result.stdout) == (Status.OK, "True 65534\n"), result.stderr
+    assert_vm_gone(fc_daemon, result.sandbox_id)
+
+    slow = fc_daemon.client.execute(
+        "python", "import time\nprint('start', flush=True)\ntime.sleep(60)", timeout=2
+    )
+    assert (slow.status, slow.stdout) == (Status.TIMEOUT, "start\n")
+    assert_vm_gone(fc_daemon, slow.sandbox_id)
+
+
+def test_each_vm_is_jailed_as_its_own_uid_in_its_cgroup(fc_daemon):
+    assert wait_for(lambda: len(jails(fc_daemon)) == 1, timeout=120)  # the pool's VM
+    (sandbox_id,) = jails(fc_daemon)
+    root = STATE_DIR / "jails" / fc_daemon.name / "firecracker" / sandbox_id / "root"
+    owner = (root / "firecracker").stat().st_uid
+    assert fc_daemon.uid_base <= owner < fc_daemon.uid_base + 4
+    # The guest's files are hard links into the jail, not copies.
+    assert (root / "rootfs.ext4").stat().st_nlink > 1
+    assert any(p.name == sandbox_id for p in sandbox_cgroups(fc_daemon.name))
+    # In the daemon's empty network namespace.
+    vmm = int((root / "firecracker.pid").read_text())
+    assert os.readlink(f"/proc/{vmm}/ns/net") != os.readlink("/proc/self/ns/net")
+
+
+def test_a_broken_snapshot_falls_back_to_cold_boots(tmp_path, fakes):
+    daemon = start_daemon(tmp_path, **settings(fakes))
+    try:
+        snapshot = STATE_DIR / "jails" / daemon.name / "snapshot" / "snapshot"
+        snapshot.write_text("not a snapshot")
+        result = daemon.client.execute("python", "print('still runs')")
+        assert result.stdout == "still runs\n", result.message
+        assert wait_for(
+            lambda: daemon.client.status()["backend"]["snapshot"].startswith("restore failed")
+        )
+    finally:
+        assert daemon.stop() == 0
+    assert not (STATE_DIR / "jails" / daemon.name).exists()
+
+
+def test_auto_takes_firecracker_only_where_kvm_boots_a_guest(tmp_path, fakes):
+    daemon = start_daemon(tmp_path, **settings(fakes, name="auto", snapshot=False))
+    try:
+        reason = daemon.client.status()["backend"]["reason"]
+        if "KVM boots" in reason:  # a host with working KVM
+            assert reason.startswith("auto: firecracker: Firecracker v")
+        else:
+            assert reason.startswith("auto: firecracker: installed, but no usable KVM")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_probe_names_what_is_missing_or_wrong(tmp_path):
+    with pytest.raises(LaunchError, match="not installed"):
+        FirecrackerBackend.probe(str(tmp_path / "firecracker"), "jailer")
+    impostor = tmp_path / "firecracker"
+    impostor.write_text("#!/bin/sh\necho 'Not Firecracker 1.0'\n")
+    impostor.chmod(0o755)
+    with pytest.raises(LaunchError, match="is not Firecracker"):
+        FirecrackerBackend.probe(str(impostor), str(impostor))
