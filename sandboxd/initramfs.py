@@ -79,9 +79,11 @@ def build(vm_dir: Path, modules: list[str], agent: bytes) -> bytes:
     return gzip.compress(archive.close(), compresslevel=1)
 
 
-def for_image(image: Image, agent_source: Path) -> bytes:
-    """The initramfs for ``image``'s VMs with this daemon's agent; LaunchError if the
-    image has no VM artifacts."""
+def for_image(image: Image, agent_source: Path, *, with_modules: bool = True) -> bytes:
+    """The initramfs for ``image``'s VMs with this daemon's agent, and the image's kernel
+    modules unless the VMs boot another kernel; LaunchError if the image has no VM
+    artifacts."""
     if image.vm_dir is None:
         raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
-    return build(image.vm_dir, image.manifest["vm"]["modules"], agent_source.read_bytes())
+    modules = image.manifest["vm"]["modules"] if with_modules else []
+    return build(image.vm_dir, modules, agent_source.read_bytes())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,6 +31,16 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 @pytest.fixture
 def client(daemon: Daemon) -> Client:
     return daemon.client
+
+
+@pytest.fixture
+def public_tmp_path() -> Iterator[Path]:
+    """A temporary directory anyone can reach (pytest's own are private to their user),
+    for files that unprivileged jails and VMMs read."""
+    path = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
 
 
 @pytest.fixture

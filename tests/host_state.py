@@ -16,7 +16,7 @@ PROGRAM_COMMANDS = ("python3 main.py", "./main", "deno run")
 
 
 def sandbox_processes(uid_base: int, count: int = 64) -> dict[int, str]:
-    """Pid → command line of the processes running as one of the daemon's sandbox uids."""
+    """Pid → command line of the live processes of one of the daemon's sandbox uids."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -27,7 +27,10 @@ def sandbox_processes(uid_base: int, count: int = 64) -> dict[int, str]:
         except OSError:
             continue
         uid = int(status.split("\nUid:")[1].split()[1])
-        if uid_base <= uid < uid_base + count:
+        # A zombie has stopped; it waits for its (new) parent to reap it, which this
+        # machine's PID 1 does late.
+        zombie = status.split("\nState:")[1].split()[0] == "Z"
+        if uid_base <= uid < uid_base + count and not zombie:
             found[int(entry.name)] = cmdline
     return found
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from sandboxd import initramfs
 from sandboxd.backends.base import Backend, Sandbox, SandboxState
 from sandboxd.backends.firecracker import FirecrackerBackend
+from sandboxd.backends.guest_kernel import GuestKernel, choose_kernel
 from sandboxd.backends.namespaces import NamespacesBackend
 from sandboxd.backends.qemu import QEMU, QemuBackend, kvm_boots
 from sandboxd.backends.vm_channel import choose_channel
@@ -36,15 +37,19 @@ def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
     """The backend this daemon will use and why; ConfigError/LaunchError if none can run."""
     wanted = config.backend.name
     auto = wanted == "auto"
-    ramdisk = functools.cache(lambda: initramfs.for_image(image, agent_source()))
-    why_not_kvm = functools.cache(lambda: kvm_boots(image, ramdisk()))
+    # What VMs boot, made once and only if a VM backend is considered.
+    kernel = functools.cache(lambda: _guest_kernel(config, image))
+    ramdisk = functools.cache(
+        lambda: initramfs.for_image(image, agent_source(), with_modules=kernel().with_modules)
+    )
+    why_not_kvm = functools.cache(lambda: kvm_boots(image, kernel(), ramdisk()))
     passed_over: list[str] = []
     candidates: list[tuple[str, Callable[[], tuple[Backend, str]]]] = [
         (
             "firecracker",
-            lambda: _firecracker(config, image, ramdisk, why_not_kvm if auto else None),
+            lambda: _firecracker(config, image, kernel, ramdisk, why_not_kvm if auto else None),
         ),
-        ("qemu", lambda: _qemu(config, image, ramdisk, why_not_kvm, allow_tcg=not auto)),
+        ("qemu", lambda: _qemu(config, image, kernel, ramdisk, why_not_kvm, allow_tcg=not auto)),
     ]
     for name, make in candidates:
         if wanted not in ("auto", name):
@@ -81,9 +86,17 @@ def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
     return backend, reason
 
 
+def _guest_kernel(config: Config, image: Image) -> GuestKernel:
+    if image.vm_dir is None:
+        raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
+    version = image.manifest["vm"]["kernel_version"]
+    return choose_kernel(config.backend.kernel_path, image.vm_dir, version)
+
+
 def _firecracker(
     config: Config,
     image: Image,
+    kernel: Callable[[], GuestKernel],
     ramdisk: Callable[[], bytes],
     why_not_kvm: Callable[[], str | None] | None,
 ) -> tuple[Backend, str]:
@@ -96,6 +109,7 @@ def _firecracker(
         raise LaunchError(f"installed, but no usable KVM ({reason})")
     backend = FirecrackerBackend(
         image=image,
+        kernel=kernel(),
         ramdisk=ramdisk(),
         instance=config.daemon.name,
         uid_base=config.backend.uid_base,
@@ -114,6 +128,7 @@ def _firecracker(
 def _qemu(
     config: Config,
     image: Image,
+    kernel: Callable[[], GuestKernel],
     ramdisk: Callable[[], bytes],
     why_not_kvm: Callable[[], str | None],
     *,
@@ -123,6 +138,7 @@ def _qemu(
     accel, why = QemuBackend.probe(why_not_kvm, allow_tcg or config.backend.allow_tcg)
     backend = QemuBackend(
         image=image,
+        kernel=kernel(),
         ramdisk=ramdisk(),
         instance=config.daemon.name,
         uid_base=config.backend.uid_base,

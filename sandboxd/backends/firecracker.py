@@ -25,13 +25,14 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 from pyroute2 import netns
 
 from sandboxd.agent_link import AgentLink
 from sandboxd.backends.base import JailedSandbox, SandboxState
-from sandboxd.backends.guest_kernel import kernel_cmdline
+from sandboxd.backends.guest_kernel import GuestKernel, kernel_cmdline
 from sandboxd.backends.snapshots import SnapshotBackend
 from sandboxd.backends.vm_channel import connect_hybrid_vsock
 from sandboxd.cgroups import Cgroup
@@ -86,6 +87,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         self,
         *,
         image: Image,
+        kernel: GuestKernel,
         ramdisk: bytes,
         instance: str,
         uid_base: int,
@@ -102,6 +104,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
             raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
         super().__init__(instance, uid_base, snapshot=snapshot)
         self.vm_dir = image.vm_dir
+        self.kernel = kernel
         self.ramdisk = ramdisk  # the initramfs (initramfs.for_image)
         self.memory = memory
         self.cpus = cpus
@@ -112,6 +115,9 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         # The jailer's --chroot-base-dir: on the image store's filesystem, for hard links.
         self.jail_base = state_dir / "jails" / instance
         self.netns = f"sandboxd-{instance}"
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "kernel": self.kernel.describe()}
 
     @staticmethod
     def probe(firecracker: str, jailer: str) -> tuple[Path, Path, str]:
@@ -142,9 +148,15 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         if self.netns in netns.listnetns():
             netns.remove(self.netns)
         netns.create(self.netns)
+        # What every cold boot links into its jail: the initramfs, and the kernel (a
+        # KERNEL_PATH may be on another filesystem than the jails).
         initramfs = self.jail_base / "initramfs.img"
         initramfs.write_bytes(self.ramdisk)
         initramfs.chmod(0o644)
+        try:
+            os.link(self.kernel.vmlinux, self.jail_base / "vmlinux")
+        except OSError:
+            shutil.copyfile(self.kernel.vmlinux, self.jail_base / "vmlinux")
         await self.make_snapshot()
 
     async def aclose(self) -> None:
@@ -191,8 +203,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         """Hard-link what the VM reads into its chroot (restores: the saved state)."""
         files = {ROOT_DISK: self.vm_dir / ROOT_DISK}
         if restore is None:
-            files |= {"vmlinux": self.vm_dir / "vmlinux"}
-            files |= {"initramfs.img": self.jail_base / "initramfs.img"}
+            files |= {name: self.jail_base / name for name in ("vmlinux", "initramfs.img")}
         else:
             files |= {name: restore / name for name in SNAPSHOT_FILES}
         for name, source in files.items():

@@ -1,9 +1,14 @@
-"""What every VM's guest kernel is told on its command line, whatever runs the VM."""
+"""The guest kernel every VM boots, and what it is told on its command line, whatever
+runs the VM."""
 
 from __future__ import annotations
 
 import re
+import stat
+from dataclasses import dataclass
 from pathlib import Path
+
+from sandboxd.errors import ConfigError
 
 
 def host_tsc_khz() -> int | None:
@@ -28,3 +33,51 @@ def kernel_cmdline(
     if emulated and khz:
         words += [f"tsc_early_khz={khz}", f"lpj={khz * 1000 // hz}"]
     return " ".join([*words, *extra.split()])
+
+
+@dataclass(frozen=True)
+class GuestKernel:
+    """The kernel VMs boot: the image's, or ``backend.kernel_path`` (``KERNEL_PATH``)."""
+
+    path: Path  # an uncompressed ELF vmlinux, or the image's bzImage for QEMU
+    vmlinux: Path  # the ELF one (Firecracker boots only that)
+    version: str
+    with_modules: bool  # the image's modules fit it; else its drivers must be built in
+
+    def describe(self) -> str:
+        how = "the image's modules" if self.with_modules else "its built-in drivers"
+        return f"{self.vmlinux} (Linux {self.version}, with {how})"
+
+
+def choose_kernel(kernel_path: str, vm_dir: Path, image_version: str) -> GuestKernel:
+    """The image's kernel, or the one at ``kernel_path``; ConfigError if that is not an
+    uncompressed Linux ELF kernel."""
+    if not kernel_path:
+        return GuestKernel(vm_dir / "bzImage", vm_dir / "vmlinux", image_version, True)
+    path = Path(kernel_path)
+    try:
+        with path.open("rb") as kernel:
+            data = kernel.read()
+    except OSError as exc:
+        raise ConfigError(f"backend.kernel_path: cannot read {path}: {exc.strerror}") from exc
+    found = re.search(rb"Linux version (\d\S*) ", data)
+    if not data.startswith(b"\x7fELF") or found is None:
+        raise ConfigError(
+            f"backend.kernel_path: {path} is not an uncompressed Linux kernel (an ELF "
+            "vmlinux, as Firecracker boots)"
+        )
+    _check_everyone_reads(path)
+    version = found.group(1).decode(errors="replace")
+    return GuestKernel(path, path, version, version == image_version)
+
+
+def _check_everyone_reads(path: Path) -> None:
+    """VMMs run as unprivileged sandbox uids: the kernel must be readable by anyone."""
+    if not path.stat().st_mode & stat.S_IROTH:
+        raise ConfigError(f"backend.kernel_path: {path} must be readable by everyone (chmod o+r)")
+    for directory in path.resolve().parents:
+        if not directory.stat().st_mode & stat.S_IXOTH:
+            raise ConfigError(
+                f"backend.kernel_path: {path} must be reachable by everyone, and "
+                f"{directory} is not (chmod o+x): the VMMs run as unprivileged users"
+            )

@@ -31,7 +31,7 @@ import trio
 
 from sandboxd.agent_link import AgentLink
 from sandboxd.backends.base import JailedSandbox, SandboxState
-from sandboxd.backends.guest_kernel import kernel_cmdline
+from sandboxd.backends.guest_kernel import GuestKernel, kernel_cmdline
 from sandboxd.backends.snapshots import SnapshotBackend
 from sandboxd.backends.vm_channel import open_channel
 from sandboxd.cgroups import Cgroup
@@ -55,7 +55,8 @@ PROBE_TIMEOUT = 20.0
 class VmLayout:
     """What every VM of this daemon is made of; restores need the very same devices."""
 
-    vm_dir: Path
+    vm_dir: Path  # the image's VM artifacts: its root disk
+    kernel: Path  # what -kernel boots (GuestKernel.path)
     memory: int
     cpus: int
     accel: str  # "kvm" or "tcg"
@@ -76,6 +77,7 @@ class VmLayout:
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
             "--symlink", "usr/bin", "/bin",
             "--ro-bind", str(self.vm_dir), "/vm",
+            "--ro-bind", str(self.kernel), "/kernel",
             "--ro-bind-data", str(initramfs_fd), "/initramfs.img",
             "--dev", "/dev", "--proc", "/proc",
         ]  # fmt: skip
@@ -101,7 +103,7 @@ class VmLayout:
             "-m", f"{self.memory // 2**20}M", "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-serial", "stdio", "-monitor", "none",
-            "-kernel", "/vm/bzImage", "-initrd", "/initramfs.img",
+            "-kernel", "/kernel", "-initrd", "/initramfs.img",
             "-append", self.kernel_cmdline("sandboxd.probe" if probe else ""),
             "-drive", "id=root,file=/vm/rootfs.ext4,format=raw,if=none,readonly=on",
             "-device", "virtio-blk-device,drive=root",
@@ -150,6 +152,7 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         self,
         *,
         image: Image,
+        kernel: GuestKernel,
         ramdisk: bytes,
         instance: str,
         uid_base: int,
@@ -166,12 +169,14 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
             raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
         super().__init__(instance, uid_base, snapshot=snapshot)
         self.image = image
+        self.kernel = kernel
         self.ramdisk = ramdisk  # the initramfs (initramfs.for_image)
         self.accel = accel
         self.work_dir = run_dir / instance / "vm"
         self.max_message_bytes = max_message_bytes
         self.layout = VmLayout(
             vm_dir=image.vm_dir,
+            kernel=kernel.path,
             memory=memory,
             cpus=cpus,
             accel=accel,
@@ -190,6 +195,7 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         return {
             **super().describe(),
             "accel": self.accel,
+            "kernel": self.kernel.describe(),
             "channel": f"{self.channel_kind} ({self.channel_why})",
         }
 
@@ -305,7 +311,7 @@ def _has_group(name: str) -> bool:
     return True
 
 
-def kvm_boots(image: Image, ramdisk: bytes) -> str | None:
+def kvm_boots(image: Image, kernel: GuestKernel, ramdisk: bytes) -> str | None:
     """None if KVM boots the image's kernel to its initramfs (one that powers off at
     once) under QEMU; else why not."""
     if not os.path.exists("/dev/kvm"):
@@ -313,7 +319,7 @@ def kvm_boots(image: Image, ramdisk: bytes) -> str | None:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is not accessible"
     assert image.vm_dir is not None
-    layout = VmLayout(image.vm_dir, 256 * 2**20, 1, "kvm", 250, agent_port=0)
+    layout = VmLayout(image.vm_dir, kernel.path, 256 * 2**20, 1, "kvm", 250, agent_port=0)
     fd = data_fd(ramdisk, "sandboxd-probe-initramfs")
     argv = [*layout.jail_argv(fd), "--", *layout.qemu_argv(probe=True)]
     try:

@@ -6,6 +6,7 @@ guest for real under QEMU, so jobs really run in VMs made through that interface
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pyroute2 import netns
 
 from sandboxd.backends.firecracker import FirecrackerBackend
 from sandboxd.errors import LaunchError
+from sandboxd.images import ImageStore
 from sandboxd.result import Status
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, start_daemon
@@ -103,9 +105,13 @@ def test_each_vm_is_jailed_as_its_own_uid_in_its_cgroup(fc_daemon):
     assert os.readlink(f"/proc/{vmm}/ns/net") != os.readlink("/proc/self/ns/net")
 
 
-def test_a_broken_snapshot_falls_back_to_cold_boots(tmp_path, fakes):
-    daemon = start_daemon(tmp_path, **settings(fakes))
+def test_a_broken_snapshot_falls_back_to_cold_boots(tmp_path, public_tmp_path, fakes):
+    # With KERNEL_PATH: the kernel is copied in beside the jails (it may be elsewhere).
+    vmlinux = public_tmp_path / "vmlinux"
+    vmlinux.write_bytes((ImageStore(STATE_DIR).current().path / "vm" / "vmlinux").read_bytes())
+    daemon = start_daemon(tmp_path, **settings(fakes, kernel_path=str(vmlinux)))
     try:
+        assert daemon.client.status()["backend"]["kernel"].startswith(f"{vmlinux} (Linux ")
         snapshot = STATE_DIR / "jails" / daemon.name / "snapshot" / "snapshot"
         snapshot.write_text("not a snapshot")
         result = daemon.client.execute("python", "print('still runs')")
@@ -116,6 +122,32 @@ def test_a_broken_snapshot_falls_back_to_cold_boots(tmp_path, fakes):
     finally:
         assert daemon.stop() == 0
     assert not (STATE_DIR / "jails" / daemon.name).exists()
+
+
+def test_a_crashed_daemons_vms_are_swept_at_the_next_start(tmp_path, fakes):
+    (tmp_path / "crashed").mkdir()
+    crashed = start_daemon(tmp_path / "crashed", **settings(fakes, snapshot=False))
+    old_jails = jails(crashed)
+    crashed.stop(signal.SIGKILL)
+    # Firecracker has no parent-death signal (the jailer's uid drop clears it): the VMs
+    # outlive a crashed daemon, in its cgroups, until a daemon of its name starts again.
+    old_vms = set(sandbox_processes(crashed.uid_base))
+    assert old_jails and old_vms
+    (tmp_path / "again").mkdir()
+    restarted = start_daemon(
+        tmp_path / "again",
+        daemon={"name": crashed.name, "run_dir": str(crashed.run_dir)},
+        **settings(fakes, snapshot=False, uid_base=crashed.uid_base),
+    )
+    try:
+        assert "left by an earlier daemon" in restarted.log()
+        assert not old_vms & set(sandbox_processes(crashed.uid_base))
+        assert not old_jails & jails(restarted)
+        assert restarted.client.execute("python", "print(1)").stdout == "1\n"
+    finally:
+        assert restarted.stop() == 0
+    assert not sandbox_processes(crashed.uid_base)
+    assert f"sandboxd-{crashed.name}" not in netns.listnetns()
 
 
 def test_auto_takes_firecracker_only_where_kvm_boots_a_guest(tmp_path, fakes):

@@ -5,11 +5,14 @@ a VM is left once its job is done."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from sandboxd.images import ImageStore
 from sandboxd.result import Status
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, start_daemon
@@ -134,6 +137,24 @@ def test_cold_boot_without_a_snapshot_and_fallback_when_restore_fails(tmp_path):
     finally:
         assert daemon.stop() == 0
     assert not os.path.exists(daemon.run_dir / daemon.name)
+
+
+def test_kernel_path_boots_that_kernel(tmp_path, public_tmp_path):
+    """KERNEL_PATH (backend.kernel_path): an ELF vmlinux, here a copy of the image's,
+    which QEMU boots through its PVH entry."""
+    vmlinux = public_tmp_path / "vmlinux"
+    image = ImageStore(Path("/var/lib/sandboxd")).current()
+    assert image.vm_dir is not None
+    shutil.copyfile(image.vm_dir / "vmlinux", vmlinux)
+    (tmp_path / "d").mkdir()
+    backend = {**VM_SETTINGS["backend"], "snapshot": False, "kernel_path": str(vmlinux)}
+    daemon = start_daemon(tmp_path / "d", **{**VM_SETTINGS, "backend": backend})
+    try:
+        kernel = daemon.client.status()["backend"]["kernel"]
+        assert kernel.startswith(f"{vmlinux} (Linux ") and "the image's modules" in kernel
+        assert daemon.client.execute("python", "print(6 * 7)").stdout == "42\n"
+    finally:
+        assert daemon.stop() == 0
 
 
 def test_auto_chooses_by_probing(tmp_path):

@@ -78,5 +78,5 @@ async def test_vsock_connect_retries_while_the_vm_runs_then_gives_up(monkeypatch
 
 
 def test_the_kernel_is_told_the_agent_port():
-    layout = VmLayout(Path("/vm"), 2**28, 1, "kvm", 250, agent_port=8080)
+    layout = VmLayout(Path("/vm"), Path("/vm/bzImage"), 2**28, 1, "kvm", 250, agent_port=8080)
     assert "sandboxd.agent_port=8080" in layout.kernel_cmdline().split()

@@ -55,8 +55,9 @@ def vsock_vm(tmp_path: Path) -> Iterator[Path]:
     assert image.vm_dir is not None
     ramdisk = tmp_path / "initramfs.img"
     ramdisk.write_bytes(initramfs.for_image(image, agent_source()))
+    kernel = image.vm_dir / "bzImage"
     layout = VmLayout(
-        image.vm_dir, MEMORY, 1, "tcg", int(image.manifest["vm"]["hz"]), agent_port=AGENT_PORT
+        image.vm_dir, kernel, MEMORY, 1, "tcg", image.manifest["vm"]["hz"], agent_port=AGENT_PORT
     )
     vsock = [
         "-object", f"memory-backend-memfd,id=mem,size={MEMORY},share=on",
@@ -66,7 +67,8 @@ def vsock_vm(tmp_path: Path) -> Iterator[Path]:
     ]  # fmt: skip
     # Paths as QEMU sees them outside a jail.
     argv = [
-        arg.replace("/vm/", f"{image.vm_dir}/").replace("/initramfs.img", str(ramdisk))
+        {"/kernel": str(kernel), "/initramfs.img": str(ramdisk)}.get(arg)
+        or arg.replace("/vm/", f"{image.vm_dir}/")
         for arg in layout.qemu_argv(vsock)
     ]
     uds = tmp_path / "v.sock"

@@ -1,0 +1,64 @@
+"""The kernel VMs boot: the image's, or KERNEL_PATH's, checked before any VM starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandboxd.backends.guest_kernel import choose_kernel
+from sandboxd.errors import ConfigError
+
+IMAGE_VERSION = "6.1.0-56-cloud-amd64"
+
+
+def fake_vmlinux(path: Path, version: str) -> Path:
+    path.write_bytes(b"\x7fELF" + b"\0" * 64 + f"Linux version {version} (builder) #1".encode())
+    return path
+
+
+def test_without_kernel_path_the_image_s_kernel_and_modules(tmp_path):
+    kernel = choose_kernel("", tmp_path, IMAGE_VERSION)
+    assert (kernel.path, kernel.vmlinux) == (tmp_path / "bzImage", tmp_path / "vmlinux")
+    assert kernel.with_modules and kernel.version == IMAGE_VERSION
+
+
+def test_a_kernel_of_the_image_s_version_keeps_its_modules(public_tmp_path):
+    path = fake_vmlinux(public_tmp_path / "vmlinux", IMAGE_VERSION)
+    kernel = choose_kernel(str(path), public_tmp_path / "image", IMAGE_VERSION)
+    assert (kernel.path, kernel.vmlinux, kernel.with_modules) == (path, path, True)
+
+
+def test_another_kernel_must_bring_its_drivers(public_tmp_path):
+    path = fake_vmlinux(public_tmp_path / "vmlinux", "6.18.4-custom")
+    kernel = choose_kernel(str(path), public_tmp_path / "image", IMAGE_VERSION)
+    assert (kernel.version, kernel.with_modules) == ("6.18.4-custom", False)
+    assert "built-in drivers" in kernel.describe()
+
+
+def test_a_kernel_the_unprivileged_vmms_cannot_read_is_refused(public_tmp_path):
+    hidden = public_tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)
+    path = fake_vmlinux(hidden / "vmlinux", IMAGE_VERSION)
+    with pytest.raises(ConfigError, match=f"{hidden} is not \\(chmod o\\+x\\)"):
+        choose_kernel(str(path), public_tmp_path, IMAGE_VERSION)
+    hidden.chmod(0o755)
+    path.chmod(0o600)
+    with pytest.raises(ConfigError, match="must be readable by everyone"):
+        choose_kernel(str(path), public_tmp_path, IMAGE_VERSION)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read"),
+        (b"MZ compressed bzImage", "not an uncompressed Linux kernel"),
+        (b"\x7fELF but no version banner", "not an uncompressed Linux kernel"),
+    ],
+)
+def test_what_is_not_a_bootable_kernel_is_refused_clearly(tmp_path, content, message):
+    path = tmp_path / "kernel"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"backend.kernel_path: .*{message}"):
+        choose_kernel(str(path), tmp_path, IMAGE_VERSION)
