@@ -104,8 +104,9 @@ def status(app: App, as_json: bool) -> None:
     click.echo(f"sandboxd {answer['version']}, up {answer['uptime']:.0f} s")
     click.echo(f"backend:  {backend['name']} — {backend['isolation']}")
     click.echo(f"          {backend['reason']}")
-    if backend.get("snapshot"):
-        click.echo(f"          {backend['snapshot']}")
+    for detail in ("kernel", "channel", "snapshot"):  # what VM backends add
+        if backend.get(detail):
+            click.echo(f"          {detail}: {backend[detail]}")
     click.echo(
         f"pool:     {pool['ready']} ready, {pool['busy']} busy, {pool['starting']} starting, "
         f"{pool['waiting']} waiting (size {pool['size']}, max {pool['max']})"

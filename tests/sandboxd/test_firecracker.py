@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from pyroute2 import netns
 
+from sandboxctl import cli
 from sandboxd.backends.firecracker import FirecrackerBackend
 from sandboxd.errors import LaunchError
 from sandboxd.images import ImageStore
@@ -76,6 +78,10 @@ def test_status_says_firecracker_and_snapshot(fc_daemon):
     assert backend["name"] == "firecracker"
     assert backend["reason"].startswith("firecracker: Firecracker v")
     assert backend["snapshot"].startswith("pool VMs restore a snapshot")
+    shown = CliRunner().invoke(cli.main, ["--socket", str(fc_daemon.socket), "status"])
+    assert "backend:  firecracker — Firecracker microVM" in shown.stdout
+    for detail in ("kernel: ", "snapshot: pool VMs restore"):
+        assert detail in shown.stdout
 
 
 def test_jobs_run_in_restored_vms_and_leave_nothing(fc_daemon):
