@@ -642,6 +642,7 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
 
 
 PR_SET_DUMPABLE = 4
+VMADDR_CID_HOST = 2
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 
@@ -666,18 +667,23 @@ def synchronise(message: dict[str, Any], in_vm: bool) -> None:
 def next_job(channel: Channel, in_vm: bool) -> dict[str, Any] | None:
     """Answer every sync with hello until the job comes; None if the host left first
     (closed the channel, or, on vsock, reset the connection)."""
-    try:
-        while (message := channel.receive()) is not None:
-            if message.get("type") != "sync":
-                if message.get("type") != "job":
-                    raise JobError(f"expected a job message, got {message.get('type')!r}")
-                return message
-            synchronise(message, in_vm)
-            hello = {"type": "hello", "protocol": PROTOCOL, "nonce": message.get("nonce")}
+    while True:
+        try:
+            message = channel.receive()
+        except OSError:  # ConnectionError, or ENOTCONN after a vsock reset
+            return None
+        if message is None:
+            return None
+        if message.get("type") != "sync":
+            if message.get("type") != "job":
+                raise JobError(f"expected a job message, got {message.get('type')!r}")
+            return message
+        synchronise(message, in_vm)
+        hello = {"type": "hello", "protocol": PROTOCOL, "nonce": message.get("nonce")}
+        try:
             channel.send({**hello, "pid": os.getpid()})
-    except ConnectionError:
-        pass
-    return None
+        except OSError:
+            return None
 
 
 def serve(channel: Channel, runner_for: Callable[[Channel], Runner], in_vm: bool = False) -> bool:
@@ -705,9 +711,16 @@ def open_port(name: str) -> int | None:
     return None
 
 
-def host_connections(port_name: str, vsock_port: int) -> Iterator[Channel]:
+def host_connections(
+    port_name: str, vsock_port: int, privileged_peer: bool = False
+) -> Iterator[Channel]:
     """A VM's links to the host: its virtio-serial port if it has one (one link for the
-    VM's life), else every connection the host makes to our vsock port in turn."""
+    VM's life), else every connection the host makes to our vsock port in turn.
+
+    With ``privileged_peer`` only connections from a host port below 1024 count: with
+    the host kernel's vhost-vsock any local user can connect to a VM, and only root
+    (the daemon) can bind such a port. (Firecracker's vsock is a Unix socket in a jail
+    that only the daemon reaches, and its host ports are high.)"""
     fd = open_port(port_name)
     if fd is not None:
         yield Channel(fd, os.fdopen(os.dup(fd), "wb"))
@@ -722,17 +735,22 @@ def host_connections(port_name: str, vsock_port: int) -> Iterator[Channel]:
         ) from exc
     with listener:
         while True:
-            connection, _ = listener.accept()
+            connection, (cid, port) = listener.accept()
+            if privileged_peer and (cid != VMADDR_CID_HOST or port >= 1024):
+                connection.close()
+                continue
             with connection:
                 fd = connection.fileno()
                 with os.fdopen(os.dup(fd), "wb") as writer:
                     yield Channel(fd, writer)
 
 
-def power_off() -> None:
-    """The end of a VM's one job: nothing to keep, so no clean shutdown to wait for."""
+def end_vm() -> None:
+    """The end of a VM's one job: nothing to keep, so no clean shutdown to wait for. A
+    reboot, which ends the VMM (QEMU runs with -no-reboot, Firecracker's guests with
+    reboot=k): a power-off would only halt a Firecracker VM."""
     os.sync()
-    ctypes.CDLL(None).reboot(0x4321FEDC)  # RB_POWER_OFF
+    ctypes.CDLL(None).reboot(0x01234567)  # RB_AUTOBOOT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -751,6 +769,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-name", default="sandboxd.agent", help="the virtio-serial port")
     parser.add_argument("--vsock-port", type=int, default=52, help="the vsock port to listen on")
     parser.add_argument(
+        "--vsock-privileged-peer",
+        action="store_true",
+        help="take vsock connections only from host ports below 1024 (the host's root)",
+    )
+    parser.add_argument(
         "--vm-memory-reserve",
         type=int,
         default=96 * 2**20,
@@ -764,11 +787,14 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(options.workdir, exist_ok=True)
         confinement = VmConfinement(options.vm_memory_reserve)
         try:
-            for channel in host_connections(options.port_name, options.vsock_port):
+            links = host_connections(
+                options.port_name, options.vsock_port, options.vsock_privileged_peer
+            )
+            for channel in links:
                 if serve(channel, lambda c: Runner(c, options.workdir, True, confinement), True):
                     break
         finally:
-            power_off()
+            end_vm()
         return 0
     channel = Channel(sys.stdin.fileno(), sys.stdout.buffer)
     serve(channel, lambda c: Runner(c, options.workdir, options.isolated, Confinement()))

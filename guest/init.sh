@@ -7,9 +7,11 @@
 /bin/busybox --install -s /bin
 export PATH=/bin
 
+# Ending a VM is a reboot: QEMU (-no-reboot) and Firecracker (reboot=k) exit on one,
+# while a power-off would leave a Firecracker VM halted and its VMM running.
 fail() {
     echo "sandboxd-init: $*"
-    poweroff -f
+    reboot -f
 }
 
 mount -t proc proc /proc
@@ -19,14 +21,16 @@ for module in $(cat /modules.order); do
     insmod "/modules/$module.ko" || fail "cannot load module $module"
 done
 vsock_port=52  # the agent's, when the VM has vsock: sandboxd.agent_port=N overrides it
+vsock_peer=""  # sandboxd.vsock_privileged: the host is a kernel that anyone can dial from
 for word in $(cat /proc/cmdline); do
     case "$word" in
         sandboxd.agent_port=*) vsock_port="${word#*=}" ;;
+        sandboxd.vsock_privileged) vsock_peer="--vsock-privileged-peer" ;;
     esac
 done
 if grep -q sandboxd.probe /proc/cmdline; then
     echo "sandboxd-probe-ok"
-    poweroff -f
+    reboot -f
 fi
 
 mount -t ext4 -o ro /dev/vda /lower || fail "cannot mount the root image /dev/vda"
@@ -40,4 +44,4 @@ for fs in proc sys dev; do
     mount --move "/$fs" "/newroot/$fs" || fail "cannot move /$fs"
 done
 exec switch_root /newroot /usr/bin/python3 -I -S /opt/sandboxd/agent.py \
-    --vm --port-name sandboxd.agent --vsock-port "$vsock_port" --workdir /work
+    --vm --port-name sandboxd.agent --vsock-port "$vsock_port" $vsock_peer --workdir /work

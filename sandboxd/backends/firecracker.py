@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -177,8 +178,16 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         saved.mkdir()
         for name in SNAPSHOT_FILES:
             os.rename(vm.chroot / name, saved / name)
-            os.chown(saved / name, 0, 0)
-            (saved / name).chmod(0o644)  # every sandbox's uid loads them
+            # The jail is the VM uid's: take only a plain file of its own, never a link.
+            fd = os.open(saved / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                    raise LaunchError(f"the snapshot's {name} is not a plain file")
+                os.fchown(fd, 0, 0)
+                os.fchmod(fd, 0o644)  # every sandbox's uid loads it
+            finally:
+                os.close(fd)
         return saved
 
     def _jailer_argv(self, sandbox_id: str, uid: int, cgroup: Cgroup) -> list[str]:
@@ -196,6 +205,9 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
             "--parent-cgroup", self.instance,
             "--netns", f"{netns.NETNS_RUN_DIR}/{self.netns}",
             *(arg for value in limits for arg in ("--cgroup", value)),
+            # The jail is writable by the VM's uid: a VMM a guest broke into may write no
+            # more than a snapshot's memory file.
+            "--resource-limit", f"fsize={self.memory + VMM_OVERHEAD}",
             "--", "--api-sock", f"/{API_SOCKET}",
         ]  # fmt: skip
 
@@ -294,8 +306,15 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
 
 
 async def _wait_for_socket(path: Path, child: ChildProcess) -> None:
-    """Until Firecracker has bound its API socket; LaunchError if it exits first."""
-    while not path.exists():
+    """Until Firecracker accepts on its API socket (it exists a moment before it
+    listens); LaunchError if Firecracker exits first."""
+    while True:
         if child.exited():
             raise LaunchError(f"the jailer or Firecracker exited (code {await child.wait()})")
-        await trio.sleep(SOCKET_POLL)
+        try:
+            probe = await trio.open_unix_socket(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            await trio.sleep(SOCKET_POLL)
+            continue
+        await probe.aclose()
+        return

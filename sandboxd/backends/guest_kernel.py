@@ -10,6 +10,8 @@ from pathlib import Path
 
 from sandboxd.errors import ConfigError
 
+EM_X86_64 = 62  # the ELF header's e_machine
+
 
 def host_tsc_khz() -> int | None:
     """The host's TSC frequency: a guest under TCG must be told it (tsc_early_khz), or
@@ -61,10 +63,11 @@ def choose_kernel(kernel_path: str, vm_dir: Path, image_version: str) -> GuestKe
     except OSError as exc:
         raise ConfigError(f"backend.kernel_path: cannot read {path}: {exc.strerror}") from exc
     found = re.search(rb"Linux version (\d\S*) ", data)
-    if not data.startswith(b"\x7fELF") or found is None:
+    x86_64 = data[4:5] == b"\x02" and int.from_bytes(data[18:20], "little") == EM_X86_64
+    if not data.startswith(b"\x7fELF") or not x86_64 or found is None:
         raise ConfigError(
-            f"backend.kernel_path: {path} is not an uncompressed Linux kernel (an ELF "
-            "vmlinux, as Firecracker boots)"
+            f"backend.kernel_path: {path} is not an uncompressed x86-64 Linux kernel (an "
+            "ELF vmlinux, as Firecracker boots)"
         )
     _check_everyone_reads(path)
     version = found.group(1).decode(errors="replace")

@@ -62,8 +62,11 @@ class VmLayout:
     accel: str  # "kvm" or "tcg"
     hz: int
     agent_port: int  # where the agent listens when its VM has vsock
+    vsock_privileged: bool = False  # vhost-vsock: the agent takes only root's connections
 
     def kernel_cmdline(self, extra: str = "") -> str:
+        if self.vsock_privileged:
+            extra += " sandboxd.vsock_privileged"
         return kernel_cmdline(
             agent_port=self.agent_port, emulated=self.accel == "tcg", hz=self.hz, extra=extra
         )
@@ -182,6 +185,7 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
             accel=accel,
             hz=int(image.manifest["vm"].get("hz", 250)),
             agent_port=agent_port,
+            vsock_privileged=channel[0] == "vsock",
         )
         self.channel_kind, self.channel_why = channel  # see vm_channel.choose_channel
         self.groups = [grp.getgrnam("kvm").gr_gid] if accel == "kvm" and _has_group("kvm") else []

@@ -3,8 +3,8 @@
 The snapshot is made when the backend starts: one VM is booted to agent-ready and saved.
 Each pool VM restores it — saving the boot, not sharing a sandbox: a VM still serves one
 job and is destroyed, and its agent reseeds its random pool from the host. If making or
-restoring the snapshot fails, VMs cold-boot from then on, and the log and ``status`` say
-why.
+restoring the snapshot keeps failing, VMs cold-boot from then on, and the log and
+``status`` say why.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from sandboxd.errors import LaunchError, SandboxError
 log = logging.getLogger(__name__)
 
 SNAPSHOT_BOOT_TIMEOUT = 120.0  # the snapshot's VM boots while nothing else runs yet
+RESTORE_ATTEMPTS = 3  # failed restores in a row before VMs stop trying
 VmT = TypeVar("VmT", bound=Sandbox)
 
 
@@ -33,6 +34,7 @@ class SnapshotBackend(JailedBackend, Generic[VmT]):
         self.use_snapshot = snapshot
         self.snapshot: Path | None = None  # what _save made, while restores work
         self.snapshot_note = "not made yet"
+        self.restore_failures = 0  # in a row
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "snapshot": self.snapshot_note}
@@ -79,9 +81,16 @@ class SnapshotBackend(JailedBackend, Generic[VmT]):
                         self._vm(slot, start_timeout, restore=self.snapshot)
                     )
                 except LaunchError as exc:
-                    self.snapshot = None
-                    self.snapshot_note = f"restore failed ({exc.message}): VMs cold-boot"
-                    log.warning("snapshot %s", self.snapshot_note)
+                    # This VM cold-boots; a few failures in a row (not one slow start
+                    # under load) and every VM does.
+                    self.restore_failures += 1
+                    log.warning("restore failed (%d in a row): %s", self.restore_failures, exc)
+                    if self.restore_failures >= RESTORE_ATTEMPTS:
+                        self.snapshot = None
+                        self.snapshot_note = f"restore failed ({exc.message}): VMs cold-boot"
+                        log.warning("snapshot %s", self.snapshot_note)
+                else:
+                    self.restore_failures = 0
             if sandbox is None:
                 sandbox = await stack.enter_async_context(self._vm(slot, start_timeout))
             yield sandbox

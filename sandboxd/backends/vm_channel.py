@@ -18,6 +18,7 @@ The agent takes whichever its VM has (see guest/agent.py ``host_connections``).
 from __future__ import annotations
 
 import abc
+import errno
 import os
 import socket
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from sandboxd.initramfs import AGENT_PORT_NAME
 VHOST_VSOCK = "/dev/vhost-vsock"
 CONNECT_RETRY = 0.05  # seconds between connection attempts while the guest boots
 HYBRID_ANSWER_MAX = 32  # "OK <port>\n"
+PRIVILEGED_PORTS = range(1023, 511, -1)  # the daemon's side of vhost-vsock connections
 
 
 class VmChannel(abc.ABC):
@@ -99,6 +101,7 @@ class VsockChannel(VmChannel):
         super().__init__()
         self.cid = cid
         self.port = port
+        self._socket: trio.socket.SocketType | None = None  # once connected
         try:
             self._vhost_fd = os.open(VHOST_VSOCK, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -113,16 +116,42 @@ class VsockChannel(VmChannel):
         while running():
             sock = trio.socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
             try:
+                await _bind_privileged(sock)
                 await sock.connect((self.cid, self.port))
             except (ConnectionResetError, ConnectionRefusedError, TimeoutError):
                 sock.close()  # the agent does not listen yet
                 await trio.sleep(CONNECT_RETRY)
                 continue
-            except OSError as exc:
+            except BaseException as exc:
                 sock.close()
-                raise LaunchError(f"cannot connect to vsock {self.cid}:{self.port}: {exc}") from exc
+                if isinstance(exc, OSError):
+                    raise LaunchError(
+                        f"cannot connect to vsock {self.cid}:{self.port}: {exc}"
+                    ) from exc
+                raise
+            self._socket = sock
             return trio.SocketStream(sock)
         raise LaunchError(f"the VM stopped before its agent listened on vsock port {self.port}")
+
+    def close(self) -> None:
+        super().close()
+        if self._socket is not None:
+            self._socket.close()
+
+
+async def _bind_privileged(sock: trio.socket.SocketType) -> None:
+    """Bind to a free host port below 1024: any local user can connect to a VM over
+    vhost-vsock, and the agent only takes connections from such ports, which only root
+    can bind (guest/agent.py ``host_connections``)."""
+    for port in PRIVILEGED_PORTS:
+        try:
+            await sock.bind((socket.VMADDR_CID_ANY, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return
+    raise LaunchError("no free privileged vsock port to connect from (too many VMs)")
 
 
 async def connect_hybrid_vsock(
@@ -135,13 +164,18 @@ async def connect_hybrid_vsock(
         try:
             stream = await trio.open_unix_socket(str(uds))
         except (FileNotFoundError, ConnectionRefusedError):
-            await trio.sleep(CONNECT_RETRY)  # the VMM has not bound it yet
+            await trio.sleep(CONNECT_RETRY)  # the VMM has not bound (or listened) yet
             continue
+        except OSError as exc:
+            raise LaunchError(f"cannot connect to the VM's vsock socket {uds}: {exc}") from exc
         try:
             await stream.send_all(f"CONNECT {port}\n".encode())
             answer = await _receive_line(stream, HYBRID_ANSWER_MAX)
         except trio.BrokenResourceError:
             answer = b""
+        except BaseException:  # cancelled (a start timeout): nothing stays open
+            await trio.aclose_forcefully(stream)
+            raise
         if answer.startswith(b"OK "):
             return stream
         await stream.aclose()

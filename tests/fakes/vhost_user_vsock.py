@@ -351,7 +351,15 @@ class _Conn:
 class VhostUserVsock:
     """A virtio-vsock device for one QEMU at a time, served from a background thread."""
 
-    def __init__(self, socket_path: Path, uds_path: Path, guest_cid: int) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        uds_path: Path,
+        guest_cid: int,
+        host_ports: range = range(_HOST_PORT_FIRST, _HOST_PORT_END),
+    ) -> None:
+        """``host_ports``: where host connections come from (Firecracker's range by
+        default; a host with kernel vhost-vsock binds what it likes, e.g. a port < 1024)."""
         if guest_cid <= _HOST_CID or guest_cid >= _U32:
             raise ValueError(f"invalid guest CID {guest_cid}")
         self.socket_path = Path(socket_path)
@@ -373,7 +381,8 @@ class VhostUserVsock:
         self._handshakes: dict[socket.socket, bytearray] = {}
         self._ctl: deque[bytes] = deque()  # control packets for the guest, sent before data
         self._rx_starved = False  # the guest has no rx buffers until it kicks again
-        self._next_port = _HOST_PORT_FIRST
+        self._host_ports = host_ports
+        self._next_port = host_ports.start
 
     def __enter__(self) -> VhostUserVsock:
         self.start()
@@ -862,7 +871,9 @@ class VhostUserVsock:
         taken = {conn.local_port for conn in self._conns.values()}
         while True:
             port = self._next_port
-            self._next_port = port + 1 if port + 1 < _HOST_PORT_END else _HOST_PORT_FIRST
+            self._next_port = (
+                port + 1 if port + 1 < self._host_ports.stop else self._host_ports.start
+            )
             if port not in taken:
                 return port
 

@@ -13,7 +13,8 @@ IMAGE_VERSION = "6.1.0-56-cloud-amd64"
 
 
 def fake_vmlinux(path: Path, version: str) -> Path:
-    path.write_bytes(b"\x7fELF" + b"\0" * 64 + f"Linux version {version} (builder) #1".encode())
+    header = b"\x7fELF\x02\x01\x01" + b"\0" * 11 + (62).to_bytes(2, "little")  # x86-64
+    path.write_bytes(header + b"\0" * 44 + f"Linux version {version} (builder) #1".encode())
     return path
 
 
@@ -52,8 +53,9 @@ def test_a_kernel_the_unprivileged_vmms_cannot_read_is_refused(public_tmp_path):
     ("content", "message"),
     [
         (None, "cannot read"),
-        (b"MZ compressed bzImage", "not an uncompressed Linux kernel"),
-        (b"\x7fELF but no version banner", "not an uncompressed Linux kernel"),
+        (b"MZ compressed bzImage", "not an uncompressed x86-64 Linux kernel"),
+        (b"\x7fELF but no version banner", "not an uncompressed x86-64 Linux kernel"),
+        (b"\x7fELF\x01 a 32-bit one, Linux version 6.1.0 ", "not an uncompressed x86-64"),
     ],
 )
 def test_what_is_not_a_bootable_kernel_is_refused_clearly(tmp_path, content, message):

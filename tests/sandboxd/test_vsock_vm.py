@@ -23,7 +23,7 @@ from sandboxd.agent_link import AgentLink, Transcript
 from sandboxd.backends import agent_source
 from sandboxd.backends.qemu import VmLayout
 from sandboxd.backends.vm_channel import connect_hybrid_vsock
-from sandboxd.errors import ConfigError
+from sandboxd.errors import AgentError, ConfigError
 from sandboxd.images import ImageStore
 from tests.fakes.vhost_user_vsock import VhostUserVsock
 
@@ -43,9 +43,16 @@ LIMITS = {
 }
 
 
+# Where host connections come from: as with vhost-vsock, the daemon binds a port below
+# 1024, which the VM's agent demands; Firecracker's own ports are high.
+ROOT_PORTS = range(1000, 1024)
+FIRECRACKER_PORTS = range(1 << 30, 1 << 31)
+
+
 @pytest.fixture
-def vsock_vm(tmp_path: Path) -> Iterator[Path]:
-    """A booting VM whose only agent channel is vsock; yields the hybrid vsock socket."""
+def vsock_vm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A booting VM whose only agent channel is vsock, set up as the qemu backend sets
+    up vhost-vsock VMs; yields the hybrid vsock socket (host ports: ``request.param``)."""
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("QEMU is not installed")
     try:
@@ -56,9 +63,8 @@ def vsock_vm(tmp_path: Path) -> Iterator[Path]:
     ramdisk = tmp_path / "initramfs.img"
     ramdisk.write_bytes(initramfs.for_image(image, agent_source()))
     kernel = image.vm_dir / "bzImage"
-    layout = VmLayout(
-        image.vm_dir, kernel, MEMORY, 1, "tcg", image.manifest["vm"]["hz"], agent_port=AGENT_PORT
-    )
+    hz = image.manifest["vm"]["hz"]
+    layout = VmLayout(image.vm_dir, kernel, MEMORY, 1, "tcg", hz, AGENT_PORT, vsock_privileged=True)
     vsock = [
         "-object", f"memory-backend-memfd,id=mem,size={MEMORY},share=on",
         "-machine", "memory-backend=mem",
@@ -73,7 +79,7 @@ def vsock_vm(tmp_path: Path) -> Iterator[Path]:
     ]
     uds = tmp_path / "v.sock"
     with (
-        VhostUserVsock(tmp_path / "vu.sock", uds, GUEST_CID),
+        VhostUserVsock(tmp_path / "vu.sock", uds, GUEST_CID, getattr(request, "param", ROOT_PORTS)),
         (tmp_path / "console").open("wb") as console,
     ):
         qemu = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT)
@@ -117,6 +123,16 @@ async def test_the_agent_serves_vsock_and_takes_the_host_again_after_a_lost_conn
     assert result["status"] == "ok", result
     assert result["stdout"] == "".join(output) != ""
     await second.aclose()
+
+
+@pytest.mark.parametrize("vsock_vm", [FIRECRACKER_PORTS], indirect=True)
+async def test_the_agent_refuses_connections_from_unprivileged_host_ports(vsock_vm: Path):
+    # Any local user can dial a VM over the host's vhost-vsock; only root binds < 1024.
+    stream = await connect(vsock_vm, AGENT_PORT)  # the guest kernel accepts...
+    link = AgentLink(stream, stream, max_line=2**20)
+    with trio.fail_after(60), pytest.raises(AgentError):
+        await link.handshake()  # ...and the agent hangs up
+    await stream.aclose()
 
 
 async def test_nothing_listens_on_other_vsock_ports(vsock_vm: Path):
