@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandboxctl.client import Client
+from sandboxd.backends.vm import RESTORE_ATTEMPTS
 from sandboxd.errors import DaemonUnavailable
 
 
@@ -197,3 +198,15 @@ def start_holding_job(socket_path: Path, code: str = HOLDING_CODE) -> tuple[sock
     note = receive_json_line(sock)
     assert note["method"] == "execute.output", note
     return sock, note["params"]["data"]
+
+
+def assert_jobs_outlive_a_broken_snapshot(daemon: Daemon) -> None:
+    """With its VM snapshot damaged, a VM daemon still runs every job (their VMs
+    cold-boot), and after a few failed restores in a row gives snapshots up, saying so."""
+    for _ in range(RESTORE_ATTEMPTS):
+        result = daemon.client.execute("python", "print('still runs')")
+        assert result.stdout == "still runs\n", result.message
+    deadline = time.monotonic() + 60
+    while not daemon.client.status()["backend"]["snapshot"].startswith("restore failed"):
+        assert time.monotonic() < deadline, daemon.client.status()["backend"]
+        time.sleep(0.2)

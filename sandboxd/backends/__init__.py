@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from sandboxd import initramfs
 from sandboxd.backends.base import Backend, Sandbox, SandboxState
@@ -108,19 +109,10 @@ def _firecracker(
     if why_not_kvm is not None and shutil.which(QEMU) and (reason := why_not_kvm()):
         raise LaunchError(f"installed, but no usable KVM ({reason})")
     backend = FirecrackerBackend(
-        image=image,
-        kernel=kernel(),
-        ramdisk=ramdisk(),
-        instance=config.daemon.name,
-        uid_base=config.backend.uid_base,
-        memory=config.backend.vm_memory,
-        cpus=config.backend.vm_cpus,
+        **_vm_options(config, image, kernel(), ramdisk()),
         state_dir=config.daemon.state_dir,
         firecracker=firecracker,
         jailer=jailer,
-        agent_port=config.backend.agent_port,
-        max_message_bytes=_max_agent_message(config),
-        snapshot=config.backend.snapshot,
     )
     return backend, why
 
@@ -137,21 +129,30 @@ def _qemu(
     """The qemu backend if it can run here (explicitly asked for, TCG is allowed)."""
     accel, why = QemuBackend.probe(why_not_kvm, allow_tcg or config.backend.allow_tcg)
     backend = QemuBackend(
-        image=image,
-        kernel=kernel(),
-        ramdisk=ramdisk(),
-        instance=config.daemon.name,
-        uid_base=config.backend.uid_base,
-        memory=config.backend.vm_memory,
-        cpus=config.backend.vm_cpus,
+        **_vm_options(config, image, kernel(), ramdisk()),
         accel=accel,
         run_dir=config.daemon.run_dir,
-        max_message_bytes=_max_agent_message(config),
-        snapshot=config.backend.snapshot,
         channel=choose_channel(config.backend.vm_channel),
-        agent_port=config.backend.agent_port,
     )
     return backend, why
+
+
+def _vm_options(
+    config: Config, image: Image, kernel: GuestKernel, ramdisk: bytes
+) -> dict[str, Any]:
+    """What every VM backend is made with."""
+    return {
+        "image": image,
+        "kernel": kernel,
+        "ramdisk": ramdisk,
+        "instance": config.daemon.name,
+        "uid_base": config.backend.uid_base,
+        "memory": config.backend.vm_memory,
+        "cpus": config.backend.vm_cpus,
+        "agent_port": config.backend.agent_port,
+        "max_message_bytes": _max_agent_message(config),
+        "snapshot": config.backend.snapshot,
+    }
 
 
 def _max_agent_message(config: Config) -> int:

@@ -32,15 +32,14 @@ import trio
 from pyroute2 import netns
 
 from sandboxd.agent_link import AgentLink
-from sandboxd.backends.base import JailedSandbox, SandboxState
+from sandboxd.backends.base import SandboxState
 from sandboxd.backends.guest_kernel import GuestKernel, kernel_cmdline
-from sandboxd.backends.snapshots import SnapshotBackend
+from sandboxd.backends.vm import SnapshotBackend, VmSandbox
 from sandboxd.backends.vm_channel import connect_hybrid_vsock
 from sandboxd.cgroups import Cgroup
 from sandboxd.errors import LaunchError
 from sandboxd.firecracker_api import FirecrackerApi
 from sandboxd.images import Image
-from sandboxd.limits import Limits
 from sandboxd.process import ChildProcess, spawn
 
 log = logging.getLogger(__name__)
@@ -55,8 +54,8 @@ VMM_OVERHEAD = 64 * 1024 * 1024
 SOCKET_POLL = 0.005  # seconds between looks for the API socket (it comes in ~12 ms)
 
 
-class FirecrackerSandbox(JailedSandbox):
-    """A Firecracker VM; the job's limits are enforced inside it by the agent."""
+class FirecrackerSandbox(VmSandbox):
+    """A Firecracker VM in its jail, controlled through its API."""
 
     def __init__(
         self,
@@ -70,14 +69,7 @@ class FirecrackerSandbox(JailedSandbox):
         self.chroot = chroot
         self.api = FirecrackerApi(chroot / API_SOCKET)
 
-    def log_streams(self) -> list[trio.abc.ReceiveStream]:
-        # Firecracker's stdout is the guest's serial console.
-        return [s for s in (self.child.stdout, self.child.stderr) if s is not None]
-
     spares_its_process = False  # the jailer exec'd into Firecracker: nothing to reap for
-
-    def apply_limits(self, limits: Limits) -> None:
-        """The VM's size is fixed when it starts; the agent applies the rest inside."""
 
 
 class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):

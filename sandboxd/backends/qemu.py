@@ -30,15 +30,14 @@ from typing import Any
 import trio
 
 from sandboxd.agent_link import AgentLink
-from sandboxd.backends.base import JailedSandbox, SandboxState
+from sandboxd.backends.base import SandboxState
 from sandboxd.backends.guest_kernel import GuestKernel, kernel_cmdline
-from sandboxd.backends.snapshots import SnapshotBackend
+from sandboxd.backends.vm import SnapshotBackend, VmSandbox
 from sandboxd.backends.vm_channel import open_channel
 from sandboxd.cgroups import Cgroup
 from sandboxd.errors import LaunchError
 from sandboxd.images import Image
 from sandboxd.jail import BWRAP, data_fd
-from sandboxd.limits import Limits
 from sandboxd.process import ChildProcess
 from sandboxd.qmp import QMPClient
 
@@ -122,8 +121,8 @@ class VmLayout:
         return argv
 
 
-class QemuSandbox(JailedSandbox):
-    """A VM; the job's limits are enforced inside it by the agent (VmConfinement)."""
+class QemuSandbox(VmSandbox):
+    """A QEMU VM, controlled over QMP."""
 
     def __init__(
         self,
@@ -135,13 +134,6 @@ class QemuSandbox(JailedSandbox):
     ) -> None:
         super().__init__(sandbox_id, link, child, cgroup, log.getChild(sandbox_id))
         self.qmp = qmp
-
-    def log_streams(self) -> list[trio.abc.ReceiveStream]:
-        # QEMU's stdout is the guest's serial console.
-        return [s for s in (self.child.stdout, self.child.stderr) if s is not None]
-
-    def apply_limits(self, limits: Limits) -> None:
-        """The VM's size is fixed when it starts; the agent applies the rest inside."""
 
 
 def _stream(sock: socket.socket) -> trio.SocketStream:

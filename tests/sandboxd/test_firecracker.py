@@ -16,12 +16,11 @@ from pyroute2 import netns
 
 from sandboxctl import cli
 from sandboxd.backends.firecracker import FirecrackerBackend
-from sandboxd.backends.snapshots import RESTORE_ATTEMPTS
 from sandboxd.errors import LaunchError
 from sandboxd.images import ImageStore
 from sandboxd.result import Status
 from tests.conftest import IS_ROOT
-from tests.daemon_process import Daemon, start_daemon
+from tests.daemon_process import Daemon, assert_jobs_outlive_a_broken_snapshot, start_daemon
 from tests.fakes.firecracker_bin import install_fakes
 from tests.host_state import sandbox_cgroups, sandbox_processes, wait_for
 
@@ -121,15 +120,7 @@ def test_a_broken_snapshot_falls_back_to_cold_boots(tmp_path, public_tmp_path, f
         assert daemon.client.status()["backend"]["kernel"].startswith(f"{vmlinux} (Linux ")
         snapshot = STATE_DIR / "jails" / daemon.name / "snapshot" / "snapshot"
         snapshot.write_text("not a snapshot")
-        # Each job still runs (its VM cold-boots); a few failures in a row, and every
-        # VM cold-boots.
-        for _ in range(RESTORE_ATTEMPTS):
-            result = daemon.client.execute("python", "print('still runs')")
-            assert result.stdout == "still runs\n", result.message
-        assert wait_for(
-            lambda: daemon.client.status()["backend"]["snapshot"].startswith("restore failed"),
-            timeout=60,
-        )
+        assert_jobs_outlive_a_broken_snapshot(daemon)
     finally:
         assert daemon.stop() == 0
     assert not (STATE_DIR / "jails" / daemon.name).exists()

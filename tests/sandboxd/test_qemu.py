@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.backends.snapshots import RESTORE_ATTEMPTS
 from sandboxd.images import ImageStore
 from sandboxd.result import Status
 from tests.conftest import IS_ROOT
-from tests.daemon_process import Daemon, start_daemon
+from tests.daemon_process import Daemon, assert_jobs_outlive_a_broken_snapshot, start_daemon
 from tests.host_state import sandbox_cgroups, sandbox_processes, wait_for
 
 pytestmark = [
@@ -130,15 +129,7 @@ def test_cold_boot_without_a_snapshot_and_fallback_when_restore_fails(tmp_path):
         snapshot = daemon.run_dir / daemon.name / "vm" / "snapshot.bin"
         with open(snapshot, "r+b") as damaged:
             damaged.truncate(4096)
-        # Each job still runs (its VM cold-boots); a few failures in a row, and every
-        # VM cold-boots.
-        for _ in range(RESTORE_ATTEMPTS):
-            result = daemon.client.execute("python", "print('still runs')")
-            assert result.stdout == "still runs\n", result.message
-        assert wait_for(
-            lambda: daemon.client.status()["backend"]["snapshot"].startswith("restore failed"),
-            timeout=60,
-        )
+        assert_jobs_outlive_a_broken_snapshot(daemon)
     finally:
         assert daemon.stop() == 0
     assert not os.path.exists(daemon.run_dir / daemon.name)

@@ -1,4 +1,5 @@
-"""VM backends whose pool restores a snapshot of one booted VM, and cold-boots without.
+"""What the VM backends share: sandboxes that are VMs, whose agent enforces the job's
+limits inside, and a pool that restores a snapshot of one booted VM.
 
 The snapshot is made when the backend starts: one VM is booted to agent-ready and saved.
 Each pool VM restores it — saving the boot, not sharing a sandbox: a VM still serves one
@@ -18,14 +19,28 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-from sandboxd.backends.base import JailedBackend, Sandbox
+from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox
 from sandboxd.errors import LaunchError, SandboxError
+from sandboxd.limits import Limits
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_BOOT_TIMEOUT = 120.0  # the snapshot's VM boots while nothing else runs yet
 RESTORE_ATTEMPTS = 3  # failed restores in a row before VMs stop trying
-VmT = TypeVar("VmT", bound=Sandbox)
+
+
+class VmSandbox(JailedSandbox):
+    """A VM in a jail: its VMM's stdout is the guest's serial console, and the job's
+    limits are enforced inside it by the agent (VmConfinement)."""
+
+    def log_streams(self) -> list[trio.abc.ReceiveStream]:
+        return [s for s in (self.child.stdout, self.child.stderr) if s is not None]
+
+    def apply_limits(self, limits: Limits) -> None:
+        """The VM's size is fixed when it starts; the agent applies the rest inside."""
+
+
+VmT = TypeVar("VmT", bound=VmSandbox)
 
 
 class SnapshotBackend(JailedBackend, Generic[VmT]):
