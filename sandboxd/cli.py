@@ -108,6 +108,20 @@ def run(
         trio.run(run_daemon, config)
 
 
+@main.command()
+@_config_options
+def cleanup(config_file: Path | None, debug: bool) -> None:
+    """Remove what a daemon that died left behind: its sandboxes (processes, cgroups,
+    VMs), jails, network namespace and socket. Refused while the daemon runs."""
+    from sandboxd.daemon import clean_up_after
+
+    with _Fail(debug):
+        _need_root("sandboxd cleanup", "sandboxes are root's to remove")
+        config = _load(config_file)
+        found = trio.run(clean_up_after, config)
+        click.echo("\n".join(f"removed {what}" for what in found) or "nothing was left behind")
+
+
 @main.group()
 def image() -> None:
     """Build, list and remove sandbox images."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from sandboxd.backends import choose_backend
+from sandboxd.backends import choose_backend, remove_leftovers
 from sandboxd.config import Config
 from sandboxd.errors import ConfigError
 from sandboxd.images import Image, ImageStore
@@ -62,21 +62,28 @@ def instance_lock(config: Config) -> Iterator[None]:
             path.unlink(missing_ok=True)
 
 
-async def bind_socket(path: Path, group: str) -> trio.socket.SocketType:
-    """A listening Unix socket at ``path``, mode 0660, owned by ``group`` if it exists."""
+def remove_stale_socket(path: Path) -> bool:
+    """Remove a socket left at ``path`` by a daemon that died (whether there was one);
+    ConfigError if a daemon serves it."""
     probe = socket.socket(socket.AF_UNIX)
     try:
         probe.connect(str(path))
     except FileNotFoundError:
-        pass
+        return False
     except ConnectionRefusedError:
-        path.unlink()  # left by a daemon that died
+        path.unlink()
+        return True
     except OSError as exc:
         raise ConfigError(f"socket {path}: {exc.strerror}") from exc
     else:
         raise ConfigError(f"socket {path}: another daemon is already serving it")
     finally:
         probe.close()
+
+
+async def bind_socket(path: Path, group: str) -> trio.socket.SocketType:
+    """A listening Unix socket at ``path``, mode 0660, owned by ``group`` if it exists."""
+    remove_stale_socket(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX)
     old_umask = os.umask(0o117)  # never, even briefly, open to everyone
@@ -154,6 +161,16 @@ async def run_daemon(
             with trio.CancelScope(shield=True):
                 await backend.aclose()
     log.info("stopped; everything removed")
+
+
+async def clean_up_after(config: Config) -> list[str]:
+    """Remove what a daemon of this configuration left when it died (see
+    ``backends.remove_leftovers``); ConfigError while one runs. What was found."""
+    with instance_lock(config):
+        found = await remove_leftovers(config)
+        if remove_stale_socket(config.daemon.socket):
+            found.append(f"the socket {config.daemon.socket}")
+    return found
 
 
 async def _cancel_on_signal(signals: trio.abc.ReceiveChannel[int], scope: trio.CancelScope) -> None:

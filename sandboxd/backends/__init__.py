@@ -17,17 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd import initramfs
+from sandboxd.backends import firecracker, qemu
 from sandboxd.backends.base import Backend, Sandbox, SandboxState
 from sandboxd.backends.firecracker import FirecrackerBackend
 from sandboxd.backends.guest_kernel import GuestKernel, choose_kernel
 from sandboxd.backends.namespaces import NamespacesBackend
 from sandboxd.backends.qemu import QEMU, QemuBackend, kvm_boots
 from sandboxd.backends.vm_channel import choose_channel
+from sandboxd.cgroups import CgroupLayout
 from sandboxd.config import Config
 from sandboxd.errors import LaunchError
 from sandboxd.images import Image
 
-__all__ = ["Backend", "Sandbox", "SandboxState", "choose_backend"]
+__all__ = ["Backend", "Sandbox", "SandboxState", "choose_backend", "remove_leftovers"]
 
 
 def agent_source() -> Path:
@@ -85,6 +87,19 @@ def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
         max_message_bytes=_max_agent_message(config),
     )
     return backend, reason
+
+
+async def remove_leftovers(config: Config) -> list[str]:
+    """What a daemon of this configuration left when it died, whatever its backend: its
+    sandboxes (processes and cgroups: jails, VMMs), VM files, jails and network
+    namespace, removed; what was found. A daemon's start does the same for its own."""
+    instance = config.daemon.name
+    found = []
+    if count := await CgroupLayout.detect().sweep(instance, remove_parents=True):
+        found.append(f"{count} sandbox(es) with their processes and cgroups")
+    found += qemu.remove_leftovers(config.daemon.run_dir, instance)
+    found += firecracker.remove_leftovers(config.daemon.state_dir, instance)
+    return found
 
 
 def _guest_kernel(config: Config, image: Image) -> GuestKernel:

@@ -105,9 +105,10 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         self.jailer = jailer
         self.agent_port = agent_port
         self.max_message_bytes = max_message_bytes
+        self.state_dir = state_dir
         # The jailer's --chroot-base-dir: on the image store's filesystem, for hard links.
-        self.jail_base = state_dir / "jails" / instance
-        self.netns = f"sandboxd-{instance}"
+        self.jail_base = jail_base(state_dir, instance)
+        self.netns = netns_name(instance)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "kernel": self.kernel.describe()}
@@ -136,10 +137,8 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
 
     async def start(self) -> None:
         await super().start()  # cgroups: leftovers swept, the instance's prepared
-        shutil.rmtree(self.jail_base, ignore_errors=True)  # a crashed daemon's jails
+        remove_leftovers(self.state_dir, self.instance)  # a crashed daemon's
         self.jail_base.mkdir(parents=True, mode=0o755)
-        if self.netns in netns.listnetns():
-            netns.remove(self.netns)
         netns.create(self.netns)
         # What every cold boot links into its jail: the initramfs, and the kernel (a
         # KERNEL_PATH may be on another filesystem than the jails).
@@ -154,9 +153,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
 
     async def aclose(self) -> None:
         await super().aclose()
-        shutil.rmtree(self.jail_base, ignore_errors=True)
-        if self.netns in netns.listnetns():
-            netns.remove(self.netns)
+        remove_leftovers(self.state_dir, self.instance)
 
     async def _save(self, vm: FirecrackerSandbox) -> Path:
         """Pause the VM and save it; the files leave its jail before the jail goes."""
@@ -295,6 +292,27 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         finally:
             await cgroup.destroy()
             shutil.rmtree(jail, ignore_errors=True)
+
+
+def jail_base(state_dir: Path, instance: str) -> Path:
+    return state_dir / "jails" / instance
+
+
+def netns_name(instance: str) -> str:
+    return f"sandboxd-{instance}"
+
+
+def remove_leftovers(state_dir: Path, instance: str) -> list[str]:
+    """Remove the jails and the network namespace of ``instance``; what was there."""
+    found = []
+    jails = jail_base(state_dir, instance)
+    if jails.exists():
+        shutil.rmtree(jails, ignore_errors=True)
+        found.append(f"the jails {jails}")
+    if netns_name(instance) in netns.listnetns():
+        netns.remove(netns_name(instance))
+        found.append(f"the network namespace {netns_name(instance)}")
+    return found
 
 
 async def _wait_for_socket(path: Path, child: ChildProcess) -> None:

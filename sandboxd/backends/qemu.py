@@ -167,7 +167,8 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         self.kernel = kernel
         self.ramdisk = ramdisk  # the initramfs (initramfs.for_image)
         self.accel = accel
-        self.work_dir = run_dir / instance / "vm"
+        self.run_dir = run_dir
+        self.work_dir = work_dir(run_dir, instance)
         self.max_message_bytes = max_message_bytes
         self.layout = VmLayout(
             vm_dir=image.vm_dir,
@@ -216,7 +217,7 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
 
     async def start(self) -> None:
         await super().start()
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        remove_leftovers(self.run_dir, self.instance)  # a crashed daemon's
         self.work_dir.mkdir(parents=True, mode=0o755)
         self.work_dir.parent.chmod(0o755)
         await self.make_snapshot()
@@ -280,10 +281,23 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
 
     async def aclose(self) -> None:
         await super().aclose()
-        shutil.rmtree(self.work_dir, ignore_errors=True)
-        with_parent = self.work_dir.parent
-        if with_parent.exists() and not any(with_parent.iterdir()):
-            with_parent.rmdir()
+        remove_leftovers(self.run_dir, self.instance)
+
+
+def work_dir(run_dir: Path, instance: str) -> Path:
+    """Where an instance keeps its VM snapshot (in memory: run_dir is a tmpfs)."""
+    return run_dir / instance / "vm"
+
+
+def remove_leftovers(run_dir: Path, instance: str) -> list[str]:
+    """Remove the VM files of ``instance``; what was there."""
+    path = work_dir(run_dir, instance)
+    if not path.exists():
+        return []
+    shutil.rmtree(path, ignore_errors=True)
+    if not any(path.parent.iterdir()):
+        path.parent.rmdir()
+    return [f"the VM files {path}"]
 
 
 async def _migrate(qmp: QMPClient, command: str, uri: str) -> None:

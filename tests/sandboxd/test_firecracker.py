@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,29 +128,25 @@ def test_a_broken_snapshot_falls_back_to_cold_boots(tmp_path, public_tmp_path, f
     assert not (STATE_DIR / "jails" / daemon.name).exists()
 
 
-def test_a_crashed_daemons_vms_are_swept_at_the_next_start(tmp_path, fakes):
-    (tmp_path / "crashed").mkdir()
-    crashed = start_daemon(tmp_path / "crashed", **settings(fakes, snapshot=False))
-    old_jails = jails(crashed)
+def test_a_crashed_daemons_vms_are_removed_by_cleanup(tmp_path, fakes):
+    crashed = start_daemon(tmp_path, **settings(fakes, snapshot=False))
+    assert jails(crashed)
     crashed.stop(signal.SIGKILL)
     # Firecracker has no parent-death signal (the jailer's uid drop clears it): the VMs
-    # outlive a crashed daemon, in its cgroups, until a daemon of its name starts again.
-    old_vms = set(sandbox_processes(crashed.uid_base))
-    assert old_jails and old_vms
-    (tmp_path / "again").mkdir()
-    restarted = start_daemon(
-        tmp_path / "again",
-        daemon={"name": crashed.name, "run_dir": str(crashed.run_dir)},
-        **settings(fakes, snapshot=False, uid_base=crashed.uid_base),
+    # outlive a crashed daemon, in its cgroups, until `sandboxd cleanup` (systemd's
+    # ExecStopPost) or the next start of a daemon of its name.
+    assert sandbox_processes(crashed.uid_base)
+    cleaned = subprocess.run(
+        [sys.executable, "-m", "sandboxd", "cleanup", "--config", str(crashed.config_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    try:
-        assert "left by an earlier daemon" in restarted.log()
-        assert not old_vms & set(sandbox_processes(crashed.uid_base))
-        assert not old_jails & jails(restarted)
-        assert restarted.client.execute("python", "print(1)").stdout == "1\n"
-    finally:
-        assert restarted.stop() == 0
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert "the jails" in cleaned.stdout and "the network namespace" in cleaned.stdout
     assert not sandbox_processes(crashed.uid_base)
+    assert not (STATE_DIR / "jails" / crashed.name).exists()
+    assert not sandbox_cgroups(crashed.name)
     assert f"sandboxd-{crashed.name}" not in netns.listnetns()
 
 
