@@ -322,7 +322,7 @@ def _has_group(name: str) -> bool:
 
 
 def kvm_boots(image: Image, kernel: GuestKernel, ramdisk: bytes) -> str | None:
-    """None if KVM boots the image's kernel to its initramfs (one that powers off at
+    """None if KVM boots the image's kernel to its initramfs (one that ends the VM at
     once) under QEMU; else why not."""
     if not os.path.exists("/dev/kvm"):
         return "no /dev/kvm"
