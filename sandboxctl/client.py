@@ -64,6 +64,7 @@ def execute_params(
     timeout: float | None = None,
     limits: dict[str, float] | None = None,
     interactive: bool | None = None,
+    network: bool | None = None,
 ) -> dict[str, Any]:
     """The params of an ``execute`` request, leaving out what was not given."""
     params = {
@@ -75,6 +76,7 @@ def execute_params(
         "timeout": timeout,
         "limits": limits,
         "interactive": interactive,
+        "network": network,
     }
     return {key: value for key, value in params.items() if value is not None}
 
@@ -179,7 +181,7 @@ class Client:
     ) -> ExecutionResult:
         """Run ``code``; ``on_output(stream, data, stage)`` sees the output as it comes.
 
-        ``options``: stdin, args, files, timeout, limits (see docs/api.md).
+        ``options``: stdin, args, files, timeout, limits, network (see docs/api.md).
         """
         record = self.call(
             "execute", execute_params(language, code, **options), _output_relay(on_output)

@@ -104,6 +104,7 @@ def _read_files(specs: tuple[str, ...]) -> list[dict[str, str]] | None:
     metavar="NAME=VALUE",
     help="Any limit, e.g. memory_bytes=268435456 (repeatable; see docs/api.md).",
 )
+@click.option("--network", is_flag=True, help="Egress to what the server allows ([network] allow).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result record as JSON.")
 @click.pass_obj
 def exec_command(
@@ -117,6 +118,7 @@ def exec_command(
     files: tuple[str, ...],
     timeout: float | None,
     limits: tuple[str, ...],
+    network: bool,
     as_json: bool,
 ) -> None:
     """Run a program (from -c CODE, a SOURCE file, or - for stdin) in a fresh sandbox.
@@ -140,6 +142,7 @@ def exec_command(
         files=_read_files(files),
         timeout=timeout,
         limits=_parse_limits(limits),
+        network=network or None,
         on_output=None if as_json else _stream_to_terminal,
     )
     if as_json:

@@ -10,6 +10,7 @@ variable or the flag), the key, and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -30,7 +31,7 @@ VM_CHANNELS = ("auto", "virtio-serial", "vsock")  # how the daemon reaches a VM'
 
 def _setting(default: Any, *, env: tuple[str, ...] = (), kind: str = "", check: str = "") -> Any:
     """Declare one setting: ``kind`` defaults to the default's type, ``check`` names a rule."""
-    kind = kind or {bool: "bool", int: "int", float: "number", str: "str"}.get(
+    kind = kind or {bool: "bool", int: "int", float: "number", str: "str", tuple: "list"}.get(
         type(default), "path"
     )
     return field(default=default, metadata={"env": env, "kind": kind, "check": check})
@@ -91,11 +92,21 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    # Sandboxes get a network only if a job asks and this lists where it may go
+    # (IPv4 networks); everything else is refused, the uplink host above all.
+    allow: tuple[str, ...] = _setting((), env=("SANDBOXD_NETWORK_ALLOW",), check="networks")
+    uplink_netns: str = _setting("")  # where egress leaves: "" is the host's own namespace
+    subnet: str = _setting("10.213.0.0/16", check="subnet")  # a /30 of it per sandbox
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     limits: Mapping[str, LimitBounds] = field(default_factory=default_bounds)
     source: str = "built-in defaults"
 
@@ -105,6 +116,7 @@ SECTIONS: dict[str, type] = {
     "pool": PoolConfig,
     "backend": BackendConfig,
     "gateway": GatewayConfig,
+    "network": NetworkConfig,
 }
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -135,6 +147,11 @@ def _coerce(kind: str, value: Any) -> Any:
         raise ValueError(value)
     if kind == "size":
         return parse_size(value)
+    if kind == "list":  # a TOML array, or a comma-separated string (environment, flags)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ValueError(value)
+        return tuple(item.strip() for item in items if item.strip())
     if isinstance(value, bool):
         raise ValueError(value)
     if kind == "int":
@@ -157,11 +174,25 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "backend": (lambda v: v in BACKEND_NAMES, "one of " + ", ".join(BACKEND_NAMES)),
     "vm_channel": (lambda v: v in VM_CHANNELS, "one of " + ", ".join(VM_CHANNELS)),
     "log_level": (lambda v: v in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
+    "networks": (lambda v: all(_ipv4_network(n) for n in v), "IPv4 networks like 192.0.2.0/24"),
+    "subnet": (
+        lambda v: _ipv4_network(v) and ipaddress.ip_network(v).prefixlen <= 24,
+        "an IPv4 network of /24 or larger, like 10.213.0.0/16",
+    ),
     "name": (
         lambda v: re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", v) is not None,
         "a short lowercase name (letters, digits, - and _)",
     ),
 }
+
+
+def _ipv4_network(text: str) -> bool:
+    try:
+        return ipaddress.ip_network(text).version == 4
+    except ValueError:
+        return False
+
+
 _KIND_WORDS = {
     "int": "an integer",
     "number": "a number",
@@ -169,6 +200,7 @@ _KIND_WORDS = {
     "bool": "true or false",
     "str": "a string",
     "path": "a path",
+    "list": "a list of strings",
 }
 
 

@@ -26,6 +26,7 @@ from sandboxd.backends import choose_backend, remove_leftovers
 from sandboxd.config import Config
 from sandboxd.errors import ConfigError
 from sandboxd.images import Image, ImageStore
+from sandboxd.network import Egress
 from sandboxd.pool import Pool
 from sandboxd.rpc_server import RpcServer
 from sandboxd.service import Service
@@ -119,8 +120,11 @@ async def run_daemon(
         log.info("backend %s (%s)", backend.name, reason)
         if backend.name == "namespaces":
             log.warning("sandboxes are namespaces, not VMs: they share the host kernel")
+        egress = egress_of(config)
         try:
             await backend.start()
+            if egress is not None:
+                egress.start()
             pool = Pool(
                 backend,
                 size=config.pool.size,
@@ -129,7 +133,12 @@ async def run_daemon(
                 start_timeout=config.pool.start_timeout,
             )
             service = Service(
-                pool=pool, backend=backend, backend_reason=reason, image=image, limits=config.limits
+                pool=pool,
+                backend=backend,
+                backend_reason=reason,
+                image=image,
+                limits=config.limits,
+                egress=egress,
             )
             server = RpcServer(service, max_request_bytes=config.daemon.max_request_bytes)
             sock = await bind_socket(config.daemon.socket, config.daemon.socket_group)
@@ -160,7 +169,17 @@ async def run_daemon(
         finally:
             with trio.CancelScope(shield=True):
                 await backend.aclose()
+                if egress is not None:
+                    egress.stop()
     log.info("stopped; everything removed")
+
+
+def egress_of(config: Config) -> Egress | None:
+    """The sandboxes' egress, if the configuration allows them a network."""
+    if not config.network.allow:
+        return None
+    network = config.network
+    return Egress(config.daemon.name, network.allow, network.uplink_netns, network.subnet)
 
 
 async def clean_up_after(config: Config) -> list[str]:
@@ -168,6 +187,8 @@ async def clean_up_after(config: Config) -> list[str]:
     ``backends.remove_leftovers``); ConfigError while one runs. What was found."""
     with instance_lock(config):
         found = await remove_leftovers(config)
+        if (egress := egress_of(config)) is not None:
+            egress.stop()
         if remove_stale_socket(config.daemon.socket):
             found.append(f"the socket {config.daemon.socket}")
     return found

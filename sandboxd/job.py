@@ -18,7 +18,9 @@ from sandboxd.errors import InvalidParams
 from sandboxd.languages import Language, LanguageTable
 from sandboxd.limits import LimitBounds, Limits, resolve_limits
 
-FIELDS = ("language", "code", "stdin", "args", "files", "timeout", "limits", "interactive")
+FIELDS = (
+    "language", "code", "stdin", "args", "files", "timeout", "limits", "interactive", "network",
+)  # fmt: skip
 MAX_ARGS = 256
 MAX_FILES = 100
 MAX_PATH = 255
@@ -39,6 +41,7 @@ class Job:
     files: tuple[JobFile, ...]
     limits: Limits
     interactive: bool  # stdin stays open for what the client streams (execute.stdin)
+    network: bool  # egress to what the server's [network] allow lists
     compile_file_size_bytes: int  # the compiler's own files may be as large as the maximum
 
     def agent_message(self) -> dict[str, Any]:
@@ -178,5 +181,6 @@ def parse_job(
         files=_files(params.get("files"), language.source_file),
         limits=resolve_limits(params.get("limits"), params.get("timeout"), bounds),
         interactive=_flag(params, "interactive"),
+        network=_flag(params, "network"),
         compile_file_size_bytes=int(bounds["file_size_bytes"].maximum),
     )

@@ -7,6 +7,7 @@ plain JSON-able values and raise errors from :mod:`sandboxd.errors`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -23,6 +24,7 @@ from sandboxd.images import Image
 from sandboxd.job import Job, parse_job
 from sandboxd.languages import LanguageTable
 from sandboxd.limits import LimitBounds
+from sandboxd.network import Egress
 from sandboxd.pool import Pool
 from sandboxd.result import CompileResult, ExecutionResult, Status
 
@@ -90,8 +92,10 @@ class Service:
         backend_reason: str,
         image: Image,
         limits: Mapping[str, LimitBounds],
+        egress: Egress | None = None,
     ) -> None:
         self.pool = pool
+        self.egress = egress  # None: no sandbox gets a network
         self.backend = backend
         self.backend_reason = backend_reason
         self.image = image
@@ -120,12 +124,27 @@ class Service:
             "details": self.languages_table.describe(),
         }
 
+    def _egress_for(self, job: Job) -> Egress | None:
+        """The egress a job asked for; InvalidParams if this server cannot give it."""
+        if not job.network:
+            return None
+        if self.egress is None:
+            raise InvalidParams.field(
+                "network", "this server gives sandboxes no network ([network] allow is empty)"
+            )
+        if not self.backend.has_network:
+            raise InvalidParams.field(
+                "network", f"the {self.backend.name} backend gives sandboxes no network yet"
+            )
+        return self.egress
+
     async def status(self, **params: Any) -> dict[str, Any]:
         _no_params(params)
         return {
             "version": __version__,
             "uptime": round(time.time() - self.started, 3),
             "backend": {**self.backend.describe(), "reason": self.backend_reason},
+            "network": self.egress.describe() if self.egress else "off",
             "pool": self.pool.stats(),
             "image": self.image.describe(),
             "limits": {
@@ -147,11 +166,13 @@ class Service:
         """
         start = trio.current_time()
         job = parse_job(params, self.languages_table, self.limits)
+        egress = self._egress_for(job)
         async with self.pool.sandbox() as sandbox:
             queued = trio.current_time() - start
-            run = await sandbox.run(
-                job.agent_message(), job.limits, on_output, stdin if job.interactive else None
-            )
+            with egress.attached(sandbox.network_pid()) if egress else contextlib.nullcontext():
+                run = await sandbox.run(
+                    job.agent_message(), job.limits, on_output, stdin if job.interactive else None
+                )
         result = result_of(run, job, sandbox.id)
         result.timings["queue"] = round(queued, 6)
         result.timings["total"] = round(trio.current_time() - start, 6)

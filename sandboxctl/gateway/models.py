@@ -68,6 +68,10 @@ class ExecuteRequest(BaseModel):
     args: list[str] | None = None
     files: list[FileInput] | None = None
     limits: LimitsInput | None = None
+    network: bool | None = Field(
+        default=None,
+        description="egress to what the server's [network] allow lists (refused without)",
+    )
 
     def params(self) -> dict[str, Any]:
         """The daemon's ``execute`` params for this request."""

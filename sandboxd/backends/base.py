@@ -163,6 +163,11 @@ class Sandbox(abc.ABC):
                 raise group.exceptions[0] from None
             raise
 
+    def network_pid(self) -> int:
+        """A process in the sandbox's own network namespace, where its egress link goes
+        (only for backends whose ``has_network`` is true)."""
+        raise SandboxStateError(f"{type(self).__name__} has no network namespace for egress")
+
     @abc.abstractmethod
     def apply_limits(self, limits: Limits) -> None:
         """Set the job's limits on what the host controls (cgroup, VM size)."""
@@ -246,6 +251,7 @@ class JailedSandbox(Sandbox):
 class Backend(abc.ABC):
     name: ClassVar[str]
     isolation: ClassVar[str]
+    has_network: ClassVar[bool] = False  # can its sandboxes get egress (sandboxd.network)?
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -45,6 +45,14 @@ class NamespacesSandbox(JailedSandbox):
         super().__init__(sandbox_id, link, child, cgroup, log.getChild(sandbox_id))
         self._cpus = cpus
 
+    def network_pid(self) -> int:
+        # The jail's processes (the agent and its program); the outer bubblewrap stays
+        # in the host's namespaces.
+        inside = sorted(self.cgroup.pids() - {self.child.pid})
+        if not inside:
+            raise LaunchError(f"sandbox {self.id} has no process left to give a network")
+        return inside[0]
+
     def apply_limits(self, limits: Limits) -> None:
         try:
             self.cgroup.set_limits(
@@ -58,6 +66,7 @@ class NamespacesSandbox(JailedSandbox):
 
 class NamespacesBackend(JailedBackend):
     name = "namespaces"
+    has_network = True
     isolation = "namespaces (bubblewrap, seccomp, cgroup; weaker than a VM: shares the host kernel)"
 
     def __init__(
