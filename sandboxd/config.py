@@ -176,8 +176,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log_level": (lambda v: v in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
     "networks": (lambda v: all(_ipv4_network(n) for n in v), "IPv4 networks like 192.0.2.0/24"),
     "subnet": (
-        lambda v: _ipv4_network(v) and ipaddress.ip_network(v).prefixlen <= 24,
-        "an IPv4 network of /24 or larger, like 10.213.0.0/16",
+        lambda v: _ipv4_network(v) and 8 <= ipaddress.ip_network(v).prefixlen <= 24,
+        "an IPv4 network from /8 to /24, like 10.213.0.0/16",
     ),
     "name": (
         lambda v: re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", v) is not None,
@@ -341,6 +341,13 @@ def load_config(
         for section, cls in SECTIONS.items()
     }
     config = Config(**parts, limits=limits, source=", ".join(sources) or "built-in defaults")
+    subnet = ipaddress.ip_network(config.network.subnet)
+    for allowed in config.network.allow:
+        if ipaddress.ip_network(allowed).subnet_of(subnet):  # type: ignore[arg-type]
+            raise ConfigError(
+                f"{config.source}: network.allow: {allowed} is in network.subnet {subnet}, "
+                "the sandboxes' own addresses: sandboxes never reach one another"
+            )
     if config.pool.size > config.pool.max_sandboxes:
         raise ConfigError(
             f"{config.source}: pool.size: expected at most pool.max_sandboxes "

@@ -6,8 +6,9 @@ only where ``[network] allow`` lists destinations) gets ``eth0``, one end of a v
 whose other end is in the uplink namespace — the host's own, or a named one — with a
 /30 of ``[network] subnet`` and a default route through it. There, this daemon's
 nftables tables forward the sandbox's packets only to the allowed networks (masqueraded
-behind the uplink's address), refuse everything else — the uplink host itself,
-link-local and metadata addresses, every network not listed — and let in only replies.
+behind the uplink's address), refuse everything else — the uplink host itself (before
+any port forwarding could send it on), private, link-local and metadata ranges unless
+allowed by name, other sandboxes, every network not listed — and let in only replies.
 The veth goes with the job. pyroute2 makes every link, address and route; ``nft``
 loads the rules.
 """
@@ -18,6 +19,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 
@@ -28,6 +30,19 @@ from sandboxd.errors import LaunchError
 log = logging.getLogger(__name__)
 
 GUEST_INTERFACE = "eth0"
+FORWARDING_OURS = "forwarding is on for sandboxes only"  # and off again when we stop
+# Refused even when an allowed network covers them (allow 0.0.0.0/0 for "the internet"),
+# unless allowed explicitly: "this network", private and shared ranges, loopback,
+# link-local and metadata (also Azure's and Alibaba's), benchmarking, multicast and
+# reserved.
+ALWAYS_REFUSED = [
+    ipaddress.ip_network(net)
+    for net in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+        "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/3",
+        "168.63.129.16/32", "100.100.100.200/32",
+    )
+]  # fmt: skip
 
 
 class Egress:
@@ -40,6 +55,7 @@ class Egress:
         self.table = f"sandboxd_{tag}"
         self._links = list(self.subnet.subnets(new_prefix=30))
         self._busy: set[int] = set()
+        self._next = 0  # links are handed out in turn: an address is reused late
 
     def describe(self) -> str:
         where = f"namespace {self.uplink_netns}" if self.uplink_netns else "the host"
@@ -53,7 +69,7 @@ class Egress:
             raise LaunchError(f"network.uplink_netns: no network namespace {self.uplink_netns!r}")
         return NetNS(self.uplink_netns) if self.uplink_netns else IPRoute()
 
-    def _in_uplink(self, argv: list[str], stdin: str = "") -> None:
+    def _in_uplink(self, argv: list[str], stdin: str = "") -> str:
         if self.uplink_netns:
             argv = ["nsenter", f"--net={netns.NETNS_RUN_DIR}/{self.uplink_netns}", *argv]
         try:
@@ -62,24 +78,46 @@ class Egress:
             raise LaunchError(f"cannot run {argv[0]} (apt install nftables): {exc}") from exc
         if done.returncode != 0:
             raise LaunchError(f"{argv[0]} failed: {done.stderr.strip()}", argv=argv)
+        return done.stdout
 
-    def _ruleset(self) -> str:
-        allowed = ", ".join(str(net) for net in self.allow)
+    def _ruleset(self, forwarding_was_on: bool) -> str:
         links = f'"{self.prefix}*"'
+        allowed = ", ".join(str(net) for net in self.allow)
+        refused = ", ".join(str(net) for net in ALWAYS_REFUSED)
+        # Allowed networks inside a refused range are meant: they pass that check.
+        explicit = [n for n in self.allow if any(n.subnet_of(r) for r in ALWAYS_REFUSED)]
+        explicit_elements = f"elements = {{ {', '.join(map(str, explicit))} }}" if explicit else ""
+        # Forwarding was off: this daemon turned it on for its sandboxes only.
+        others = (
+            ""
+            if forwarding_was_on
+            else f'iifname != {links} oifname != {links} drop comment "{FORWARDING_OURS}"'
+        )
         return f"""
 table inet {self.table} {{
-    set allowed {{ type ipv4_addr; flags interval; elements = {{ {allowed} }} }}
+    set allowed {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {allowed} }} }}
+    set refused {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {refused} }} }}
+    set explicit {{ type ipv4_addr; flags interval; auto-merge; {explicit_elements} }}
+    chain prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        iifname {links} fib daddr type {{ local, broadcast, multicast, anycast }} drop \
+            comment "the uplink host itself, before any NAT could forward it elsewhere"
+    }}
     chain input {{
         type filter hook input priority filter; policy accept;
-        iifname {links} drop comment "the uplink host itself"
+        iifname {links} drop
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
-        iifname {links} ip daddr 169.254.0.0/16 drop comment "link-local, metadata"
+        iifname {links} oifname {links} drop comment "sandbox to sandbox"
+        iifname {links} ct state invalid drop
+        iifname {links} ip saddr != {self.subnet} drop
+        iifname {links} ip daddr @refused ip daddr != @explicit drop
         iifname {links} ip daddr @allowed accept
         iifname {links} drop
         oifname {links} ct state established,related accept
         oifname {links} drop
+        {others}
     }}
 }}
 table ip {self.table}_nat {{
@@ -90,19 +128,44 @@ table ip {self.table}_nat {{
 }}
 """
 
+    def _check_subnet_is_free(self) -> None:
+        """Another daemon's or the host's addresses in our subnet would take its traffic."""
+        with self._uplink() as ip:
+            for address in ip.get_addr(family=socket.AF_INET):
+                name = address.get_attr("IFA_LABEL") or ""
+                network = ipaddress.ip_interface(
+                    f"{address.get_attr('IFA_ADDRESS')}/{address['prefixlen']}"
+                ).network
+                if network.overlaps(self.subnet) and not name.startswith(self.prefix):
+                    raise LaunchError(
+                        f"network.subnet {self.subnet} overlaps {network} on {name} in the "
+                        "uplink namespace: give this daemon a subnet of its own"
+                    )
+
+    def _forwarding(self) -> bool:
+        return self._in_uplink(["sysctl", "-n", "net.ipv4.ip_forward"]).strip() == "1"
+
     def start(self) -> None:
-        """Forwarding on in the uplink namespace, and this daemon's rules (anew)."""
+        """This daemon's rules (anew) and forwarding on in the uplink namespace."""
         self.stop()
-        self._in_uplink(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-        self._in_uplink(["nft", "-f", "-"], self._ruleset())
+        self._check_subnet_is_free()
+        was_on = self._forwarding()
+        self._in_uplink(["nft", "-f", "-"], self._ruleset(forwarding_was_on=was_on))
+        if not was_on:
+            self._in_uplink(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
         log.info("network: %s", self.describe())
 
     def stop(self) -> None:
-        """Remove this daemon's rules and links from the uplink (also a crashed one's)."""
+        """Remove this daemon's rules and links from the uplink (also a crashed one's),
+        and turn forwarding off again if it was this daemon that turned it on."""
         with self._uplink() as ip:
             for link in ip.get_links():
                 if (link.get_attr("IFLA_IFNAME") or "").startswith(self.prefix):
                     ip.link("del", index=link["index"])
+        with contextlib.suppress(LaunchError):  # no rules loaded
+            rules = self._in_uplink(["nft", "list", "chain", "inet", self.table, "forward"])
+            if FORWARDING_OURS in rules:
+                self._in_uplink(["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"])
         for table in (f"inet {self.table}", f"ip {self.table}_nat"):
             with contextlib.suppress(LaunchError):  # not there
                 self._in_uplink(["nft", "delete", "table", *table.split()])
@@ -113,10 +176,13 @@ table ip {self.table}_nat {{
     def attached(self, pid: int) -> Iterator[str]:
         """``eth0`` in the network namespace of process ``pid`` (in the sandbox) for the
         duration; the sandbox's address."""
-        index = next((i for i in range(len(self._links)) if i not in self._busy), None)
+        count = len(self._links)
+        order = ((self._next + i) % count for i in range(count))
+        index = next((i for i in order if i not in self._busy), None)
         if index is None:
             raise LaunchError(f"network.subnet {self.subnet} has no free /30 left")
         self._busy.add(index)
+        self._next = index + 1
         gateway, address = list(self._links[index].hosts())
         host_side, guest_side = f"{self.prefix}{index}", f"{self.prefix}{index}g"
         try:

@@ -144,3 +144,26 @@ def test_the_shipped_example_config_loads():
 )
 def test_parse_size(text, size):
     assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[network]\nallow = ['not a network']\n", "network.allow: expected IPv4 networks"),
+        ("[network]\nallow = 'x'\nsubnet = '10.0.0.0/30'\n", "expected IPv4 networks"),
+        ("[network]\nsubnet = '10.0.0.0/28'\n", "network.subnet: expected an IPv4 network from"),
+        ("[network]\nallow = ['10.213.1.0/24']\n", "is in network.subnet 10.213.0.0/16"),
+    ],
+)
+def test_network_settings_are_checked(tmp_path, text, message):
+    path = tmp_path / "sandboxd.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, environ={})
+
+
+def test_network_allow_from_the_environment_is_a_comma_separated_list(tmp_path):
+    (tmp_path / "empty.toml").write_text("")
+    environ = {"SANDBOXD_NETWORK_ALLOW": "203.0.113.0/24, 0.0.0.0/0"}
+    config = load_config(tmp_path / "empty.toml", environ=environ)
+    assert config.network.allow == ("203.0.113.0/24", "0.0.0.0/0")

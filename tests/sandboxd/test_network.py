@@ -30,6 +30,7 @@ pytestmark = [
 ]
 
 ALLOWED, REFUSED = "198.51.100.1", "198.51.100.2"
+PRIVATE, NAMED_PRIVATE = "10.88.0.1", "10.77.0.1"  # refused unless allowed by name
 UPLINK_ADDRESS, OUTSIDE_ADDRESS = "192.0.2.1", "192.0.2.2"
 SERVER = """
 import socket, sys, threading
@@ -76,7 +77,8 @@ def world() -> Iterator[str]:
             up.route("add", dst="0.0.0.0/0", gateway=OUTSIDE_ADDRESS)  # all goes outside
         with NetNS(outside) as out:
             _link(out, "lo")
-            _link(out, "lan", f"{OUTSIDE_ADDRESS}/24", f"{ALLOWED}/32", f"{REFUSED}/32")
+            addresses = (OUTSIDE_ADDRESS, ALLOWED, REFUSED, PRIVATE, NAMED_PRIVATE)
+            _link(out, "lan", *(f"{a}/{24 if a == OUTSIDE_ADDRESS else 32}" for a in addresses))
         for name in (uplink, outside):
             servers.append(
                 subprocess.Popen(
@@ -123,6 +125,24 @@ def test_a_sandbox_reaches_the_allowed_destination_and_nothing_else(net_daemon, 
     assert sorted(names) == ["lo", "wan"]
 
 
+def test_allowing_everything_still_refuses_private_ranges_the_host_and_metadata(tmp_path, world):
+    allow = ["0.0.0.0/0", "10.77.0.0/24"]
+    daemon = start_daemon(
+        tmp_path, pool={"size": 1}, network={"allow": allow, "uplink_netns": world}
+    )
+    try:
+        seen = probe(daemon, REFUSED, NAMED_PRIVATE, PRIVATE, UPLINK_ADDRESS, "169.254.169.254")
+    finally:
+        assert daemon.stop() == 0
+    assert seen == {
+        REFUSED: f"hello from {REFUSED}",  # anywhere public
+        NAMED_PRIVATE: f"hello from {NAMED_PRIVATE}",  # a private range allowed by name
+        PRIVATE: "TimeoutError",
+        UPLINK_ADDRESS: "TimeoutError",
+        "169.254.169.254": "TimeoutError",
+    }
+
+
 def test_without_asking_a_sandbox_has_no_network(net_daemon):
     result = net_daemon.client.execute("python", "import socket; print(socket.if_nameindex())")
     assert result.stdout == "[(1, 'lo')]\n"
@@ -139,7 +159,11 @@ def test_stopping_removes_the_rules_and_links(tmp_path, world):
         tmp_path, pool={"size": 1}, network={"allow": [f"{ALLOWED}/32"], "uplink_netns": world}
     )
     assert "to 198.51.100.1/32 only" in daemon.client.status()["network"]
+    in_uplink = ["nsenter", f"--net={netns.NETNS_RUN_DIR}/{world}"]
+    assert subprocess.check_output([*in_uplink, "sysctl", "-n", "net.ipv4.ip_forward"]) == b"1\n"
     assert daemon.stop() == 0
+    # Forwarding was off there: the daemon turns it off again.
+    assert subprocess.check_output([*in_uplink, "sysctl", "-n", "net.ipv4.ip_forward"]) == b"0\n"
     ruleset = subprocess.run(
         ["nsenter", f"--net={netns.NETNS_RUN_DIR}/{world}", "nft", "list", "ruleset"],
         capture_output=True,
