@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from sandboxctl.client import Client
+from sandboxd.errors import ConfigError
+from sandboxd.images import Image, ImageStore
 from tests.daemon_process import Daemon, start_daemon
 
 IS_ROOT = os.geteuid() == 0
@@ -31,6 +33,20 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 @pytest.fixture
 def client(daemon: Daemon) -> Client:
     return daemon.client
+
+
+@pytest.fixture
+def vm_image() -> Image:
+    """The built image, for tests that boot its VMs with QEMU; skipped without either."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("QEMU is not installed")
+    try:
+        image = ImageStore(Path("/var/lib/sandboxd")).current()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    if image.vm_dir is None:
+        pytest.skip("the image has no VM artifacts")
+    return image
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from sandboxd import initramfs
+from sandboxd.images import Image
 from tests.fakes.firecracker_bin import install_fakes
 
 IS_ROOT = os.geteuid() == 0
@@ -427,20 +429,9 @@ AGENT_PORT = 52  # where guest/agent.py listens on vsock by default
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1 quiet i8042.noaux i8042.nomux i8042.dumbkbd"
 
 
-def _vm_files() -> tuple[Path, bytes]:
-    """The image's VM directory and an initramfs with the real guest agent, or skip."""
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("QEMU is not installed")
-    from sandboxd import initramfs
-    from sandboxd.errors import ConfigError
-    from sandboxd.images import ImageStore
-
-    try:
-        image = ImageStore(Path("/var/lib/sandboxd")).current()
-    except ConfigError as exc:
-        pytest.skip(str(exc))
-    if image.vm_dir is None:
-        pytest.skip("the image has no VM artifacts")
+def _vm_files(image: Image) -> tuple[Path, bytes]:
+    """The image's VM directory and an initramfs with the real guest agent."""
+    assert image.vm_dir is not None
     agent = (Path(__file__).resolve().parents[2] / "guest" / "agent.py").read_bytes()
     return image.vm_dir, initramfs.build(image.vm_dir, image.manifest["vm"]["modules"], agent)
 
@@ -476,8 +467,10 @@ def _agent_hello(uds: Path, nonce: int, timeout: float = 120.0) -> dict:
 @pytest.mark.image
 @pytest.mark.slow
 @needs_root
-def test_a_jailed_vm_boots_serves_vsock_snapshots_and_restores(jail: Jail, tmp_path: Path):
-    vm_dir, ramdisk = _vm_files()
+def test_a_jailed_vm_boots_serves_vsock_snapshots_and_restores(
+    jail: Jail, tmp_path: Path, vm_image: Image
+):
+    vm_dir, ramdisk = _vm_files(vm_image)
     console = (tmp_path / "console").open("wb")
     api = jail.start("vm-e2e", stdout=console, stderr=subprocess.STDOUT)
     root = jail.chroot("vm-e2e")

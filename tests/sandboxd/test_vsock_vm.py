@@ -10,7 +10,6 @@ by itself.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +22,8 @@ from sandboxd.agent_link import AgentLink, Transcript
 from sandboxd.backends import agent_source
 from sandboxd.backends.qemu import VmLayout
 from sandboxd.backends.vm_channel import connect_hybrid_vsock
-from sandboxd.errors import AgentError, ConfigError
-from sandboxd.images import ImageStore
+from sandboxd.errors import AgentError
+from sandboxd.images import Image
 from tests.fakes.vhost_user_vsock import VhostUserVsock
 
 pytestmark = [pytest.mark.vm, pytest.mark.image]
@@ -50,15 +49,10 @@ FIRECRACKER_PORTS = range(1 << 30, 1 << 31)
 
 
 @pytest.fixture
-def vsock_vm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+def vsock_vm(request: pytest.FixtureRequest, tmp_path: Path, vm_image: Image) -> Iterator[Path]:
     """A booting VM whose only agent channel is vsock, set up as the qemu backend sets
     up vhost-vsock VMs; yields the hybrid vsock socket (host ports: ``request.param``)."""
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("QEMU is not installed")
-    try:
-        image = ImageStore(Path("/var/lib/sandboxd")).current()
-    except ConfigError as exc:
-        pytest.skip(str(exc))
+    image = vm_image
     assert image.vm_dir is not None
     ramdisk = tmp_path / "initramfs.img"
     ramdisk.write_bytes(initramfs.for_image(image, agent_source()))
