@@ -21,8 +21,9 @@ import ipaddress
 import logging
 import socket
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
+import trio
 from pyroute2 import IPRoute, NetNS, netns
 
 from sandboxd.errors import LaunchError
@@ -172,10 +173,11 @@ table ip {self.table}_nat {{
 
     # -- one sandbox ---------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def attached(self, pid: int) -> Iterator[str]:
+    @contextlib.asynccontextmanager
+    async def attached(self, pid: int) -> AsyncIterator[str]:
         """``eth0`` in the network namespace of process ``pid`` (in the sandbox) for the
-        duration; the sandbox's address."""
+        duration; the sandbox's address. Netlink and namespace work runs in a thread:
+        the daemon serves others meanwhile."""
         count = len(self._links)
         order = ((self._next + i) % count for i in range(count))
         index = next((i for i in order if i not in self._busy), None)
@@ -183,25 +185,33 @@ table ip {self.table}_nat {{
             raise LaunchError(f"network.subnet {self.subnet} has no free /30 left")
         self._busy.add(index)
         self._next = index + 1
+        try:
+            yield await trio.to_thread.run_sync(self._attach, index, pid)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._detach, index)
+            self._busy.discard(index)
+
+    def _attach(self, index: int, pid: int) -> str:
         gateway, address = list(self._links[index].hosts())
         host_side, guest_side = f"{self.prefix}{index}", f"{self.prefix}{index}g"
-        try:
-            with self._uplink() as ip:
-                ip.link("add", ifname=host_side, kind="veth", peer={"ifname": guest_side})
-                host_index = ip.link_lookup(ifname=host_side)[0]
-                guest_index = ip.link_lookup(ifname=guest_side)[0]
-                ip.link("set", index=guest_index, net_ns_pid=pid)
-                ip.addr("add", index=host_index, address=str(gateway), prefixlen=30)
-                ip.link("set", index=host_index, state="up")
-            with NetNS(f"/proc/{pid}/ns/net") as sandbox:
-                link = sandbox.link_lookup(ifname=guest_side)[0]
-                sandbox.link("set", index=link, ifname=GUEST_INTERFACE)
-                sandbox.addr("add", index=link, address=str(address), prefixlen=30)
-                sandbox.link("set", index=link, state="up")
-                sandbox.route("add", dst="0.0.0.0/0", gateway=str(gateway))
-            yield str(address)
-        finally:
-            with contextlib.suppress(Exception), self._uplink() as ip:  # gone with its netns
-                for found in ip.link_lookup(ifname=host_side):
-                    ip.link("del", index=found)
-            self._busy.discard(index)
+        with self._uplink() as ip:
+            ip.link("add", ifname=host_side, kind="veth", peer={"ifname": guest_side})
+            host_index = ip.link_lookup(ifname=host_side)[0]
+            guest_index = ip.link_lookup(ifname=guest_side)[0]
+            ip.link("set", index=guest_index, net_ns_pid=pid)
+            ip.addr("add", index=host_index, address=str(gateway), prefixlen=30)
+            ip.link("set", index=host_index, state="up")
+        with NetNS(f"/proc/{pid}/ns/net") as sandbox:
+            link = sandbox.link_lookup(ifname=guest_side)[0]
+            sandbox.link("set", index=link, ifname=GUEST_INTERFACE)
+            sandbox.addr("add", index=link, address=str(address), prefixlen=30)
+            sandbox.link("set", index=link, state="up")
+            sandbox.route("add", dst="0.0.0.0/0", gateway=str(gateway))
+        return str(address)
+
+    def _detach(self, index: int) -> None:
+        """The host side goes (the guest side too, with it or with its namespace)."""
+        with contextlib.suppress(Exception), self._uplink() as ip:
+            for found in ip.link_lookup(ifname=f"{self.prefix}{index}"):
+                ip.link("del", index=found)

@@ -169,7 +169,9 @@ class Service:
         egress = self._egress_for(job)
         async with self.pool.sandbox() as sandbox:
             queued = trio.current_time() - start
-            with egress.attached(sandbox.network_pid()) if egress else contextlib.nullcontext():
+            async with (
+                egress.attached(sandbox.network_pid()) if egress else contextlib.nullcontext()
+            ):
                 run = await sandbox.run(
                     job.agent_message(), job.limits, on_output, stdin if job.interactive else None
                 )
