@@ -24,7 +24,8 @@ import subprocess
 from collections.abc import AsyncIterator, Sequence
 
 import trio
-from pyroute2 import IPRoute, NetNS, netns
+from pyroute2 import Conntrack, IPRoute, NetNS, netns
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from sandboxd.errors import LaunchError
 
@@ -211,7 +212,17 @@ table ip {self.table}_nat {{
         return str(address)
 
     def _detach(self, index: int) -> None:
-        """The host side goes (the guest side too, with it or with its namespace)."""
+        """The host side goes (the guest side too, with it or with its namespace), and
+        so do the address's connection-tracking entries: replies to a connection of
+        this job must never reach the next job given the address."""
         with contextlib.suppress(Exception), self._uplink() as ip:
             for found in ip.link_lookup(ifname=f"{self.prefix}{index}"):
                 ip.link("del", index=found)
+        address = str(list(self._links[index].hosts())[1])
+        try:
+            with Conntrack(netns=self.uplink_netns or None) as table:
+                mine = NFCTAttrTuple(saddr=address)
+                for entry in list(table.dump_entries(tuple_orig=mine)):
+                    table.entry("del", tuple_orig=entry.tuple_orig)
+        except Exception as exc:
+            log.warning("cannot forget the connections of %s: %s", address, exc)

@@ -8,6 +8,7 @@ anywhere else, so no packet can reach a real network.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from click.testing import CliRunner
-from pyroute2 import NetNS, netns
+from pyroute2 import Conntrack, NetNS, netns
 
 from sandboxctl import cli
 from sandboxd.errors import InvalidParams
@@ -32,6 +33,7 @@ pytestmark = [
 ALLOWED, REFUSED = "198.51.100.1", "198.51.100.2"
 PRIVATE, NAMED_PRIVATE = "10.88.0.1", "10.77.0.1"  # refused unless allowed by name
 UPLINK_ADDRESS, OUTSIDE_ADDRESS = "192.0.2.1", "192.0.2.2"
+SUBNET = ipaddress.ip_network("10.213.0.0/16")  # the sandboxes' addresses (the default)
 SERVER = """
 import socket, sys, threading
 listener = socket.create_server(("0.0.0.0", 8080))
@@ -119,10 +121,14 @@ def test_a_sandbox_reaches_the_allowed_destination_and_nothing_else(net_daemon, 
         UPLINK_ADDRESS: "TimeoutError",  # the uplink host itself
         "169.254.169.254": "TimeoutError",  # metadata
     }
-    # The job's link went with it.
+    # The job's link went with it, and so did its connections (the server still holds
+    # its end): nothing of them reaches the next job given the address.
     with NetNS(world) as up:
         names = [link.get_attr("IFLA_IFNAME") for link in up.get_links()]
     assert sorted(names) == ["lo", "wan"]
+    with Conntrack(netns=world) as table:
+        sources = {entry.tuple_orig.saddr for entry in table.dump_entries()}
+    assert not any(ipaddress.ip_address(a) in SUBNET for a in sources if a), sources
 
 
 def test_allowing_everything_still_refuses_private_ranges_the_host_and_metadata(tmp_path, world):
