@@ -55,6 +55,7 @@ bench: build ## Benchmarks: latency beside the bare runtimes, as ratios (root)
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench.hello_latency
 	$(BIN)/python -m bench.gateway_overhead
+	$(BIN)/python -m bench.network_overhead
 	$(BIN)/python -m bench.vm_startup
 
 .PHONY: deb
