@@ -146,6 +146,8 @@ async def run_daemon(
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async with trio.open_nursery() as root:
                         await root.start(pool.run)
+                        if egress is not None:
+                            await root.start(egress.run)
                         await root.start(server.serve, trio.SocketListener(sock))
                         log.info("ready: serving %s with image %s", config.daemon.socket, image.id)
                         task_status.started(config.daemon.socket)

@@ -58,6 +58,7 @@ class Egress:
         self._links = list(self.subnet.subnets(new_prefix=30))
         self._busy: set[int] = set()
         self._next = 0  # links are handed out in turn: an address is reused late
+        self._releases: trio.Nursery | None = None  # while run() runs
 
     def describe(self) -> str:
         where = f"namespace {self.uplink_netns}" if self.uplink_netns else "the host"
@@ -189,9 +190,25 @@ table ip {self.table}_nat {{
         try:
             yield await trio.to_thread.run_sync(self._attach, index, pid)
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._detach, index)
-            self._busy.discard(index)
+            if self._releases is not None:
+                self._releases.start_soon(self._release, index)  # off the job's path
+            else:
+                await self._release(index)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Remove finished jobs' links in the background (it takes tens of milliseconds
+        that the job's answer need not wait for), until cancelled."""
+        async with trio.open_nursery() as self._releases:
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._releases = None  # what is already started still finishes
+
+    async def _release(self, index: int) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._detach, index)
+        self._busy.discard(index)  # only now may another job get the address
 
     def _attach(self, index: int, pid: int) -> str:
         gateway, address = list(self._links[index].hosts())

@@ -24,6 +24,7 @@ from sandboxctl import cli
 from sandboxd.errors import InvalidParams
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, start_daemon, start_gateway
+from tests.host_state import wait_for
 
 pytestmark = [
     pytest.mark.skipif(not IS_ROOT, reason="needs root: network namespaces"),
@@ -121,14 +122,20 @@ def test_a_sandbox_reaches_the_allowed_destination_and_nothing_else(net_daemon, 
         UPLINK_ADDRESS: "TimeoutError",  # the uplink host itself
         "169.254.169.254": "TimeoutError",  # metadata
     }
-    # The job's link went with it, and so did its connections (the server still holds
-    # its end): nothing of them reaches the next job given the address.
-    with NetNS(world) as up:
-        names = [link.get_attr("IFLA_IFNAME") for link in up.get_links()]
-    assert sorted(names) == ["lo", "wan"]
-    with Conntrack(netns=world) as table:
-        sources = {entry.tuple_orig.saddr for entry in table.dump_entries()}
-    assert not any(ipaddress.ip_address(a) in SUBNET for a in sources if a), sources
+
+    # The job's link went with it (just after its answer), and so did its connections:
+    # nothing of them reaches the next job given the address.
+    def links() -> list[str]:
+        with NetNS(world) as up:
+            return sorted(link.get_attr("IFLA_IFNAME") for link in up.get_links())
+
+    def sandbox_connections() -> set[str]:
+        with Conntrack(netns=world) as table:
+            sources = {entry.tuple_orig.saddr for entry in table.dump_entries()}
+        return {a for a in sources if a and ipaddress.ip_address(a) in SUBNET}
+
+    assert wait_for(lambda: links() == ["lo", "wan"], timeout=5), links()
+    assert wait_for(lambda: not sandbox_connections(), timeout=5), sandbox_connections()
 
 
 def test_allowing_everything_still_refuses_private_ranges_the_host_and_metadata(tmp_path, world):
