@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,7 +62,7 @@ def public_tmp_path() -> Iterator[Path]:
 
 @pytest.fixture
 def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Start daemons of the test's own (to stop, crash or starve); killed at the end."""
+    """Start daemons of the test's own (to stop, crash or starve); stopped at the end."""
     if not IS_ROOT:
         pytest.skip("needs root: real jails and cgroups")
     started: list[Daemon] = []
@@ -73,5 +74,8 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         return started[-1]
 
     yield make
-    for running in started:
-        running.stop(signal.SIGKILL)
+    for running in started:  # SIGTERM: a daemon removes what it made (not so a killed one)
+        try:
+            running.stop()
+        except subprocess.TimeoutExpired:
+            running.stop(signal.SIGKILL)
