@@ -23,7 +23,6 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
 
 import trio
 
@@ -39,8 +38,6 @@ PRIVILEGED_PORTS = range(1023, 511, -1)  # the daemon's side of vhost-vsock conn
 class VmChannel(abc.ABC):
     """One VM's agent channel: QEMU's arguments and file descriptors, and the daemon's end.
     Use it as a context manager: the daemon's resources are released on exit."""
-
-    kind: ClassVar[str]
 
     def __init__(self) -> None:
         self.qemu_fds: list[int] = []  # for QEMU, until hand_over()
@@ -71,8 +68,6 @@ class VmChannel(abc.ABC):
 
 
 class SerialChannel(VmChannel):
-    kind = "virtio-serial"
-
     def __init__(self) -> None:
         super().__init__()
         self._host, vm = socket.socketpair()
@@ -95,8 +90,6 @@ class SerialChannel(VmChannel):
 
 
 class VsockChannel(VmChannel):
-    kind = "vsock"
-
     def __init__(self, cid: int, port: int) -> None:
         super().__init__()
         self.cid = cid
@@ -122,12 +115,11 @@ class VsockChannel(VmChannel):
                 sock.close()  # the agent does not listen yet
                 await trio.sleep(CONNECT_RETRY)
                 continue
-            except BaseException as exc:
+            except OSError as exc:
                 sock.close()
-                if isinstance(exc, OSError):
-                    raise LaunchError(
-                        f"cannot connect to vsock {self.cid}:{self.port}: {exc}"
-                    ) from exc
+                raise LaunchError(f"cannot connect to vsock {self.cid}:{self.port}: {exc}") from exc
+            except BaseException:  # cancelled (a start timeout): nothing stays open
+                sock.close()
                 raise
             self._socket = sock
             return trio.SocketStream(sock)
@@ -197,9 +189,9 @@ async def _receive_line(stream: trio.SocketStream, limit: int) -> bytes:
 def choose_channel(wanted: str) -> tuple[str, str]:
     """(kind, why) for ``backend.vm_channel``; LaunchError if vsock is asked for and the
     host cannot give it."""
-    usable = _vhost_vsock_usable()
     if wanted == "virtio-serial":
         return "virtio-serial", "configured"
+    usable = _vhost_vsock_usable()
     if usable is None:
         return "vsock", f"{VHOST_VSOCK} is usable"
     if wanted == "vsock":
