@@ -55,7 +55,7 @@ class Egress:
         tag = hashlib.sha256(instance.encode()).hexdigest()[:5]
         self.prefix = f"sx{tag}"  # every host-side link of this instance; nft matches it
         self.table = f"sandboxd_{tag}"
-        self._links = list(self.subnet.subnets(new_prefix=30))
+        self._link_count = self.subnet.num_addresses // 4  # a /30 each
         self._busy: set[int] = set()
         self._next = 0  # links are handed out in turn: an address is reused late
         self._releases: trio.Nursery | None = None  # while run() runs
@@ -180,7 +180,7 @@ table ip {self.table}_nat {{
         """``eth0`` in the network namespace of process ``pid`` (in the sandbox) for the
         duration; the sandbox's address. Netlink and namespace work runs in a thread:
         the daemon serves others meanwhile."""
-        count = len(self._links)
+        count = self._link_count
         order = ((self._next + i) % count for i in range(count))
         index = next((i for i in order if i not in self._busy), None)
         if index is None:
@@ -210,8 +210,14 @@ table ip {self.table}_nat {{
             await trio.to_thread.run_sync(self._detach, index)
         self._busy.discard(index)  # only now may another job get the address
 
+    def _addresses(self, index: int) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+        """The uplink's and the sandbox's address on the ``index``-th /30 of the subnet
+        (counted, not listed: a /8 holds four million)."""
+        first = self.subnet.network_address + 4 * index
+        return first + 1, first + 2  # type: ignore[return-value]
+
     def _attach(self, index: int, pid: int) -> str:
-        gateway, address = list(self._links[index].hosts())
+        gateway, address = self._addresses(index)
         host_side, guest_side = f"{self.prefix}{index}", f"{self.prefix}{index}g"
         with self._uplink() as ip:
             ip.link("add", ifname=host_side, kind="veth", peer={"ifname": guest_side})
@@ -235,7 +241,7 @@ table ip {self.table}_nat {{
         with contextlib.suppress(Exception), self._uplink() as ip:
             for found in ip.link_lookup(ifname=f"{self.prefix}{index}"):
                 ip.link("del", index=found)
-        address = str(list(self._links[index].hosts())[1])
+        address = str(self._addresses(index)[1])
         try:
             with Conntrack(netns=self.uplink_netns or None) as table:
                 mine = NFCTAttrTuple(saddr=address)
