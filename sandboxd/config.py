@@ -43,6 +43,16 @@ class DaemonConfig:
     socket_group: str = _setting("sandboxd")
     log_level: str = _setting("info", env=("SANDBOXD_LOG_LEVEL", "RUST_LOG"), check="log_level")
     max_request_bytes: int = _setting(4 * 1024 * 1024, kind="size", check="positive")
+    # What one client may hold in the daemon (sandboxd.peers): per peer uid, its open
+    # connections and the bytes of its unanswered requests and unread stdin; per
+    # connection, its requests running at once and each interactive job's stdin.
+    max_connections_per_uid: int = _setting(64, check="positive")
+    pending_bytes_per_uid: int = _setting(64 * 1024 * 1024, kind="size", check="positive")
+    max_requests_per_connection: int = _setting(8, check="positive")
+    stdin_buffer_bytes: int = _setting(1024 * 1024, kind="size", check="positive")
+    request_timeout: float = _setting(10.0, check="positive")  # a started line, to arrive
+    idle_timeout: float = _setting(120.0, check="positive")  # nothing running, nothing sent
+    send_timeout: float = _setting(60.0, check="positive")  # a client that reads nothing
     # Names this instance's cgroups and lock, so two daemons on one host never touch
     # each other's sandboxes when one cleans up after a crash.
     name: str = _setting("sandboxd", check="name")
@@ -89,6 +99,7 @@ class GatewayConfig:
     rate_burst: int = _setting(60, check="positive")
     concurrent_per_key: int = _setting(16, check="positive")
     max_body_bytes: int = _setting(4 * 1024 * 1024, kind="size", check="positive")
+    body_timeout: float = _setting(10.0, check="positive")  # a request body, to arrive whole
 
 
 @dataclass(frozen=True)
@@ -348,6 +359,12 @@ def load_config(
                 f"{config.source}: network.allow: {allowed} is in network.subnet {subnet}, "
                 "the sandboxes' own addresses: sandboxes never reach one another"
             )
+    if config.daemon.pending_bytes_per_uid < config.daemon.max_request_bytes:
+        raise ConfigError(
+            f"{config.source}: daemon.pending_bytes_per_uid: expected at least "
+            f"daemon.max_request_bytes ({config.daemon.max_request_bytes}), "
+            f"got {config.daemon.pending_bytes_per_uid}"
+        )
     if config.pool.size > config.pool.max_sandboxes:
         raise ConfigError(
             f"{config.source}: pool.size: expected at most pool.max_sandboxes "

@@ -14,9 +14,12 @@ one table::
     │   ├── UnsupportedLanguage     -32001  data: language, known
     │   ├── LimitAboveMaximum       -32002  data: limit, requested, maximum
     │   ├── RequestTooLarge         -32003  data: maximum
+    │   ├── RequestTimeout          -32004  data: seconds (a request line stalled)
     │   ├── Unauthorized            HTTP gateway only: no or a wrong API key
+    │   ├── Forbidden               HTTP gateway only: a local user who may not use the socket
     │   └── RateLimited             HTTP gateway only: data: retry_after (seconds)
     ├── NoCapacity                  -32010  data: waited (seconds)
+    │   └── TooManyConnections      -32011  data: maximum (of the peer uid's connections)
     ├── ServiceError                the daemon could not do its part
     │   ├── LaunchError             -32020  data: argv, exit_code, log_tail
     │   │   └── StartTimeout        -32021  data: phase, seconds
@@ -95,8 +98,18 @@ class RequestTooLarge(RequestError):
     code = -32003
 
 
+class RequestTimeout(RequestError):
+    """A request began to arrive and stopped before its end."""
+
+    code = -32004
+
+
 class Unauthorized(RequestError):
     """The HTTP gateway wants an API key and got none, or a wrong one."""
+
+
+class Forbidden(RequestError):
+    """Without API keys, the HTTP gateway admits only who may use the daemon's socket."""
 
 
 class RateLimited(RequestError):
@@ -107,6 +120,12 @@ class NoCapacity(SandboxError):
     """No sandbox became free within the queue timeout; retrying later may work."""
 
     code = -32010
+
+
+class TooManyConnections(NoCapacity):
+    """The connecting uid already has as many connections open as it may."""
+
+    code = -32011
 
 
 class ServiceError(SandboxError):
@@ -149,7 +168,9 @@ _BY_CODE: dict[int, type[SandboxError]] = {
         UnsupportedLanguage,
         LimitAboveMaximum,
         RequestTooLarge,
+        RequestTimeout,
         NoCapacity,
+        TooManyConnections,
         LaunchError,
         StartTimeout,
         AgentError,

@@ -8,6 +8,7 @@ a line over the cap is refused as soon as the cap is passed, without reading it 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the sync client must not pay for importing trio
@@ -48,8 +49,66 @@ class LineBuffer:
         return bool(self._data)
 
 
+# Big strings are encoded in slices of this many characters (see encode_chunks).
+CHUNK_CHARS = 65536
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _utf8(text: str) -> bytes:
+    # A lone surrogate (which JSON can carry) can only sit inside a JSON string, where
+    # its backslash escape means the same: the receiver decides what to make of it.
+    return text.encode("utf-8", "backslashreplace")
+
+
 def encode(message: Any) -> bytes:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return _utf8(_dumps(message)) + b"\n"
+
+
+def _has_big_string(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) > CHUNK_CHARS
+    if isinstance(value, dict):
+        return any(_has_big_string(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_big_string(item) for item in value)
+    return False
+
+
+def _pieces(value: Any) -> Iterator[str]:
+    """The JSON text of ``value`` in pieces, big strings sliced."""
+    if not _has_big_string(value):
+        yield _dumps(value)
+    elif isinstance(value, str):
+        yield '"'
+        for start in range(0, len(value), CHUNK_CHARS):
+            yield _dumps(value[start : start + CHUNK_CHARS])[1:-1]
+        yield '"'
+    elif isinstance(value, dict):
+        for index, (key, item) in enumerate(value.items()):
+            yield ("{" if index == 0 else ",") + _dumps(str(key)) + ":"
+            yield from _pieces(item)
+        yield "}"
+    else:
+        for index, item in enumerate(value):
+            yield "[" if index == 0 else ","
+            yield from _pieces(item)
+        yield "]"
+
+
+def encode_chunks(message: Any) -> Iterator[bytes]:
+    """The line :func:`encode` makes, in pieces of about ``CHUNK_CHARS``: a result with
+    megabytes of output is sent while it is encoded, never built whole (as JSON, control
+    characters grow up to six times), and the sender can let others run in between."""
+    pending: list[str] = []
+    size = 0
+    for piece in _pieces(message):
+        pending.append(piece)
+        size += len(piece)
+        if size >= CHUNK_CHARS:
+            yield _utf8("".join(pending))
+            pending, size = [], 0
+    pending.append("\n")
+    yield _utf8("".join(pending))
 
 
 async def receive_line(stream: trio.abc.ReceiveStream, buffer: LineBuffer) -> bytes | None:

@@ -39,11 +39,20 @@ from jsonrpcserver.result import Error, Result, Success
 from jsonrpcserver.sentinels import NODATA, NOID
 from oslash.either import Left  # type: ignore[import-untyped]
 
-from sandboxd.agent_link import StdinChunk
-from sandboxd.errors import InternalError, InvalidParams, RequestTooLarge, SandboxError
-from sandboxd.framing import LineBuffer, LineTooLong, encode, receive_line
+from sandboxd.errors import (
+    InternalError,
+    InvalidParams,
+    InvalidRequest,
+    RequestTimeout,
+    RequestTooLarge,
+    SandboxError,
+    TooManyConnections,
+)
+from sandboxd.framing import LineBuffer, LineTooLong, encode, encode_chunks
 from sandboxd.job import unicode_text
+from sandboxd.peers import PeerAccount, PeerTable, SocketLimits
 from sandboxd.service import Service
+from sandboxd.stdin_stream import StdinChunk, StdinStream
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +63,7 @@ MAX_EARLY_STDIN_IDS = 8
 MAX_EARLY_STDIN_BYTES = 1024 * 1024
 
 
-def _feed_stdin(connection: Connection, params: Any) -> None:
+async def _feed_stdin(connection: Connection, params: Any) -> None:
     """Check ``execute.stdin`` params and pass the input on; InvalidParams if wrong."""
     if not isinstance(params, dict):
         raise InvalidParams.field("params", "expected an object with id, data and eof")
@@ -67,10 +76,10 @@ def _feed_stdin(connection: Connection, params: Any) -> None:
     data, eof = unicode_text(params.get("data", ""), "data"), params.get("eof", False)
     if not isinstance(eof, bool):
         raise InvalidParams.field("eof", "expected true or false")
-    connection.feed_stdin(request_id, data, eof)
+    await connection.feed_stdin(request_id, data, eof)
 
 
-def _stdin_notification(connection: Connection, line: bytes) -> bool:
+async def _stdin_notification(connection: Connection, line: bytes) -> bool:
     """Take an ``execute.stdin`` notification right in the reading loop, so that input
     keeps its order (tasks would race); False for any other line."""
     if STDIN_METHOD.encode() not in line:
@@ -82,7 +91,7 @@ def _stdin_notification(connection: Connection, line: bytes) -> bool:
     if not isinstance(message, dict) or message.get("method") != STDIN_METHOD or "id" in message:
         return False
     try:
-        _feed_stdin(connection, message.get("params", {}))
+        await _feed_stdin(connection, message.get("params", {}))
     except InvalidParams as exc:
         log.info("dropped execute.stdin notification: %s", exc.message)
     return True
@@ -101,31 +110,77 @@ class Peer:
 
 
 class Connection:
-    """One client: serialised writes, and a scope that ends all its work when it leaves."""
+    """One client: serialised writes, a scope that ends all its work when it leaves, and
+    the bytes it holds in the daemon, counted against its uid (sandboxd.peers)."""
 
-    def __init__(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        scope: trio.CancelScope,
+        peer: Peer,
+        account: PeerAccount,
+        limits: SocketLimits,
+    ) -> None:
         self.stream = stream
         self.scope = scope
-        self.peer = Peer.of(stream.socket)
+        self.peer = peer
+        self.account = account
+        self.limits = limits
+        self.held = 0  # bytes of its request lines read and not yet answered
+        self.running = trio.Semaphore(limits.requests_per_connection)
+        self.read_scope = trio.CancelScope()  # the deadline of the read in progress
         self._send_lock = trio.Lock()
         # Interactive executions running on this connection: request id → their stdin;
         # and input that arrived before its execute request was dispatched.
-        self._stdin: dict[Any, trio.MemorySendChannel[StdinChunk]] = {}
+        self._stdin: dict[Any, StdinStream] = {}
         self._early_stdin: dict[Any, list[StdinChunk]] = {}
 
+    def hold(self, size: int) -> None:
+        self.held += size
+        self.account.hold(size)
+
+    def release(self, size: int) -> None:
+        self.held -= size
+        self.account.release(size)
+
+    @property
+    def busy(self) -> bool:
+        return self.running.value < self.limits.requests_per_connection
+
+    def request_done(self, size: int) -> None:
+        """A request line of ``size`` bytes was answered; with nothing left running, the
+        connection's idle time starts now."""
+        self.release(size)
+        self.running.release()
+        if not self.busy and self.read_scope.deadline == math.inf:
+            self.read_scope.deadline = trio.current_time() + self.limits.idle_timeout
+
     async def send(self, message: Any) -> None:
+        """Send one message, encoded piece by piece as it goes out (a result can hold
+        megabytes of output, and other connections are served in between)."""
         async with self._send_lock:
             try:
-                await self.stream.send_all(encode(message))
+                for chunk in encode_chunks(message):
+                    with trio.move_on_after(self.limits.send_timeout) as stalled:
+                        await self.stream.send_all(chunk)
+                    if stalled.cancelled_caught:
+                        log.info(
+                            "closing a connection of uid %d: it took nothing for %g s",
+                            self.peer.uid,
+                            self.limits.send_timeout,
+                        )
+                        self.scope.cancel()
+                        return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.scope.cancel()  # the peer is gone: stop everything it asked for
 
-    def feed_stdin(self, request_id: Any, data: str, eof: bool) -> None:
-        """Input for an interactive execution, kept in order; InvalidParams if the
-        connection holds too much input for executions that have not started."""
+    async def feed_stdin(self, request_id: Any, data: str, eof: bool) -> None:
+        """Input for an interactive execution, kept in order (waiting while its stream is
+        full); InvalidParams if the connection holds too much input for executions that
+        have not started."""
         sink = self._stdin.get(request_id)
         if sink is not None:
-            sink.send_nowait((data, eof))
+            await sink.put(data, eof)
             return
         early = self._early_stdin.get(request_id)
         if early is None and len(self._early_stdin) >= MAX_EARLY_STDIN_IDS:
@@ -134,18 +189,27 @@ class Connection:
         if sum(len(chunk) for chunk, _ in early) + len(data) > MAX_EARLY_STDIN_BYTES:
             raise InvalidParams.field("data", "too much input before its execution started")
         early.append((data, eof))
+        self.hold(len(data))
 
-    def open_stdin(self, request_id: Any) -> trio.MemoryReceiveChannel[StdinChunk]:
+    def open_stdin(self, request_id: Any) -> StdinStream:
         if request_id is NOID or request_id in self._stdin:
             raise InvalidParams.field("interactive", "needs a request id unique on the connection")
-        send, receive = trio.open_memory_channel[StdinChunk](math.inf)
-        for chunk in self._early_stdin.pop(request_id, []):
-            send.send_nowait(chunk)
-        self._stdin[request_id] = send
-        return receive
+        stream = StdinStream(self.limits.stdin_buffer_bytes, self.account)
+        for data, eof in self._early_stdin.pop(request_id, []):
+            self.release(len(data))
+            stream.put_nowait(data, eof)
+        self._stdin[request_id] = stream
+        return stream
 
     def close_stdin(self, request_id: Any) -> None:
         self._stdin.pop(request_id).close()
+
+    def close(self) -> None:
+        """Give back whatever the connection still held (it has ended)."""
+        for stream in self._stdin.values():
+            stream.close()
+        self.account.arriving(self, None)
+        self.release(self.held)
 
     async def watch_hangup(self) -> None:
         """Cancel the connection's work once the peer has closed its end entirely.
@@ -191,10 +255,18 @@ def _expose(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Re
     return exposed
 
 
+def _error_line(error: SandboxError) -> dict[str, Any]:
+    """An error that belongs to no request (the connection's own)."""
+    return {"jsonrpc": "2.0", "error": error.to_wire(), "id": None}
+
+
 class RpcServer:
-    def __init__(self, service: Service, *, max_request_bytes: int) -> None:
+    def __init__(self, service: Service, limits: SocketLimits) -> None:
         self.service = service
-        self.max_request_bytes = max_request_bytes
+        self.limits = limits
+        self.peers = PeerTable(limits)
+        self._in_flight = 0  # requests read and not yet answered, on every connection
+        self._answered = trio.lowlevel.ParkingLot()
         self.methods = {
             name: _expose(function)
             for name, function in {
@@ -233,7 +305,7 @@ class RpcServer:
 
     async def _stdin(self, context: RequestContext, **params: Any) -> Any:
         """``execute.stdin`` sent as a request (with an id); see :func:`_feed_stdin`."""
-        _feed_stdin(context.connection, params)
+        await _feed_stdin(context.connection, params)
         return None
 
     async def serve(
@@ -253,7 +325,14 @@ class RpcServer:
                 )
 
     def stop_accepting(self) -> None:
+        """Accept no more clients: those that connect wait in the socket's backlog (for
+        the next daemon, when systemd holds the socket)."""
         self._accepting.cancel()
+
+    async def wait_answered(self) -> None:
+        """Wait until every request read so far has been answered."""
+        while self._in_flight:
+            await self._answered.park()
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
@@ -265,37 +344,109 @@ class RpcServer:
 
     async def _serve_connection_unguarded(self, stream: trio.SocketStream) -> None:
         async with stream:
-            with trio.CancelScope() as scope:
-                connection = Connection(stream, scope)
-                log.debug(
-                    "client connected: pid=%d uid=%d", connection.peer.pid, connection.peer.uid
-                )
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(connection.watch_hangup)
-                    async with trio.open_nursery() as requests:
-                        await self._read_requests(connection, requests)
-                    scope.cancel()  # all answered: stop watching for the hang-up
+            peer = Peer.of(stream.socket)
+            try:
+                account = self.peers.connect(peer.uid)
+            except TooManyConnections as exc:
+                log.warning("refused a connection of pid %d: %s", peer.pid, exc.message)
+                with trio.move_on_after(1):
+                    await stream.send_all(encode(_error_line(exc)))
+                return
+            log.debug("client connected: pid=%d uid=%d", peer.pid, peer.uid)
+            scope = trio.CancelScope()
+            connection = Connection(stream, scope, peer, account, self.limits)
+            try:
+                with scope:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(connection.watch_hangup)
+                        async with trio.open_nursery() as requests:
+                            await self._read_requests(connection, requests)
+                        scope.cancel()  # all answered: stop watching for the hang-up
+            finally:
+                connection.close()
+                self.peers.disconnect(account)
 
     async def _read_requests(self, connection: Connection, requests: trio.Nursery) -> None:
-        buffer = LineBuffer(self.max_request_bytes)
+        buffer = LineBuffer(self.limits.max_request_bytes)
         while True:
             try:
-                line = await receive_line(connection.stream, buffer)
+                line = await self._next_line(connection, buffer)
             except LineTooLong:
-                error = RequestTooLarge(
-                    f"request larger than the limit of {self.max_request_bytes} bytes",
-                    maximum=self.max_request_bytes,
+                error: SandboxError = RequestTooLarge(
+                    f"request larger than the limit of {self.limits.max_request_bytes} bytes",
+                    maximum=self.limits.max_request_bytes,
                 )
-                await connection.send({"jsonrpc": "2.0", "error": error.to_wire(), "id": None})
+                await connection.send(_error_line(error))
                 return  # the rest of that line cannot be told from a next request
+            except RequestTimeout as exc:
+                await connection.send(_error_line(exc))
+                return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             if line is None:
                 return
-            if line.strip() and not _stdin_notification(connection, line):
-                requests.start_soon(self._answer, connection, line)
+            size = len(line) + 1
+            if not line.strip() or await _stdin_notification(connection, line):
+                connection.release(size)
+                continue
+            await connection.running.acquire()  # the connection waits while it has its most
+            self._in_flight += 1
+            requests.start_soon(self._answer, connection, line)
+
+    async def _next_line(self, connection: Connection, buffer: LineBuffer) -> bytes | None:
+        """The next request line; None at the end of the stream or once the connection
+        sat idle (nothing running, nothing arriving) for the idle timeout.
+
+        Raises LineTooLong, and RequestTimeout for a line that does not arrive whole
+        within the request timeout (time spent waiting for its uid's budget not counted).
+        """
+        limits, account = self.limits, connection.account
+        started, paused = trio.current_time(), 0.0
+        while (line := buffer.next_line()) is None:
+            before = trio.current_time()
+            await account.wait_for_room(connection)
+            paused += trio.current_time() - before
+            if buffer.pending:
+                deadline = started + limits.request_timeout + paused
+            elif connection.busy:
+                deadline = math.inf  # answers are coming; request_done starts the idle time
+            else:
+                deadline = trio.current_time() + limits.idle_timeout
+            connection.read_scope = trio.CancelScope(deadline=deadline)
+            with connection.read_scope:
+                data = await connection.stream.receive_some(65536)
+            if connection.read_scope.cancelled_caught:
+                if buffer.pending:
+                    raise RequestTimeout(
+                        f"the request did not arrive whole within {limits.request_timeout:g} s",
+                        seconds=limits.request_timeout,
+                    )
+                log.debug("closing a connection of uid %d: idle", connection.peer.uid)
+                return None
+            if not data:
+                if not buffer.pending:
+                    return None
+                data = b"\n"  # the peer ended in the middle of a line: take it as the last
+            if not buffer.pending:
+                started = trio.current_time()
+                account.arriving(connection, started)
+            buffer.feed(data)
+            connection.hold(len(data))
+        # What follows the line in the buffer is the next one, arriving from now on.
+        account.arriving(connection, None)
+        if buffer.pending:
+            account.arriving(connection, trio.current_time())
+        return line
 
     async def _answer(self, connection: Connection, line: bytes) -> None:
+        try:
+            await self._answer_line(connection, line)
+        finally:
+            connection.request_done(len(line) + 1)
+            self._in_flight -= 1
+            self._answered.unpark_all()
+
+    async def _answer_line(self, connection: Connection, line: bytes) -> None:
         parsed = deserialize_request(json.loads, line.decode(errors="replace")).bind(
             lambda document: validate_request(default_validator, document)
         )
@@ -307,6 +458,12 @@ class RpcServer:
             response = await self._dispatch(connection, document)
             if response is not None:
                 await connection.send(response)
+            return
+        if len(document) > self.limits.requests_per_connection:
+            error = InvalidRequest(
+                f"a batch may hold at most {self.limits.requests_per_connection} requests"
+            )
+            await connection.send(_error_line(error))
             return
         responses: list[Any] = [None] * len(document)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,44 @@ def public_tmp_path() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path)
+
+
+@dataclass(frozen=True)
+class LocalUsers:
+    """A group that may use a test daemon's socket, a user in it, and one outside it."""
+
+    group: str
+    member: str
+    outsider: str = "nobody"
+
+    def run(self, user: str, argv: list[str], **options: object) -> subprocess.CompletedProcess:
+        """Run ``argv`` as ``user`` (with that user's groups)."""
+        gid = str(pwd.getpwnam(user).pw_gid)
+        return subprocess.run(
+            ["setpriv", "--reuid", user, "--regid", gid, "--init-groups", "--", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            **options,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture(scope="session")
+def local_users() -> Iterator[LocalUsers]:
+    """Made for the session (and removed after) with groupadd and useradd."""
+    if not IS_ROOT:
+        pytest.skip("needs root: makes users")
+    tag = os.getpid() % 10000
+    users = LocalUsers(group=f"sbxsock{tag}", member=f"sbxuser{tag}")
+    subprocess.run(["groupadd", "--system", users.group], check=True)
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--user-group", "--groups", users.group,
+         "--shell", "/usr/sbin/nologin", users.member],
+        check=True,
+    )  # fmt: skip
+    yield users
+    subprocess.run(["userdel", users.member], check=False)
+    subprocess.run(["groupdel", users.group], check=False)
 
 
 @pytest.fixture

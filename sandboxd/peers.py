@@ -1,0 +1,105 @@
+"""What each client of the socket may hold in the daemon, counted per peer uid.
+
+Only root and the socket's group can connect, but any of them must not be able to grow
+the root daemon without bound. So every uid has a cap on its open connections and a
+budget of bytes: the requests it has sent that are not answered yet (a line still
+arriving, a request running) and the input it streamed that no program has taken yet.
+A uid over its budget is not refused: its connections stop reading until its own
+requests finish, so the socket holds it back. The other uids are not affected.
+
+Timeouts bound the rest in time: a request line must arrive whole once it has begun, a
+connection with nothing running must not sit idle, and a client must take what it is
+sent (a client that reads nothing would otherwise keep its answers here forever).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from sandboxd.errors import TooManyConnections
+
+
+@dataclass(frozen=True)
+class SocketLimits:
+    max_request_bytes: int  # one request line
+    stdin_buffer_bytes: int  # streamed input waiting for one interactive job
+    request_timeout: float  # a request line must arrive whole within this, once started
+    idle_timeout: float  # a connection with nothing running and nothing arriving is closed
+    send_timeout: float  # a client that takes nothing of what it is sent for this long
+    connections_per_uid: int
+    requests_per_connection: int  # running at once; more wait until one is answered
+    pending_bytes_per_uid: int
+
+
+class PeerAccount:
+    """One uid's connections and held bytes."""
+
+    def __init__(self, uid: int, budget: int) -> None:
+        self.uid = uid
+        self.budget = budget
+        self.connections = 0
+        self.held = 0
+        self._arriving: dict[object, float] = {}  # whose request line is arriving, since when
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def hold(self, size: int) -> None:
+        self.held += size
+
+    def release(self, size: int) -> None:
+        self.held -= size
+        if self.held < self.budget:
+            self._lot.unpark_all()
+
+    def arriving(self, reader: object, since: float | None) -> None:
+        """``reader`` (a connection) has a request line arriving since ``since``, or none."""
+        if since is None:
+            self._arriving.pop(reader, None)
+            self._lot.unpark_all()
+        else:
+            self._arriving.setdefault(reader, since)
+
+    async def wait_for_room(self, reader: object) -> None:
+        """Return once the uid holds less than its budget, or once ``reader``'s line is
+        the uid's oldest arriving one: that one always goes on, so a uid whose budget is
+        all in unfinished lines cannot stall itself for good."""
+        while self.held >= self.budget and not self._oldest(reader):
+            await self._lot.park()
+
+    def _oldest(self, reader: object) -> bool:
+        return (
+            reader in self._arriving
+            and min(self._arriving, key=self._arriving.__getitem__) is reader
+        )
+
+
+class PeerTable:
+    def __init__(self, limits: SocketLimits) -> None:
+        self.limits = limits
+        self._accounts: dict[int, PeerAccount] = {}
+
+    def connect(self, uid: int) -> PeerAccount:
+        """Count a new connection of ``uid``; TooManyConnections if it has its maximum."""
+        account = self._accounts.get(uid)
+        if account is None:
+            account = self._accounts[uid] = PeerAccount(uid, self.limits.pending_bytes_per_uid)
+        if account.connections >= self.limits.connections_per_uid:
+            raise TooManyConnections(
+                f"uid {uid} already has {account.connections} connections open "
+                f"(at most {self.limits.connections_per_uid})",
+                maximum=self.limits.connections_per_uid,
+            )
+        account.connections += 1
+        return account
+
+    def disconnect(self, account: PeerAccount) -> None:
+        account.connections -= 1
+        if account.connections == 0 and account.held == 0:
+            del self._accounts[account.uid]  # a uid that comes and goes leaves nothing
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "connections": sum(a.connections for a in self._accounts.values()),
+            "pending_bytes": sum(a.held for a in self._accounts.values()),
+        }

@@ -1,0 +1,65 @@
+"""Input a client streams to an interactive job, held in the daemon up to a byte budget.
+
+The connection's reading loop puts chunks in as ``execute.stdin`` messages arrive; the
+agent link takes them out as fast as the agent accepts them. When the budget is used up,
+``put`` waits: the connection stops reading, so a client that sends faster than the
+program reads is held back by its own socket instead of being buffered in the daemon.
+What waits here also counts against the sending uid's budget (sandboxd.peers).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+from sandboxd.peers import PeerAccount
+
+StdinChunk = tuple[str, bool]  # (data, end of input)
+
+
+class StdinStream:
+    def __init__(self, max_bytes: int, account: PeerAccount) -> None:
+        self.max_bytes = max_bytes
+        self.account = account
+        self._chunks: deque[StdinChunk] = deque()
+        self._size = 0
+        self._closed = False
+        self._lot = trio.lowlevel.ParkingLot()  # woken when a chunk comes or goes
+
+    def put_nowait(self, data: str, eof: bool) -> None:
+        """Add a chunk whatever the budget (input that was already capped elsewhere)."""
+        if not self._closed:
+            self._chunks.append((data, eof))
+            self._size += len(data)
+            self.account.hold(len(data))
+            self._lot.unpark_all()
+
+    async def put(self, data: str, eof: bool) -> None:
+        """Add a chunk once the budget has room for it (a chunk larger than the whole
+        budget waits for an empty buffer); dropped if the job has ended."""
+        while self._size and self._size + len(data) > self.max_bytes and not self._closed:
+            await self._lot.park()
+        self.put_nowait(data, eof)
+
+    def close(self) -> None:
+        """The job ended: drop what is held and what may still come."""
+        self._closed = True
+        self._chunks.clear()
+        self.account.release(self._size)
+        self._size = 0
+        self._lot.unpark_all()
+
+    def __aiter__(self) -> StdinStream:
+        return self
+
+    async def __anext__(self) -> StdinChunk:
+        while not self._chunks:
+            if self._closed:
+                raise StopAsyncIteration
+            await self._lot.park()
+        data, eof = self._chunks.popleft()
+        self._size -= len(data)
+        self.account.release(len(data))
+        self._lot.unpark_all()
+        return data, eof

@@ -1,0 +1,285 @@
+"""What one client can make the root daemon hold, attacked: a stdin flood nobody reads,
+stalled and idle connections, a client that reads nothing, too many connections,
+pipelined and batched requests, and results with megabytes of output.
+
+Each attack must leave the daemon's memory within a fixed bound and the daemon serving
+everyone else; every load loop here is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sandboxd import errors
+from tests.daemon_process import receive_json_line
+from tests.host_state import program_processes, wait_for
+
+MiB = 2**20
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+class PeakMemory:
+    """The highest RSS of a process while the block runs, sampled every 20 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = rss_mib(pid)
+        self.peak = self.start
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak = max(self.peak, rss_mib(self.pid))
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> float:
+        return self.peak - self.start
+
+
+def connect(path: Path, timeout: float = 30) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(path))  # blocking: it waits while the listening backlog is full
+    sock.settimeout(timeout)
+    return sock
+
+
+def request(method: str, params: dict | None = None, id_: int = 1) -> bytes:
+    message = {"jsonrpc": "2.0", "method": method, "params": params or {}, "id": id_}
+    return json.dumps(message).encode() + b"\n"
+
+
+def test_a_stdin_flood_nobody_reads_is_held_back_by_the_socket(make_daemon):
+    daemon = make_daemon()
+    sock = connect(daemon.socket)
+    params = {
+        "language": "python",
+        "code": "while True: print('x' * 1000)",  # reads no stdin; its output is not read
+        "interactive": True,
+        "timeout": 20,
+    }
+    sock.sendall(request("execute", params))
+    chunk = {"jsonrpc": "2.0", "method": "execute.stdin", "params": {"id": 1, "data": "y" * MiB}}
+    line = json.dumps(chunk).encode() + b"\n"
+    sent = 0
+    sock.settimeout(0.2)
+    with PeakMemory(daemon.process.pid) as memory:
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            try:
+                sock.sendall(line)
+                sent += len(line)
+            except TimeoutError:
+                break  # the daemon stopped taking it: that is the point
+    sock.close()
+    # Before the bound, the daemon took all of it: 1.4 GiB in 4 s.
+    assert sent < 32 * MiB
+    assert memory.growth < 48, memory.peak
+    assert wait_for(lambda: not program_processes(daemon.uid_base))
+    assert daemon.client.health()["status"] == "healthy"
+
+
+def test_stalled_request_lines_hold_little_and_time_out(make_daemon):
+    daemon = make_daemon(daemon={"request_timeout": 2.0})
+    partial = b'{"jsonrpc":"2.0","id":1,"method":"execute","params":{"code":"' + b"x" * MiB
+    socks = []
+    with PeakMemory(daemon.process.pid) as memory:
+        for _ in range(200):
+            sock = connect(daemon.socket)
+            sock.setblocking(False)
+            socks.append([sock, 0])
+        end = time.monotonic() + 3
+        while time.monotonic() < end and any(sent < len(partial) for _, sent in socks):
+            for entry in socks:
+                with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                    entry[1] += entry[0].send(partial[entry[1] :])
+            time.sleep(0.01)
+        codes = []
+        for sock, _ in socks:
+            sock.setblocking(True)
+            sock.settimeout(10)
+            try:
+                codes.append(receive_json_line(sock)["error"]["code"])
+            except (ConnectionResetError, json.JSONDecodeError):
+                codes.append(None)
+            sock.close()
+    # One uid gets 64 connections; those time out, with what they sent dropped.
+    assert codes.count(errors.TooManyConnections.code) == 136
+    assert codes.count(errors.RequestTimeout.code) == 64
+    assert memory.growth < 100, memory.peak  # before: 200 lines took 165 MiB and kept it
+    assert daemon.client.health()["status"] == "healthy"
+
+
+def test_idle_connections_are_closed_but_not_while_a_job_runs(make_daemon):
+    daemon = make_daemon(daemon={"idle_timeout": 1.0})
+    with connect(daemon.socket, timeout=10) as idle:
+        started = time.monotonic()
+        assert idle.recv(1) == b""  # closed by the daemon
+        assert 0.9 <= time.monotonic() - started < 5
+    with connect(daemon.socket, timeout=20) as busy:
+        code = "import time; time.sleep(2.5)"
+        busy.sendall(request("execute", {"language": "python", "code": code}))
+        assert receive_json_line(busy)["result"]["status"] == "ok"
+        started = time.monotonic()
+        assert busy.recv(1) == b""  # idle again once answered
+        assert time.monotonic() - started < 5
+
+
+def test_a_client_that_reads_nothing_is_let_go(make_daemon):
+    daemon = make_daemon(daemon={"send_timeout": 1.0})
+    sock = connect(daemon.socket)
+    # Output that fills the socket, then a result that cannot be delivered.
+    sock.sendall(request("execute", {"language": "python", "code": "print('y' * 10**7)"}))
+    with PeakMemory(daemon.process.pid) as memory:
+        assert wait_for(lambda: bool(program_processes(daemon.uid_base)), timeout=10)
+        assert wait_for(lambda: not program_processes(daemon.uid_base), timeout=20)
+        time.sleep(2)  # past the send timeout: the daemon has let the connection go
+    data = b""
+    while chunk := sock.recv(MiB):  # what was sent before the daemon gave up, then EOF
+        data += chunk
+    sock.close()
+    assert b'"result"' not in data
+    assert memory.growth < 64
+    assert daemon.client.health()["status"] == "healthy"
+
+
+RAW_HEALTH = (
+    "import json, socket, sys\n"
+    "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+    's.sendall(b\'{"jsonrpc":"2.0","method":"health","id":1}\\n\')\n'
+    "print(json.loads(s.makefile().readline())['result']['status'])\n"
+)
+
+
+def test_one_uid_at_its_connection_cap_leaves_other_uids_served(
+    make_daemon, local_users, public_tmp_path
+):
+    daemon = make_daemon(
+        daemon={
+            "socket": str(public_tmp_path / "sandboxd.sock"),
+            "socket_group": local_users.group,
+            "max_connections_per_uid": 8,
+        }
+    )
+    held = [connect(daemon.socket) for _ in range(8)]
+    ninth = connect(daemon.socket)
+    refusal = receive_json_line(ninth)["error"]
+    assert refusal["code"] == errors.TooManyConnections.code
+    assert refusal["message"] == "uid 0 already has 8 connections open (at most 8)"
+    other = local_users.run(
+        local_users.member, ["/usr/bin/python3", "-c", RAW_HEALTH, str(daemon.socket)]
+    )
+    assert other.stdout == "healthy\n", other.stderr
+    for sock in [*held, ninth]:
+        sock.close()
+    assert wait_for(lambda: served(daemon))
+
+
+def served(daemon) -> bool:
+    try:
+        return daemon.client.health()["status"] == "healthy"
+    except errors.TooManyConnections:
+        return False  # the daemon has not seen the others go yet
+
+
+def test_pipelined_requests_beyond_the_cap_wait_their_turn(daemon):
+    with connect(daemon.socket) as sock:
+        sock.sendall(b"".join(request("health", id_=n) for n in range(20)))
+        ids = {receive_json_line(sock)["id"] for _ in range(20)}
+    assert ids == set(range(20))
+
+
+def test_a_batch_larger_than_the_cap_is_refused(daemon):
+    batch = [{"jsonrpc": "2.0", "method": "health", "id": n} for n in range(9)]
+    with connect(daemon.socket) as sock:
+        sock.sendall(json.dumps(batch).encode() + b"\n")
+        error = receive_json_line(sock)["error"]
+    assert error == {
+        "code": errors.InvalidRequest.code,
+        "message": "a batch may hold at most 8 requests",
+    }
+
+
+PINGER = (
+    "import json, socket, sys, time\n"
+    "path, seconds = sys.argv[1], float(sys.argv[2])\n"
+    "slowest, end = 0.0, time.monotonic() + seconds\n"
+    "while time.monotonic() < end:\n"
+    "    t = time.perf_counter()\n"
+    "    with socket.socket(socket.AF_UNIX) as s:\n"
+    "        s.connect(path)\n"
+    '        s.sendall(b\'{"jsonrpc":"2.0","method":"health","id":1}\\n\')\n'
+    "        s.makefile().readline()\n"
+    "    slowest = max(slowest, time.perf_counter() - t)\n"
+    "    time.sleep(0.01)\n"
+    "print(slowest)\n"
+)
+FLOOD = (
+    "import sys\nb = b'\\x01' * (16 * 2**20)\n"
+    "sys.stdout.buffer.write(b); sys.stdout.flush(); sys.stderr.buffer.write(b)"
+)
+
+
+RESULT = b'{"jsonrpc":"2.0","result":{"status":"'
+
+
+def _result_status(sock: socket.socket) -> str:
+    """Read an execute's answer to its end without decoding it (it is ~200 MB of JSON
+    escapes): the status is the first field of the result, which comes last."""
+    seen, status = b"", None
+    while True:
+        chunk = sock.recv(4 * MiB)
+        assert chunk, "the daemon closed the connection"
+        if status is None:
+            seen += chunk
+            start = seen.find(RESULT)
+            if start < 0 or b'"' not in seen[start + len(RESULT) :]:
+                seen = seen[max(0, start) :] if start >= 0 else seen[-len(RESULT) :]
+                continue
+            chunk = seen[start + len(RESULT) :]
+            status = chunk.split(b'"')[0].decode()
+        if b"\n" in chunk:
+            return status
+
+
+def test_large_outputs_keep_the_daemon_responsive_and_its_memory_bounded(make_daemon):
+    daemon = make_daemon()
+    params = {"language": "python", "code": FLOOD, "limits": {"output_bytes": 16 * MiB}}
+    socks = [connect(daemon.socket, timeout=120) for _ in range(2)]
+    pinger = subprocess.Popen(
+        [sys.executable, "-c", PINGER, str(daemon.socket), "8"], stdout=subprocess.PIPE, text=True
+    )
+    with PeakMemory(daemon.process.pid) as memory:
+        for sock in socks:
+            sock.sendall(request("execute", params))
+        statuses = [_result_status(sock) for sock in socks]
+        slowest = float(pinger.communicate(timeout=60)[0])
+    for sock in socks:
+        sock.close()
+    # Before: "memory_limit" (the agent held the output in the job's memory), a 500 MiB
+    # daemon for one such job, and health answering in 1.1 s.
+    assert statuses == ["ok", "ok"]
+    assert slowest < 0.05, slowest
+    output = 2 * 2 * 16  # MiB: two jobs, two full streams each
+    assert memory.growth < 4 * output, memory.peak
