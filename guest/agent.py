@@ -19,21 +19,24 @@ Wire protocol: one JSON object per line, UTF-8, in both directions.
                     "stdin":  "...",
                     "stdin_stream": false,    (true: stdin stays open for "stdin" messages)
                     "limits": {"wall_time": s, "cpu_time": s, "compile_time": s,
-                               "processes": n, "output_bytes": n, "file_size_bytes": n}}
+                               "memory_bytes": n, "processes": n, "output_bytes": n,
+                               "file_size_bytes": n}}
     host → agent   {"type": "stdin", "data": "...", "eof": bool}  (during the run, if streamed)
+    agent → host   {"type": "stage", "stage": "compile"|"run"}     (as each stage starts)
     agent → host   {"type": "output", "stage": "compile"|"run", "stream": "stdout"|"stderr",
                     "data": "..."}                                   (any number of these)
     agent → host   {"type": "result", "status": ..., "message": ..., "exit_code": n|null,
-                    "signal": n|null, "stdout": ..., "stderr": ...,
-                    "truncated": {"stdout": bool, "stderr": bool},
-                    "compile": {stage record}|null,
+                    "signal": n|null, "truncated": {"stdout": bool, "stderr": bool},
+                    "compile": {"exit_code", "signal", "truncated", "time"}|null,
                     "timings": {"compile": s, "run": s},
                     "usage": {"cpu_time": s, "memory_bytes": n}}
 
-The agent exits after the result: a sandbox serves one job. Output is captured up to
-``output_bytes`` per stream (the prefix is kept) and streamed as it is produced; a
-program that writes more is stopped. With ``--isolated`` the agent knows it is alone in
-its pid namespace (it is PID 1 there) and removes every process the program left behind.
+The agent exits after the result: a sandbox serves one job. Output is streamed as it is
+produced, up to ``output_bytes`` per stream (the prefix); a program that writes more is
+stopped. The host keeps what was streamed: the result does not carry it again, and the
+agent holds none of it (its memory counts against the job's). With ``--isolated`` the
+agent knows it is alone in its pid namespace (it is PID 1 there) and removes every
+process the program left behind.
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ import ctypes
 import fcntl
 import json
 import os
-import queue
 import resource
 import selectors
 import signal
@@ -54,13 +56,20 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 PROTOCOL = 1
 CHUNK = 65536
+# Streamed stdin the agent holds for a program that has not read it yet, at most.
+STDIN_BACKLOG = 1024 * 1024
+CPU_CHECK_MIN = 0.02  # seconds between looks at the job's CPU time, at least
+# Every signal the program could send to the agent: ignored, as PID 1 must (SIGCHLD has
+# a handler of its own; SIGKILL and SIGSTOP cannot be caught, nor sent by the program).
+IGNORED_SIGNALS = sorted(
+    set(signal.valid_signals()) - {signal.SIGCHLD, signal.SIGKILL, signal.SIGSTOP}
+)
 # After the program is killed, how long to wait for pipes that a stray process might hold.
 DRAIN_GRACE = 2.0
 BASE_ENV = {
@@ -119,35 +128,37 @@ class Channel:
 
 
 class Capture:
-    """One output stream of a process: keeps the prefix up to the cap, streams it out."""
+    """One output stream of a process: streams its prefix up to the cap to the host,
+    which keeps it (the agent keeps nothing: its memory is the program's budget too)."""
 
     def __init__(self, name: str, cap: int, emit: Callable[[str, str], None]) -> None:
         self.name = name
         self.cap = cap
-        self.data = bytearray()
+        self.size = 0
         self.truncated = False
         self._emit = emit
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, chunk: bytes) -> bool:
-        """Keep what fits; return False once the stream went over its cap."""
-        room = self.cap - len(self.data)
+        """Pass on what fits; return False once the stream went over its cap."""
+        room = self.cap - self.size
         kept = chunk[: max(room, 0)]
         if kept:
-            self.data += kept
+            self.size += len(kept)
             text = self._decoder.decode(kept)
             if text:
                 self._emit(self.name, text)
         if len(chunk) > room:
             self.truncated = True
-            tail = self._decoder.decode(b"", final=True)
-            if tail:
-                self._emit(self.name, tail)
+            self.finish()
             return False
         return True
 
-    def text(self) -> str:
-        return self.data.decode("utf-8", errors="replace")
+    def finish(self) -> None:
+        """The stream ended: pass on what an unfinished UTF-8 sequence decodes to."""
+        tail = self._decoder.decode(b"", final=True)
+        if tail:
+            self._emit(self.name, tail)
 
 
 class StageOutcome:
@@ -157,6 +168,7 @@ class StageOutcome:
         self.exit_code: int | None = None
         self.signal: int | None = None
         self.timed_out = False
+        self.cpu_limited = False  # the stage's processes together used up the CPU time
         self.output_limited: str | None = None  # the stream that went over its cap
         self.oom_killed = False  # seen by the agent's own cgroup (in a VM)
         self.captures: dict[str, Capture] = {}
@@ -168,8 +180,6 @@ class StageOutcome:
         return {
             "exit_code": self.exit_code,
             "signal": self.signal,
-            "stdout": self.captures["stdout"].text(),
-            "stderr": self.captures["stderr"].text(),
             "truncated": {name: c.truncated for name, c in self.captures.items()},
             "time": round(self.wall, 6),
         }
@@ -187,6 +197,11 @@ class Confinement:
 
     def oom_kills(self) -> int:
         return 0
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time used so far by every process of the job, where the agent can see
+        it; None in a jail, whose cgroup the host watches."""
+        return None
 
 
 class VmConfinement(Confinement):
@@ -229,12 +244,18 @@ class VmConfinement(Confinement):
         os.setresuid(self.UID, self.UID, self.UID)
 
     def oom_kills(self) -> int:
+        return self._counter("memory.events", "oom_kill")
+
+    def cpu_seconds(self) -> float:
+        return self._counter("cpu.stat", "usage_usec") / 1e6
+
+    def _counter(self, name: str, key: str) -> int:
         # As sandboxd.cgroups reads it on the host: the agent ships alone, stdlib only.
         try:
-            with open(os.path.join(self.CGROUP, "memory.events")) as events:
-                for line in events:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
+            with open(os.path.join(self.CGROUP, name)) as counters:
+                for line in counters:
+                    found, _, value = line.partition(" ")
+                    if found == key:
                         return int(value)
         except OSError:
             pass
@@ -257,6 +278,8 @@ def _apply_limits(
     limits: dict[str, Any], cpu_time: float, confinement: Confinement
 ) -> Callable[[], None]:
     def preexec() -> None:
+        for number in IGNORED_SIGNALS:  # ignored dispositions would survive the exec
+            signal.signal(number, signal.SIG_DFL)
         confinement.enter()
         resource.setrlimit(resource.RLIMIT_CPU, cpu_rlimit(cpu_time))
         size = int(limits["file_size_bytes"])
@@ -273,30 +296,68 @@ def _apply_limits(
     return preexec
 
 
-class StdinFeeder:
-    """Writes the program's stdin from a thread, so a program that does not read it
-    cannot block the agent: the job's stdin first, then whatever the host streams."""
+class StdinWriter:
+    """The program's stdin, written by the run loop whenever the pipe has room, so that a
+    program that does not read it cannot block the agent: the job's stdin first, then
+    what the host streams. It is ``full`` when the host should wait (the run loop then
+    stops reading the channel, and the host's side holds the rest)."""
 
-    def __init__(self, pipe: IO[bytes]) -> None:
+    def __init__(self, pipe: IO[bytes], selector: selectors.BaseSelector) -> None:
         self._pipe = pipe
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        threading.Thread(target=self._write, daemon=True).start()
+        self._fd = pipe.fileno()
+        os.set_blocking(self._fd, False)
+        self._selector = selector
+        self._pending = bytearray()
+        self._eof = False
+        self._watched = False
+        self.finished = False
+
+    @property
+    def full(self) -> bool:
+        return len(self._pending) >= STDIN_BACKLOG
+
+    def owns(self, fd: int) -> bool:
+        return self._watched and fd == self._fd
 
     def feed(self, data: bytes) -> None:
-        if data:
-            self._queue.put(data)
+        if not self._eof:
+            self._pending += data
+            self._update()
 
     def close(self) -> None:
-        self._queue.put(None)
+        """No more input: the pipe closes once what is pending is written."""
+        self._eof = True
+        self._update()
 
-    def _write(self) -> None:
+    def abandon(self) -> None:
+        """The stage is over: drop what the program did not read."""
+        self._pending.clear()
+        self.close()
+
+    def write(self) -> None:
         try:
-            while (data := self._queue.get()) is not None:
-                self._pipe.write(data)
-                self._pipe.flush()
-        except OSError:
-            pass  # the program did not read all of its input; that is its business
-        finally:
+            written = os.write(self._fd, self._pending[:CHUNK])
+        except BlockingIOError:
+            return
+        except OSError:  # the program closed its stdin: it wants no more
+            self._pending.clear()
+            self._eof = True
+        else:
+            del self._pending[:written]
+        self._update()
+
+    def _update(self) -> None:
+        if self.finished:
+            return
+        wanted = bool(self._pending)
+        if wanted != self._watched:
+            if wanted:
+                self._selector.register(self._fd, selectors.EVENT_WRITE)
+            else:
+                self._selector.unregister(self._fd)
+            self._watched = wanted
+        if self._eof and not self._pending:
+            self.finished = True
             with contextlib.suppress(OSError):
                 self._pipe.close()
 
@@ -365,19 +426,19 @@ class Runner:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 how(target, signal.SIGKILL)
 
-    def _take_stdin(
-        self, feeder: StdinFeeder, selector: selectors.BaseSelector, read: bool = True
-    ) -> None:
-        """Pass streamed stdin from the host on to the program."""
+    def _take_stdin(self, writer: StdinWriter, read: bool = True) -> bool:
+        """Pass streamed stdin from the host on to the program; whether more may come."""
         for message in self.channel.receive_ready(read):
             if message.get("type") != "stdin":
                 raise JobError(f"unexpected message during a run: {message.get('type')!r}")
-            feeder.feed(str(message.get("data", "")).encode())
+            writer.feed(str(message.get("data", "")).encode())
             if message.get("eof"):
-                feeder.close()
+                writer.close()
+                return False
         if self.channel.closed:
-            selector.unregister(self.channel.fd)
-            feeder.close()
+            writer.close()
+            return False
+        return True
 
     def run(
         self,
@@ -399,6 +460,9 @@ class Runner:
         cap = int(limits["output_bytes"])
         self.confinement.prepare(self.workdir, limits)
         oom_kills = self.confinement.oom_kills()
+        cpu_before = self.confinement.cpu_seconds()
+        # The host, which may watch the job's CPU time from outside, starts its count.
+        self.channel.send({"type": "stage", "stage": stage})
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -414,11 +478,9 @@ class Runner:
         except OSError as exc:
             raise JobError(f"cannot start {argv[0]}: {exc.strerror}") from exc
         assert proc.stdin and proc.stdout and proc.stderr
-        feeder = StdinFeeder(proc.stdin)
-        feeder.feed(stdin)
-        if not stream_stdin:
-            feeder.close()
         selector = selectors.DefaultSelector()
+        writer = StdinWriter(proc.stdin, selector)
+        writer.feed(stdin)
         pipes = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
         outcome.captures = {
             "stdout": Capture("stdout", cap, emit),
@@ -429,10 +491,14 @@ class Runner:
             os.set_blocking(fd, False)
             selector.register(fd, selectors.EVENT_READ)
         selector.register(self.reaper.fd, selectors.EVENT_READ)
-        if stream_stdin and not self.channel.closed:
-            selector.register(self.channel.fd, selectors.EVENT_READ)
-            self._take_stdin(feeder, selector, read=False)  # what came with the job
+        taking_stdin = stream_stdin and not self.channel.closed
+        if taking_stdin:
+            taking_stdin = self._take_stdin(writer, read=False)  # what came with the job
+        else:
+            writer.close()
+        listening = False  # to the channel, for streamed stdin
         deadline = start + wall_time
+        next_cpu_check = start
         killed_at: float | None = None
         exit_status: tuple[int, resource.struct_rusage] | None = None
         try:
@@ -442,7 +508,24 @@ class Runner:
                     outcome.timed_out = True
                     killed_at = now
                     self.kill_all(proc.pid)
+                if cpu_before is not None and killed_at is None and now >= next_cpu_check:
+                    left = cpu_time - (self.confinement.cpu_seconds() or 0.0) + cpu_before
+                    if left <= 0:
+                        outcome.cpu_limited = True
+                        killed_at = now
+                        self.kill_all(proc.pid)
+                    # All CPUs busy is the fastest the job can use up what is left.
+                    next_cpu_check = now + max(CPU_CHECK_MIN, left / (os.cpu_count() or 1))
+                wanted = taking_stdin and not writer.full
+                if wanted != listening:
+                    if wanted:
+                        selector.register(self.channel.fd, selectors.EVENT_READ)
+                    else:
+                        selector.unregister(self.channel.fd)
+                    listening = wanted
                 limit = deadline if killed_at is None else killed_at + DRAIN_GRACE
+                if cpu_before is not None and killed_at is None:
+                    limit = min(limit, next_cpu_check)
                 if now >= limit and killed_at is not None:
                     if exit_status is not None:
                         break  # a process we cannot reach still holds a pipe; stop waiting
@@ -457,9 +540,14 @@ class Runner:
                             # Whatever the program left running dies with it.
                             self.kill_all(proc.pid)
                         continue
-                    if key.fd == self.channel.fd:
-                        self._take_stdin(feeder, selector)
+                    if key.fd == self.channel.fd and listening:
+                        taking_stdin = self._take_stdin(writer)
                         continue
+                    if writer.owns(key.fd):
+                        writer.write()
+                        continue
+                    if key.fd not in pipes:
+                        continue  # unregistered by an earlier event of this round
                     try:
                         chunk = os.read(key.fd, CHUNK)
                     except BlockingIOError:
@@ -473,18 +561,25 @@ class Runner:
                         killed_at = time.monotonic()
                         self.kill_all(proc.pid)
         finally:
+            writer.abandon()
             selector.close()
-            feeder.close()
             for pipe in pipes.values():
                 pipe.close()
             if exit_status is None:
                 self.kill_all(proc.pid)
                 exit_status = self.reaper.wait(proc.pid)
+        for capture in outcome.captures.values():
+            if not capture.truncated:
+                capture.finish()
         outcome.wall = time.monotonic() - start
         outcome.oom_killed = self.confinement.oom_kills() > oom_kills
         status, usage = exit_status
         proc.returncode = os.waitstatus_to_exitcode(status)
-        outcome.cpu = usage.ru_utime + usage.ru_stime
+        cpu_after = self.confinement.cpu_seconds()
+        if cpu_before is not None and cpu_after is not None:
+            outcome.cpu = cpu_after - cpu_before  # every process of the stage
+        else:
+            outcome.cpu = usage.ru_utime + usage.ru_stime
         outcome.memory_bytes = usage.ru_maxrss * 1024
         if proc.returncode < 0:
             outcome.signal = -proc.returncode
@@ -511,11 +606,13 @@ def classify(outcome: StageOutcome, stage: str, limits: dict[str, Any]) -> tuple
             "memory_limit",
             f"memory limit of {int(limits['memory_bytes']) // 2**20} MiB exceeded",
         )
+    cpu_limit = limits["compile_time"] if stage == "compile" else limits["cpu_time"]
+    if outcome.cpu_limited:
+        return "timeout", f"CPU time limit of {cpu_limit:g} s exceeded"
     if outcome.timed_out:
         limit = limits["compile_time"] if stage == "compile" else limits["wall_time"]
         what = "compile time" if stage == "compile" else "wall time"
         return "timeout", f"{what} limit of {limit:g} s exceeded"
-    cpu_limit = limits["compile_time"] if stage == "compile" else limits["cpu_time"]
     if outcome.signal == signal.SIGXCPU or (
         outcome.signal == signal.SIGKILL and outcome.cpu >= cpu_rlimit(cpu_limit)[1] - 0.05
     ):
@@ -591,8 +688,6 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
     result: dict[str, Any] = {
         "exit_code": None,
         "signal": None,
-        "stdout": "",
-        "stderr": "",
         "truncated": {"stdout": False, "stderr": False},
         "compile": None,
         "timings": {"compile": 0.0, "run": 0.0},
@@ -632,8 +727,6 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
     result.update(
         exit_code=record["exit_code"],
         signal=record["signal"],
-        stdout=record["stdout"],
-        stderr=record["stderr"],
         truncated=record["truncated"],
         usage={"cpu_time": round(ran.cpu, 6), "memory_bytes": ran.memory_bytes},
     )
@@ -783,6 +876,8 @@ def main(argv: list[str] | None = None) -> int:
     # Not dumpable: the program (same uid in a jail) can then neither ptrace the agent
     # nor open its /proc files to read or rewrite its memory and forge a result.
     ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0)
+    for number in IGNORED_SIGNALS:  # a program's kill(1, ...) changes nothing
+        signal.signal(number, signal.SIG_IGN)
     if options.vm:
         os.makedirs(options.workdir, exist_ok=True)
         confinement = VmConfinement(options.vm_memory_reserve)

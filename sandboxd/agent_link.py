@@ -1,8 +1,9 @@
 """The host's end of the agent protocol (the wire format is in guest/agent.py).
 
-The link only speaks the protocol over whatever byte streams the backend gives it; it
-keeps a transcript of the output it relayed so that a run whose agent died still
-returns everything the program wrote before.
+The link only speaks the protocol over whatever byte streams the backend gives it. It
+keeps a transcript of the output it relayed, which is the output of the result: the
+agent streams it once and keeps none of it, and a run whose agent died still returns
+everything the program wrote before.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import trio
 
 from sandboxd.errors import AgentError
 from sandboxd.framing import LineBuffer, LineTooLong, encode, receive_line
+from sandboxd.stdin_stream import StdinStream
 
 PROTOCOL = 1
 OutputHandler = Callable[[str, str, str], Awaitable[None]]  # (stage, stream, data)
-StdinChunk = tuple[str, bool]  # (data, end of input)
+StageHandler = Callable[[str], None]  # a stage ("compile", "run") starts
+# The longest line an agent sends: an output message of 64 KiB, JSON-escaped (up to six
+# bytes per byte), with room to spare. Its result carries no output.
+MAX_AGENT_LINE = 1024 * 1024
 
 
 class Transcript:
@@ -55,10 +60,8 @@ class AgentLink:
         self,
         send: trio.abc.SendStream | None = None,
         receive: trio.abc.ReceiveStream | None = None,
-        *,
-        max_line: int,
     ) -> None:
-        self._buffer = LineBuffer(max_line)
+        self._buffer = LineBuffer(MAX_AGENT_LINE)
         self._send_lock = trio.Lock()
         if send is not None and receive is not None:
             self.attach(send, receive)
@@ -120,7 +123,8 @@ class AgentLink:
         job: dict[str, Any],
         on_output: OutputHandler,
         transcript: Transcript,
-        stdin: trio.MemoryReceiveChannel[StdinChunk] | None = None,
+        stdin: StdinStream | None = None,
+        on_stage: StageHandler | None = None,
     ) -> dict[str, Any]:
         """Send one job, relay its output (and streamed stdin), return the agent's result.
 
@@ -128,12 +132,12 @@ class AgentLink:
         """
         await self._send_message(job)
         if stdin is None:
-            return await self._collect(on_output, transcript)
+            return await self._collect(on_output, transcript, on_stage)
         failure: AgentError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward_stdin, stdin)
             try:
-                record = await self._collect(on_output, transcript)
+                record = await self._collect(on_output, transcript, on_stage)
             except AgentError as exc:
                 failure = exc  # raised below, not through the nursery (no exception group)
             nursery.cancel_scope.cancel()
@@ -141,7 +145,7 @@ class AgentLink:
             raise failure
         return record
 
-    async def _forward_stdin(self, stdin: trio.MemoryReceiveChannel[StdinChunk]) -> None:
+    async def _forward_stdin(self, stdin: StdinStream) -> None:
         try:
             async for data, eof in stdin:
                 await self._send_message({"type": "stdin", "data": data, "eof": eof})
@@ -151,10 +155,16 @@ class AgentLink:
         except AgentError:
             pass  # the agent is gone; collecting its output says so
 
-    async def _collect(self, on_output: OutputHandler, transcript: Transcript) -> dict[str, Any]:
+    async def _collect(
+        self, on_output: OutputHandler, transcript: Transcript, on_stage: StageHandler | None
+    ) -> dict[str, Any]:
         while (message := await self._next()) is not None:
             if message["type"] == "result":
                 return message
+            if message["type"] == "stage":
+                if on_stage is not None and message.get("stage") in ("compile", "run"):
+                    on_stage(message["stage"])
+                continue
             if message["type"] != "output":
                 raise AgentError(f"unexpected agent message type {message['type']!r}")
             stage, stream, data = message.get("stage"), message.get("stream"), message.get("data")

@@ -22,7 +22,8 @@ from sandboxd.errors import LaunchError
 
 log = logging.getLogger(__name__)
 
-V1_CONTROLLERS = ("memory", "pids", "cpu")
+# cpuacct counts CPU time (v2's cpu.stat has it in every cgroup).
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 CPU_PERIOD_US = 100_000
 
 
@@ -193,6 +194,16 @@ class Cgroup:
         except FileNotFoundError:
             pass
         return 0
+
+    def cpu_seconds(self) -> float:
+        """CPU time used by every process that ever ran in this cgroup."""
+        if self.layout.version == 2:
+            for line in (self.dirs["cpu"] / "cpu.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value) / 1e6
+            return 0.0
+        return int((self.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
 
     def peak_memory(self) -> int:
         path = self._file("memory", "memory.max_usage_in_bytes", "memory.peak")

@@ -6,11 +6,12 @@ jails QEMU itself.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 
 from sandboxd.cgroups import Cgroup, CgroupLayout
+from sandboxd.errors import LaunchError
 from sandboxd.process import ChildProcess, spawn
 
 # Every namespace, no way to make more user namespaces, gone with the daemon, a new
@@ -50,14 +51,16 @@ async def jailed(
     uid: int,
     argv: Sequence[str],
     *,
+    limits: Mapping[str, float],
     pass_fds: Sequence[int] = (),
     groups: Sequence[int] = (),
     stdin: bool = False,
     stdout: bool = False,
     stderr: bool = False,
 ) -> AsyncIterator[tuple[ChildProcess, Cgroup]]:
-    """Run ``argv`` as ``uid`` in a new cgroup ``name``; on the way out the process is
-    killed and reaped and the cgroup removed, whatever happened.
+    """Run ``argv`` as ``uid`` in a new cgroup ``name`` that has ``limits`` (as for
+    :meth:`Cgroup.set_limits`) before its first process starts; on the way out the
+    process is killed and reaped and the cgroup removed, whatever happened.
 
     ``pass_fds`` are handed over: they are closed here once the child holds them.
     """
@@ -68,6 +71,11 @@ async def jailed(
         _close(pass_fds)
         raise
     try:
+        try:
+            cgroup.set_limits(**limits)
+        except OSError as exc:
+            _close(pass_fds)
+            raise LaunchError(f"cannot set the limits of cgroup {name}: {exc}") from exc
         try:
             child = spawn(
                 argv,

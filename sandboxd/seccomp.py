@@ -3,21 +3,30 @@
 
 A jail shares the host kernel, so the kernel interfaces that programs never need and
 that exploits often start from are refused with EPERM: keyrings, BPF, perf events,
-userfaultfd, io_uring, module and kexec loading, mounting, ptrace and friends. Any
-syscall of another ABI (x32, or 32-bit entry) is refused the same way. Everything else
-is allowed; the rest of the confinement is the namespaces, the uid and the cgroup.
+userfaultfd, io_uring, module and kexec loading, mounting, ptrace and friends, the LDT
+and other processes' pages (as Docker's default profile refuses them). Sockets are
+allowed only in the families a program needs (Unix, IPv4, IPv6, and netlink's route
+protocol, which the C library asks for addresses): no vsock, which no network namespace
+confines, no packet, Bluetooth or crypto sockets. ``personality`` may only query or set
+the harmless personas. Any syscall of another ABI (x32, or 32-bit entry) is refused, and
+one newer than the newest reviewed here gets ENOSYS, as on a kernel without it, so that
+the C library falls back to what it had before.
 """
 
 from __future__ import annotations
 
 import platform
+import socket
 import struct
+from collections.abc import Sequence
 
 # x86_64 numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 DENIED_X86_64 = {
     "ptrace": 101,
     "syslog": 103,
+    "uselib": 134,
     "vhangup": 153,
+    "modify_ldt": 154,
     "pivot_root": 155,
     "acct": 163,
     "mount": 165,
@@ -34,6 +43,7 @@ DENIED_X86_64 = {
     "request_key": 249,
     "keyctl": 250,
     "unshare": 272,
+    "move_pages": 279,
     "perf_event_open": 298,
     "fanotify_init": 300,
     "name_to_handle_at": 303,
@@ -41,6 +51,7 @@ DENIED_X86_64 = {
     "setns": 308,
     "process_vm_readv": 310,
     "process_vm_writev": 311,
+    "kcmp": 312,
     "finit_module": 313,
     "kexec_file_load": 320,
     "bpf": 321,
@@ -56,36 +67,113 @@ DENIED_X86_64 = {
     "fspick": 433,
     "mount_setattr": 442,
 }
+SOCKET, SOCKETPAIR, PERSONALITY = 41, 53, 135
+NEWEST_REVIEWED = 462  # mseal (Linux 6.10); anything above is unknown here
+SOCKET_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
+NETLINK_ROUTE = 0
+# What Docker's default profile lets personality() set: Linux itself, with uname's
+# 2.6 version or no address randomisation; 0xffffffff only asks for the current one.
+PERSONAS = (0x0, 0x0008, 0x20000, 0x20008, 0xFFFFFFFF)
 
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_ERRNO = 0x00050000
-EPERM = 1
-# struct seccomp_data: int nr; __u32 arch; ...
+EPERM, ENOSYS = 1, 38
+# struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6].
+# Each argument's low 32 bits (little-endian) are what an int parameter holds.
 _NR, _ARCH = 0, 4
-_LD_ABS_W, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
 
 
-def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
-    return struct.pack("HBBI", code, jt, jf, k)
+def _arg(index: int) -> int:
+    return 16 + 8 * index
+
+
+_LD_ABS_W, _JEQ_K, _JGE_K, _JA, _RET_K = 0x20, 0x15, 0x35, 0x05, 0x06
+
+# An instruction before assembly: (code, k, true label, false label); a label is a
+# str, and None means "the next instruction".
+_Insn = tuple[int, int, str | None, str | None]
 
 
 def supported() -> bool:
     return platform.machine() == "x86_64"
 
 
+def _load(offset: int) -> _Insn:
+    return (_LD_ABS_W, offset, None, None)
+
+
+def _jump_if(code: int, k: int, true: str | None, false: str | None = None) -> _Insn:
+    return (code, k, true, false)
+
+
+def _ret(value: int) -> _Insn:
+    return (_RET_K, value, None, None)
+
+
+def _allow_if_one_of(values: Sequence[int], allow: str = "allow") -> list[_Insn]:
+    """Jump to ``allow`` if the loaded word is one of ``values``; fall through if not."""
+    return [_jump_if(_JEQ_K, value, allow) for value in values]
+
+
+def _assemble(blocks: dict[str, list[_Insn]]) -> bytes:
+    """Lay the labelled blocks out in order and resolve the jumps (forward only)."""
+    program: list[_Insn] = []
+    where: dict[str, int] = {}
+    for label, block in blocks.items():
+        where[label] = len(program)
+        program.extend(block)
+    out = []
+    for index, (code, k, true, false) in enumerate(program):
+        offsets = []
+        for target in (true, false):
+            offset = 0 if target is None else where[target] - index - 1
+            if not 0 <= offset <= 255:
+                raise ValueError(f"seccomp jump from {index} to {target} cannot be encoded")
+            offsets.append(offset)
+        if code == _JA:
+            out.append(struct.pack("HBBI", code, 0, 0, offsets[0]))
+        else:
+            out.append(struct.pack("HBBI", code, offsets[0], offsets[1], k))
+    return b"".join(out)
+
+
 def filter_program() -> bytes:
     """The compiled filter (an array of struct sock_filter), for ``bwrap --seccomp``."""
     denied = sorted(set(DENIED_X86_64.values()))
-    program = [_insn(_LD_ABS_W, _ARCH)]
-    # Each jump skips to the "deny" return at the end: count what lies between.
-    to_deny = 1 + 1 + 1 + len(denied) + 1  # from after this jump
-    program.append(_insn(_JEQ_K, AUDIT_ARCH_X86_64, 0, to_deny - 1))
-    program.append(_insn(_LD_ABS_W, _NR))
-    program.append(_insn(_JGE_K, X32_SYSCALL_BIT, len(denied) + 1, 0))
-    for index, number in enumerate(denied):
-        program.append(_insn(_JEQ_K, number, len(denied) - index, 0))
-    program.append(_insn(_RET_K, SECCOMP_RET_ALLOW))
-    program.append(_insn(_RET_K, SECCOMP_RET_ERRNO | EPERM))
-    return b"".join(program)
+    return _assemble(
+        {
+            "start": [
+                _load(_ARCH),
+                _jump_if(_JEQ_K, AUDIT_ARCH_X86_64, None, "deny"),
+                _load(_NR),
+                _jump_if(_JGE_K, X32_SYSCALL_BIT, "deny"),
+                _jump_if(_JGE_K, NEWEST_REVIEWED + 1, "unknown"),
+                _jump_if(_JEQ_K, SOCKET, "socket"),
+                _jump_if(_JEQ_K, SOCKETPAIR, "socketpair"),
+                _jump_if(_JEQ_K, PERSONALITY, "personality"),
+                *(_jump_if(_JEQ_K, number, "deny") for number in denied),
+                (_JA, 0, "allow", None),
+            ],
+            "socket": [
+                _load(_arg(0)),
+                *_allow_if_one_of(SOCKET_FAMILIES),
+                _jump_if(_JEQ_K, socket.AF_NETLINK, None, "deny"),
+                _load(_arg(2)),
+                _jump_if(_JEQ_K, NETLINK_ROUTE, "allow", "deny"),
+            ],
+            "socketpair": [
+                _load(_arg(0)),
+                _jump_if(_JEQ_K, socket.AF_UNIX, "allow", "deny"),
+            ],
+            "personality": [
+                _load(_arg(0)),
+                *_allow_if_one_of(PERSONAS),
+                (_JA, 0, "deny", None),
+            ],
+            "allow": [_ret(SECCOMP_RET_ALLOW)],
+            "deny": [_ret(SECCOMP_RET_ERRNO | EPERM)],
+            "unknown": [_ret(SECCOMP_RET_ERRNO | ENOSYS)],
+        }
+    )

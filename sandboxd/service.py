@@ -17,7 +17,6 @@ from typing import Any
 import trio
 
 from sandboxd import __version__
-from sandboxd.agent_link import StdinChunk
 from sandboxd.backends.base import Backend, JobRun
 from sandboxd.errors import InvalidParams
 from sandboxd.images import Image
@@ -26,7 +25,8 @@ from sandboxd.languages import LanguageTable
 from sandboxd.limits import LimitBounds
 from sandboxd.network import Egress
 from sandboxd.pool import Pool
-from sandboxd.result import CompileResult, ExecutionResult, Status
+from sandboxd.result import STREAMS, CompileResult, ExecutionResult, Status
+from sandboxd.stdin_stream import StdinStream
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +39,18 @@ def _no_params(params: Mapping[str, Any]) -> None:
 
 
 def result_of(run: JobRun, job: Job, sandbox_id: str) -> ExecutionResult:
-    """The result record of a job from what its sandbox saw."""
+    """The result record of a job from what its sandbox saw: the agent's record, if it
+    came, with the output the host kept, corrected by what only the host knows (the
+    sandbox's cgroup counts OOM kills and, in jails, the job's CPU time)."""
+    transcript = run.transcript
     if run.record is not None:
         result = ExecutionResult.from_dict(run.record)
-        # Inside its jail the agent cannot see the cgroup that counted an OOM kill.
-        if (
-            run.oom_kills
-            and result.signal == signal.SIGKILL
-            and result.status
-            in (
-                Status.RUNTIME_ERROR,
-                Status.KILLED,
-            )
-        ):
+        # The stage that ended the job: the compile, if it failed, else the run.
+        failed = result.status in (Status.RUNTIME_ERROR, Status.KILLED, Status.COMPILE_ERROR)
+        if run.cpu is not None and run.cpu.exceeded and failed:
+            result.status = Status.TIMEOUT
+            result.message = f"CPU time limit of {run.cpu.limit:g} s exceeded"
+        elif run.oom_kills and failed:
             result.status = Status.MEMORY_LIMIT
             result.message = f"memory limit of {job.limits.memory_bytes // 2**20} MiB exceeded"
     else:
@@ -65,20 +64,21 @@ def result_of(run: JobRun, job: Job, sandbox_id: str) -> ExecutionResult:
             )
         else:
             status, message = Status.KILLED, f"the sandbox was killed: {run.lost}"
-        transcript = run.transcript
         result = ExecutionResult(
             status=status,
             message=message,
             signal=signal.SIGKILL,
-            stdout=transcript.text("run", "stdout"),
-            stderr=transcript.text("run", "stderr"),
-            truncated={s: transcript.truncated("run", s) for s in ("stdout", "stderr")},
+            truncated={s: transcript.truncated("run", s) for s in STREAMS},
         )
         if job.language.compiled:
-            result.compile = CompileResult(
-                stdout=transcript.text("compile", "stdout"),
-                stderr=transcript.text("compile", "stderr"),
-            )
+            result.compile = CompileResult()
+    result.stdout = transcript.text("run", "stdout")
+    result.stderr = transcript.text("run", "stderr")
+    if result.compile is not None:
+        result.compile.stdout = transcript.text("compile", "stdout")
+        result.compile.stderr = transcript.text("compile", "stderr")
+    if run.cpu is not None and run.cpu.stage:
+        result.usage["cpu_time"] = round(run.cpu.used, 6)
     result.sandbox_id = sandbox_id
     return result
 
@@ -157,7 +157,7 @@ class Service:
         self,
         params: Mapping[str, Any],
         on_output: OutputSink,
-        stdin: trio.MemoryReceiveChannel[StdinChunk] | None = None,
+        stdin: StdinStream | None = None,
     ) -> dict[str, Any]:
         """Run one job in a fresh sandbox; the result record as a dict.
 

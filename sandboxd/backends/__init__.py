@@ -28,6 +28,7 @@ from sandboxd.cgroups import CgroupLayout
 from sandboxd.config import Config
 from sandboxd.errors import LaunchError
 from sandboxd.images import Image
+from sandboxd.limits import resolve_limits
 
 __all__ = ["Backend", "Sandbox", "SandboxState", "choose_backend", "remove_leftovers"]
 
@@ -84,7 +85,7 @@ def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
         uid_base=config.backend.uid_base,
         cpus=config.backend.cpus,
         workdir_bytes=int(config.limits["memory_bytes"].maximum),
-        max_message_bytes=_max_agent_message(config),
+        default_limits=resolve_limits(None, None, config.limits),
     )
     return backend, reason
 
@@ -165,11 +166,5 @@ def _vm_options(
         "memory": config.backend.vm_memory,
         "cpus": config.backend.vm_cpus,
         "agent_port": config.backend.agent_port,
-        "max_message_bytes": _max_agent_message(config),
         "snapshot": config.backend.snapshot,
     }
-
-
-def _max_agent_message(config: Config) -> int:
-    # A result line carries both streams, JSON-escaped (at worst 6 bytes per byte).
-    return int(12 * config.limits["output_bytes"].maximum + 4 * config.daemon.max_request_bytes)

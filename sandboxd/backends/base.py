@@ -17,18 +17,20 @@ from typing import Any, ClassVar
 
 import trio
 
-from sandboxd.agent_link import AgentLink, OutputHandler, StdinChunk, Transcript
+from sandboxd.agent_link import AgentLink, OutputHandler, Transcript
 from sandboxd.cgroups import Cgroup, CgroupLayout
 from sandboxd.errors import AgentError, InternalError, LaunchError, SandboxError, StartTimeout
 from sandboxd.jail import jailed
 from sandboxd.limits import Limits
 from sandboxd.process import ChildProcess, LogTail
+from sandboxd.stdin_stream import StdinStream
 
 log = logging.getLogger(__name__)
 
 # How long past its own limits the host lets a job run before killing the sandbox: the
 # agent enforces the limits itself, this only catches an agent that cannot.
 HOST_GRACE = 5.0
+CPU_CHECK_MIN = 0.02  # seconds between looks at a sandbox's CPU time, at least
 JAIL_EXIT_TIMEOUT = 5.0  # for a jail's outer bubblewrap to follow its PID 1
 
 
@@ -54,6 +56,53 @@ class JobRun:
     lost: str  # why there is no record
     deadline_hit: bool  # the host had to stop a job that outlived its limits
     oom_kills: int
+    cpu: CpuWatch | None  # the last stage's CPU time, where the host counts it
+
+
+class CpuWatch:
+    """The CPU time of a job's stage as the host counts it (every process of the
+    sandbox: per-process rlimits miss a program that shares its work among children),
+    and the limit enforced on it. A stage starts when the agent says so."""
+
+    def __init__(self, sandbox: Sandbox, limits: Limits, cpus: float) -> None:
+        self.sandbox = sandbox
+        self.limits = limits
+        self.cpus = cpus
+        self.stage = ""
+        self.limit = 0.0
+        self.exceeded = False
+        self._base = 0.0
+        self._started = trio.Event()
+
+    def stage_started(self, stage: str) -> None:
+        self.stage = stage
+        self.limit = self.limits.compile_time if stage == "compile" else self.limits.cpu_time
+        self._base = self._read()
+        self._started.set()
+
+    def _read(self) -> float:
+        return self.sandbox.cpu_seconds() or 0.0
+
+    @property
+    def used(self) -> float:
+        return self._read() - self._base if self.stage else 0.0
+
+    async def enforce(self) -> None:
+        """Stop the program once its stage used up its CPU time (runs until cancelled)."""
+        while True:
+            started = self._started
+            await started.wait()
+            self._started = trio.Event()
+            while not self._started.is_set():
+                left = self.limit - self.used
+                if left <= 0:
+                    self.exceeded = True
+                    self.sandbox.log.info("stopping the %s stage: out of CPU time", self.stage)
+                    self.sandbox.kill_program()
+                    return
+                # The cgroup's quota is the fastest the job can use up what is left.
+                with trio.move_on_after(max(CPU_CHECK_MIN, left / self.cpus)):
+                    await self._started.wait()
 
 
 class Sandbox(abc.ABC):
@@ -180,12 +229,24 @@ class Sandbox(abc.ABC):
     def kill(self) -> None:
         """Stop everything in the sandbox at once (its owner still cleans up)."""
 
+    def kill_program(self) -> None:
+        """Stop the job's program but not the agent, which then reports on it."""
+        self.kill()
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the sandbox used so far, where the host counts a job's CPU (None:
+        the agent counts it, as in a VM, where the VMM's time is not the job's)."""
+        return None
+
+    # The CPU share a sandbox has: the fastest it can use up CPU time.
+    cpus: float = 1.0
+
     async def run(
         self,
         job: dict[str, Any],
         limits: Limits,
         on_output: OutputHandler,
-        stdin: trio.MemoryReceiveChannel[StdinChunk] | None = None,
+        stdin: StdinStream | None = None,
     ) -> JobRun:
         """Run one job through the agent, enforcing the time limits from outside too.
 
@@ -197,18 +258,25 @@ class Sandbox(abc.ABC):
         budget = limits.wall_time + HOST_GRACE
         if job.get("compile"):
             budget += limits.compile_time
+        cpu = CpuWatch(self, limits, self.cpus) if self.cpu_seconds() is not None else None
         record, lost = None, ""
         with trio.move_on_after(budget) as deadline:
-            try:
-                record = await self.link.run(job, on_output, transcript, stdin)
-            except AgentError as exc:
-                lost = str(exc)
+            async with trio.open_nursery() as nursery:
+                if cpu is not None:
+                    nursery.start_soon(cpu.enforce)
+                try:
+                    record = await self.link.run(
+                        job, on_output, transcript, stdin, cpu.stage_started if cpu else None
+                    )
+                except AgentError as exc:
+                    lost = str(exc)
+                nursery.cancel_scope.cancel()
         if deadline.cancelled_caught:
             lost = f"the sandbox outlived its time limits by {HOST_GRACE:g} s and was killed"
         if record is None:
             self.log.warning("job lost: %s", lost)
             self.kill()
-        return JobRun(record, transcript, lost, deadline.cancelled_caught, self.oom_kills())
+        return JobRun(record, transcript, lost, deadline.cancelled_caught, self.oom_kills(), cpu)
 
 
 class JailedSandbox(Sandbox):
@@ -234,8 +302,11 @@ class JailedSandbox(Sandbox):
     # then exits on its own. Killing it first would orphan the jail's processes.
     spares_its_process: ClassVar[bool] = True
 
-    def kill(self) -> None:
-        spared = {self.child.pid} if self.spares_its_process else set()
+    def kill(self, spared: set[int] | None = None) -> None:
+        """Kill every process of the cgroup but ``spared`` (by default: its own, if it
+        spares it)."""
+        if spared is None:
+            spared = {self.child.pid} if self.spares_its_process else set()
         for pid in self.cgroup.pids() - spared:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -90,7 +90,6 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         firecracker: Path,
         jailer: Path,
         agent_port: int,
-        max_message_bytes: int,
         snapshot: bool,
     ) -> None:
         if image.vm_dir is None:
@@ -104,7 +103,6 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         self.firecracker = firecracker
         self.jailer = jailer
         self.agent_port = agent_port
-        self.max_message_bytes = max_message_bytes
         self.state_dir = state_dir
         # The jailer's --chroot-base-dir: on the image store's filesystem, for hard links.
         self.jail_base = jail_base(state_dir, instance)
@@ -271,7 +269,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
             child = spawn(argv, stdout=True, stderr=True)
             async with AsyncExitStack() as stack:
                 stack.push_async_callback(child.aclose)
-                link = AgentLink(max_line=self.max_message_bytes)
+                link = AgentLink()
                 sandbox = FirecrackerSandbox(sandbox_id, link, child, cgroup, chroot)
                 stack.push_async_callback(sandbox.api.aclose)
 

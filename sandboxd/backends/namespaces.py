@@ -34,8 +34,19 @@ log = logging.getLogger(__name__)
 GUEST_DIR = "/opt/sandboxd"  # where the agent appears inside the jail
 WORKDIR = "/work"
 JAIL_ID = 65534  # the uid/gid the program sees: nobody/nogroup
-# bubblewrap's two processes, the agent and its stdin thread run beside the program.
+# What bubblewrap and the agent take beside the program, added to the job's limits: the
+# program may use all of its own, and the agent still has room to report on it.
 OVERHEAD_PROCESSES = 8
+AGENT_MEMORY = 32 * 1024 * 1024
+
+
+def jail_limits(limits: Limits, cpus: float) -> dict[str, float]:
+    """The cgroup limits of a jail whose job has ``limits``."""
+    return {
+        "memory_bytes": limits.memory_bytes + AGENT_MEMORY,
+        "processes": limits.processes + OVERHEAD_PROCESSES,
+        "cpus": cpus,
+    }
 
 
 class NamespacesSandbox(JailedSandbox):
@@ -43,7 +54,7 @@ class NamespacesSandbox(JailedSandbox):
         self, sandbox_id: str, link: AgentLink, child: ChildProcess, cgroup: Cgroup, cpus: float
     ) -> None:
         super().__init__(sandbox_id, link, child, cgroup, log.getChild(sandbox_id))
-        self._cpus = cpus
+        self.cpus = cpus
 
     def network_pid(self) -> int:
         # The jail's processes (the agent and its program); the outer bubblewrap stays
@@ -55,13 +66,18 @@ class NamespacesSandbox(JailedSandbox):
 
     def apply_limits(self, limits: Limits) -> None:
         try:
-            self.cgroup.set_limits(
-                memory_bytes=limits.memory_bytes,
-                processes=limits.processes + OVERHEAD_PROCESSES,
-                cpus=self._cpus,
-            )
+            self.cgroup.set_limits(**jail_limits(limits, self.cpus))  # type: ignore[arg-type]
         except OSError as exc:
             raise LaunchError(f"cannot set the limits of sandbox {self.id}: {exc}") from exc
+
+    def cpu_seconds(self) -> float:
+        return self.cgroup.cpu_seconds()
+
+    def kill_program(self) -> None:
+        # All but bubblewrap outside and the agent inside (bubblewrap's only child).
+        agent = _children(self.child.pid)
+        spared = {self.child.pid, *agent[:1]}
+        self.kill(spared)
 
 
 class NamespacesBackend(JailedBackend):
@@ -78,15 +94,15 @@ class NamespacesBackend(JailedBackend):
         uid_base: int,
         cpus: float,
         workdir_bytes: int,
-        max_message_bytes: int,
+        default_limits: Limits,
     ) -> None:
         super().__init__(instance, uid_base)
+        self.default_limits = default_limits  # a ready jail's, until a job sets its own
         self.rootfs = rootfs
         self.agent_source = agent_source
         self.agent = b""
         self.cpus = cpus
         self.workdir_bytes = workdir_bytes
-        self.max_message_bytes = max_message_bytes
 
     @staticmethod
     def probe(uid: int) -> str:
@@ -143,12 +159,28 @@ class NamespacesBackend(JailedBackend):
         if seccomp.supported():
             fds.append(data_fd(seccomp.filter_program(), "sandboxd-seccomp"))
         argv = self.argv(fds[0], fds[1] if len(fds) > 1 else None)
-        jail = self.jail(slot, argv, pass_fds=fds, stdin=True, stdout=True, stderr=True)
+        jail = self.jail(
+            slot,
+            argv,
+            limits=jail_limits(self.default_limits, self.cpus),
+            pass_fds=fds,
+            stdin=True,
+            stdout=True,
+            stderr=True,
+        )
         async with jail as (child, cgroup):
             assert child.stdin and child.stdout
-            link = AgentLink(child.stdin, child.stdout, max_line=self.max_message_bytes)
+            link = AgentLink(child.stdin, child.stdout)
             sandbox = NamespacesSandbox(cgroup.name, link, child, cgroup, self.cpus)
             await sandbox.become_ready(link.handshake, argv, start_timeout)
             async with sandbox.supervised():
                 yield sandbox
         sandbox.set_state(SandboxState.STOPPED)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
+    except OSError:
+        return []

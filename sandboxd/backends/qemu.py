@@ -155,7 +155,6 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         cpus: int,
         accel: str,
         run_dir: Path,
-        max_message_bytes: int,
         snapshot: bool,
         channel: tuple[str, str],
         agent_port: int,
@@ -169,7 +168,6 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         self.accel = accel
         self.run_dir = run_dir
         self.work_dir = work_dir(run_dir, instance)
-        self.max_message_bytes = max_message_bytes
         self.layout = VmLayout(
             vm_dir=image.vm_dir,
             kernel=kernel.path,
@@ -251,15 +249,17 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         qemu = self.layout.qemu_argv(channel.qemu_args(), qmp_vm.fileno(), incoming=bool(restore))
         argv = [*self.layout.jail_argv(initramfs_fd), "--", *qemu]
         fds = [*channel.hand_over(), qmp_vm.detach(), initramfs_fd]
-        jail = self.jail(slot, argv, pass_fds=fds, groups=self.groups, stdout=True, stderr=True)
+        limits = {
+            "memory_bytes": self.layout.memory + QEMU_OVERHEAD,
+            "processes": 256,
+            "cpus": self.layout.cpus,
+        }
+        jail = self.jail(
+            slot, argv, limits=limits, pass_fds=fds, groups=self.groups, stdout=True, stderr=True
+        )
         with channel, qmp_host:
             async with jail as (child, cgroup):
-                cgroup.set_limits(
-                    memory_bytes=self.layout.memory + QEMU_OVERHEAD,
-                    processes=256,
-                    cpus=self.layout.cpus,
-                )
-                link = AgentLink(max_line=self.max_message_bytes)
+                link = AgentLink()
                 qmp = QMPClient(_stream(qmp_host))
                 sandbox = QemuSandbox(cgroup.name, link, child, cgroup, qmp)
 

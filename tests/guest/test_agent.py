@@ -42,6 +42,15 @@ def run_agent(tmp_path: Path, job: dict | None, raw: bytes | None = None) -> lis
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
+def output(messages: list[dict], stream: str = "stdout", stage: str = "run") -> str:
+    """What the agent streamed of one stream (its result does not carry it again)."""
+    return "".join(
+        m["data"]
+        for m in messages
+        if m["type"] == "output" and (m["stage"], m["stream"]) == (stage, stream)
+    )
+
+
 def python_job(code: str, **extra) -> dict:
     return {
         "type": "job",
@@ -53,7 +62,7 @@ def python_job(code: str, **extra) -> dict:
 
 
 def test_hello_then_output_then_result(tmp_path):
-    hello, *events, result = run_agent(
+    hello, stage, *events, result = run_agent(
         tmp_path,
         python_job(
             "import sys\nprint(sys.stdin.read(), sys.argv[1:])\nsys.exit(4)",
@@ -62,14 +71,15 @@ def test_hello_then_output_then_result(tmp_path):
         ),
     )
     assert hello == {"type": "hello", "protocol": 1, "pid": hello["pid"], "nonce": 7}
-    assert "".join(e["data"] for e in events if e["stream"] == "stdout") == "in ['a']\n"
+    assert stage == {"type": "stage", "stage": "run"}
+    assert output(events) == "in ['a']\n"
     assert (result["type"], result["status"], result["exit_code"]) == ("result", "runtime_error", 4)
-    assert result["stdout"] == "in ['a']\n"
+    assert "stdout" not in result and "stderr" not in result
     assert result["timings"]["run"] > 0
 
 
 def test_output_over_the_cap_keeps_the_prefix_and_stops_the_program(tmp_path):
-    *_, result = run_agent(
+    *messages, result = run_agent(
         tmp_path,
         python_job(
             "import sys\nwhile True: sys.stdout.write('y' * 1000)",
@@ -77,12 +87,12 @@ def test_output_over_the_cap_keeps_the_prefix_and_stops_the_program(tmp_path):
         ),
     )
     assert result["status"] == "output_limit"
-    assert result["stdout"] == "y" * 5000
+    assert output(messages) == "y" * 5000
     assert result["truncated"] == {"stdout": True, "stderr": False}
 
 
 def test_wall_time(tmp_path):
-    *_, result = run_agent(
+    *messages, result = run_agent(
         tmp_path,
         python_job(
             "import time\nprint('started', flush=True)\ntime.sleep(60)",
@@ -90,7 +100,7 @@ def test_wall_time(tmp_path):
         ),
     )
     assert result["status"] == "timeout"
-    assert result["stdout"] == "started\n"
+    assert output(messages) == "started\n"
     assert result["message"] == "wall time limit of 0.5 s exceeded"
     assert result["timings"]["run"] < 5
 
@@ -103,7 +113,7 @@ def test_cpu_time(tmp_path):
 
 
 def test_a_background_child_holding_the_pipes_does_not_hang_the_run(tmp_path):
-    *_, result = run_agent(
+    *messages, result = run_agent(
         tmp_path,
         python_job(
             "import subprocess\nsubprocess.Popen(['sleep', '30'])\nprint('parent done')",
@@ -112,17 +122,18 @@ def test_a_background_child_holding_the_pipes_does_not_hang_the_run(tmp_path):
     )
     # Not isolated, the agent may only kill the program's own process group: it does.
     assert result["status"] == "ok"
-    assert result["stdout"] == "parent done\n"
+    assert output(messages) == "parent done\n"
 
 
 def test_compile_stage_failure_stops_before_running(tmp_path):
     job = python_job("print('never')")
     failing = "import sys; print('bad syntax', file=sys.stderr); sys.exit(1)"
     job["compile"] = {"argv": [sys.executable, "-c", failing]}
-    *_, result = run_agent(tmp_path, job)
+    *messages, result = run_agent(tmp_path, job)
     assert result["status"] == "compile_error"
-    assert result["compile"]["stderr"] == "bad syntax\n"
-    assert result["stdout"] == ""
+    assert output(messages, "stderr", "compile") == "bad syntax\n"
+    assert [m["stage"] for m in messages if m["type"] == "stage"] == ["compile"]
+    assert output(messages) == ""
 
 
 @pytest.mark.parametrize("path", ["../escape.txt", "/tmp/abs.txt", "a/../../x"])
@@ -184,11 +195,11 @@ def test_streamed_stdin_reaches_the_program_until_eof(tmp_path):
         {"type": "stdin", "data": "", "eof": True},
     ]
     raw = b"".join(json.dumps(m).encode() + b"\n" for m in messages)
-    *_, result = run_agent(tmp_path, None, raw=raw)
-    assert result["stdout"] == "got first\ngot second\ngot third\neof\n"
+    *messages, _ = run_agent(tmp_path, None, raw=raw)
+    assert output(messages) == "got first\ngot second\ngot third\neof\n"
 
 
 def test_streamed_stdin_ends_when_the_host_closes_the_channel(tmp_path):
     job = python_job("import sys\nprint(len(sys.stdin.read()))", stdin="abc", stdin_stream=True)
-    *_, result = run_agent(tmp_path, job)
-    assert result["stdout"] == "3\n"
+    *messages, _ = run_agent(tmp_path, job)
+    assert output(messages) == "3\n"

@@ -93,14 +93,14 @@ async def test_the_agent_serves_vsock_and_takes_the_host_again_after_a_lost_conn
     vsock_vm: Path,
 ):
     first = await connect(vsock_vm, AGENT_PORT)
-    link = AgentLink(first, first, max_line=2**20)
+    link = AgentLink(first, first)
     hello = await link.handshake()
     assert hello["pid"] == 1  # the VM's agent, as its PID 1
     # The connection goes away before a job, as a restored VM's old one does.
     await first.aclose()
 
     second = await connect(vsock_vm, AGENT_PORT)
-    link = AgentLink(second, second, max_line=2**20)
+    link = AgentLink(second, second)
     await link.handshake()
     output: list[str] = []
 
@@ -113,9 +113,10 @@ async def test_the_agent_serves_vsock_and_takes_the_host_again_after_a_lost_conn
         "run": {"argv": ["python3", "main.py"]},
         "limits": LIMITS,
     }
-    result = await link.run(job, on_output, Transcript(10_000))
+    transcript = Transcript(10_000)
+    result = await link.run(job, on_output, transcript)
     assert result["status"] == "ok", result
-    assert result["stdout"] == "".join(output) != ""
+    assert transcript.text("run", "stdout") == "".join(output) != ""
     await second.aclose()
 
 
@@ -123,7 +124,7 @@ async def test_the_agent_serves_vsock_and_takes_the_host_again_after_a_lost_conn
 async def test_the_agent_refuses_connections_from_unprivileged_host_ports(vsock_vm: Path):
     # Any local user can dial a VM over the host's vhost-vsock; only root binds < 1024.
     stream = await connect(vsock_vm, AGENT_PORT)  # the guest kernel accepts...
-    link = AgentLink(stream, stream, max_line=2**20)
+    link = AgentLink(stream, stream)
     with trio.fail_after(60), pytest.raises(AgentError):
         await link.handshake()  # ...and the agent hangs up
     await stream.aclose()
