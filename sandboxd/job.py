@@ -16,12 +16,16 @@ from typing import Any
 
 from sandboxd.errors import InvalidParams
 from sandboxd.languages import Language, LanguageTable
-from sandboxd.limits import LimitBounds, Limits, resolve_limits
+from sandboxd.limits import LimitBounds, Limits, check_limits, resolve_limits
 
 FIELDS = (
     "language", "code", "stdin", "args", "files", "timeout", "limits", "interactive", "network",
 )  # fmt: skip
 MAX_ARGS = 256
+# What the kernel lets exec take: one argument under 128 KiB, and all of them (with the
+# environment) a quarter of the stack limit; well below, so that exec never refuses.
+MAX_ARG_BYTES = 128 * 1024 - 1
+MAX_ARGS_BYTES = 1024 * 1024
 MAX_FILES = 100
 MAX_PATH = 255
 
@@ -101,9 +105,16 @@ def _args(value: Any) -> tuple[str, ...]:
         return ()
     if not isinstance(value, list) or len(value) > MAX_ARGS:
         raise InvalidParams.field("args", f"expected a list of at most {MAX_ARGS} strings")
+    total = 0
     for index, arg in enumerate(value):
         if "\0" in unicode_text(arg, f"args[{index}]"):
             raise InvalidParams.field(f"args[{index}]", "expected a string without NUL bytes")
+        size = len(arg.encode())
+        if size > MAX_ARG_BYTES:
+            raise InvalidParams.field(f"args[{index}]", f"longer than {MAX_ARG_BYTES} bytes")
+        total += size + 1
+    if total > MAX_ARGS_BYTES:
+        raise InvalidParams.field("args", f"more than {MAX_ARGS_BYTES} bytes in all")
     return tuple(value)
 
 
@@ -125,13 +136,13 @@ def check_path(path: Any, where: str) -> str:
     return path
 
 
-def _files(value: Any, source_file: str) -> tuple[JobFile, ...]:
+def _files(value: Any) -> tuple[JobFile, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or len(value) > MAX_FILES:
         raise InvalidParams.field("files", f"expected a list of at most {MAX_FILES} files")
     files: list[JobFile] = []
-    taken = {source_file}
+    taken: set[str] = set()
     for index, entry in enumerate(value):
         where = f"files[{index}]"
         if not isinstance(entry, dict) or not {"path", "content"} <= entry.keys():
@@ -140,13 +151,17 @@ def _files(value: Any, source_file: str) -> tuple[JobFile, ...]:
         if extra:
             raise InvalidParams.field(f"{where}.{sorted(extra)[0]}", "unknown field")
         path = check_path(entry["path"], f"{where}.path")
-        # A file may not also be a directory of another, nor replace the program itself.
-        prefixes = {"/".join(path.split("/")[:n]) for n in range(1, path.count("/") + 1)}
-        if path in taken or prefixes & taken or any(t.startswith(path + "/") for t in taken):
+        if _clashes(path, taken):
             raise InvalidParams.field(f"{where}.path", f"{path!r} clashes with another file")
         taken.add(path)
         files.append(JobFile(path, _content(entry, where)))
     return tuple(files)
+
+
+def _clashes(path: str, taken: set[str]) -> bool:
+    """Whether ``path`` is one of ``taken``, or a directory of one, or inside one."""
+    prefixes = {"/".join(path.split("/")[:n]) for n in range(1, path.count("/") + 1)}
+    return path in taken or bool(prefixes & taken) or any(t.startswith(path + "/") for t in taken)
 
 
 def _content(entry: Mapping[str, Any], where: str) -> bytes:
@@ -162,6 +177,41 @@ def _content(entry: Mapping[str, Any], where: str) -> bytes:
     raise InvalidParams.field(f"{where}.encoding", "expected 'utf-8' or 'base64'")
 
 
+@dataclass(frozen=True)
+class CheckedParams:
+    """``execute``'s params, each of the right kind (what check_params returns)."""
+
+    language: str
+    code: str
+    stdin: str
+    args: tuple[str, ...]
+    files: tuple[JobFile, ...]
+    interactive: bool
+    network: bool
+
+
+def check_params(params: Any, fields: tuple[str, ...] = FIELDS) -> CheckedParams:
+    """Every check of ``execute``'s params that needs neither the languages nor the
+    server's limits; InvalidParams naming the field and why. The HTTP gateway runs it
+    too, with its own ``fields``, so both edges refuse an input in the same words."""
+    if not isinstance(params, dict):
+        raise InvalidParams.field("params", "expected an object")
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise InvalidParams.field(unknown[0], f"unknown field (known: {', '.join(fields)})")
+    checked = CheckedParams(
+        language=_text(params, "language", required=True),
+        code=_text(params, "code", required=True),
+        stdin=_text(params, "stdin", required=False),
+        args=_args(params.get("args")),
+        files=_files(params.get("files")),
+        interactive=_flag(params, "interactive"),
+        network=_flag(params, "network"),
+    )
+    check_limits(params.get("limits"), params.get("timeout"))
+    return checked
+
+
 def parse_job(
     params: Mapping[str, Any], languages: LanguageTable, bounds: Mapping[str, LimitBounds]
 ) -> Job:
@@ -169,18 +219,21 @@ def parse_job(
 
     Raises InvalidParams, UnsupportedLanguage or LimitAboveMaximum.
     """
-    unknown = sorted(set(params) - set(FIELDS))
-    if unknown:
-        raise InvalidParams.field(unknown[0], f"unknown field (known: {', '.join(FIELDS)})")
-    language = languages.resolve(_text(params, "language", required=True))
+    checked = check_params(params)
+    language = languages.resolve(checked.language)
+    for index, file in enumerate(checked.files):  # none may replace the program itself
+        if _clashes(file.path, {language.source_file}):
+            raise InvalidParams.field(
+                f"files[{index}].path", f"{file.path!r} clashes with another file"
+            )
     return Job(
         language=language,
-        code=_text(params, "code", required=True),
-        stdin=_text(params, "stdin", required=False),
-        args=_args(params.get("args")),
-        files=_files(params.get("files"), language.source_file),
+        code=checked.code,
+        stdin=checked.stdin,
+        args=checked.args,
+        files=checked.files,
         limits=resolve_limits(params.get("limits"), params.get("timeout"), bounds),
-        interactive=_flag(params, "interactive"),
-        network=_flag(params, "network"),
+        interactive=checked.interactive,
+        network=checked.network,
         compile_file_size_bytes=int(bounds["file_size_bytes"].maximum),
     )

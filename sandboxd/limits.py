@@ -98,12 +98,14 @@ def default_bounds() -> dict[str, LimitBounds]:
     return {spec.name: LimitBounds(spec.default, spec.maximum) for spec in LIMIT_SPECS}
 
 
-def resolve_limits(requested: Any, timeout: Any, bounds: Mapping[str, LimitBounds]) -> Limits:
-    """Turn a request's ``limits`` object and ``timeout`` into the limits of its run.
+def _where(name: str, timeout: Any) -> str:
+    return "timeout" if name == "wall_time" and timeout is not None else f"limits.{name}"
 
-    Raises InvalidParams for a malformed or unknown limit and LimitAboveMaximum for a
-    value above the server's maximum.
-    """
+
+def check_limits(requested: Any, timeout: Any) -> dict[str, float]:
+    """The limits a request's ``limits`` object and ``timeout`` ask for, each checked
+    against its kind (not yet against the server's maximum): InvalidParams if one is
+    malformed or unknown."""
     if requested is None:
         requested = {}
     if not isinstance(requested, dict):
@@ -120,17 +122,25 @@ def resolve_limits(requested: Any, timeout: Any, bounds: Mapping[str, LimitBound
             raise InvalidParams.field("timeout", "expected a number of seconds")
         if timeout > 0:  # the original service read <= 0 as "use the default"
             wanted["wall_time"] = timeout
+    return {
+        name: SPECS_BY_NAME[name].check(value, _where(name, timeout))
+        for name, value in wanted.items()
+    }
+
+
+def resolve_limits(requested: Any, timeout: Any, bounds: Mapping[str, LimitBounds]) -> Limits:
+    """Turn a request's ``limits`` object and ``timeout`` into the limits of its run.
+
+    Raises InvalidParams for a malformed or unknown limit and LimitAboveMaximum for a
+    value above the server's maximum.
+    """
+    wanted = check_limits(requested, timeout)
     values: dict[str, float] = {}
     for spec in LIMIT_SPECS:
         bound = bounds[spec.name]
-        if spec.name not in wanted:
-            values[spec.name] = bound.default
-            continue
-        where = (
-            "timeout" if spec.name == "wall_time" and timeout is not None else f"limits.{spec.name}"
-        )
-        value = spec.check(wanted[spec.name], where)
+        value = wanted.get(spec.name, bound.default)
         if value > bound.maximum:
+            where = _where(spec.name, timeout)
             raise LimitAboveMaximum(
                 f"{where} of {spec.format(value)} is above the server's maximum of "
                 f"{spec.format(bound.maximum)}",

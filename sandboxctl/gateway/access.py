@@ -2,8 +2,9 @@
 request rate, and a cap on each key's executions running at once.
 
 Keys come from a file of ``key-id:key`` lines (``#`` comments). Logs and metrics only
-ever name the key id. Without a key file everyone is the one anonymous caller, which
-the gateway allows only on loopback.
+ever name the key id. Without a key file the gateway serves loopback only, and the
+caller is the local user at the other end of the connection: admitted if that uid may
+use the daemon's socket (sandboxctl.gateway.local_peers), and rate-limited as itself.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandboxd.errors import ConfigError, RateLimited, Unauthorized
-
-ANONYMOUS = "anonymous"
+from sandboxctl.gateway.local_peers import SocketUsers, tcp_peer_uid
+from sandboxd.errors import ConfigError, Forbidden, RateLimited, Unauthorized
 
 
 def load_keys(path: Path) -> dict[str, str]:
@@ -56,20 +56,28 @@ class _Bucket:
 class AccessControl:
     """Authenticates requests and enforces each key's rate and concurrency."""
 
-    keys: Mapping[str, str]  # empty: no authentication (loopback only)
+    keys: Mapping[str, str]  # empty: local users who may use the daemon's socket
     rate_per_minute: float
     burst: int
     concurrent: int
+    local_users: SocketUsers | None = None  # who those are (needed without keys)
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
 
     @property
     def required(self) -> bool:
         return bool(self.keys)
 
-    def authenticate(self, headers: Mapping[str, str]) -> str:
-        """The key id of the caller; Unauthorized if a key is needed and not right."""
+    def authenticate(
+        self,
+        headers: Mapping[str, str],
+        client: tuple[str, int] | None,
+        server: tuple[str, int] | None,
+    ) -> str:
+        """Who the caller is: its key id, or without keys ``uid:N`` of the local user at
+        the other end of the connection. Unauthorized if a key is needed and not right,
+        Forbidden if that user may not use the daemon's socket."""
         if not self.keys:
-            return ANONYMOUS
+            return self._local_caller(client, server)
         presented = headers.get("x-api-key", "")
         authorization = headers.get("authorization", "")
         if authorization.lower().startswith("bearer "):
@@ -80,6 +88,22 @@ class AccessControl:
             if hmac.compare_digest(presented.encode(), key.encode()):
                 return key_id
         raise Unauthorized("unknown API key")
+
+    def _local_caller(self, client: tuple[str, int] | None, server: tuple[str, int] | None) -> str:
+        assert self.local_users is not None, "without keys the gateway needs local_users"
+        uid = tcp_peer_uid(client, server) if client and server else None
+        if uid is None:
+            raise Forbidden(
+                "without API keys only local users who may use sandboxd's socket are let "
+                "in, and the user of this connection is not known here"
+            )
+        if not self.local_users.allows(uid):
+            raise Forbidden(
+                f"uid {uid} may not use sandboxd: without API keys only root and the "
+                f"members of group {self.local_users.group_name()} are let in, as on its "
+                "socket"
+            )
+        return f"uid:{uid}"
 
     def _bucket(self, key_id: str, now: float) -> _Bucket:
         bucket = self._buckets.setdefault(key_id, _Bucket(float(self.burst), now))

@@ -3,6 +3,7 @@ each request its id, enforces the body cap and API keys, and writes its log line
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -10,6 +11,7 @@ import uuid
 from functools import partial
 from typing import Any
 
+import trio
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -30,7 +32,13 @@ from sandboxctl.gateway.models import (
 from sandboxctl.gateway.runs import GatewayRun
 from sandboxctl.gateway.streaming import EventStream, serve_websocket
 from sandboxd import __version__
-from sandboxd.errors import DaemonUnavailable, RequestTooLarge, SandboxError
+from sandboxd.errors import (
+    DaemonUnavailable,
+    InvalidRequest,
+    RequestTimeout,
+    RequestTooLarge,
+    SandboxError,
+)
 
 log = logging.getLogger("sandboxd.gateway")
 access_log = logging.getLogger("sandboxd.gateway.access")
@@ -41,6 +49,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (400, "invalid request or unsupported language"),
         (401, "missing or unknown API key"),
+        (403, "without API keys: a local user who may not use the daemon's socket"),
+        (408, "the request body did not arrive in time"),
         (413, "request body over the size limit"),
         (429, "over the key's rate or concurrency limit (see Retry-After)"),
         (503, "no sandbox free in time, or the daemon is unreachable"),
@@ -49,15 +59,23 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class GatewayMiddleware:
-    """Request id, body cap, API key check and one structured log line per request."""
+    """Request id, who the caller is, its rate and concurrency (held from before its body
+    is read, so a stalled body takes one of the caller's own slots), the body's cap and
+    time limit, and one structured log line per request."""
 
     def __init__(
-        self, app: ASGIApp, access: AccessControl, metrics: Metrics, max_body: int
+        self,
+        app: ASGIApp,
+        access: AccessControl,
+        metrics: Metrics,
+        max_body: int,
+        body_timeout: float,
     ) -> None:
         self.app = app
         self.access = access
         self.metrics = metrics
         self.max_body = max_body
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -79,14 +97,20 @@ class GatewayMiddleware:
             await send(message)
 
         try:
-            refusal = self._check_access(scope, state)
-            if refusal is None and scope["type"] == "http":
-                receive, refusal = await self._capped_body(receive)
-            if refusal is not None:
+            try:
+                self._check_access(scope, state)
+                # A WebSocket's execution is admitted once its request has come.
+                with (
+                    self.access.admit(state["key_id"])
+                    if state["key_id"] and scope["type"] == "http"
+                    else contextlib.nullcontext()
+                ):
+                    if scope["type"] == "http":
+                        receive = await self._capped_body(receive)
+                    await self.app(scope, receive, send_logged)
+            except SandboxError as refusal:
                 self.metrics.rejected.labels(type(refusal).__name__).inc()
                 await _send_error(scope, send_logged, request_id, refusal)
-                return
-            await self.app(scope, receive, send_logged)
         finally:
             line = {
                 "request_id": request_id,
@@ -99,35 +123,41 @@ class GatewayMiddleware:
             }
             access_log.info(json.dumps(line))
 
-    def _check_access(self, scope: Scope, state: dict[str, Any]) -> SandboxError | None:
+    def _check_access(self, scope: Scope, state: dict[str, Any]) -> None:
+        """Who calls a protected path (``state["key_id"]``); Unauthorized or Forbidden."""
         if not scope["path"].startswith(PROTECTED):
-            return None
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            state["key_id"] = self.access.authenticate(headers)
-        except SandboxError as exc:
-            return exc
-        return None
+        state["key_id"] = self.access.authenticate(
+            headers, scope.get("client"), scope.get("server")
+        )
 
-    async def _capped_body(self, receive: Receive) -> tuple[Receive, SandboxError | None]:
-        """Read the body (refusing it as soon as it passes the cap) and replay it."""
+    async def _capped_body(self, receive: Receive) -> Receive:
+        """Read the body (refused as soon as it passes the cap, or once it took longer
+        than the body timeout) and replay it. Raises RequestTooLarge, RequestTimeout."""
         messages: list[Message] = []
         size = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            size += len(message.get("body", b""))
-            if size > self.max_body:
-                return receive, RequestTooLarge(
-                    f"request body larger than {self.max_body} bytes", maximum=self.max_body
-                )
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
+        with trio.move_on_after(self.body_timeout) as stalled:
+            while True:
+                message = await receive()
+                messages.append(message)
+                size += len(message.get("body", b""))
+                if size > self.max_body:
+                    raise RequestTooLarge(
+                        f"request body larger than {self.max_body} bytes", maximum=self.max_body
+                    )
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    break
+        if stalled.cancelled_caught:
+            raise RequestTimeout(
+                f"the request body did not arrive within {self.body_timeout:g} s",
+                seconds=self.body_timeout,
+            )
 
         async def replay() -> Message:
             return messages.pop(0) if messages else await receive()
 
-        return replay, None
+        return replay
 
 
 async def _send_error(scope: Scope, send: Send, request_id: str, error: SandboxError) -> None:
@@ -142,19 +172,29 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
-    """FastAPI documents a 422 for every body; invalid bodies get 400 here, as in the
-    original service, so the schema must not promise a 422."""
+EXECUTE_REQUEST_REF = "#/components/schemas/ExecuteRequest"
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with the ExecuteRequest body (which the daemon's rules check,
+    not FastAPI) and without the 422 it documents for every body: invalid bodies get
+    400 here, as in the original service."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
         for operations in schema["paths"].values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
+        request = ExecuteRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(request.pop("$defs", {}))
+        components["ExecuteRequest"] = request
         app.openapi_schema = schema
     return app.openapi_schema
 
 
-def create_app(client: AsyncClient, access: AccessControl, *, max_body_bytes: int) -> FastAPI:
+def create_app(
+    client: AsyncClient, access: AccessControl, *, max_body_bytes: int, body_timeout: float
+) -> FastAPI:
     metrics = Metrics()
     app = FastAPI(
         title="sandboxd",
@@ -168,8 +208,14 @@ def create_app(client: AsyncClient, access: AccessControl, *, max_body_bytes: in
             "or `X-API-Key: KEY`."
         ),
     )
-    app.add_middleware(GatewayMiddleware, access=access, metrics=metrics, max_body=max_body_bytes)
-    app.openapi = partial(_openapi_without_422, app)  # type: ignore[method-assign]
+    app.add_middleware(
+        GatewayMiddleware,
+        access=access,
+        metrics=metrics,
+        max_body=max_body_bytes,
+        body_timeout=body_timeout,
+    )
+    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
 
     def request_id(request: Request) -> str:
         return str(request.state.request_id)
@@ -230,6 +276,12 @@ def create_app(client: AsyncClient, access: AccessControl, *, max_body_bytes: in
     @app.post(
         "/execute",
         response_model=ExecuteResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": EXECUTE_REQUEST_REF}}},
+            }
+        },
         responses={
             **ERRORS,
             200: {
@@ -239,16 +291,18 @@ def create_app(client: AsyncClient, access: AccessControl, *, max_body_bytes: in
             },
         },
     )
-    async def execute(request: Request, body: ExecuteRequest) -> Response:
+    async def execute(request: Request) -> Response:
         """Run a program in a fresh sandbox and answer with its output and result."""
-        key_id = request.state.key_id
-        run = GatewayRun(request_id(request), body)
-        request.state.log.update(language=body.language)
+        try:
+            body = json.loads(await request.body())
+        except ValueError as exc:
+            raise InvalidRequest(f"body: not JSON ({exc})") from None
+        run = GatewayRun(request_id(request), body)  # checked by the daemon's own rules
+        request.state.log.update(language=run.language)
         if "text/event-stream" in request.headers.get("accept", ""):
-            return EventStream(client, run, access, key_id, metrics, request.state.log)
-        with access.admit(key_id):
-            answer = await run.complete(client)
-        metrics.executed(body.language, answer)
+            return EventStream(client, run, metrics, request.state.log)
+        answer = await run.complete(client)
+        metrics.executed(run.language, answer)
         request.state.log.update(result=answer["status"], timings=answer["timings"])
         return JSONResponse(answer)
 
@@ -256,7 +310,7 @@ def create_app(client: AsyncClient, access: AccessControl, *, max_body_bytes: in
     async def execute_ws(websocket: WebSocket) -> None:
         """The first message is an ExecuteRequest; then `output` messages come, `stdin`
         messages may go, and a `result` (or `error`) message ends it."""
-        await serve_websocket(websocket, client, access, metrics)
+        await serve_websocket(websocket, client, access, metrics, body_timeout)
 
     @app.get(
         "/metrics",

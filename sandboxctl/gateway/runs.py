@@ -1,5 +1,7 @@
-"""One execution as the gateway reports it: the output in the order the program wrote
-it, and the response body with the original service's fields and the result record."""
+"""One execution as the gateway reports it: its request, checked as the daemon checks
+it (so both edges refuse an input in the same words), the output in the order the
+program wrote it, and the response body with the original service's fields and the
+result record."""
 
 from __future__ import annotations
 
@@ -7,14 +9,21 @@ import time
 from typing import Any
 
 from sandboxctl.client import AsyncClient, OutputEvent
-from sandboxctl.gateway.models import ExecuteRequest, ExecuteResponse
+from sandboxctl.gateway.models import ExecuteResponse
+from sandboxd.job import FIELDS, check_params
 from sandboxd.result import ExecutionResult, Status
+
+# What an HTTP request may carry: the daemon's execute fields but "interactive", which
+# only the WebSocket means (and sets).
+HTTP_FIELDS = tuple(name for name in FIELDS if name != "interactive")
 
 
 class GatewayRun:
-    def __init__(self, request_id: str, request: ExecuteRequest) -> None:
+    def __init__(self, request_id: str, params: Any) -> None:
+        """Raises InvalidParams, with the daemon's words, for params it would refuse."""
+        self.language = check_params(params, HTTP_FIELDS).language
         self.request_id = request_id
-        self.request = request
+        self.params: dict[str, Any] = params
         self.started = time.monotonic()
         self._chunks: dict[str, list[str]] = {"compile": [], "run": []}
 
@@ -37,7 +46,7 @@ class GatewayRun:
 
     async def complete(self, client: AsyncClient, **extra: Any) -> dict[str, Any]:
         """Run it to the end; the response body."""
-        async with client.open_execution(**self.request.params(), **extra) as execution:
+        async with client.open_execution(**self.params, **extra) as execution:
             async for event in execution:
                 self.add(event)
         return self.response(execution.result)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from hypercorn.trio.tcp_server import TCPServer
 from sandboxctl.client import AsyncClient
 from sandboxctl.gateway.access import AccessControl, load_keys
 from sandboxctl.gateway.app import create_app
+from sandboxctl.gateway.local_peers import SocketUsers
 from sandboxd import __version__
 from sandboxd.config import Config, load_config
 from sandboxd.errors import ConfigError, SandboxError
+from sandboxd.listen_socket import systemd_socket
 
 log = logging.getLogger("sandboxd.gateway")
 
@@ -79,22 +82,43 @@ def build_access(config: Config, host: str) -> AccessControl:
                 f"refusing to serve {host} without API keys: set gateway.api_keys_file "
                 "(SANDBOXD_API_KEYS_FILE) or bind to 127.0.0.1"
             )
-        log.warning("no API keys configured: serving without authentication, on loopback only")
+        log.warning(
+            "no API keys configured: serving loopback only, to the local users who may use %s",
+            config.daemon.socket,
+        )
     else:
         log.info("API keys: %d (ids: %s)", len(keys), ", ".join(sorted(keys)))
     return AccessControl(
-        keys, gateway.rate_per_minute, gateway.rate_burst, gateway.concurrent_per_key
+        keys,
+        gateway.rate_per_minute,
+        gateway.rate_burst,
+        gateway.concurrent_per_key,
+        local_users=None if keys else SocketUsers(config.daemon.socket),
     )
 
 
-async def run_gateway(config: Config, host: str, port: int, access: AccessControl) -> None:
+async def run_gateway(
+    config: Config, host: str, port: int, access: AccessControl, given: socket.socket | None
+) -> None:
+    """Serve until SIGTERM or SIGINT, on ``given`` (systemd's socket) or on host:port."""
+    gateway = config.gateway
     app = create_app(
-        AsyncClient(config.daemon.socket), access, max_body_bytes=config.gateway.max_body_bytes
+        AsyncClient(config.daemon.socket),
+        access,
+        max_body_bytes=gateway.max_body_bytes,
+        body_timeout=gateway.body_timeout,
     )
     hypercorn = HypercornConfig()
-    hypercorn.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if given is not None:
+        hypercorn.bind = [f"fd://{given.fileno()}"]
+    else:
+        hypercorn.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hypercorn.accesslog = None  # we write our own structured line per request
     hypercorn.graceful_timeout = 5
+    # What one connection may have queued for the app: a few messages, none larger than
+    # a request body (a WebSocket's stdin is held back by its socket beyond that).
+    hypercorn.websocket_max_message_size = gateway.max_body_bytes
+    hypercorn.max_app_queue_size = 4
 
     async def stop_on_signal() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -143,11 +167,17 @@ def main(
             level="DEBUG" if debug else config.daemon.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-        host, port = split_bind(bind or config.gateway.bind, config.gateway.api_port)
+        given = systemd_socket()
+        if given is not None:  # sandboxd-gateway.socket holds it across restarts
+            if given.family not in (socket.AF_INET, socket.AF_INET6):
+                raise ConfigError("socket activation: the gateway's socket must be TCP")
+            host, port = given.getsockname()[:2]
+        else:
+            host, port = split_bind(bind or config.gateway.bind, config.gateway.api_port)
         access = build_access(config, host)
     except SandboxError as exc:
         if debug:
             raise
         click.echo(f"Error: {exc.message}", err=True)
         sys.exit(1)
-    trio.run(run_gateway, config, host, port, access)
+    trio.run(run_gateway, config, host, port, access, given)

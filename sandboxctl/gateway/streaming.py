@@ -20,7 +20,6 @@ from typing import Any
 
 import trio
 from fastapi import WebSocket
-from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
@@ -29,9 +28,8 @@ from sandboxctl.client import AsyncClient, Execution, OutputEvent
 from sandboxctl.gateway.access import AccessControl
 from sandboxctl.gateway.http_errors import error_body
 from sandboxctl.gateway.metrics import Metrics
-from sandboxctl.gateway.models import ExecuteRequest
 from sandboxctl.gateway.runs import GatewayRun
-from sandboxd.errors import InvalidRequest, SandboxError
+from sandboxd.errors import InvalidRequest, RequestTimeout, SandboxError
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
@@ -57,38 +55,33 @@ class EventStream(Response):
         self,
         client: AsyncClient,
         run: GatewayRun,
-        access: AccessControl,
-        key_id: str,
         metrics: Metrics,
         log_fields: dict[str, Any],
     ) -> None:
         super().__init__(status_code=200, media_type=self.media_type)
         self.client = client
         self.run = run
-        self.access = access
-        self.key_id = key_id
         self.metrics = metrics
         self.log_fields = log_fields
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            with self.access.admit(self.key_id):
-                async with self.client.open_execution(**self.run.request.params()) as execution:
-                    first = await anext(execution, None)  # errors before output: plain JSON
-                    await send(
-                        {
-                            "type": "http.response.start",
-                            "status": 200,
-                            "headers": [
-                                (b"content-type", b"text/event-stream; charset=utf-8"),
-                                (b"cache-control", b"no-cache"),
-                            ],
-                        }
-                    )
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-                        await self._relay(send, execution, first)
-                        nursery.cancel_scope.cancel()
+            async with self.client.open_execution(**self.run.params) as execution:
+                first = await anext(execution, None)  # errors before output: plain JSON
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/event-stream; charset=utf-8"),
+                            (b"cache-control", b"no-cache"),
+                        ],
+                    }
+                )
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                    await self._relay(send, execution, first)
+                    nursery.cancel_scope.cancel()
         except SandboxError as exc:
             self.metrics.rejected.labels(type(exc).__name__).inc()
             status, body, headers = error_body(self.run.request_id, exc)
@@ -109,7 +102,7 @@ class EventStream(Response):
                 )
                 event = await anext(execution, None)
             answer = self.run.response(execution.result)
-            self.metrics.executed(self.run.request.language, answer)
+            self.metrics.executed(self.run.language, answer)
             self.log_fields.update(result=answer["status"], timings=answer["timings"])
             ending = _sse("result", answer)
         except SandboxError as exc:
@@ -118,21 +111,31 @@ class EventStream(Response):
 
 
 async def serve_websocket(
-    websocket: WebSocket, client: AsyncClient, access: AccessControl, metrics: Metrics
+    websocket: WebSocket,
+    client: AsyncClient,
+    access: AccessControl,
+    metrics: Metrics,
+    request_timeout: float,
 ) -> None:
+    """Serve one WebSocket execution; its request must come within ``request_timeout``."""
     await websocket.accept()
     request_id = websocket.state.request_id
     try:
         try:
-            request = ExecuteRequest.model_validate(await websocket.receive_json())
-        except (ValidationError, ValueError) as exc:
+            with trio.fail_after(request_timeout):
+                first = await websocket.receive_json()
+        except trio.TooSlowError:
+            raise RequestTimeout(
+                f"no ExecuteRequest within {request_timeout:g} s", seconds=request_timeout
+            ) from None
+        except ValueError as exc:
             raise InvalidRequest(f"the first message must be an ExecuteRequest: {exc}") from exc
-        run = GatewayRun(request_id, request)
-        websocket.state.log.update(language=request.language)
+        run = GatewayRun(request_id, first)
+        websocket.state.log.update(language=run.language)
         ending: dict[str, Any] | None = None  # stays None if the client leaves
         with access.admit(websocket.state.key_id):
             async with (
-                client.open_execution(**request.params(), interactive=True) as execution,
+                client.open_execution(**run.params, interactive=True) as execution,
                 trio.open_nursery() as nursery,
             ):
                 nursery.start_soon(_forward_stdin, websocket, execution, nursery.cancel_scope)
@@ -171,7 +174,7 @@ async def _relay_websocket(
     except WebSocketDisconnect:
         return None
     answer = run.response(execution.result)
-    metrics.executed(run.request.language, answer)
+    metrics.executed(run.language, answer)
     websocket.state.log.update(result=answer["status"], timings=answer["timings"])
     return {"type": "result", **answer}
 

@@ -9,6 +9,9 @@ import uuid
 
 import pytest
 
+from sandboxctl.gateway.http_errors import error_text
+from sandboxd import errors
+
 # Copied verbatim from the original README (Quick Start, API Endpoints, Testing).
 ORIGINAL_CURLS = {
     "health": "curl http://localhost:8000/health",
@@ -105,8 +108,8 @@ def test_timeout_field_and_nonpositive_default(http):
     ("payload", "error"),
     [
         ({"language": "go", "code": "package main"}, "Unsupported language: go"),
-        ({"language": "python"}, "Invalid request: code: Field required"),
-        ({"code": "x"}, "Invalid request: language: Field required"),
+        ({"language": "python"}, "Invalid request: code: is required"),
+        ({"code": "x"}, "Invalid request: language: is required"),
         ({"language": "python", "code": "", "timeout": "soon"}, "Invalid request: timeout"),
     ],
 )
@@ -117,6 +120,36 @@ def test_invalid_requests_are_400_in_the_original_shape(http, payload, error):
     assert set(body) == {"request_id", "success", "error", "execution_time"}
     assert body["success"] is False and body["execution_time"] == 0
     assert body["error"].startswith(error)
+
+
+REFUSED = [
+    {"language": "python", "code": "print('\ud800')"},  # a lone surrogate: 500 once
+    {"language": "python", "code": "", "timeout": "5"},  # coerced once
+    {"language": "python", "code": "", "timeout": True},
+    {"language": "python", "code": "", "stdin": 5},
+    {"language": "python", "code": "", "network": "yes"},
+    {"language": "python", "code": "", "args": ["x" * 200_000]},  # internal_error once
+    {"language": "python", "code": "", "args": ["x" * 100_000] * 12},
+    {"language": "python", "code": "", "limits": {"memory_bytes": "268435456"}},
+    {"language": "python", "code": "", "limits": {"wall_time": 1.5, "cpus": 2}},
+    {"language": "python", "code": "", "files": [{"path": "../x", "content": ""}]},
+    {
+        "language": "python",
+        "code": "",
+        "files": [{"path": "a", "content": "!", "encoding": "base64"}],
+    },
+    {"language": 3, "code": ""},
+]
+
+
+@pytest.mark.parametrize("params", REFUSED, ids=range(len(REFUSED)))
+def test_the_gateway_refuses_what_the_socket_refuses_in_the_same_words(http, client, params):
+    with pytest.raises(errors.InvalidParams) as refused:
+        client.call("execute", params)
+    body = json.dumps(params).encode()  # ASCII escapes: it may carry a lone surrogate
+    answer = http.post("/execute", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400
+    assert answer.json()["error"] == error_text(refused.value)
 
 
 def test_body_that_is_not_json_is_400(http):

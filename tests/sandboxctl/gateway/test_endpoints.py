@@ -135,7 +135,7 @@ def test_one_structured_log_line_per_request(gateway, http):
         "python",
         "ok",
     )
-    assert line["key_id"] == "anonymous" and "total" in line["timings"]
+    assert line["key_id"] == "uid:0" and "total" in line["timings"]  # root, on loopback
 
 
 def test_every_error_class_has_an_http_status():

@@ -94,7 +94,7 @@ async def test_websocket_bad_first_message_gets_an_error(gateway):
         await ws.send({"language": "python"})
         message = await ws.receive()
     assert (message["type"], message["status"]) == ("error", 400)
-    assert "ExecuteRequest" in message["error"]
+    assert message["error"] == "Invalid request: code: is required"  # as the socket says
 
 
 async def test_websocket_needs_a_key_when_keys_are_configured(keyed_gateway):

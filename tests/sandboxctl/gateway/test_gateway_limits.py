@@ -1,0 +1,138 @@
+"""The gateway no wider than the socket, and no easier to balloon than the daemon: who a
+keyless gateway lets in, whose rate bucket a request takes, stalled bodies, and a
+WebSocket that floods stdin. Every load loop is bounded in count and time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+
+import httpx
+import trio
+
+from tests.daemon_process import start_gateway
+from tests.host_state import program_processes, wait_for
+from tests.sandboxctl.gateway.ws_client import connect
+from tests.sandboxd.test_socket_limits import MiB, PeakMemory
+
+HELLO = {"language": "python", "code": "print('hi')"}
+
+
+def curl_execute(local_users, user: str, url: str) -> tuple[int, dict]:
+    done = local_users.run(
+        user,
+        ["curl", "-s", "-w", "\n%{http_code}", "-X", "POST", f"{url}/execute",
+         "-H", "Content-Type: application/json", "-d", json.dumps(HELLO)],
+    )  # fmt: skip
+    body, _, status = done.stdout.rpartition("\n")
+    return int(status), json.loads(body)
+
+
+def test_a_keyless_gateway_admits_exactly_who_may_use_the_socket(
+    make_daemon, local_users, public_tmp_path, tmp_path
+):
+    daemon = make_daemon(
+        daemon={
+            "socket": str(public_tmp_path / "sandboxd.sock"),
+            "socket_group": local_users.group,
+        }
+    )
+    gateway = start_gateway(tmp_path, daemon.socket)
+    try:
+        status, body = curl_execute(local_users, local_users.member, gateway.url)
+        assert (status, body["output"]) == (200, "hi\n")
+        status, body = curl_execute(local_users, local_users.outsider, gateway.url)
+        assert status == 403
+        nobody = int(local_users.run("nobody", ["id", "-u"]).stdout)
+        assert body["error"] == (
+            f"uid {nobody} may not use sandboxd: without API keys only root and the members "
+            f"of group {local_users.group} are let in, as on its socket"
+        )
+        assert httpx.post(f"{gateway.url}/execute", json=HELLO, timeout=30).status_code == 200
+        # What is not the API of running code stays open, as before.
+        open_paths = local_users.run(
+            local_users.outsider, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                   f"{gateway.url}/health"],
+        )  # fmt: skip
+        assert open_paths.stdout == "200"
+    finally:
+        gateway.stop()
+
+
+def test_each_local_user_has_a_rate_bucket_of_its_own(
+    make_daemon, local_users, public_tmp_path, tmp_path
+):
+    daemon = make_daemon(
+        daemon={
+            "socket": str(public_tmp_path / "sandboxd.sock"),
+            "socket_group": local_users.group,
+        }
+    )
+    gateway = start_gateway(tmp_path, daemon.socket, rate_per_minute=1, rate_burst=2)
+    try:
+        codes = [
+            httpx.post(f"{gateway.url}/execute", json=HELLO, timeout=30).status_code
+            for _ in range(3)
+        ]
+        assert codes == [200, 200, 429]  # root has used its bucket up...
+        status, _ = curl_execute(local_users, local_users.member, gateway.url)
+        assert status == 200  # ...and another user is not held back by it
+    finally:
+        gateway.stop()
+
+
+def test_stalled_bodies_take_the_callers_own_slots_and_time_out(daemon, tmp_path):
+    gateway = start_gateway(tmp_path, daemon.socket, body_timeout=2.0, concurrent_per_key=16)
+    port = int(gateway.url.rsplit(":", 1)[1])
+    head = (
+        "POST /execute HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {4 * 10**6}\r\n\r\n"
+    ).encode()
+    body = b'{"language": "python", "code": "' + b"x" * (3 * 10**6)
+    codes = []
+    try:
+        with PeakMemory(gateway.process.pid) as memory, contextlib.ExitStack() as stack:
+            socks = []
+            for _ in range(100):
+                sock = stack.enter_context(socket.create_connection(("127.0.0.1", port)))
+                sock.settimeout(0.05)
+                with contextlib.suppress(TimeoutError, OSError):
+                    sock.sendall(head + body)  # stops where the gateway stops reading
+                socks.append(sock)
+            for sock in socks:
+                sock.settimeout(15)
+                try:
+                    codes.append(int(sock.recv(64).split()[1]))
+                except (OSError, IndexError):
+                    codes.append(0)
+        # Before: 100 such requests held ~300 MiB of the gateway for as long as they stayed.
+        assert memory.growth < 100, memory.peak
+        assert set(codes) <= {408, 429}, codes
+        assert 0 < codes.count(408) <= 16  # the caller's 16 slots; the rest was refused
+        assert httpx.get(f"{gateway.url}/health").status_code == 200
+    finally:
+        gateway.stop()
+
+
+async def test_a_websocket_flooding_stdin_is_held_back(gateway, daemon):
+    url = gateway.url.replace("http://", "ws://") + "/execute/ws"
+    chunk = {"type": "stdin", "data": "y" * MiB}
+    sent = 0
+    with (
+        PeakMemory(gateway.process.pid) as gateway_memory,
+        PeakMemory(daemon.process.pid) as daemon_memory,
+    ):
+        async with connect(url) as ws:
+            code = "import time; time.sleep(30)"  # reads nothing
+            await ws.send({"language": "python", "code": code, "timeout": 6})
+            with trio.move_on_after(3):
+                while True:
+                    await ws.send(chunk)  # nothing reads it: the sockets fill up
+                    sent += MiB
+    assert sent < 64 * MiB  # before: the gateway and daemon took it all, 1.4 GiB in 4 s
+    assert gateway_memory.growth < 100, gateway_memory.peak
+    assert daemon_memory.growth < 48, daemon_memory.peak
+    # A gateway blocked on a full stdin cannot see its client go (hypercorn tells only
+    # through the messages it queued): the job ends at its own time limit.
+    assert wait_for(lambda: not program_processes(daemon.uid_base))
