@@ -58,6 +58,11 @@ bench: build ## Benchmarks: latency beside the bare runtimes, as ratios (root)
 	$(BIN)/python -m bench.network_overhead
 	$(BIN)/python -m bench.vm_startup
 
+.PHONY: soak
+soak: build ## A soak with faults: 10,000 mixed jobs at concurrency 16 through socket and gateway (root)
+	$(BIN)/pip install -q -e '.[test,bench]'
+	SOAK_JOBS=$${SOAK_JOBS:-10000} SOAK_CONCURRENCY=$${SOAK_CONCURRENCY:-16} $(BIN)/python -m bench.soak
+
 .PHONY: deb
 deb: $(BIN)/sandboxd ## Build the Debian package into dist/ (then: sudo apt install ./dist/sandboxd_*.deb)
 	packaging/build-deb dist $(BIN)/python
@@ -90,7 +95,8 @@ start: ## Start the daemon and the gateway (systemd when it runs, else in the ba
 	@if [ -d /run/systemd/system ]; then \
 	  sed 's|@SANDBOXD@|$(CURDIR)/$(BIN)/sandboxd|g' contrib/sandboxd.service > /etc/systemd/system/sandboxd.service; \
 	  sed 's|@GATEWAY@|$(CURDIR)/$(BIN)/sandboxd-gateway|' contrib/sandboxd-gateway.service > /etc/systemd/system/sandboxd-gateway.service; \
-	  systemctl daemon-reload && systemctl enable --now sandboxd sandboxd-gateway; \
+	  install -m 0644 contrib/sandboxd.socket /etc/systemd/system/sandboxd.socket; \
+	  systemctl daemon-reload && systemctl enable --now sandboxd.socket sandboxd sandboxd-gateway; \
 	else \
 	  if $(BIN)/sandboxctl --socket $(SOCKET) health >/dev/null 2>&1; then echo "sandboxd is already running"; \
 	  else echo "no systemd here: starting sandboxd in the background (log: $(LOG))"; \
@@ -107,7 +113,7 @@ start: ## Start the daemon and the gateway (systemd when it runs, else in the ba
 	  echo "the gateway did not come up; see $(GATEWAY_LOG)"; tail -n 20 $(GATEWAY_LOG); exit 1
 
 stop: ## Stop the gateway and the daemon
-	@if [ -d /run/systemd/system ]; then systemctl stop sandboxd-gateway sandboxd; \
+	@if [ -d /run/systemd/system ]; then systemctl stop sandboxd-gateway sandboxd sandboxd.socket; \
 	else \
 	  for f in $(GATEWAY_PIDFILE) $(PIDFILE); do \
 	    if [ -f $$f ]; then p=$$(cat $$f); kill $$p 2>/dev/null; \

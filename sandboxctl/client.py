@@ -113,7 +113,10 @@ class _Call:
         return True, message.get("result")
 
     def closed(self) -> DaemonUnavailable:
-        return DaemonUnavailable(f"sandboxd closed the connection before answering {self.method}")
+        return DaemonUnavailable(
+            f"sandboxd went away before answering {self.method} (it stopped or restarted; "
+            "a job it was running did not finish)"
+        )
 
 
 def _output_relay(on_output: OutputCallback | None) -> Callable[[dict[str, Any]], None] | None:

@@ -3,21 +3,17 @@ a crashed predecessor, serve the socket, and on SIGTERM/SIGINT drain and remove
 everything it created.
 
 One nursery tree: the root holds the pool and the RPC server; the body waits for a
-signal. The first signal stops accepting clients and lets running jobs finish (up to the
-drain timeout); a second one, or the timeout, cancels them.
+signal. The first signal stops accepting clients (new ones wait in the socket's backlog:
+for the next daemon, when systemd holds the socket) and answers every request already
+accepted, queued jobs included, up to the drain timeout; a second signal, or the
+timeout, cancels them.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import grp
 import logging
-import os
 import signal
-import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import trio
@@ -26,7 +22,10 @@ from sandboxd.backends import choose_backend, remove_leftovers
 from sandboxd.config import Config
 from sandboxd.errors import ConfigError
 from sandboxd.images import Image, ImageStore
+from sandboxd.instances import registered
+from sandboxd.listen_socket import open_listener, remove_stale_socket
 from sandboxd.network import Egress
+from sandboxd.peers import SocketLimits
 from sandboxd.pool import Pool
 from sandboxd.rpc_server import RpcServer
 from sandboxd.service import Service
@@ -36,72 +35,10 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT = 30.0
 
 
-@contextmanager
-def instance_lock(config: Config) -> Iterator[None]:
-    """Hold ``<run_dir>/<name>.lock`` so two daemons never manage the same sandboxes."""
-    path = config.daemon.run_dir / f"{config.daemon.name}.lock"
-    try:
-        config.daemon.run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-        lock = open(path, "a+")  # noqa: SIM115 (closed by the with below)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the lock file {path}: {exc.strerror}") from exc
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise ConfigError(
-                f"another sandboxd named {config.daemon.name!r} is running "
-                f"(pid {lock.read().strip() or '?'}, lock {path})"
-            ) from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
-
-
-def remove_stale_socket(path: Path) -> bool:
-    """Remove a socket left at ``path`` by a daemon that died (whether there was one);
-    ConfigError if a daemon serves it."""
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(str(path))
-    except FileNotFoundError:
-        return False
-    except ConnectionRefusedError:
-        path.unlink()
-        return True
-    except OSError as exc:
-        raise ConfigError(f"socket {path}: {exc.strerror}") from exc
-    else:
-        raise ConfigError(f"socket {path}: another daemon is already serving it")
-    finally:
-        probe.close()
-
-
-async def bind_socket(path: Path, group: str) -> trio.socket.SocketType:
-    """A listening Unix socket at ``path``, mode 0660, owned by ``group`` if it exists."""
-    remove_stale_socket(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sock = trio.socket.socket(socket.AF_UNIX)
-    old_umask = os.umask(0o117)  # never, even briefly, open to everyone
-    try:
-        await sock.bind(str(path))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"socket {path}: cannot bind: {exc.strerror}") from exc
-    finally:
-        os.umask(old_umask)
-    try:
-        os.chown(path, -1, grp.getgrnam(group).gr_gid)
-    except KeyError:
-        log.info("group %r does not exist: only root can use %s", group, path)
-    os.chmod(path, 0o660)
-    sock.listen(128)
-    return sock
+def instance_lock(config: Config) -> AbstractContextManager[None]:
+    """This daemon's place among those running on the host (sandboxd.instances)."""
+    uid_base = config.backend.uid_base
+    return registered(config.daemon.name, range(uid_base, uid_base + config.pool.max_sandboxes))
 
 
 def current_image(config: Config) -> Image:
@@ -115,6 +52,10 @@ async def run_daemon(
 ) -> None:
     """Serve until SIGTERM or SIGINT; everything created is removed before returning."""
     with instance_lock(config):
+        try:
+            config.daemon.run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {config.daemon.run_dir}: {exc.strerror}") from exc
         image = current_image(config)
         backend, reason = choose_backend(config, image)
         log.info("backend %s (%s)", backend.name, reason)
@@ -140,16 +81,16 @@ async def run_daemon(
                 limits=config.limits,
                 egress=egress,
             )
-            server = RpcServer(service, max_request_bytes=config.daemon.max_request_bytes)
-            sock = await bind_socket(config.daemon.socket, config.daemon.socket_group)
+            server = RpcServer(service, socket_limits(config))
+            listening = await open_listener(config.daemon.socket, config.daemon.socket_group)
             try:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async with trio.open_nursery() as root:
                         await root.start(pool.run)
                         if egress is not None:
                             await root.start(egress.run)
-                        await root.start(server.serve, trio.SocketListener(sock))
-                        log.info("ready: serving %s with image %s", config.daemon.socket, image.id)
+                        await root.start(server.serve, trio.SocketListener(listening.socket))
+                        log.info("ready: serving %s with image %s", listening.path, image.id)
                         task_status.started(config.daemon.socket)
                         async for signum in signals:
                             log.info(
@@ -163,17 +104,33 @@ async def run_daemon(
                         with trio.move_on_after(DRAIN_TIMEOUT):
                             async with trio.open_nursery() as drain:
                                 drain.start_soon(_cancel_on_signal, signals, drain.cancel_scope)
+                                # What was accepted is answered, queued jobs included.
+                                await server.wait_answered()
                                 await pool.wait_idle()
                                 drain.cancel_scope.cancel()
                         root.cancel_scope.cancel()
             finally:
-                _unlink_socket(config.daemon.socket)
+                listening.close()
         finally:
             with trio.CancelScope(shield=True):
                 await backend.aclose()
                 if egress is not None:
                     egress.stop()
     log.info("stopped; everything removed")
+
+
+def socket_limits(config: Config) -> SocketLimits:
+    daemon = config.daemon
+    return SocketLimits(
+        max_request_bytes=daemon.max_request_bytes,
+        stdin_buffer_bytes=daemon.stdin_buffer_bytes,
+        request_timeout=daemon.request_timeout,
+        idle_timeout=daemon.idle_timeout,
+        send_timeout=daemon.send_timeout,
+        connections_per_uid=daemon.max_connections_per_uid,
+        requests_per_connection=daemon.max_requests_per_connection,
+        pending_bytes_per_uid=daemon.pending_bytes_per_uid,
+    )
 
 
 def egress_of(config: Config) -> Egress | None:
@@ -191,7 +148,7 @@ async def clean_up_after(config: Config) -> list[str]:
         found = await remove_leftovers(config)
         if (egress := egress_of(config)) is not None:
             egress.stop()
-        if remove_stale_socket(config.daemon.socket):
+        if remove_stale_socket(config.daemon.socket, served="leave"):
             found.append(f"the socket {config.daemon.socket}")
     return found
 
@@ -201,11 +158,3 @@ async def _cancel_on_signal(signals: trio.abc.ReceiveChannel[int], scope: trio.C
         log.info("%s again: stopping running jobs now", signal.Signals(signum).name)
         scope.cancel()
         return
-
-
-def _unlink_socket(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            log.warning("cannot remove %s: %s", path, exc)

@@ -3,7 +3,8 @@
 A job takes a ready sandbox (waiting at most the queue timeout), runs, and retires it;
 the sandbox is then torn down in the pool's own nursery while the pool starts another.
 Nothing is ever handed to a second job. The pool keeps ``size`` sandboxes ready, starts
-more while jobs are waiting, and never holds more than ``max_sandboxes`` at once.
+more while jobs are waiting, and never holds more than ``max_sandboxes`` at once. Once
+closed (the daemon drains), it starts sandboxes only for the jobs already waiting.
 """
 
 from __future__ import annotations
@@ -69,15 +70,22 @@ class Pool:
         return self._count(SandboxState.READY) > 0 or self._failures == 0
 
     def _wanted(self) -> int:
-        if self._closing:
-            return 0
         have = self._count(SandboxState.READY) + self._starting
+        keep = 0 if self._closing else self.size
         # A slot comes back only once its sandbox is fully torn down: free slots are
         # exactly the room left under max_sandboxes.
-        return max(0, min(self.size + self._waiting - have, len(self._free_slots)))
+        return max(0, min(keep + self._waiting - have, len(self._free_slots)))
 
     def _changed(self) -> None:
+        if self._closing:
+            self._retire_spare()
         self._lot.unpark_all()
+
+    def _retire_spare(self) -> None:
+        """Closed: retire the ready sandboxes that no waiting job will take."""
+        ready = [sandbox for sandbox in self._live if sandbox.state is SandboxState.READY]
+        for sandbox in ready[self._waiting :]:
+            sandbox.retire()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the pool filled until cancelled; every sandbox is torn down on the way out."""
@@ -106,8 +114,6 @@ class Pool:
                 starting = False
                 self._failures = 0
                 self._live.add(sandbox)
-                if self._closing:  # it finished starting after the pool was closed
-                    sandbox.retire()
                 try:
                     self._ready_send.send_nowait(sandbox)
                     self._changed()
@@ -151,8 +157,6 @@ class Pool:
             if sandbox.claim():
                 self._changed()
                 return sandbox
-        if self._closing:
-            raise NoCapacity("the daemon is shutting down", waited=0)
         self._waiting += 1
         self._changed()
         try:
@@ -176,9 +180,7 @@ class Pool:
             await self._lot.park()
 
     def close(self) -> None:
-        """Stop refilling and retire the ready sandboxes; busy ones finish their jobs."""
+        """Stop refilling beyond the jobs already waiting, and retire the ready sandboxes
+        none of them needs; busy ones finish their jobs."""
         self._closing = True
-        for sandbox in list(self._live):
-            if sandbox.state is SandboxState.READY:
-                sandbox.retire()
         self._changed()

@@ -55,15 +55,32 @@ def write_config(path: Path, settings: dict[str, dict[str, object]]) -> Path:
     return path
 
 
-def launch(argv: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+def launch(
+    argv: list[str], log_file: Path, pass_fds: list[int] | None = None
+) -> subprocess.Popen[bytes]:
     """Start a service of ours with its output in ``log_file`` and none of our SANDBOXD_*."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")}
     with log_file.open("wb") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds or ()
+        )
 
 
-def start_daemon(tmp_path: Path, **sections: dict[str, object]) -> Daemon:
-    """Start ``sandboxd run`` with a config of its own; wait until it answers health."""
+# How systemd starts a daemon from sandboxd.socket: the listening socket as fd 3,
+# LISTEN_FDS=1 and LISTEN_PID the daemon's own pid (exec keeps it).
+ACTIVATE = (
+    "import os, sys\n"
+    "os.dup2(int(sys.argv[1]), 3)\n"
+    "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()))\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+)
+
+
+def start_daemon(
+    tmp_path: Path, *, listener: socket.socket | None = None, **sections: dict[str, object]
+) -> Daemon:
+    """Start ``sandboxd run`` with a config of its own; wait until it answers health.
+    With ``listener``, it is started as systemd's socket activation would."""
     global _counter
     _counter += 1
     name = f"sbxtest{os.getpid() % 10000}n{_counter}"
@@ -83,12 +100,15 @@ def start_daemon(tmp_path: Path, **sections: dict[str, object]) -> Daemon:
         settings.setdefault(section, {}).update(values)
     config_file = write_config(tmp_path / "sandboxd.toml", settings)
     log_file = tmp_path / "daemon.log"
-    process = launch(
-        [sys.executable, "-m", "sandboxd", "run", "--config", str(config_file)], log_file
-    )
-    daemon = Daemon(
-        process, tmp_path / "sandboxd.sock", run_dir, name, uid_base, config_file, log_file
-    )
+    argv = ["-m", "sandboxd", "run", "--config", str(config_file)]
+    if listener is None:
+        process = launch([sys.executable, *argv], log_file)
+        socket_path = Path(str(settings["daemon"]["socket"]))
+    else:
+        fd = str(listener.fileno())
+        process = launch([sys.executable, "-c", ACTIVATE, fd, *argv], log_file, [listener.fileno()])
+        socket_path = Path(listener.getsockname())
+    daemon = Daemon(process, socket_path, run_dir, name, uid_base, config_file, log_file)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -130,10 +150,16 @@ def free_port() -> int:
 
 
 def start_gateway(
-    tmp_path: Path, daemon_socket: Path, *, extra_args: list[str] = (), **gateway: object
+    tmp_path: Path,
+    daemon_socket: Path,
+    *,
+    extra_args: list[str] = (),
+    listener: socket.socket | None = None,
+    **gateway: object,
 ) -> Gateway:
-    """Start ``sandboxd-gateway`` on a free loopback port; wait until it answers."""
-    port = free_port()
+    """Start ``sandboxd-gateway`` on a free loopback port, or as systemd's socket
+    activation would on ``listener``; wait until it answers."""
+    port = listener.getsockname()[1] if listener is not None else free_port()
     config = write_config(
         tmp_path / "gateway.toml",
         {
@@ -142,19 +168,25 @@ def start_gateway(
         },
     )
     log_file = tmp_path / "gateway.log"
-    process = launch(
-        [sys.executable, "-m", "sandboxctl.gateway", "--config", str(config), *extra_args], log_file
-    )
+    argv = ["-m", "sandboxctl.gateway", "--config", str(config), *extra_args]
+    if listener is None:
+        process = launch([sys.executable, *argv], log_file)
+    else:
+        fd = str(listener.fileno())
+        process = launch([sys.executable, "-c", ACTIVATE, fd, *argv], log_file, [listener.fileno()])
     running = Gateway(process, f"http://127.0.0.1:{port}", log_file)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"gateway exited with {process.returncode}:\n{running.log()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return running
+        try:  # an HTTP answer: a socket held for it accepts before the gateway serves
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                probe.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                if probe.recv(16).startswith(b"HTTP/"):
+                    return running
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     process.kill()
     raise RuntimeError(f"gateway did not come up:\n{running.log()}")
 

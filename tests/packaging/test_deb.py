@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from sandboxd.config import DEFAULT_SOCKET
 from sandboxd.images import host_apt_sources
 from tests.conftest import IS_ROOT
 from tests.daemon_process import free_port
@@ -59,6 +60,7 @@ def test_the_package_holds_the_commands_units_config_and_docs(deb):
         "./usr/bin/sandboxctl",
         "./usr/bin/sandboxd-gateway",
         "./lib/systemd/system/sandboxd.service",
+        "./lib/systemd/system/sandboxd.socket",
         "./lib/systemd/system/sandboxd-gateway.service",
         "./etc/sandboxd/sandboxd.toml",
         "./usr/lib/sandboxd/python/guest/agent.py",
@@ -75,6 +77,9 @@ def test_the_package_names_no_path_of_the_machine_it_was_built_on(deb, tmp_path)
     unit = (tmp_path / "lib/systemd/system/sandboxd.service").read_text()
     assert "ExecStart=/usr/bin/sandboxd run" in unit
     assert "ExecStartPre=/usr/bin/sandboxd image build" in unit
+    assert "Requires=sandboxd.socket" in unit  # held by systemd across restarts
+    socket_unit = (tmp_path / "lib/systemd/system/sandboxd.socket").read_text()
+    assert f"ListenStream={DEFAULT_SOCKET}\n" in socket_unit
     found = subprocess.run(
         ["grep", "-rlF", "-e", str(TOP), "-e", "/tmp/tmp", str(tmp_path)],
         capture_output=True,

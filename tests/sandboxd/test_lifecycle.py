@@ -3,13 +3,21 @@ stopped, or it crashes and starts again."""
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
+import httpx
+import pytest
+
+from sandboxctl.client import Client
 from sandboxd.cgroups import CgroupLayout
-from tests.daemon_process import start_daemon, start_holding_job
+from sandboxd.errors import DaemonUnavailable
+from tests.daemon_process import start_daemon, start_gateway, start_holding_job
 from tests.host_state import (
     mounts,
     program_processes,
@@ -112,3 +120,117 @@ def test_cleanup_removes_what_a_dead_daemon_left_and_never_touches_a_live_one(ma
     assert not sandbox_cgroups(daemon.name) and not daemon.socket.exists()
     assert not any(parent.exists() for parent in CgroupLayout.detect().parents(daemon.name))
     assert clean_up(daemon).stdout == "nothing was left behind\n"
+
+
+def test_two_daemons_with_one_name_cannot_run(make_daemon, tmp_path):
+    daemon = make_daemon(pool={"size": 2})
+    ready = {path.name for path in sandbox_cgroups(daemon.name)}
+    other = tmp_path / "other"
+    other.mkdir()
+    # Its own run directory and uids: only the name is shared (that once let it take
+    # the live daemon's sandboxes for a dead one's and remove them).
+    with pytest.raises(RuntimeError) as refused:
+        start_daemon(
+            other, daemon={"name": daemon.name}, backend={"uid_base": daemon.uid_base + 50_000}
+        )
+    assert f"Error: another sandboxd named {daemon.name!r} is running (pid " in str(refused.value)
+    assert "left by an earlier daemon" not in str(refused.value)
+    assert {path.name for path in sandbox_cgroups(daemon.name)} == ready
+    assert daemon.client.execute("python", "print('untouched')").stdout == "untouched\n"
+
+
+def test_daemons_with_overlapping_uids_cannot_run(make_daemon, tmp_path):
+    daemon = make_daemon()
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(RuntimeError) as refused:
+        start_daemon(other, backend={"uid_base": daemon.uid_base + 5})
+    low, high = daemon.uid_base + 5, daemon.uid_base + 5 + 31  # pool.max_sandboxes = 32
+    assert (
+        f"Error: backend.uid_base: uids {low}-{high} overlap those of the running sandboxd "
+        f"{daemon.name!r} ({daemon.uid_base}-{daemon.uid_base + 31}): give each daemon a "
+        "range of its own"
+    ) in str(refused.value)
+
+
+def test_with_socket_activation_a_restart_refuses_nobody(tmp_path):
+    """systemd holds sandboxd.socket across a restart: clients that connect in between
+    wait in its backlog and the next daemon answers them."""
+    path = tmp_path / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(4096)
+    name = f"sbxact{os.getpid() % 10000}"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    daemon = start_daemon(tmp_path / "a", listener=listener, daemon={"name": name})
+    outcomes: dict[str, int] = {}
+    lock = threading.Lock()
+    end = time.monotonic() + 10
+
+    def load(worker: int) -> None:
+        for turn in range(1000):
+            if time.monotonic() > end:
+                return
+            nonce = f"{worker}-{turn}"
+            try:
+                result = Client(path, timeout=60).execute("python", f"print({nonce!r})")
+                outcome = "right" if result.stdout == f"{nonce}\n" else "wrong"
+            except DaemonUnavailable as exc:
+                outcome = "refused" if "refuses connections" in exc.message else "lost"
+            with lock:
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    workers = [threading.Thread(target=load, args=(n,)) for n in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(2)
+        assert daemon.stop(signal.SIGTERM) == 0  # drains: its running jobs finish
+        assert path.exists()  # systemd's socket stays, and so do the clients on it
+        daemon = start_daemon(tmp_path / "b", listener=listener, daemon={"name": name})
+        for worker in workers:
+            worker.join(90)
+    finally:
+        daemon.stop()
+        listener.close()
+    assert outcomes.get("right", 0) > 20, outcomes
+    assert set(outcomes) == {"right"}, outcomes  # none refused, lost or wrong
+
+
+def test_jobs_in_flight_when_the_daemon_dies_get_a_clear_error(make_daemon, tmp_path):
+    daemon = make_daemon()
+    gateway = start_gateway(tmp_path, daemon.socket)
+    code = "import time\nprint('started', flush=True)\ntime.sleep(60)"
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "sandboxctl", "--socket", str(daemon.socket),
+         "exec", "-l", "python", "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    answers: list[httpx.Response] = []
+    http = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(
+                f"{gateway.url}/execute", json={"language": "python", "code": code}, timeout=60
+            )
+        )
+    )
+    http.start()
+    try:
+        assert wait_for(lambda: len(program_processes(daemon.uid_base)) == 2)
+        assert cli.stdout is not None and cli.stdout.readline() == "started\n"
+        daemon.stop(signal.SIGKILL)
+        out, err = cli.communicate(timeout=30)
+        http.join(30)
+    finally:
+        gateway.stop()
+    went_away = (
+        "sandboxd went away before answering execute (it stopped or restarted; "
+        "a job it was running did not finish)"
+    )
+    assert (cli.returncode, out, err) == (125, "", f"Error: {went_away}\n")
+    [answer] = answers
+    assert answer.status_code == 503
+    assert answer.json()["error"] == f"Service unavailable: {went_away}"
