@@ -275,13 +275,15 @@ class Soak:
     def faults(self) -> None:
         """At set shares of the run: kill sandboxes from outside, SIGKILL and restart
         the daemon, restart the gateway."""
+        # The daemon is killed early: the one that ends the run has served most of it.
         plan = [
-            (0.15, self.kill_a_sandbox),
-            (0.30, self.kill_the_daemon),
-            (0.45, self.restart_the_gateway),
-            (0.60, self.kill_a_sandbox),
-            (0.75, self.kill_the_daemon),
-            (0.85, self.restart_the_gateway),
+            (0.05, self.kill_a_sandbox),
+            (0.10, self.kill_the_daemon),
+            (0.20, self.kill_the_daemon),
+            (0.35, self.restart_the_gateway),
+            (0.50, self.kill_a_sandbox),
+            (0.65, self.restart_the_gateway),
+            (0.80, self.kill_a_sandbox),
         ]
         for share, fault in plan:
             while self.done < share * self.jobs and time.monotonic() < self.deadline:
@@ -371,13 +373,32 @@ def links() -> int:
     return len(os.listdir("/sys/class/net"))
 
 
-def main() -> None:
-    jobs = int(os.environ.get("SOAK_JOBS", "10000"))
-    concurrency = int(os.environ.get("SOAK_CONCURRENCY", "16"))
-    seconds = float(os.environ.get("SOAK_SECONDS", "3600"))
+@dataclass
+class Report:
+    jobs: int
+    seconds: float
+    outcomes: Counter[str]
+    memory: dict[str, list[float]]  # "daemon"/"gateway": MiB at the start, at the end
+    left: dict[str, int]  # what remained on the host, by kind
+    problems: list[str]  # the wrong and the unexplained lost, described
+
+    def lines(self) -> list[str]:
+        tally = self.outcomes
+        lines = [
+            f"{self.jobs} jobs in {self.seconds:.0f} s ({self.jobs / self.seconds:.1f} jobs/s)",
+            f"answered {tally['right'] + tally['wrong']}, right {tally['right']}, wrong "
+            f"{tally['wrong']}, lost {tally['lost'] + tally['lost?']} (unexplained "
+            f"{tally['lost?']}), refused {tally['refused']}",
+        ]
+        for what, (start, end) in self.memory.items():
+            lines.append(f"{what} memory: {start:.0f} MiB at its start, {end:.0f} MiB at the end")
+        lines.append("left on the host: " + ", ".join(f"{k} {v}" for k, v in self.left.items()))
+        return lines + ["  " + problem for problem in self.problems[:20]]
+
+
+def run_soak(jobs: int, concurrency: int, seconds: float) -> Report:
     before = {"mounts": mounts(), "links": links()}
     started = time.monotonic()
-    print(f"soak: {jobs} jobs at concurrency {concurrency}, at most {seconds:g} s")
     with tempfile.TemporaryDirectory(prefix="sandboxd-soak-") as tmp:
         directory = Path(tmp)
         directory.chmod(0o755)
@@ -386,22 +407,24 @@ def main() -> None:
             soak.run()
         finally:
             left = soak.stop()
-    elapsed = time.monotonic() - started
     left["mounts"] = len(set(mounts()) ^ set(before["mounts"]))
     left["links"] = links() - int(before["links"])
-    tally = soak.tally.outcomes
-    answered = tally["right"] + tally["wrong"]
-    print(f"\n{soak.done} jobs in {elapsed:.0f} s ({soak.done / elapsed:.1f} jobs/s)")
-    print(
-        f"answered {answered}, right {tally['right']}, wrong {tally['wrong']}, "
-        f"lost {tally['lost'] + tally['lost?']} (unexplained {tally['lost?']}), "
-        f"refused {tally['refused']}"
+    return Report(
+        jobs=soak.done,
+        seconds=time.monotonic() - started,
+        outcomes=soak.tally.outcomes,
+        memory=soak.memory,
+        left=left,
+        problems=soak.tally.wrong + soak.tally.lost_unexplained,
     )
-    for what, (start, end) in soak.memory.items():
-        print(f"{what} memory: {start:.0f} MiB at its start, {end:.0f} MiB at the end")
-    print("left on the host: " + ", ".join(f"{k} {v}" for k, v in left.items()))
-    for line in (soak.tally.wrong + soak.tally.lost_unexplained)[:20]:
-        print("  " + line)
+
+
+def main() -> None:
+    jobs = int(os.environ.get("SOAK_JOBS", "10000"))
+    concurrency = int(os.environ.get("SOAK_CONCURRENCY", "16"))
+    seconds = float(os.environ.get("SOAK_SECONDS", "3600"))
+    print(f"soak: {jobs} jobs at concurrency {concurrency}, at most {seconds:g} s")
+    print("\n".join(run_soak(jobs, concurrency, seconds).lines()))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -265,23 +266,35 @@ class Execution:
 
 
 class AsyncClient:
-    """The same calls for trio programs; cancel a call to stop its job."""
+    """The same calls for trio programs; cancel a call to stop its job.
 
-    def __init__(self, socket_path: str | Path | None = None) -> None:
+    ``max_connections`` caps the connections open at once (calls beyond it wait): the
+    daemon allows each uid only so many, and a client serving many callers (the
+    gateway) should wait its turn rather than be refused.
+    """
+
+    def __init__(
+        self, socket_path: str | Path | None = None, *, max_connections: int | None = None
+    ) -> None:
         self.socket_path = Path(socket_path) if socket_path else default_socket()
+        self.max_connections = max_connections
+        self._limiter: Any = None  # a trio.CapacityLimiter, made once trio runs
 
     @asynccontextmanager
     async def _open(self, call: _Call) -> AsyncIterator[Execution]:
         import trio  # here, not at the top: `sandboxctl` starts 0.1 s faster without it
 
-        try:
-            stream = await trio.open_unix_socket(str(self.socket_path))
-        except OSError as exc:
-            raise _unavailable(self.socket_path, exc) from exc
-        async with stream:
-            running = Execution(stream, call)
-            await running._send(call.request_message())
-            yield running
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(self.max_connections or math.inf)
+        async with self._limiter:
+            try:
+                stream = await trio.open_unix_socket(str(self.socket_path))
+            except OSError as exc:
+                raise _unavailable(self.socket_path, exc) from exc
+            async with stream:
+                running = Execution(stream, call)
+                await running._send(call.request_message())
+                yield running
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """One request; its result."""

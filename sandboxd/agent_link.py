@@ -28,6 +28,7 @@ StageHandler = Callable[[str], None]  # a stage ("compile", "run") starts
 # The longest line an agent sends: an output message of 64 KiB, JSON-escaped (up to six
 # bytes per byte), with room to spare. Its result carries no output.
 MAX_AGENT_LINE = 1024 * 1024
+STDIN_SLICE = 65536  # characters of streamed stdin per message to the agent
 
 
 class Transcript:
@@ -148,7 +149,11 @@ class AgentLink:
     async def _forward_stdin(self, stdin: StdinStream) -> None:
         try:
             async for data, eof in stdin:
-                await self._send_message({"type": "stdin", "data": data, "eof": eof})
+                # In slices: the agent reads a message whole, in the job's memory.
+                for start in range(0, max(len(data), 1), STDIN_SLICE):
+                    last = start + STDIN_SLICE >= len(data)
+                    piece = data[start : start + STDIN_SLICE]
+                    await self._send_message({"type": "stdin", "data": piece, "eof": eof and last})
                 if eof:
                     return
             await self._send_message({"type": "stdin", "data": "", "eof": True})

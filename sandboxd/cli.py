@@ -110,7 +110,12 @@ def run(
 
 @main.command()
 @_config_options
-def cleanup(config_file: Path | None, debug: bool) -> None:
+@click.option(
+    "--keep-socket",
+    is_flag=True,
+    help="Leave the socket alone: systemd holds it (sandboxd.socket).",
+)
+def cleanup(config_file: Path | None, debug: bool, keep_socket: bool) -> None:
     """Remove what a daemon that died left behind: its sandboxes (processes, cgroups,
     VMs), jails, network namespace and socket. Refused while the daemon runs."""
     from sandboxd.daemon import clean_up_after
@@ -118,7 +123,7 @@ def cleanup(config_file: Path | None, debug: bool) -> None:
     with _Fail(debug):
         _need_root("sandboxd cleanup", "sandboxes are root's to remove")
         config = _load(config_file)
-        found = trio.run(clean_up_after, config)
+        found = trio.run(clean_up_after, config, keep_socket)
         click.echo("\n".join(f"removed {what}" for what in found) or "nothing was left behind")
 
 

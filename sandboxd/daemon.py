@@ -141,14 +141,16 @@ def egress_of(config: Config) -> Egress | None:
     return Egress(config.daemon.name, network.allow, network.uplink_netns, network.subnet)
 
 
-async def clean_up_after(config: Config) -> list[str]:
+async def clean_up_after(config: Config, keep_socket: bool = False) -> list[str]:
     """Remove what a daemon of this configuration left when it died (see
-    ``backends.remove_leftovers``); ConfigError while one runs. What was found."""
+    ``backends.remove_leftovers``); ConfigError while one runs. What was found.
+    ``keep_socket``: the socket is systemd's (not even probed: a connection to it
+    would start the daemon again)."""
     with instance_lock(config):
         found = await remove_leftovers(config)
         if (egress := egress_of(config)) is not None:
             egress.stop()
-        if remove_stale_socket(config.daemon.socket, served="leave"):
+        if not keep_socket and remove_stale_socket(config.daemon.socket):
             found.append(f"the socket {config.daemon.socket}")
     return found
 

@@ -94,7 +94,9 @@ def _text(params: Mapping[str, Any], name: str, *, required: bool) -> str:
 
 
 def _flag(params: Mapping[str, Any], name: str) -> bool:
-    value = params.get(name, False)
+    value = params.get(name)
+    if value is None:  # as for every optional field: null is the same as leaving it out
+        return False
     if not isinstance(value, bool):
         raise InvalidParams.field(name, "expected true or false")
     return value

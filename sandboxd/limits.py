@@ -52,8 +52,8 @@ class LimitSpec:
 
 LIMIT_SPECS: tuple[LimitSpec, ...] = (
     LimitSpec("wall_time", "seconds", 30, 300, "wall-clock time of the program's run"),
-    LimitSpec("cpu_time", "seconds", 30, 300, "CPU time of each process of the run"),
-    LimitSpec("compile_time", "seconds", 30, 120, "wall-clock time of the compile stage"),
+    LimitSpec("cpu_time", "seconds", 30, 300, "CPU time of the run, all its processes"),
+    LimitSpec("compile_time", "seconds", 30, 120, "wall-clock and CPU time of the compile"),
     # Below this the sandbox's own agent would not fit.
     LimitSpec(
         "memory_bytes",
@@ -114,7 +114,7 @@ def check_limits(requested: Any, timeout: Any) -> dict[str, float]:
     if unknown:
         known = ", ".join(SPECS_BY_NAME)
         raise InvalidParams.field(f"limits.{unknown[0]}", f"unknown limit (known: {known})")
-    wanted = dict(requested)
+    wanted = {name: value for name, value in requested.items() if value is not None}
     if timeout is not None:
         if "wall_time" in wanted:
             raise InvalidParams.field("timeout", "give either timeout or limits.wall_time")

@@ -16,7 +16,6 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import trio
 
@@ -71,10 +70,9 @@ def systemd_socket(environ: dict[str, str] | None = None) -> socket.socket | Non
     return sock
 
 
-def remove_stale_socket(path: Path, *, served: Literal["refuse", "leave"] = "refuse") -> bool:
-    """Remove a socket left at ``path`` by a daemon that died (whether there was one).
-    If something listens there: ConfigError, or with ``served="leave"`` leave it (it
-    is systemd's, holding the socket for the next start)."""
+def remove_stale_socket(path: Path) -> bool:
+    """Remove a socket left at ``path`` by a daemon that died (whether there was one);
+    ConfigError if something listens there."""
     probe = socket.socket(socket.AF_UNIX)
     try:
         probe.connect(str(path))
@@ -86,8 +84,6 @@ def remove_stale_socket(path: Path, *, served: Literal["refuse", "leave"] = "ref
     except OSError as exc:
         raise ConfigError(f"socket {path}: {exc.strerror}") from exc
     else:
-        if served == "leave":
-            return False
         raise ConfigError(f"socket {path}: another daemon is already serving it")
     finally:
         probe.close()

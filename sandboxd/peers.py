@@ -5,7 +5,9 @@ the root daemon without bound. So every uid has a cap on its open connections an
 budget of bytes: the requests it has sent that are not answered yet (a line still
 arriving, a request running) and the input it streamed that no program has taken yet.
 A uid over its budget is not refused: its connections stop reading until its own
-requests finish, so the socket holds it back. The other uids are not affected.
+requests finish, so the socket holds it back. Its jobs' output, which their results
+carry until sent, has a budget of the same size: past it, its next jobs wait to start.
+The other uids are not affected.
 
 Timeouts bound the rest in time: a request line must arrive whole once it has begun, a
 connection with nothing running must not sit idle, and a client must take what it is
@@ -41,6 +43,7 @@ class PeerAccount:
         self.budget = budget
         self.connections = 0
         self.held = 0
+        self.output = 0  # of its jobs, what is not yet sent (a job's result carries it)
         self._arriving: dict[object, float] = {}  # whose request line is arriving, since when
         self._lot = trio.lowlevel.ParkingLot()
 
@@ -59,6 +62,23 @@ class PeerAccount:
             self._lot.unpark_all()
         else:
             self._arriving.setdefault(reader, since)
+
+    def hold_output(self, size: int) -> None:
+        self.output += size
+
+    def release_output(self, size: int) -> None:
+        self.output -= size
+        if self.output < self.budget:
+            self._lot.unpark_all()
+
+    async def wait_for_output_room(self) -> None:
+        """Return once the uid's jobs hold less unsent output than its budget (the jobs
+        holding it are running or sending, so they end on their own)."""
+        while self.output >= self.budget:
+            await self._lot.park()
+
+    def is_arriving(self, reader: object) -> bool:
+        return reader in self._arriving
 
     async def wait_for_room(self, reader: object) -> None:
         """Return once the uid holds less than its budget, or once ``reader``'s line is
@@ -95,11 +115,5 @@ class PeerTable:
 
     def disconnect(self, account: PeerAccount) -> None:
         account.connections -= 1
-        if account.connections == 0 and account.held == 0:
+        if account.connections == 0 and account.held == 0 and account.output == 0:
             del self._accounts[account.uid]  # a uid that comes and goes leaves nothing
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "connections": sum(a.connections for a in self._accounts.values()),
-            "pending_bytes": sum(a.held for a in self._accounts.values()),
-        }

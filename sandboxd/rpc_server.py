@@ -59,8 +59,11 @@ log = logging.getLogger(__name__)
 OUTPUT_NOTIFICATION = "execute.output"
 STDIN_METHOD = "execute.stdin"
 # Input may arrive before its execute request is dispatched; how much is kept for it.
-MAX_EARLY_STDIN_IDS = 8
+MAX_EARLY_STDIN_IDS = 64
 MAX_EARLY_STDIN_BYTES = 1024 * 1024
+# What a request costs the daemon beyond its bytes (its task, what it parses into),
+# counted against its uid like them: a flood of tiny requests is bounded too.
+REQUEST_OVERHEAD = 4096
 
 
 async def _feed_stdin(connection: Connection, params: Any) -> None:
@@ -127,8 +130,10 @@ class Connection:
         self.account = account
         self.limits = limits
         self.held = 0  # bytes of its request lines read and not yet answered
-        self.running = trio.Semaphore(limits.requests_per_connection)
+        self.requests = 0  # read and not yet answered
+        self.running = trio.Semaphore(limits.requests_per_connection)  # of those, at once
         self.read_scope = trio.CancelScope()  # the deadline of the read in progress
+        self.draining = False  # the daemon stops: read no further request
         self._send_lock = trio.Lock()
         # Interactive executions running on this connection: request id → their stdin;
         # and input that arrived before its execute request was dispatched.
@@ -143,17 +148,24 @@ class Connection:
         self.held -= size
         self.account.release(size)
 
-    @property
-    def busy(self) -> bool:
-        return self.running.value < self.limits.requests_per_connection
+    def request_read(self) -> None:
+        """A request line (already held) will be answered: its task counts too."""
+        self.requests += 1
+        self.hold(REQUEST_OVERHEAD)
 
     def request_done(self, size: int) -> None:
         """A request line of ``size`` bytes was answered; with nothing left running, the
         connection's idle time starts now."""
-        self.release(size)
-        self.running.release()
-        if not self.busy and self.read_scope.deadline == math.inf:
+        self.requests -= 1
+        self.release(size + REQUEST_OVERHEAD)
+        if not self.requests and self.read_scope.deadline == math.inf:
             self.read_scope.deadline = trio.current_time() + self.limits.idle_timeout
+
+    def stop_reading(self) -> None:
+        """Read no request after the one arriving now (the daemon is draining)."""
+        self.draining = True
+        if not self.account.is_arriving(self):
+            self.read_scope.cancel()
 
     async def send(self, message: Any) -> None:
         """Send one message, encoded piece by piece as it goes out (a result can hold
@@ -225,16 +237,26 @@ class Connection:
         self.scope.cancel()
 
 
-@dataclass(frozen=True)
+@dataclass
 class RequestContext:
     """Passed to every method: who asked, under which id, and how to stream to them."""
 
     request_id: Any
     connection: Connection
+    output: int = 0  # of the program's output, what its answer will carry
 
     async def notify(self, method: str, params: dict[str, Any]) -> None:
         if self.request_id is not NOID:
             await self.connection.send({"jsonrpc": "2.0", "method": method, "params": params})
+
+    async def relay_output(self, stage: str, stream: str, data: str) -> None:
+        """Stream output to the client; its uid holds it until the answer is sent."""
+        self.connection.account.hold_output(len(data))
+        self.output += len(data)
+        await self.notify(
+            OUTPUT_NOTIFICATION,
+            {"id": self.request_id, "stage": stage, "stream": stream, "data": data},
+        )
 
 
 def _expose(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Result]]:
@@ -267,6 +289,7 @@ class RpcServer:
         self.peers = PeerTable(limits)
         self._in_flight = 0  # requests read and not yet answered, on every connection
         self._answered = trio.lowlevel.ParkingLot()
+        self._connections: set[Connection] = set()
         self.methods = {
             name: _expose(function)
             for name, function in {
@@ -289,17 +312,16 @@ class RpcServer:
         return await self.service.status(**params)
 
     async def _execute(self, context: RequestContext, **params: Any) -> Any:
-        async def relay(stage: str, stream: str, data: str) -> None:
-            await context.notify(
-                OUTPUT_NOTIFICATION,
-                {"id": context.request_id, "stage": stage, "stream": stream, "data": data},
-            )
-
+        # A uid's jobs start only while it has taken the output of those before: a
+        # client that reads slowly cannot pile up results in the daemon.
+        wait = context.connection.account.wait_for_output_room
         if not params.get("interactive"):
-            return await self.service.execute(params, relay)
+            return await self.service.execute(params, context.relay_output, wait_to_start=wait)
         stdin = context.connection.open_stdin(context.request_id)
         try:
-            return await self.service.execute(params, relay, stdin)
+            return await self.service.execute(
+                params, context.relay_output, stdin, wait_to_start=wait
+            )
         finally:
             context.connection.close_stdin(context.request_id)
 
@@ -325,9 +347,11 @@ class RpcServer:
                 )
 
     def stop_accepting(self) -> None:
-        """Accept no more clients: those that connect wait in the socket's backlog (for
-        the next daemon, when systemd holds the socket)."""
+        """Accept no more clients, nor requests from those connected: new ones wait in
+        the socket's backlog (for the next daemon, when systemd holds the socket)."""
         self._accepting.cancel()
+        for connection in self._connections:
+            connection.stop_reading()
 
     async def wait_answered(self) -> None:
         """Wait until every request read so far has been answered."""
@@ -355,6 +379,7 @@ class RpcServer:
             log.debug("client connected: pid=%d uid=%d", peer.pid, peer.uid)
             scope = trio.CancelScope()
             connection = Connection(stream, scope, peer, account, self.limits)
+            self._connections.add(connection)
             try:
                 with scope:
                     async with trio.open_nursery() as nursery:
@@ -363,10 +388,19 @@ class RpcServer:
                             await self._read_requests(connection, requests)
                         scope.cancel()  # all answered: stop watching for the hang-up
             finally:
+                self._connections.discard(connection)
                 connection.close()
                 self.peers.disconnect(account)
 
     async def _read_requests(self, connection: Connection, requests: trio.Nursery) -> None:
+        try:
+            await self._read_requests_until_done(connection, requests)
+        finally:
+            connection.account.arriving(connection, None)  # whatever was arriving is given up
+
+    async def _read_requests_until_done(
+        self, connection: Connection, requests: trio.Nursery
+    ) -> None:
         buffer = LineBuffer(self.limits.max_request_bytes)
         while True:
             try:
@@ -389,7 +423,7 @@ class RpcServer:
             if not line.strip() or await _stdin_notification(connection, line):
                 connection.release(size)
                 continue
-            await connection.running.acquire()  # the connection waits while it has its most
+            connection.request_read()
             self._in_flight += 1
             requests.start_soon(self._answer, connection, line)
 
@@ -403,12 +437,14 @@ class RpcServer:
         limits, account = self.limits, connection.account
         started, paused = trio.current_time(), 0.0
         while (line := buffer.next_line()) is None:
+            if connection.draining and not buffer.pending:
+                return None
             before = trio.current_time()
             await account.wait_for_room(connection)
             paused += trio.current_time() - before
             if buffer.pending:
                 deadline = started + limits.request_timeout + paused
-            elif connection.busy:
+            elif connection.requests:
                 deadline = math.inf  # answers are coming; request_done starts the idle time
             else:
                 deadline = trio.current_time() + limits.idle_timeout
@@ -416,6 +452,8 @@ class RpcServer:
             with connection.read_scope:
                 data = await connection.stream.receive_some(65536)
             if connection.read_scope.cancelled_caught:
+                if connection.draining and not buffer.pending:
+                    return None
                 if buffer.pending:
                     raise RequestTimeout(
                         f"the request did not arrive whole within {limits.request_timeout:g} s",
@@ -428,7 +466,7 @@ class RpcServer:
                     return None
                 data = b"\n"  # the peer ended in the middle of a line: take it as the last
             if not buffer.pending:
-                started = trio.current_time()
+                started, paused = trio.current_time(), 0.0
                 account.arriving(connection, started)
             buffer.feed(data)
             connection.hold(len(data))
@@ -439,6 +477,7 @@ class RpcServer:
         return line
 
     async def _answer(self, connection: Connection, line: bytes) -> None:
+        """Answer one line (a request or a batch), whose size the connection holds."""
         try:
             await self._answer_line(connection, line)
         finally:
@@ -455,9 +494,13 @@ class RpcServer:
             return
         document = parsed._value
         if not isinstance(document, list):
-            response = await self._dispatch(connection, document)
-            if response is not None:
-                await connection.send(response)
+            context = RequestContext(None, connection)
+            try:
+                response = await self._dispatch(context, document)
+                if response is not None:
+                    await connection.send(response)
+            finally:
+                connection.account.release_output(context.output)
             return
         if len(document) > self.limits.requests_per_connection:
             error = InvalidRequest(
@@ -466,24 +509,31 @@ class RpcServer:
             await connection.send(_error_line(error))
             return
         responses: list[Any] = [None] * len(document)
+        contexts = [RequestContext(None, connection) for _ in document]
 
         async def one(index: int, request: dict[str, Any]) -> None:
-            responses[index] = await self._dispatch(connection, request)
+            responses[index] = await self._dispatch(contexts[index], request)
 
-        async with trio.open_nursery() as batch:
-            for index, request in enumerate(document):
-                batch.start_soon(one, index, request)
-        answered = [response for response in responses if response is not None]
-        if answered:
-            await connection.send(answered)
+        try:
+            async with trio.open_nursery() as batch:
+                for index, request in enumerate(document):
+                    batch.start_soon(one, index, request)
+            answered = [response for response in responses if response is not None]
+            if answered:
+                await connection.send(answered)
+        finally:
+            connection.account.release_output(sum(context.output for context in contexts))
 
-    async def _dispatch(self, connection: Connection, document: dict[str, Any]) -> Any:
-        """Run one request; its serialised response, or None for a notification."""
+    async def _dispatch(self, context: RequestContext, document: dict[str, Any]) -> Any:
+        """Run one request (at most ``requests_per_connection`` of a connection at once,
+        batch members included); its serialised response, or None for a notification."""
+        connection = context.connection
         request = create_request(document)
-        context = RequestContext(request.id, connection)
+        context.request_id = request.id
         if request.id is not NOID:
             log.debug("request %r %s from uid %d", request.id, request.method, connection.peer.uid)
-        _, result = await dispatch_request(self.methods, context, request)
+        async with connection.running:
+            _, result = await dispatch_request(self.methods, context, request)
         if request.id is NOID:
             return None
         return to_serializable_one(to_response(request, result))

@@ -38,6 +38,7 @@ DENIED_X86_64 = {
     "delete_module": 176,
     "quotactl": 179,
     "lookup_dcookie": 212,
+    "migrate_pages": 256,
     "kexec_load": 246,
     "add_key": 248,
     "request_key": 249,
@@ -61,18 +62,20 @@ DENIED_X86_64 = {
     "io_uring_register": 427,
     "open_tree": 428,
     "move_mount": 429,
+    "pidfd_getfd": 438,
     "fsopen": 430,
     "fsconfig": 431,
     "fsmount": 432,
     "fspick": 433,
     "mount_setattr": 442,
+    "quotactl_fd": 443,
 }
 SOCKET, SOCKETPAIR, PERSONALITY = 41, 53, 135
 NEWEST_REVIEWED = 462  # mseal (Linux 6.10); anything above is unknown here
 SOCKET_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
 NETLINK_ROUTE = 0
-# What Docker's default profile lets personality() set: Linux itself, with uname's
-# 2.6 version or no address randomisation; 0xffffffff only asks for the current one.
+# What Docker's default profile lets personality() set: Linux itself, as 32-bit Linux
+# (PER_LINUX32), with uname's 2.6 version (UNAME26), or both; 0xffffffff only asks.
 PERSONAS = (0x0, 0x0008, 0x20000, 0x20008, 0xFFFFFFFF)
 
 AUDIT_ARCH_X86_64 = 0xC000003E

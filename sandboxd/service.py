@@ -54,7 +54,9 @@ def result_of(run: JobRun, job: Job, sandbox_id: str) -> ExecutionResult:
             result.status = Status.MEMORY_LIMIT
             result.message = f"memory limit of {job.limits.memory_bytes // 2**20} MiB exceeded"
     else:
-        if run.deadline_hit:
+        if run.cpu is not None and run.cpu.exceeded:
+            status, message = Status.TIMEOUT, f"CPU time limit of {run.cpu.limit:g} s exceeded"
+        elif run.deadline_hit:
             status, message = Status.TIMEOUT, run.lost
         elif run.oom_kills:
             mib = job.limits.memory_bytes // 2**20
@@ -158,15 +160,20 @@ class Service:
         params: Mapping[str, Any],
         on_output: OutputSink,
         stdin: StdinStream | None = None,
+        *,
+        wait_to_start: Callable[[], Awaitable[None]] | None = None,
     ) -> dict[str, Any]:
         """Run one job in a fresh sandbox; the result record as a dict.
 
-        ``stdin`` carries what the client streams to an interactive job.
-        Raises InvalidParams, UnsupportedLanguage, LimitAboveMaximum or NoCapacity.
+        ``stdin`` carries what the client streams to an interactive job; the job waits
+        for ``wait_to_start`` before it takes a sandbox. Raises InvalidParams,
+        UnsupportedLanguage, LimitAboveMaximum or NoCapacity.
         """
         start = trio.current_time()
         job = parse_job(params, self.languages_table, self.limits)
         egress = self._egress_for(job)
+        if wait_to_start is not None:
+            await wait_to_start()
         async with self.pool.sandbox() as sandbox:
             queued = trio.current_time() - start
             async with (

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandboxctl.client import AsyncClient
 from sandboxctl.gateway.access import AccessControl
+from sandboxctl.gateway.daemon_answers import DaemonAnswers
 from sandboxctl.gateway.http_errors import error_body
 from sandboxctl.gateway.metrics import Metrics
 from sandboxctl.gateway.models import (
@@ -196,6 +197,7 @@ def create_app(
     client: AsyncClient, access: AccessControl, *, max_body_bytes: int, body_timeout: float
 ) -> FastAPI:
     metrics = Metrics()
+    answers = DaemonAnswers(client)
     app = FastAPI(
         title="sandboxd",
         version=__version__,
@@ -259,7 +261,7 @@ def create_app(
     async def health() -> JSONResponse:
         """Whether the service can run code now."""
         try:
-            answer = await client.health()
+            answer = await answers.health()
         except DaemonUnavailable as exc:
             body = HealthResponse(status="unhealthy", time=int(time.time()), reason=exc.message)
             return JSONResponse(body.model_dump(exclude_none=True), 503)
@@ -271,7 +273,7 @@ def create_app(
     @app.get("/languages", response_model=LanguagesResponse, responses={503: ERRORS[503]})
     async def languages() -> dict[str, Any]:
         """The languages the service runs (the original's list, and details)."""
-        return await client.languages()
+        return await answers.languages()
 
     @app.post(
         "/execute",
@@ -320,7 +322,7 @@ def create_app(
     async def prometheus() -> Response:
         """Prometheus metrics."""
         try:
-            health_answer: dict[str, Any] | None = await client.health()
+            health_answer: dict[str, Any] | None = await answers.health()
         except DaemonUnavailable:
             health_answer = None
         return Response(

@@ -103,7 +103,8 @@ async def run_gateway(
     """Serve until SIGTERM or SIGINT, on ``given`` (systemd's socket) or on host:port."""
     gateway = config.gateway
     app = create_app(
-        AsyncClient(config.daemon.socket),
+        # As many connections as the daemon allows one uid: more callers wait their turn.
+        AsyncClient(config.daemon.socket, max_connections=config.daemon.max_connections_per_uid),
         access,
         max_body_bytes=gateway.max_body_bytes,
         body_timeout=gateway.body_timeout,

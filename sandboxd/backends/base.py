@@ -72,6 +72,7 @@ class CpuWatch:
         self.limit = 0.0
         self.exceeded = False
         self._base = 0.0
+        self._final: float | None = None
         self._started = trio.Event()
 
     def stage_started(self, stage: str) -> None:
@@ -85,7 +86,14 @@ class CpuWatch:
 
     @property
     def used(self) -> float:
+        """The stage's CPU time so far, or at the job's end once that came."""
+        if self._final is not None:
+            return self._final
         return self._read() - self._base if self.stage else 0.0
+
+    def finish(self) -> None:
+        """The job is over: what comes after (the agent's exit) is not the job's."""
+        self._final = self.used
 
     async def enforce(self) -> None:
         """Stop the program once its stage used up its CPU time (runs until cancelled)."""
@@ -271,6 +279,8 @@ class Sandbox(abc.ABC):
                 except AgentError as exc:
                     lost = str(exc)
                 nursery.cancel_scope.cancel()
+        if cpu is not None:
+            cpu.finish()
         if deadline.cancelled_caught:
             lost = f"the sandbox outlived its time limits by {HOST_GRACE:g} s and was killed"
         if record is None:

@@ -74,10 +74,9 @@ class NamespacesSandbox(JailedSandbox):
         return self.cgroup.cpu_seconds()
 
     def kill_program(self) -> None:
-        # All but bubblewrap outside and the agent inside (bubblewrap's only child).
-        agent = _children(self.child.pid)
-        spared = {self.child.pid, *agent[:1]}
-        self.kill(spared)
+        # All but bubblewrap outside and the agent inside, the jail's PID 1.
+        agent = {pid for pid in self.cgroup.pids() if _first_of_its_namespace(pid)}
+        self.kill({self.child.pid, *agent})
 
 
 class NamespacesBackend(JailedBackend):
@@ -178,9 +177,14 @@ class NamespacesBackend(JailedBackend):
         sandbox.set_state(SandboxState.STOPPED)
 
 
-def _children(pid: int) -> list[int]:
+def _first_of_its_namespace(pid: int) -> bool:
+    """Whether ``pid`` is PID 1 of a pid namespace below the host's (its NSpid ends in 1)."""
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as children:
-            return [int(child) for child in children.read().split()]
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("NSpid:"):
+                    ids = line.split()[1:]
+                    return len(ids) > 1 and ids[-1] == "1"
     except OSError:
-        return []
+        pass
+    return False

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from sandboxd.backends.namespaces import AGENT_MEMORY, OVERHEAD_PROCESSES
+from sandboxd.cgroups import CgroupLayout
 from sandboxd.result import Status
 from tests.host_state import mounts, program_processes, sandbox_cgroups, sandbox_processes, wait_for
 
@@ -490,3 +492,17 @@ def test_only_the_socket_families_and_calls_programs_need_are_allowed(client):
         "no such syscall 38",
         "getpid ok",
     ], result.stderr
+
+
+def test_ready_sandboxes_have_the_default_limits_before_any_job(daemon):
+    """A ready jail runs its agent already: it was unlimited until a job claimed it."""
+    layout = CgroupLayout.detect()
+    names = {path.name for path in sandbox_cgroups(daemon.name)}
+    assert names
+    for name in names:
+        memory = layout.roots["memory"] / daemon.name / name
+        pids = layout.roots["pids"] / daemon.name / name
+        limit = memory / ("memory.max" if layout.version == 2 else "memory.limit_in_bytes")
+        # The defaults (512 MiB, 64 processes) and what the agent takes beside them.
+        assert int(limit.read_text()) == 512 * 2**20 + AGENT_MEMORY
+        assert int((pids / "pids.max").read_text()) == 64 + OVERHEAD_PROCESSES

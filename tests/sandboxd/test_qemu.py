@@ -97,6 +97,17 @@ def test_limits_in_a_vm(vm_daemon):
     assert len(flood.stdout) == 5000 and flood.truncated["stdout"]
     assert_vm_gone(vm_daemon, flood.sandbox_id)
 
+    # In a VM the agent counts the job's CPU in its own cgroup: children share the limit.
+    busy = client.execute(
+        "python",
+        "import os\nfor _ in range(4):\n    if os.fork() == 0:\n        while True: pass\n"
+        "os.wait()",
+        limits={"cpu_time": 1, "wall_time": 60},
+    )
+    assert (busy.status, busy.message) == (Status.TIMEOUT, "CPU time limit of 1 s exceeded")
+    assert 0.9 <= busy.usage["cpu_time"] < 2
+    assert_vm_gone(vm_daemon, busy.sandbox_id)
+
 
 def test_restored_vms_do_not_share_randomness_or_a_stale_clock(vm_daemon):
     code = "import os, time\nprint(os.urandom(16).hex(), time.time())"

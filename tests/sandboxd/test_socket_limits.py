@@ -224,16 +224,16 @@ def test_a_batch_larger_than_the_cap_is_refused(daemon):
 PINGER = (
     "import json, socket, sys, time\n"
     "path, seconds = sys.argv[1], float(sys.argv[2])\n"
-    "slowest, end = 0.0, time.monotonic() + seconds\n"
+    "took, end = [], time.monotonic() + seconds\n"
     "while time.monotonic() < end:\n"
     "    t = time.perf_counter()\n"
     "    with socket.socket(socket.AF_UNIX) as s:\n"
     "        s.connect(path)\n"
     '        s.sendall(b\'{"jsonrpc":"2.0","method":"health","id":1}\\n\')\n'
     "        s.makefile().readline()\n"
-    "    slowest = max(slowest, time.perf_counter() - t)\n"
+    "    took.append(time.perf_counter() - t)\n"
     "    time.sleep(0.01)\n"
-    "print(slowest)\n"
+    "print(json.dumps(sorted(took)))\n"
 )
 FLOOD = (
     "import sys\nb = b'\\x01' * (16 * 2**20)\n"
@@ -274,12 +274,65 @@ def test_large_outputs_keep_the_daemon_responsive_and_its_memory_bounded(make_da
         for sock in socks:
             sock.sendall(request("execute", params))
         statuses = [_result_status(sock) for sock in socks]
-        slowest = float(pinger.communicate(timeout=60)[0])
+        took = json.loads(pinger.communicate(timeout=60)[0])
     for sock in socks:
         sock.close()
     # Before: "memory_limit" (the agent held the output in the job's memory), a 500 MiB
     # daemon for one such job, and health answering in 1.1 s.
     assert statuses == ["ok", "ok"]
-    assert slowest < 0.05, slowest
+    # Two cores run both jobs, their agents, the daemon and these readers: the slowest
+    # answer or two measure the scheduler; the daemon's own loop never stalls for long.
+    assert took[int(0.99 * len(took))] < 0.05, took[-10:]
+    assert took[-1] < 0.25, took[-10:]
     output = 2 * 2 * 16  # MiB: two jobs, two full streams each
     assert memory.growth < 4 * output, memory.peak
+
+
+def test_input_still_flows_to_running_jobs_when_a_connection_has_its_most(daemon):
+    """Nine interactive jobs on one connection, which runs eight at once: the ninth
+    waits, and the input of the eight still reaches them (it once stopped the reading)."""
+    code = "import sys\nprint('echo', sys.stdin.readline().strip())"
+    params = {"language": "python", "code": code, "interactive": True, "timeout": 20}
+    with connect(daemon.socket, timeout=60) as sock:
+        sock.sendall(b"".join(request("execute", params, n) for n in range(1, 10)))
+        for n in range(1, 10):
+            stdin = {"id": n, "data": f"job{n}\n", "eof": True}
+            message = {"jsonrpc": "2.0", "method": "execute.stdin", "params": stdin}
+            sock.sendall(json.dumps(message).encode() + b"\n")
+        results = {}
+        while len(results) < 9:
+            message = receive_json_line(sock)
+            if "result" in message:
+                results[message["id"]] = message["result"]
+    assert {n: r["stdout"] for n, r in results.items()} == {
+        n: f"echo job{n}\n" for n in range(1, 10)
+    }
+
+
+def test_a_uid_that_does_not_take_its_output_waits_to_start_more_jobs(make_daemon):
+    daemon = make_daemon(daemon={"pending_bytes_per_uid": "8MiB"})
+    big = {
+        "language": "python",
+        "code": "import sys\nsys.stdout.write('z' * (9 * 2**20))",
+        "limits": {"output_bytes": 16 * MiB},
+    }
+    hoarder = connect(daemon.socket, timeout=60)
+    hoarder.sendall(request("execute", big))
+    seen = 0
+    buffer = b""
+    while seen < 9 * MiB:  # all the output as it streams, then nothing of the result
+        buffer += hoarder.recv(MiB)
+        *lines, buffer = buffer.split(b"\n")
+        notes = [json.loads(line) for line in lines if line.startswith(b'{"jsonrpc":"2.0","m')]
+        seen += sum(len(note["params"]["data"]) for note in notes)
+    with connect(daemon.socket, timeout=60) as other:
+        other.sendall(request("execute", {"language": "python", "code": "print(1)"}))
+        other.settimeout(3)
+        with contextlib.suppress(TimeoutError):
+            other.recv(1)
+            raise AssertionError("a job of that uid started while 9 MiB waited for it")
+        hoarder.close()  # its output goes: the uid may run jobs again
+        other.settimeout(30)
+        while "result" not in (answer := receive_json_line(other)):
+            pass
+        assert answer["result"]["stdout"] == "1\n"

@@ -9,6 +9,7 @@ import json
 import socket
 
 import httpx
+import pytest
 import trio
 
 from tests.daemon_process import start_gateway
@@ -29,16 +30,21 @@ def curl_execute(local_users, user: str, url: str) -> tuple[int, dict]:
     return int(status), json.loads(body)
 
 
-def test_a_keyless_gateway_admits_exactly_who_may_use_the_socket(
-    make_daemon, local_users, public_tmp_path, tmp_path
-):
-    daemon = make_daemon(
+@pytest.fixture
+def group_daemon(make_daemon, local_users, public_tmp_path):
+    """A daemon whose socket the local users' group may use."""
+    return make_daemon(
         daemon={
             "socket": str(public_tmp_path / "sandboxd.sock"),
             "socket_group": local_users.group,
         }
     )
-    gateway = start_gateway(tmp_path, daemon.socket)
+
+
+def test_a_keyless_gateway_admits_exactly_who_may_use_the_socket(
+    group_daemon, local_users, tmp_path
+):
+    gateway = start_gateway(tmp_path, group_daemon.socket)
     try:
         status, body = curl_execute(local_users, local_users.member, gateway.url)
         assert (status, body["output"]) == (200, "hi\n")
@@ -60,16 +66,8 @@ def test_a_keyless_gateway_admits_exactly_who_may_use_the_socket(
         gateway.stop()
 
 
-def test_each_local_user_has_a_rate_bucket_of_its_own(
-    make_daemon, local_users, public_tmp_path, tmp_path
-):
-    daemon = make_daemon(
-        daemon={
-            "socket": str(public_tmp_path / "sandboxd.sock"),
-            "socket_group": local_users.group,
-        }
-    )
-    gateway = start_gateway(tmp_path, daemon.socket, rate_per_minute=1, rate_burst=2)
+def test_each_local_user_has_a_rate_bucket_of_its_own(group_daemon, local_users, tmp_path):
+    gateway = start_gateway(tmp_path, group_daemon.socket, rate_per_minute=1, rate_burst=2)
     try:
         codes = [
             httpx.post(f"{gateway.url}/execute", json=HELLO, timeout=30).status_code
