@@ -4,10 +4,11 @@ gateway is restarted. Printed: jobs answered / right / wrong / lost / refused, d
 and gateway memory at start and end, and what was left on the host.
 
 Every job checks its own answer (hellos carry a nonce), and every job's outcome is one
-of: right; wrong (an answer that is not what the job must get: never acceptable); lost
-(no answer: acceptable only for a job in flight when the daemon was SIGKILLed, or one
-the soak killed from outside); refused (the connection was refused). The daemon is
-started as systemd starts it from ``sandboxd.socket``, so its restarts refuse nobody.
+of: right; killed (answered, in a sandbox the soak killed from outside); wrong (an
+answer that is not what the job must get: never acceptable); lost (no answer:
+acceptable only for a job in flight when the daemon was SIGKILLed); refused (the
+connection was refused). The daemon and the gateway are started as systemd starts them
+from socket units, so their restarts refuse nobody.
 
     SOAK_JOBS=10000 SOAK_CONCURRENCY=16 SOAK_SECONDS=3600 python -m bench.soak
 """
@@ -231,7 +232,7 @@ class Soak:
                     if kind.right(result, nonce):
                         self.tally.add("right")
                     elif result.sandbox_id in self.killed_sandboxes:
-                        self.tally.add("lost", f"{kind.name}: killed from outside")
+                        self.tally.add("killed")  # answered: the soak killed its sandbox
                     else:
                         detail = (
                             f"{kind.name}: {result.status} {result.message} {result.stdout[:80]!r}"
@@ -384,11 +385,12 @@ class Report:
 
     def lines(self) -> list[str]:
         tally = self.outcomes
+        answered = tally["right"] + tally["killed"] + tally["wrong"]
         lines = [
             f"{self.jobs} jobs in {self.seconds:.0f} s ({self.jobs / self.seconds:.1f} jobs/s)",
-            f"answered {tally['right'] + tally['wrong']}, right {tally['right']}, wrong "
-            f"{tally['wrong']}, lost {tally['lost'] + tally['lost?']} (unexplained "
-            f"{tally['lost?']}), refused {tally['refused']}",
+            f"answered {answered}: right {tally['right']}, in a sandbox killed from outside "
+            f"{tally['killed']}, wrong {tally['wrong']}; lost {tally['lost'] + tally['lost?']} "
+            f"(not in flight at a SIGKILL: {tally['lost?']}); refused {tally['refused']}",
         ]
         for what, (start, end) in self.memory.items():
             lines.append(f"{what} memory: {start:.0f} MiB at its start, {end:.0f} MiB at the end")

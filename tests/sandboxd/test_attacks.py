@@ -494,11 +494,12 @@ def test_only_the_socket_families_and_calls_programs_need_are_allowed(client):
     ], result.stderr
 
 
-def test_ready_sandboxes_have_the_default_limits_before_any_job(daemon):
+def test_ready_sandboxes_have_the_default_limits_before_any_job(make_daemon):
     """A ready jail runs its agent already: it was unlimited until a job claimed it."""
+    daemon = make_daemon(pool={"size": 2})  # its sandboxes never ran a job
     layout = CgroupLayout.detect()
     names = {path.name for path in sandbox_cgroups(daemon.name)}
-    assert names
+    assert len(names) == 2
     for name in names:
         memory = layout.roots["memory"] / daemon.name / name
         pids = layout.roots["pids"] / daemon.name / name
