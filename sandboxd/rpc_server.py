@@ -437,11 +437,11 @@ class RpcServer:
         limits, account = self.limits, connection.account
         started, paused = trio.current_time(), 0.0
         while (line := buffer.next_line()) is None:
-            if connection.draining and not buffer.pending:
-                return None
             before = trio.current_time()
             await account.wait_for_room(connection)
             paused += trio.current_time() - before
+            if connection.draining and not buffer.pending:
+                return None
             if buffer.pending:
                 deadline = started + limits.request_timeout + paused
             elif connection.requests:
