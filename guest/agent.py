@@ -41,24 +41,23 @@ process the program left behind.
 
 from __future__ import annotations
 
-import argparse
-import base64
+# Each sandbox starts this afresh: only what serving a job needs is imported at start
+# (no argparse, subprocess or typing; what only VMs or some jobs use, where it is used).
 import codecs
 import contextlib
 import ctypes
-import fcntl
 import json
 import os
 import resource
 import selectors
 import signal
-import socket
-import struct
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from typing import IO, Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import IO, Any
 
 PROTOCOL = 1
 CHUNK = 65536
@@ -296,16 +295,54 @@ def _apply_limits(
     return preexec
 
 
+def spawn(
+    argv: list[str], *, cwd: str, env: dict[str, str], preexec: Callable[[], None]
+) -> tuple[int, int, int, int]:
+    """Start ``argv`` in a new session with pipes for its stdin, stdout and stderr, after
+    ``preexec`` in the child; (pid, stdin, stdout, stderr) or JobError if it cannot
+    start. (subprocess would cost every sandbox its import; the agent has one thread.)"""
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
+    stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)  # the child's exec error, if any
+    pid = os.fork()
+    if pid == 0:  # the child: nothing here may return
+        try:
+            for fd, target in ((stdin_r, 0), (stdout_w, 1), (stderr_w, 2)):
+                os.dup2(fd, target)
+            os.closerange(3, report_w)
+            os.closerange(report_w + 1, 1 << 16)
+            os.setsid()
+            os.chdir(cwd)
+            preexec()
+            os.execvpe(argv[0], argv, env)
+        except BaseException as exc:
+            error = exc.errno if isinstance(exc, OSError) and exc.errno else 0
+            os.write(report_w, str(error).encode())
+        os._exit(127)
+    for fd in (stdin_r, stdout_w, stderr_w, report_w):
+        os.close(fd)
+    with os.fdopen(report_r, "rb") as report:
+        failed = report.read()
+    if failed:
+        os.waitpid(pid, 0)
+        for fd in (stdin_w, stdout_r, stderr_r):
+            os.close(fd)
+        error = int(failed)
+        reason = os.strerror(error) if error else "it failed before exec"
+        raise JobError(f"cannot start {argv[0]}: {reason}")
+    return pid, stdin_w, stdout_r, stderr_r
+
+
 class StdinWriter:
     """The program's stdin, written by the run loop whenever the pipe has room, so that a
     program that does not read it cannot block the agent: the job's stdin first, then
     what the host streams. It is ``full`` when the host should wait (the run loop then
     stops reading the channel, and the host's side holds the rest)."""
 
-    def __init__(self, pipe: IO[bytes], selector: selectors.BaseSelector) -> None:
-        self._pipe = pipe
-        self._fd = pipe.fileno()
-        os.set_blocking(self._fd, False)
+    def __init__(self, fd: int, selector: selectors.BaseSelector) -> None:
+        self._fd = fd
+        os.set_blocking(fd, False)
         self._selector = selector
         self._pending = bytearray()
         self._eof = False
@@ -358,8 +395,7 @@ class StdinWriter:
             self._watched = wanted
         if self._eof and not self._pending:
             self.finished = True
-            with contextlib.suppress(OSError):
-                self._pipe.close()
+            os.close(self._fd)
 
 
 class Reaper:
@@ -464,29 +500,21 @@ class Runner:
         # The host, which may watch the job's CPU time from outside, starts its count.
         self.channel.send({"type": "stage", "stage": stage})
         start = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=self.workdir,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                preexec_fn=_apply_limits(limits, cpu_time, self.confinement),
-            )
-        except OSError as exc:
-            raise JobError(f"cannot start {argv[0]}: {exc.strerror}") from exc
-        assert proc.stdin and proc.stdout and proc.stderr
+        pid, stdin_fd, stdout_fd, stderr_fd = spawn(
+            argv,
+            cwd=self.workdir,
+            env=env,
+            preexec=_apply_limits(limits, cpu_time, self.confinement),
+        )
         selector = selectors.DefaultSelector()
-        writer = StdinWriter(proc.stdin, selector)
+        writer = StdinWriter(stdin_fd, selector)
         writer.feed(stdin)
-        pipes = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
+        streams = {stdout_fd: "stdout", stderr_fd: "stderr"}
+        pipes = set(streams)  # still open
         outcome.captures = {
             "stdout": Capture("stdout", cap, emit),
             "stderr": Capture("stderr", cap, emit),
         }
-        streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
         for fd in pipes:
             os.set_blocking(fd, False)
             selector.register(fd, selectors.EVENT_READ)
@@ -507,13 +535,13 @@ class Runner:
                 if killed_at is None and now >= deadline:
                     outcome.timed_out = True
                     killed_at = now
-                    self.kill_all(proc.pid)
+                    self.kill_all(pid)
                 if cpu_before is not None and killed_at is None and now >= next_cpu_check:
                     left = cpu_time - (self.confinement.cpu_seconds() or 0.0) + cpu_before
                     if left <= 0:
                         outcome.cpu_limited = True
                         killed_at = now
-                        self.kill_all(proc.pid)
+                        self.kill_all(pid)
                     # All CPUs busy is the fastest the job can use up what is left.
                     next_cpu_check = now + max(CPU_CHECK_MIN, left / (os.cpu_count() or 1))
                 wanted = taking_stdin and not writer.full
@@ -535,10 +563,10 @@ class Runner:
                 for key, _ in selector.select(wait):
                     if key.fd == self.reaper.fd:
                         self.reaper.reap()
-                        if exit_status is None and proc.pid in self.reaper.exits:
-                            exit_status = self.reaper.exits.pop(proc.pid)
+                        if exit_status is None and pid in self.reaper.exits:
+                            exit_status = self.reaper.exits.pop(pid)
                             # Whatever the program left running dies with it.
-                            self.kill_all(proc.pid)
+                            self.kill_all(pid)
                         continue
                     if key.fd == self.channel.fd and listening:
                         taking_stdin = self._take_stdin(writer)
@@ -554,37 +582,38 @@ class Runner:
                         continue
                     if not chunk:
                         selector.unregister(key.fd)
-                        pipes.pop(key.fd).close()
+                        pipes.discard(key.fd)
+                        os.close(key.fd)
                         continue
                     if not outcome.captures[streams[key.fd]].add(chunk) and killed_at is None:
                         outcome.output_limited = streams[key.fd]
                         killed_at = time.monotonic()
-                        self.kill_all(proc.pid)
+                        self.kill_all(pid)
         finally:
             writer.abandon()
             selector.close()
-            for pipe in pipes.values():
-                pipe.close()
+            for fd in pipes:
+                os.close(fd)
             if exit_status is None:
-                self.kill_all(proc.pid)
-                exit_status = self.reaper.wait(proc.pid)
+                self.kill_all(pid)
+                exit_status = self.reaper.wait(pid)
         for capture in outcome.captures.values():
             if not capture.truncated:
                 capture.finish()
         outcome.wall = time.monotonic() - start
         outcome.oom_killed = self.confinement.oom_kills() > oom_kills
         status, usage = exit_status
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        returncode = os.waitstatus_to_exitcode(status)
         cpu_after = self.confinement.cpu_seconds()
         if cpu_before is not None and cpu_after is not None:
             outcome.cpu = cpu_after - cpu_before  # every process of the stage
         else:
             outcome.cpu = usage.ru_utime + usage.ru_stime
         outcome.memory_bytes = usage.ru_maxrss * 1024
-        if proc.returncode < 0:
-            outcome.signal = -proc.returncode
+        if returncode < 0:
+            outcome.signal = -returncode
         else:
-            outcome.exit_code = proc.returncode
+            outcome.exit_code = returncode
         return outcome
 
 
@@ -644,6 +673,8 @@ def write_files(workdir: str, files: list[dict[str, Any]]) -> None:
             if any(part in ("", ".", "..") for part in parts) or "\0" in path:
                 raise JobError(f"refusing file path {path!r}")
             if entry.get("encoding") == "base64":
+                import base64
+
                 content = base64.b64decode(entry["content"], validate=True)
             else:
                 content = str(entry["content"]).encode()
@@ -745,6 +776,10 @@ def synchronise(message: dict[str, Any], in_vm: bool) -> None:
     share, take fresh entropy and the time from the host."""
     if not in_vm:
         return
+    import base64
+    import fcntl
+    import struct
+
     entropy = base64.b64decode(message.get("entropy", ""))
     if entropy:
         with open("/dev/urandom", "wb") as pool:
@@ -818,6 +853,8 @@ def host_connections(
     if fd is not None:
         yield Channel(fd, os.fdopen(os.dup(fd), "wb"))
         return
+    import socket
+
     try:
         listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         listener.bind((socket.VMADDR_CID_ANY, vsock_port))
@@ -846,53 +883,81 @@ def end_vm() -> None:
     ctypes.CDLL(None).reboot(0x01234567)  # RB_AUTOBOOT
 
 
+USAGE = """usage: agent.py [--workdir DIR] [--isolated] [--vm] [--port-name NAME]
+                [--vsock-port PORT] [--vsock-privileged-peer] [--vm-memory-reserve BYTES]
+
+  --workdir DIR              where the job's files go (/work)
+  --isolated                 the agent is alone in its pid namespace: kill leftovers
+                             with kill(-1)
+  --vm                       run as PID 1 of a VM, talking on its virtio-serial port or
+                             its vsock port
+  --port-name NAME           the virtio-serial port (sandboxd.agent)
+  --vsock-port PORT          the vsock port to listen on (52)
+  --vsock-privileged-peer    take vsock connections only from host ports below 1024
+                             (the host's root)
+  --vm-memory-reserve BYTES  of the VM's memory, what is kept for the agent and the
+                             kernel (96 MiB)
+"""
+OPTIONS: dict[str, str | int] = {
+    "workdir": "/work",
+    "port_name": "sandboxd.agent",
+    "vsock_port": 52,
+    "vm_memory_reserve": 96 * 2**20,
+}
+FLAGS = ("isolated", "vm", "vsock_privileged_peer")
+
+
+def parse_options(argv: list[str]) -> dict[str, Any]:
+    """The agent's command line, which its host writes (argparse would cost every
+    sandbox its import); exits 2 with the usage on a mistake."""
+    options: dict[str, Any] = {**OPTIONS, **dict.fromkeys(FLAGS, False)}
+    words = iter(argv)
+    for word in words:
+        name = word.removeprefix("--").replace("-", "_")
+        if word in ("-h", "--help"):
+            sys.stdout.write(USAGE)
+            sys.exit(0)
+        elif word.startswith("--") and name in FLAGS:
+            options[name] = True
+        elif word.startswith("--") and name in OPTIONS and (value := next(words, None)):
+            kind = type(OPTIONS[name])
+            try:
+                options[name] = kind(value)
+            except ValueError:
+                _usage_error(f"{word}: expected {kind.__name__}, got {value!r}")
+        else:
+            _usage_error(f"cannot make sense of {word!r}")
+    return options
+
+
+def _usage_error(message: str) -> None:
+    sys.stderr.write(f"{USAGE}agent.py: {message}\n")
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/work", help="where the job's files go")
-    parser.add_argument(
-        "--isolated",
-        action="store_true",
-        help="the agent is alone in its pid namespace: kill leftovers with kill(-1)",
-    )
-    parser.add_argument(
-        "--vm",
-        action="store_true",
-        help="run as PID 1 of a VM, talking on its virtio-serial port or its vsock port",
-    )
-    parser.add_argument("--port-name", default="sandboxd.agent", help="the virtio-serial port")
-    parser.add_argument("--vsock-port", type=int, default=52, help="the vsock port to listen on")
-    parser.add_argument(
-        "--vsock-privileged-peer",
-        action="store_true",
-        help="take vsock connections only from host ports below 1024 (the host's root)",
-    )
-    parser.add_argument(
-        "--vm-memory-reserve",
-        type=int,
-        default=96 * 2**20,
-        help="bytes of the VM's memory kept for the agent and the kernel",
-    )
-    options = parser.parse_args(argv)
+    options = parse_options(sys.argv[1:] if argv is None else argv)
     # Not dumpable: the program (same uid in a jail) can then neither ptrace the agent
     # nor open its /proc files to read or rewrite its memory and forge a result.
     ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0)
     for number in IGNORED_SIGNALS:  # a program's kill(1, ...) changes nothing
         signal.signal(number, signal.SIG_IGN)
-    if options.vm:
-        os.makedirs(options.workdir, exist_ok=True)
-        confinement = VmConfinement(options.vm_memory_reserve)
+    workdir = options["workdir"]
+    if options["vm"]:
+        os.makedirs(workdir, exist_ok=True)
+        confinement = VmConfinement(options["vm_memory_reserve"])
         try:
             links = host_connections(
-                options.port_name, options.vsock_port, options.vsock_privileged_peer
+                options["port_name"], options["vsock_port"], options["vsock_privileged_peer"]
             )
             for channel in links:
-                if serve(channel, lambda c: Runner(c, options.workdir, True, confinement), True):
+                if serve(channel, lambda c: Runner(c, workdir, True, confinement), True):
                     break
         finally:
             end_vm()
         return 0
     channel = Channel(sys.stdin.fileno(), sys.stdout.buffer)
-    serve(channel, lambda c: Runner(c, options.workdir, options.isolated, Confinement()))
+    serve(channel, lambda c: Runner(c, workdir, options["isolated"], Confinement()))
     return 0
 
 

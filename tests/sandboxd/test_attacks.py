@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from sandboxd.backends.namespaces import AGENT_MEMORY, OVERHEAD_PROCESSES
+from sandboxd.backends.namespaces import AGENT, AGENT_MEMORY, OVERHEAD_PROCESSES
 from sandboxd.cgroups import CgroupLayout
 from sandboxd.result import Status
 from tests.host_state import mounts, program_processes, sandbox_cgroups, sandbox_processes, wait_for
@@ -320,7 +320,7 @@ def busy_agents(daemon) -> list[int]:
     return [
         pid
         for pid, cmd in sandbox_processes(daemon.uid_base).items()
-        if cmd.startswith("/usr/bin/python3 -I -S /opt/sandboxd/agent.py") and _children(pid)
+        if cmd.startswith(f"/usr/bin/python3 -I -S {AGENT} ") and _children(pid)
     ]
 
 
@@ -507,3 +507,17 @@ def test_ready_sandboxes_have_the_default_limits_before_any_job(make_daemon):
         # The defaults (512 MiB, 64 processes) and what the agent takes beside them.
         assert int(limit.read_text()) == 512 * 2**20 + AGENT_MEMORY
         assert int((pids / "pids.max").read_text()) == 64 + OVERHEAD_PROCESSES
+
+
+def test_sandboxes_run_the_agent_compiled_once_by_the_images_python(daemon):
+    """Each sandbox would otherwise compile 900 lines before it can serve."""
+    agents = [
+        pid
+        for pid, cmd in sandbox_processes(daemon.uid_base).items()
+        if cmd.startswith(f"/usr/bin/python3 -I -S {AGENT} ")  # not bubblewrap around it
+    ]
+    assert agents
+    with open(f"/proc/{agents[0]}/root{AGENT}", "rb") as program:
+        head = program.read(4)
+    assert head[2:4] == b"\r\n" and not head.startswith(b"#!")  # a .pyc's magic number
+    assert "run the agent from source" not in daemon.log()
