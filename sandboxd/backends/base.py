@@ -82,7 +82,7 @@ class CpuWatch:
         self._started.set()
 
     def _read(self) -> float:
-        return self.sandbox.cpu_seconds() or 0.0
+        return self.sandbox.cpu_seconds()
 
     @property
     def used(self) -> float:
@@ -241,10 +241,13 @@ class Sandbox(abc.ABC):
         """Stop the job's program but not the agent, which then reports on it."""
         self.kill()
 
-    def cpu_seconds(self) -> float | None:
-        """CPU time the sandbox used so far, where the host counts a job's CPU (None:
-        the agent counts it, as in a VM, where the VMM's time is not the job's)."""
-        return None
+    # Whether the host counts a job's CPU time (cpu_seconds); if not, the agent does, as
+    # in a VM, where the VMM's time is not the job's.
+    host_counts_cpu: ClassVar[bool] = False
+
+    def cpu_seconds(self) -> float:
+        """CPU time the sandbox used so far (where ``host_counts_cpu``)."""
+        raise SandboxStateError(f"{type(self).__name__} does not count its CPU time")
 
     # The CPU share a sandbox has: the fastest it can use up CPU time.
     cpus: float = 1.0
@@ -266,7 +269,7 @@ class Sandbox(abc.ABC):
         budget = limits.wall_time + HOST_GRACE
         if job.get("compile"):
             budget += limits.compile_time
-        cpu = CpuWatch(self, limits, self.cpus) if self.cpu_seconds() is not None else None
+        cpu = CpuWatch(self, limits, self.cpus) if self.host_counts_cpu else None
         record, lost = None, ""
         with trio.move_on_after(budget) as deadline:
             async with trio.open_nursery() as nursery:

@@ -82,6 +82,8 @@ class NamespacesSandbox(JailedSandbox):
         except OSError as exc:
             raise LaunchError(f"cannot set the limits of sandbox {self.id}: {exc}") from exc
 
+    host_counts_cpu = True
+
     def cpu_seconds(self) -> float:
         return self.cgroup.cpu_seconds()
 
