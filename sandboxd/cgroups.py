@@ -170,11 +170,9 @@ class Cgroup:
             name, _, setting = value.partition("=")
             (self.dirs[name.split(".")[0]] / name).write_text(setting)
 
-    def attach_self(self) -> None:
-        """Move the calling process into this cgroup (used in a child's pre-exec hook)."""
-        pid = str(os.getpid())
-        for path in set(self.dirs.values()):
-            (path / "cgroup.procs").write_text(pid)
+    def procs_files(self) -> list[Path]:
+        """Where a process writes itself to join this cgroup (each hierarchy's)."""
+        return [path / "cgroup.procs" for path in sorted(set(self.dirs.values()))]
 
     def pids(self) -> set[int]:
         found: set[int] = set()
@@ -204,6 +202,14 @@ class Cgroup:
                     return int(value) / 1e6
             return 0.0
         return int((self.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
+
+    def memory_usage(self) -> int:
+        """The memory charged to the cgroup now (page cache of its tmpfs included)."""
+        path = self._file("memory", "memory.usage_in_bytes", "memory.current")
+        try:
+            return int(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
 
     def peak_memory(self) -> int:
         path = self._file("memory", "memory.max_usage_in_bytes", "memory.peak")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from functools import partial
 
 from sandboxd.cgroups import Cgroup, CgroupLayout
 from sandboxd.errors import LaunchError
@@ -34,13 +33,24 @@ def data_fd(data: bytes, name: str) -> int:
     return fd
 
 
-def enter(cgroup: Cgroup, uid: int, groups: Sequence[int] = ()) -> None:
-    """Pre-exec hook: join the cgroup, then drop to the unprivileged uid for good (keeping
-    only ``groups``, e.g. the one that may open /dev/kvm)."""
-    cgroup.attach_self()
-    os.setgroups(list(groups))
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
+# Run as root: write "0" (the writer itself) to each cgroup.procs named before "--",
+# then exec the rest.
+JOIN_CGROUP = (
+    'for f do [ "$f" = -- ] && break; echo 0 > "$f" || exit 126; shift; done; shift; exec "$@"'
+)
+
+
+def entering(cgroup: Cgroup, uid: int, groups: Sequence[int] = ()) -> list[str]:
+    """The command prefix that runs the rest in ``cgroup`` as ``uid`` for good (keeping
+    only ``groups``, e.g. the one that may open /dev/kvm). Both steps are programs the
+    child execs, not a pre-exec hook: the daemon then spawns without running Python in
+    the child, which lets it vfork (a fraction of a millisecond of its event loop,
+    against about 5 ms for a fork of the daemon that runs a hook)."""
+    keep = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+    return [
+        "/bin/sh", "-c", JOIN_CGROUP, "sh", *map(str, cgroup.procs_files()), "--",
+        "setpriv", f"--reuid={uid}", f"--regid={uid}", keep, "--",
+    ]  # fmt: skip
 
 
 @asynccontextmanager
@@ -78,10 +88,9 @@ async def jailed(
             raise LaunchError(f"cannot set the limits of cgroup {name}: {exc}") from exc
         try:
             child = spawn(
-                argv,
+                [*entering(cgroup, uid, groups), *argv],
                 cwd="/",
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                preexec=partial(enter, cgroup, uid, groups),
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,

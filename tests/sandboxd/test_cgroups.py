@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sandboxd.cgroups import CgroupLayout
+from sandboxd.jail import entering
 from tests.conftest import needs_root
 
 pytestmark = needs_root
@@ -19,7 +20,7 @@ NAME = f"sbxcgtest{os.getpid()}"
 
 
 def spawn_in(cgroup, code: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code], preexec_fn=cgroup.attach_self)
+    return subprocess.Popen([*entering(cgroup, 0), sys.executable, "-c", code])
 
 
 @pytest.fixture
