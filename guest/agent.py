@@ -7,10 +7,12 @@ virtio-serial port or vsock), and it never needs a network interface.
 
 Wire protocol: one JSON object per line, UTF-8, in both directions.
 
-    host → agent   {"type": "sync", "nonce": N, "entropy": base64, "time": unix seconds}
+    host → agent   {"type": "sync", "nonce": N, "entropy": base64, "time": unix seconds,
+                    "warm": {"argv": [...], "env": {...}, "source": "main.py"} | null}
     agent → host   {"type": "hello", "protocol": 1, "pid": N, "nonce": N}
                    (a VM restored from a snapshot meets a new host: it syncs again,
-                   reseeding its random pool and setting its clock from the host's)
+                   reseeding its random pool and setting its clock from the host's;
+                   the warm runtime, if any, starts after that: see WarmRuntime)
     host → agent   {"type": "job",
                     "files":  [{"path": "main.py", "content": "...", "encoding": "utf-8"|"base64"}],
                     "compile": {"argv": [...], "file_size_bytes": n} | null,
@@ -29,7 +31,8 @@ Wire protocol: one JSON object per line, UTF-8, in both directions.
                     "signal": n|null, "truncated": {"stdout": bool, "stderr": bool},
                     "compile": {"exit_code", "signal", "truncated", "time"}|null,
                     "timings": {"compile": s, "run": s},
-                    "usage": {"cpu_time": s, "memory_bytes": n}}
+                    "usage": {"cpu_time": s, "memory_bytes": n},
+                    "warm": bool}  (the run was the warm runtime's)
 
 The agent exits after the result: a sandbox serves one job. Output is streamed as it is
 produced, up to ``output_bytes`` per stream (the prefix); a program that writes more is
@@ -273,19 +276,29 @@ def cpu_rlimit(cpu_time: float) -> tuple[int, int]:
     return soft, soft + 1
 
 
-def _apply_limits(
-    limits: dict[str, Any], cpu_time: float, confinement: Confinement
+def job_rlimits(limits: dict[str, Any], cpu_time: float) -> list[tuple[int, tuple[int, int]]]:
+    """The rlimits a stage's process runs under."""
+    size = int(limits["file_size_bytes"])
+    nproc = int(limits["processes"])
+    return [
+        (resource.RLIMIT_CPU, cpu_rlimit(cpu_time)),
+        (resource.RLIMIT_FSIZE, (size, size)),
+        (resource.RLIMIT_NPROC, (nproc, nproc)),
+        (resource.RLIMIT_CORE, (0, 0)),
+    ]
+
+
+def _confine(
+    confinement: Confinement, rlimits: list[tuple[int, tuple[int, int]]]
 ) -> Callable[[], None]:
+    """What the program's process does before its exec."""
+
     def preexec() -> None:
         for number in IGNORED_SIGNALS:  # ignored dispositions would survive the exec
             signal.signal(number, signal.SIG_DFL)
         confinement.enter()
-        resource.setrlimit(resource.RLIMIT_CPU, cpu_rlimit(cpu_time))
-        size = int(limits["file_size_bytes"])
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-        nproc = int(limits["processes"])
-        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        for which, values in rlimits:
+            resource.setrlimit(which, values)
         try:  # the program, not the agent, is what the OOM killer should take first
             with open("/proc/self/oom_score_adj", "w") as adj:
                 adj.write("1000")
@@ -441,17 +454,126 @@ class Reaper:
         return self.exits.pop(pid)
 
 
+Process = tuple[int, int, int, int]  # (pid, stdin, stdout, stderr) as spawn returns them
+
+
+def _has_coding_cookie(source: bytes) -> bool:
+    """Whether the first two lines may declare an encoding (PEP 263): CPython then seeks
+    in its source file, which a FIFO cannot do."""
+    return any(
+        line.lstrip().startswith(b"#") and b"coding" in line for line in source.split(b"\n", 2)[:2]
+    )
+
+
+class WarmRuntime:
+    """The job's own command started before the job comes, waiting for its source.
+
+    For ``python3 main.py`` the agent makes ``main.py`` a FIFO and starts the command at
+    once: the interpreter starts up as it always does (sys.argv, sys.path, the modules a
+    fresh interpreter imports, its own hash seed) and blocks reading the FIFO. A job
+    that runs exactly that command gets it: its real file replaces the FIFO before the
+    first byte is written (so tracebacks and the program's own reads find the file), the
+    job's rlimits are set on the process, and the source is written to the FIFO. Nothing
+    of the agent runs in that process, so the program cannot tell it apart from a cold
+    start but by its clock. Any other job (other command, arguments, a compile step)
+    gets a cold start after this process is killed.
+    """
+
+    def __init__(
+        self, spec: dict[str, Any], workdir: str, confinement: Confinement, reaper: Reaper
+    ) -> None:
+        self.argv = [str(arg) for arg in spec["argv"]]
+        self.env = {**BASE_ENV, **{str(k): str(v) for k, v in spec.get("env", {}).items()}}
+        self.source = str(spec["source"])
+        if "/" in self.source or self.source in ("", ".", ".."):
+            raise JobError(f"refusing warm source path {self.source!r}")
+        self.workdir = workdir
+        self.reaper = reaper
+        self.path = os.path.join(workdir, self.source)
+        os.mkfifo(self.path, 0o644)
+        # Open for reading and writing: the runtime's open never blocks, and what the
+        # agent writes stays in the FIFO however little of it the runtime has read.
+        self.fifo = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        self.process: Process | None = spawn(
+            self.argv, cwd=workdir, env=self.env, preexec=_confine(confinement, [])
+        )
+
+    def serves(self, argv: list[str], env: dict[str, str], files: list[dict[str, Any]]) -> bool:
+        """Whether a job that runs ``argv`` with ``env`` and ``files`` can take it."""
+        if self.process is None or argv != self.argv or env != self.env:
+            return False
+        self.reaper.reap()
+        if self.process[0] in self.reaper.exits:
+            return False  # it died waiting (the log of the next job will not say why)
+        main = [f for f in files if f.get("path") == self.source]
+        return (
+            len(main) == 1
+            and main[0].get("encoding", "utf-8") == "utf-8"
+            and not _has_coding_cookie(str(main[0].get("content", "")).encode())
+        )
+
+    def take(self, files: list[dict[str, Any]]) -> tuple[Process, int, bytes]:
+        """Put the job's files in place for the waiting process: its source file is
+        written beside the FIFO and renamed over it. The process, and the FIFO with
+        what to write to it, which are now the caller's."""
+        assert self.process is not None
+        process, self.process = self.process, None
+        source = next(f for f in files if f.get("path") == self.source)
+        staged = f".{self.source}.sandboxd"
+        write_files(self.workdir, [{"path": staged, "content": source["content"]}])
+        os.rename(os.path.join(self.workdir, staged), self.path)
+        write_files(self.workdir, [f for f in files if f is not source])
+        return process, self.fifo, str(source["content"]).encode()
+
+    def discard(self) -> None:
+        """Kill the waiting process (a job that cannot take it): a cold start follows."""
+        assert self.process is not None
+        pid, *fds = self.process
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        self.reaper.wait(pid)
+        for fd in (*fds, self.fifo):
+            os.close(fd)
+        self.process = None
+        os.unlink(self.path)
+
+
 class Runner:
     """Runs processes for one job under its limits, reporting output as it comes."""
 
-    def __init__(
-        self, channel: Channel, workdir: str, isolated: bool, confinement: Confinement
-    ) -> None:
-        self.channel = channel
+    def __init__(self, workdir: str, isolated: bool, confinement: Confinement) -> None:
         self.workdir = workdir
         self.isolated = isolated
         self.confinement = confinement
         self.reaper = Reaper()
+        self.channel: Channel | None = None  # the host's, while serving
+        self.warm: WarmRuntime | None = None
+
+    def start_warm(self, spec: dict[str, Any] | None) -> None:
+        """(Re)start the warm runtime ``spec`` describes, after each sync: in a VM
+        restored from a snapshot, only once the random pool has been reseeded."""
+        if self.warm is not None and self.warm.process is not None:
+            self.warm.discard()
+        self.warm = None
+        if spec:
+            try:
+                self.warm = WarmRuntime(spec, self.workdir, self.confinement, self.reaper)
+            except (OSError, JobError, KeyError, TypeError) as exc:
+                # Jobs start cold; the host's log of the sandbox says why.
+                sys.stderr.write(f"agent: no warm runtime: {exc}\n")
+
+    def take_warm(
+        self, argv: list[str], env: dict[str, str], files: list[dict[str, Any]], compiles: bool
+    ) -> tuple[Process, int, bytes] | None:
+        """The warm runtime for a job that runs ``argv``, its files written; None (and
+        the runtime gone) if the job needs a cold start."""
+        warm, self.warm = self.warm, None
+        if warm is None or warm.process is None:
+            return None
+        if not compiles and warm.serves(argv, env, files):
+            return warm.take(files)
+        warm.discard()
+        return None
 
     def kill_all(self, pid: int) -> None:
         """Kill the program's process group and, when alone in the namespace, every
@@ -462,8 +584,20 @@ class Runner:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 how(target, signal.SIGKILL)
 
+    def _limit_warm(self, pid: int, rlimits: list[tuple[int, tuple[int, int]]]) -> None:
+        """Set a warm process's rlimits before its program's first line."""
+        try:
+            for which, values in rlimits:
+                resource.prlimit(pid, which, values)
+        except OSError as exc:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            self.reaper.wait(pid)
+            raise JobError(f"cannot limit the warm runtime: {exc.strerror}") from exc
+
     def _take_stdin(self, writer: StdinWriter, read: bool = True) -> bool:
         """Pass streamed stdin from the host on to the program; whether more may come."""
+        assert self.channel is not None
         for message in self.channel.receive_ready(read):
             if message.get("type") != "stdin":
                 raise JobError(f"unexpected message during a run: {message.get('type')!r}")
@@ -487,28 +621,41 @@ class Runner:
         wall_time: float,
         cpu_time: float,
         limits: dict[str, Any],
+        warm: tuple[Process, int, bytes] | None = None,
     ) -> StageOutcome:
+        """Run one stage: ``argv`` started now, or the ``warm`` process that waits for
+        its source (written to the FIFO once its limits are set)."""
+        assert self.channel is not None
+        channel = self.channel
         outcome = StageOutcome()
 
         def emit(stream: str, data: str) -> None:
-            self.channel.send({"type": "output", "stage": stage, "stream": stream, "data": data})
+            channel.send({"type": "output", "stage": stage, "stream": stream, "data": data})
 
         cap = int(limits["output_bytes"])
         self.confinement.prepare(self.workdir, limits)
         oom_kills = self.confinement.oom_kills()
         cpu_before = self.confinement.cpu_seconds()
         # The host, which may watch the job's CPU time from outside, starts its count.
-        self.channel.send({"type": "stage", "stage": stage})
+        channel.send({"type": "stage", "stage": stage})
         start = time.monotonic()
-        pid, stdin_fd, stdout_fd, stderr_fd = spawn(
-            argv,
-            cwd=self.workdir,
-            env=env,
-            preexec=_apply_limits(limits, cpu_time, self.confinement),
-        )
+        rlimits = job_rlimits(limits, cpu_time)
+        if warm is None:
+            process = spawn(
+                argv, cwd=self.workdir, env=env, preexec=_confine(self.confinement, rlimits)
+            )
+        else:
+            process, fifo, source = warm
+            self._limit_warm(process[0], rlimits)
+        pid, stdin_fd, stdout_fd, stderr_fd = process
         selector = selectors.DefaultSelector()
         writer = StdinWriter(stdin_fd, selector)
         writer.feed(stdin)
+        # The warm process's source, through the FIFO, like its stdin.
+        source_writer = StdinWriter(fifo, selector) if warm else None
+        if source_writer is not None:
+            source_writer.feed(source)
+            source_writer.close()
         streams = {stdout_fd: "stdout", stderr_fd: "stderr"}
         pipes = set(streams)  # still open
         outcome.captures = {
@@ -519,7 +666,7 @@ class Runner:
             os.set_blocking(fd, False)
             selector.register(fd, selectors.EVENT_READ)
         selector.register(self.reaper.fd, selectors.EVENT_READ)
-        taking_stdin = stream_stdin and not self.channel.closed
+        taking_stdin = stream_stdin and not channel.closed
         if taking_stdin:
             taking_stdin = self._take_stdin(writer, read=False)  # what came with the job
         else:
@@ -547,9 +694,9 @@ class Runner:
                 wanted = taking_stdin and not writer.full
                 if wanted != listening:
                     if wanted:
-                        selector.register(self.channel.fd, selectors.EVENT_READ)
+                        selector.register(channel.fd, selectors.EVENT_READ)
                     else:
-                        selector.unregister(self.channel.fd)
+                        selector.unregister(channel.fd)
                     listening = wanted
                 limit = deadline if killed_at is None else killed_at + DRAIN_GRACE
                 if cpu_before is not None and killed_at is None:
@@ -568,11 +715,14 @@ class Runner:
                             # Whatever the program left running dies with it.
                             self.kill_all(pid)
                         continue
-                    if key.fd == self.channel.fd and listening:
+                    if key.fd == channel.fd and listening:
                         taking_stdin = self._take_stdin(writer)
                         continue
                     if writer.owns(key.fd):
                         writer.write()
+                        continue
+                    if source_writer is not None and source_writer.owns(key.fd):
+                        source_writer.write()
                         continue
                     if key.fd not in pipes:
                         continue  # unregistered by an earlier event of this round
@@ -591,6 +741,8 @@ class Runner:
                         self.kill_all(pid)
         finally:
             writer.abandon()
+            if source_writer is not None:
+                source_writer.abandon()
             selector.close()
             for fd in pipes:
                 os.close(fd)
@@ -715,7 +867,9 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
         stream_stdin = bool(job.get("stdin_stream"))
     except (KeyError, TypeError, AttributeError) as exc:
         raise JobError(f"malformed job message: {exc!r}") from exc
-    write_files(runner.workdir, files)
+    warm = runner.take_warm(run_argv, env, files, compiles=bool(compile_argv))
+    if warm is None:
+        write_files(runner.workdir, files)
     result: dict[str, Any] = {
         "exit_code": None,
         "signal": None,
@@ -723,6 +877,7 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
         "compile": None,
         "timings": {"compile": 0.0, "run": 0.0},
         "usage": {"cpu_time": 0.0, "memory_bytes": 0},
+        "warm": warm is not None,
     }
     if compile_argv:
         compiled = runner.run(
@@ -752,6 +907,7 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
         wall_time=float(limits["wall_time"]),
         cpu_time=float(limits["cpu_time"]),
         limits=limits,
+        warm=warm,
     )
     status, message = classify(ran, "run", limits)
     record = ran.record()
@@ -792,9 +948,9 @@ def synchronise(message: dict[str, Any], in_vm: bool) -> None:
         time.clock_settime(time.CLOCK_REALTIME, float(message["time"]))
 
 
-def next_job(channel: Channel, in_vm: bool) -> dict[str, Any] | None:
-    """Answer every sync with hello until the job comes; None if the host left first
-    (closed the channel, or, on vsock, reset the connection)."""
+def next_job(channel: Channel, runner: Runner, in_vm: bool) -> dict[str, Any] | None:
+    """Answer every sync with hello, its warm runtime started, until the job comes; None
+    if the host left first (closed the channel, or, on vsock, reset the connection)."""
     while True:
         try:
             message = channel.receive()
@@ -807,6 +963,7 @@ def next_job(channel: Channel, in_vm: bool) -> dict[str, Any] | None:
                 raise JobError(f"expected a job message, got {message.get('type')!r}")
             return message
         synchronise(message, in_vm)
+        runner.start_warm(message.get("warm"))
         hello = {"type": "hello", "protocol": PROTOCOL, "nonce": message.get("nonce")}
         try:
             channel.send({**hello, "pid": os.getpid()})
@@ -814,15 +971,16 @@ def next_job(channel: Channel, in_vm: bool) -> dict[str, Any] | None:
             return None
 
 
-def serve(channel: Channel, runner_for: Callable[[Channel], Runner], in_vm: bool = False) -> bool:
+def serve(channel: Channel, runner: Runner, in_vm: bool = False) -> bool:
     """Take one job from the host on ``channel`` and answer with its result; False if the
     host went away before sending one (it did not need this sandbox, or, on vsock, a VM
     restored from a snapshot lost the connection it had when it was saved)."""
+    runner.channel = channel
     try:
-        job = next_job(channel, in_vm)
+        job = next_job(channel, runner, in_vm)
         if job is None:
             return False
-        result = run_job(job, runner_for(channel))
+        result = run_job(job, runner)
     except (JobError, ValueError) as exc:
         result = {"status": "internal_error", "message": f"agent: {exc}"}
     channel.send({"type": "result", **result})
@@ -950,14 +1108,15 @@ def main(argv: list[str] | None = None) -> int:
             links = host_connections(
                 options["port_name"], options["vsock_port"], options["vsock_privileged_peer"]
             )
+            runner = Runner(workdir, True, confinement)
             for channel in links:
-                if serve(channel, lambda c: Runner(c, workdir, True, confinement), True):
+                if serve(channel, runner, True):
                     break
         finally:
             end_vm()
         return 0
     channel = Channel(sys.stdin.fileno(), sys.stdout.buffer)
-    serve(channel, lambda c: Runner(c, workdir, options["isolated"], Confinement()))
+    serve(channel, Runner(workdir, options["isolated"], Confinement()))
     return 0
 
 

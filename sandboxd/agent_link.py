@@ -23,6 +23,8 @@ from sandboxd.framing import LineBuffer, LineTooLong, encode, receive_line
 from sandboxd.stdin_stream import StdinStream
 
 PROTOCOL = 1
+WarmRuntime = dict[str, Any]  # from sandboxd.job.warm_runtime
+WarmRuntime = dict[str, Any]  # from sandboxd.job.warm_runtime
 OutputHandler = Callable[[str, str, str], Awaitable[None]]  # (stage, stream, data)
 StageHandler = Callable[[str], None]  # a stage ("compile", "run") starts
 # The longest line an agent sends: an output message of 64 KiB, JSON-escaped (up to six
@@ -88,11 +90,12 @@ class AgentLink:
             raise AgentError(f"agent sent a message without a type: {line[:200]!r}")
         return message
 
-    async def handshake(self) -> dict[str, Any]:
+    async def handshake(self, warm: WarmRuntime | None = None) -> dict[str, Any]:
         """Sync with the agent and wait for its hello; AgentError if anything else comes.
 
         The sync carries fresh host entropy and the time: a VM restored from a snapshot
         shares its random pool and clock with every other clone until it takes them.
+        ``warm`` is the runtime the agent starts then, waiting for its job.
         """
         nonce = secrets.randbits(63)
         await self._send_message(
@@ -101,6 +104,7 @@ class AgentLink:
                 "nonce": nonce,
                 "entropy": base64.b64encode(os.urandom(64)).decode(),
                 "time": time.time(),
+                "warm": warm,
             }
         )
         message = await self._next()

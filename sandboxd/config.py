@@ -66,6 +66,8 @@ class PoolConfig:
     max_sandboxes: int = _setting(16, env=("SANDBOXD_MAX_SANDBOXES",), check="positive")
     queue_timeout: float = _setting(30.0, check="positive")
     start_timeout: float = _setting(60.0, check="positive")
+    # Ready sandboxes of languages that warm hold their runtime already started.
+    warm: bool = _setting(True)
 
 
 @dataclass(frozen=True)

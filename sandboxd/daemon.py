@@ -23,6 +23,8 @@ from sandboxd.config import Config
 from sandboxd.errors import ConfigError
 from sandboxd.images import Image, ImageStore
 from sandboxd.instances import registered
+from sandboxd.job import warm_runtimes
+from sandboxd.languages import LanguageTable
 from sandboxd.listen_socket import open_listener, remove_stale_socket
 from sandboxd.network import Egress
 from sandboxd.peers import SocketLimits
@@ -72,6 +74,7 @@ async def run_daemon(
                 max_sandboxes=config.pool.max_sandboxes,
                 queue_timeout=config.pool.queue_timeout,
                 start_timeout=config.pool.start_timeout,
+                warm=warm_runtimes(LanguageTable(image.languages)) if config.pool.warm else {},
             )
             service = Service(
                 pool=pool,

@@ -49,7 +49,8 @@ class Job:
     compile_file_size_bytes: int  # the compiler's own files may be as large as the maximum
 
     def agent_message(self) -> dict[str, Any]:
-        """The ``job`` message of the agent protocol (see guest/agent.py)."""
+        """The ``job`` message of the agent protocol (see guest/agent.py): a warm
+        runtime (:func:`warm_runtime`) takes it if it runs the same command."""
         files = [{"path": self.language.source_file, "content": self.code, "encoding": "utf-8"}]
         files += [
             {"path": f.path, "content": base64.b64encode(f.content).decode(), "encoding": "base64"}
@@ -70,6 +71,20 @@ class Job:
             "stdin_stream": self.interactive,
             "limits": self.limits.to_dict(),
         }
+
+
+def warm_runtime(language: Language) -> dict[str, Any] | None:
+    """The ``warm`` of the agent's sync for a sandbox kept ready for ``language``: its
+    run command as a job without arguments runs it; None if it does not warm."""
+    if not language.warm:
+        return None
+    return {"argv": list(language.run), "env": dict(language.env), "source": language.source_file}
+
+
+def warm_runtimes(languages: LanguageTable) -> dict[str, dict[str, Any]]:
+    """Language name → its warm runtime, for the languages offered that warm."""
+    runtimes = {name: warm_runtime(languages.resolve(name)) for name in languages.names()}
+    return {name: runtime for name, runtime in runtimes.items() if runtime is not None}
 
 
 def unicode_text(value: Any, where: str, expected: str = "expected a string") -> str:

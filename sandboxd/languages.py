@@ -26,6 +26,9 @@ class Language:
     compile: tuple[str, ...] | None = None
     version_command: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Whether a ready sandbox may start ``run`` before its job comes (the agent's
+    # WarmRuntime): only where the runtime reads its source file once, as a stream.
+    warm: bool = False
 
     @property
     def compiled(self) -> bool:
@@ -49,6 +52,7 @@ LANGUAGES: tuple[Language, ...] = (
         source_file="main.py",
         run=("python3", "main.py"),
         version_command=("python3", "--version"),
+        warm=True,
         # Unbuffered, so output streams to the caller as the program writes it.
         env=MappingProxyType({"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}),
     ),
@@ -70,6 +74,7 @@ LANGUAGES: tuple[Language, ...] = (
             "main.ts",
         ),
         version_command=("deno", "--version"),
+        warm=True,
         env=MappingProxyType(
             {"DENO_DIR": "/tmp/deno", "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1"}
         ),

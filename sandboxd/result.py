@@ -55,6 +55,7 @@ class ExecutionResult:
     )
     usage: dict[str, float] = field(default_factory=lambda: {"cpu_time": 0.0, "memory_bytes": 0})
     sandbox_id: str = ""
+    warm: bool = False  # the runtime was already started, waiting, when the job came
 
     @property
     def ok(self) -> bool:

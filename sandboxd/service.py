@@ -80,7 +80,9 @@ def result_of(run: JobRun, job: Job, sandbox_id: str) -> ExecutionResult:
         result.compile.stdout = transcript.text("compile", "stdout")
         result.compile.stderr = transcript.text("compile", "stderr")
     if run.cpu is not None and run.cpu.stage:
-        result.usage["cpu_time"] = round(run.cpu.used, 6)
+        # The cgroup's count covers every process, from when the daemon saw the stage
+        # start (which can be late for a short one); the agent's, the program's own.
+        result.usage["cpu_time"] = round(max(run.cpu.used, result.usage["cpu_time"]), 6)
     result.sandbox_id = sandbox_id
     return result
 
@@ -174,7 +176,7 @@ class Service:
         egress = self._egress_for(job)
         if wait_to_start is not None:
             await wait_to_start()
-        async with self.pool.sandbox() as sandbox:
+        async with self.pool.sandbox(job.language.name) as sandbox:
             queued = trio.current_time() - start
             async with (
                 egress.attached(sandbox.network_pid()) if egress else contextlib.nullcontext()

@@ -5,6 +5,8 @@ Tests read these to show that nothing of a sandbox is left once it is gone.
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,7 @@ from sandboxd.cgroups import CgroupLayout
 
 # How the programs of the three languages show up in the process table.
 PROGRAM_COMMANDS = ("python3 main.py", "./main", "deno run")
+WARM_SOURCES = ("/work/main.py", "/work/main.ts")
 
 
 def sandbox_processes(uid_base: int, count: int = 64) -> dict[int, str]:
@@ -35,12 +38,26 @@ def sandbox_processes(uid_base: int, count: int = 64) -> dict[int, str]:
     return found
 
 
+def waiting_for_source(pid: int) -> bool:
+    """Whether ``pid`` is a warm runtime of a ready sandbox: it holds its source file
+    open, and that is still the FIFO its job's source will come through."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        return any(
+            os.readlink(fd).startswith(WARM_SOURCES) and stat.S_ISFIFO(fd.stat().st_mode)
+            for fd in fds
+        )
+    except OSError:
+        return False
+
+
 def program_processes(uid_base: int) -> set[int]:
-    """The user programs' processes (not the jails and agents waiting in the pool)."""
+    """The user programs' processes (not the jails, agents and warm runtimes waiting in
+    the pool)."""
     return {
         pid
         for pid, cmd in sandbox_processes(uid_base).items()
-        if cmd.startswith(PROGRAM_COMMANDS) or "rustc" in cmd
+        if (cmd.startswith(PROGRAM_COMMANDS) or "rustc" in cmd) and not waiting_for_source(pid)
     }
 
 

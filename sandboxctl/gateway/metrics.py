@@ -38,6 +38,17 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        self.ready = Gauge(
+            "sandboxd_pool_ready_sandboxes",
+            "Ready sandboxes by the runtime they hold started (plain: none)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.ready_memory = Gauge(
+            "sandboxd_pool_ready_memory_bytes",
+            "Host memory the ready sandboxes hold while they wait",
+            registry=self.registry,
+        )
         self.up = Gauge("sandboxd_up", "1 if the daemon answered", registry=self.registry)
 
     def executed(self, language: str, record: dict[str, Any]) -> None:
@@ -52,4 +63,7 @@ class Metrics:
         pool = (health or {}).get("pool", {})
         for state in ("ready", "busy"):
             self.pool.labels(state).set(pool.get(state, 0))
+        for kind, count in pool.get("ready_by_kind", {}).items():
+            self.ready.labels(kind).set(count)
+        self.ready_memory.set(pool.get("ready_memory_bytes", 0))
         return generate_latest(self.registry)

@@ -111,6 +111,7 @@ class ExecuteResponse(BaseModel):
                     "timings": {"queue": 0.0002, "compile": 0.0, "run": 0.012, "total": 0.025},
                     "usage": {"cpu_time": 0.011, "memory_bytes": 9437184},
                     "sandbox_id": "2070668943a8",
+                    "warm": True,
                 }
             ]
         }
@@ -141,6 +142,7 @@ class ExecuteResponse(BaseModel):
     timings: dict[str, float]
     usage: dict[str, float]
     sandbox_id: str
+    warm: bool = Field(description="the runtime was already started when the job came")
 
 
 class ErrorResponse(BaseModel):
@@ -172,6 +174,10 @@ class PoolStats(BaseModel):
     busy: int
     starting: int
     waiting: int
+    ready_by_kind: dict[str, int] = Field(
+        description="ready sandboxes by the runtime they hold started ('plain': none)"
+    )
+    ready_memory_bytes: int = Field(description="host memory the ready sandboxes hold")
     last_error: str
 
 

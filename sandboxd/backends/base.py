@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import trio
 
-from sandboxd.agent_link import AgentLink, OutputHandler, Transcript
+from sandboxd.agent_link import AgentLink, OutputHandler, Transcript, WarmRuntime
 from sandboxd.cgroups import Cgroup, CgroupLayout
 from sandboxd.errors import AgentError, InternalError, LaunchError, SandboxError, StartTimeout
 from sandboxd.jail import jailed
@@ -249,6 +249,10 @@ class Sandbox(abc.ABC):
         """CPU time the sandbox used so far (where ``host_counts_cpu``)."""
         raise SandboxStateError(f"{type(self).__name__} does not count its CPU time")
 
+    @abc.abstractmethod
+    def memory_bytes(self) -> int:
+        """The host memory the sandbox holds now (a ready one: what waiting costs)."""
+
     # The CPU share a sandbox has: the fastest it can use up CPU time.
     cpus: float = 1.0
 
@@ -310,6 +314,9 @@ class JailedSandbox(Sandbox):
     def oom_kills(self) -> int:
         return self.cgroup.oom_kills()
 
+    def memory_bytes(self) -> int:
+        return self.cgroup.memory_usage()
+
     # Whether the sandbox's own process outlives a kill of the rest: the outer bubblewrap
     # stays to reap the jail's PID 1, whose death takes the pid namespace with it, and
     # then exits on its own. Killing it first would orphan the jail's processes.
@@ -342,9 +349,12 @@ class Backend(abc.ABC):
         """Prepare the host and remove what a crashed earlier daemon left behind."""
 
     @abc.abstractmethod
-    def open_sandbox(self, slot: int, start_timeout: float) -> AbstractAsyncContextManager[Sandbox]:
+    def open_sandbox(
+        self, slot: int, start_timeout: float, warm: WarmRuntime | None = None
+    ) -> AbstractAsyncContextManager[Sandbox]:
         """A ready sandbox for the duration of the ``async with``; everything it held is
-        released on exit, whatever happened. ``slot`` is unique among live sandboxes."""
+        released on exit, whatever happened. ``slot`` is unique among live sandboxes;
+        its agent starts ``warm`` before it is ready."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:

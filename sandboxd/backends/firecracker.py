@@ -31,7 +31,7 @@ from typing import Any
 import trio
 from pyroute2 import netns
 
-from sandboxd.agent_link import AgentLink
+from sandboxd.agent_link import AgentLink, WarmRuntime
 from sandboxd.backends.base import SandboxState
 from sandboxd.backends.guest_kernel import GuestKernel, kernel_cmdline
 from sandboxd.backends.vm import SnapshotBackend, VmSandbox
@@ -254,7 +254,12 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
 
     @asynccontextmanager
     async def _vm(
-        self, slot: int, start_timeout: float, *, restore: Path | None = None
+        self,
+        slot: int,
+        start_timeout: float,
+        *,
+        restore: Path | None = None,
+        warm: WarmRuntime | None = None,
     ) -> AsyncIterator[FirecrackerSandbox]:
         """A running VM, cold-booted or restored from ``restore``, with a ready agent."""
         assert self.cgroups is not None, "start() first"
@@ -281,7 +286,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
                     )
                     stack.push_async_callback(stream.aclose)
                     link.attach(stream, stream)
-                    await link.handshake()
+                    await link.handshake(warm)
 
                 await sandbox.become_ready(start, argv, start_timeout)
                 async with sandbox.supervised():

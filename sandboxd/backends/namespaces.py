@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 
 from sandboxd import seccomp
-from sandboxd.agent_link import AgentLink
+from sandboxd.agent_link import AgentLink, WarmRuntime
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, SandboxState
 from sandboxd.cgroups import Cgroup
 from sandboxd.errors import LaunchError
@@ -196,7 +196,9 @@ class NamespacesBackend(JailedBackend):
         ]  # fmt: skip
 
     @asynccontextmanager
-    async def open_sandbox(self, slot: int, start_timeout: float) -> AsyncIterator[Sandbox]:
+    async def open_sandbox(
+        self, slot: int, start_timeout: float, warm: WarmRuntime | None = None
+    ) -> AsyncIterator[Sandbox]:
         fds = [data_fd(self.agent, "sandboxd-agent")]
         if seccomp.supported():
             fds.append(data_fd(seccomp.filter_program(), "sandboxd-seccomp"))
@@ -214,7 +216,7 @@ class NamespacesBackend(JailedBackend):
             assert child.stdin and child.stdout
             link = AgentLink(child.stdin, child.stdout)
             sandbox = NamespacesSandbox(cgroup.name, link, child, cgroup, self.cpus)
-            await sandbox.become_ready(link.handshake, argv, start_timeout)
+            await sandbox.become_ready(partial(link.handshake, warm), argv, start_timeout)
             async with sandbox.supervised():
                 yield sandbox
         sandbox.set_state(SandboxState.STOPPED)

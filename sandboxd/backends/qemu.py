@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from sandboxd.agent_link import AgentLink
+from sandboxd.agent_link import AgentLink, WarmRuntime
 from sandboxd.backends.base import SandboxState
 from sandboxd.backends.guest_kernel import GuestKernel, kernel_cmdline
 from sandboxd.backends.vm import SnapshotBackend, VmSandbox
@@ -239,6 +239,7 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         start_timeout: float,
         *,
         restore: Path | None = None,
+        warm: WarmRuntime | None = None,
     ) -> AsyncIterator[QemuSandbox]:
         """A running VM, cold-booted or restored from ``restore``, with a ready agent."""
         # A VM's vsock CID, like its uid, is unique on the host.
@@ -272,7 +273,7 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
                         await qmp.execute("cont")
                     stream = await channel.connect(lambda: not child.exited())
                     link.attach(stream, stream)
-                    await link.handshake()
+                    await link.handshake(warm)
 
                 await sandbox.become_ready(start, argv, start_timeout)
                 async with sandbox.supervised():

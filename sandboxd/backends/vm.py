@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
+from sandboxd.agent_link import WarmRuntime
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox
 from sandboxd.errors import LaunchError, SandboxError
 from sandboxd.limits import Limits
@@ -56,9 +57,15 @@ class SnapshotBackend(JailedBackend, Generic[VmT]):
 
     @abc.abstractmethod
     def _vm(
-        self, slot: int, start_timeout: float, *, restore: Path | None = None
+        self,
+        slot: int,
+        start_timeout: float,
+        *,
+        restore: Path | None = None,
+        warm: WarmRuntime | None = None,
     ) -> AbstractAsyncContextManager[VmT]:
-        """A VM with a ready agent, cold-booted or restored from ``restore``."""
+        """A VM with a ready agent (which started ``warm``), cold-booted or restored
+        from ``restore``."""
 
     @abc.abstractmethod
     async def _save(self, vm: VmT) -> Path:
@@ -87,13 +94,15 @@ class SnapshotBackend(JailedBackend, Generic[VmT]):
         log.info("snapshot: %s", self.snapshot_note)
 
     @asynccontextmanager
-    async def open_sandbox(self, slot: int, start_timeout: float) -> AsyncIterator[Sandbox]:
+    async def open_sandbox(
+        self, slot: int, start_timeout: float, warm: WarmRuntime | None = None
+    ) -> AsyncIterator[Sandbox]:
         async with AsyncExitStack() as stack:
             sandbox: Sandbox | None = None
             if self.snapshot is not None:
                 try:
                     sandbox = await stack.enter_async_context(
-                        self._vm(slot, start_timeout, restore=self.snapshot)
+                        self._vm(slot, start_timeout, restore=self.snapshot, warm=warm)
                     )
                 except LaunchError as exc:
                     # This VM cold-boots; a few failures in a row (not one slow start
@@ -107,5 +116,5 @@ class SnapshotBackend(JailedBackend, Generic[VmT]):
                 else:
                     self.restore_failures = 0
             if sandbox is None:
-                sandbox = await stack.enter_async_context(self._vm(slot, start_timeout))
+                sandbox = await stack.enter_async_context(self._vm(slot, start_timeout, warm=warm))
             yield sandbox

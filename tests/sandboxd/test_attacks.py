@@ -316,11 +316,13 @@ def test_an_agent_that_stops_responding_is_killed_from_outside(daemon, client):
 
 
 def busy_agents(daemon) -> list[int]:
-    """Pids of the agents that are running a program (not those waiting in the pool)."""
+    """Pids of the agents that are running a program (not those waiting in the pool,
+    whose only child, if any, is a warm runtime waiting for its source)."""
+    programs = {str(pid) for pid in program_processes(daemon.uid_base)}
     return [
         pid
         for pid, cmd in sandbox_processes(daemon.uid_base).items()
-        if cmd.startswith(f"/usr/bin/python3 -I -S {AGENT} ") and _children(pid)
+        if cmd.startswith(f"/usr/bin/python3 -I -S {AGENT} ") and programs & set(_children(pid))
     ]
 
 

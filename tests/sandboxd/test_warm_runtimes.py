@@ -1,0 +1,195 @@
+"""Warm runtimes: a program run by a runtime started before its job behaves exactly as one
+started cold, and no two sandboxes share random state.
+
+Each program of the corpus runs on a daemon whose ready sandboxes hold their runtime
+started (``pool.warm``, the default) and on one whose do not; the records must match
+field by field, and the warm daemon must really have run it warm where it can.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from sandboxctl.client import Client
+from sandboxd.result import ExecutionResult
+from tests.conftest import IS_ROOT
+from tests.daemon_process import Daemon, start_daemon
+
+pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: real jails and cgroups")
+
+PYTHON = {
+    "hello": 'print("hello")',
+    "identity": (
+        "import sys, os, __main__\n"
+        "print(__name__, __file__, sys.argv, sys.path[0], os.getcwd())\n"
+        "print(__main__.__spec__, type(__main__.__loader__).__name__, __cached__)\n"
+        "print(sorted(sys.modules))\n"
+        "print(sys.flags, sys.dont_write_bytecode, sys.stdout.line_buffering)\n"
+        "print(sorted(os.environ.items()))\n"
+        "print(sorted(os.listdir('.')))\n"
+    ),
+    "limits_before_the_first_line": (
+        "import resource\n"
+        "print([resource.getrlimit(getattr(resource, 'RLIMIT_' + name))\n"
+        "       for name in ('CPU', 'FSIZE', 'NPROC', 'CORE', 'NOFILE', 'STACK', 'AS')])\n"
+    ),
+    "reads_its_own_source": "print(open(__file__).read() == open('main.py').read(), end='')",
+    "traceback": "def f(x):\n    return 1 / x\n\nprint('before')\nf(0)\n",
+    "syntax_error": "print('never')\ndef broken(:\n    pass\n",
+    "indentation_error": "if True:\nprint('x')\n",
+    "exit_code": "import sys\nprint('out'); sys.exit(7)",
+    "exit_message": "raise SystemExit('leaving now')",
+    "thread_exception": (
+        "import threading\n"
+        "def boom():\n    raise RuntimeError('in a thread')\n"
+        "t = threading.Thread(target=boom, name='worker'); t.start(); t.join()\n"
+        "print('main goes on')\n"
+    ),
+    "atexit": (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('at exit', file=sys.stderr))\n"
+        "print('body')\n"
+    ),
+    "stdin": "import sys\nprint(repr(input()), repr(sys.stdin.read()))",
+    "writes_files": (
+        "import os, pathlib\n"
+        "pathlib.Path('out/deep').mkdir(parents=True)\n"
+        "pathlib.Path('out/deep/x.txt').write_text('written')\n"
+        "print(sorted(os.listdir('.')), pathlib.Path('out/deep/x.txt').read_text())\n"
+    ),
+    "signal_kills_itself": (
+        "import os, signal\nprint('x', flush=True)\nos.kill(os.getpid(), signal.SIGTERM)"
+    ),
+    "signal_handler": (
+        "import os, signal\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: print('caught', a[0]))\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "print(signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGPIPE))\n"
+    ),
+    "keyboard_interrupt": "raise KeyboardInterrupt",
+    "memory_limit": "x = bytearray(600 * 2**20)\nprint(len(x))",
+    "unicode_output": "print('héllo ✓ \\u00e9')",
+    "empty_program": "",
+}
+PYTHON["coding_cookie"] = "# -*- coding: latin-1 -*-\nprint('lat\xedn')\n"
+# Programs that cannot run warm: they start cold on either daemon, and say so.
+COLD = {"coding_cookie"}
+TYPESCRIPT = {
+    "hello": 'console.log("hello")',
+    "identity": (
+        "console.log(import.meta.main, Deno.args, import.meta.url, Deno.cwd());\n"
+        "console.log(Deno.permissions.querySync({ name: 'read' }).state);\n"
+        "console.log(Deno.permissions.querySync({ name: 'net' }).state);\n"
+        "console.log([...Deno.readDirSync('.')].map((e) => e.name).sort());\n"
+    ),
+    "throws": (
+        "function f(): never {\n  throw new Error('boom');\n}\nconsole.log('before');\nf();\n"
+    ),
+    "syntax_error": "console.log('never');\nconst = 1;\n",
+    "exit_code": "console.log('out');\nDeno.exit(7);",
+    "reads_stdin": (
+        "const text = await new Response(Deno.stdin.readable).text();\n"
+        "console.log(JSON.stringify(text));\n"
+    ),
+    "permission_denied": "console.log(Deno.readTextFileSync('/etc/hostname'));",
+    "writes_files": (
+        "Deno.writeTextFileSync('out.txt', 'written');\n"
+        "console.log(Deno.readTextFileSync('out.txt'), Deno.readTextFileSync('main.ts').length);\n"
+    ),
+}
+STDIN = "first line\nrest of it\n"
+
+
+def fields(result: ExecutionResult) -> tuple[object, ...]:
+    return (
+        result.status,
+        result.message,
+        result.exit_code,
+        result.signal,
+        result.stdout,
+        result.stderr,
+        result.truncated,
+    )
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    daemon = start_daemon(tmp_path_factory.mktemp("cold"), pool={"warm": False})
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="module", params=["python", "typescript"])
+def warm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A daemon per language, so that its demand (and so its pool) is that language's."""
+    daemon = start_daemon(tmp_path_factory.mktemp(f"warm-{request.param}"))
+    yield request.param, daemon
+    daemon.stop()
+
+
+def wait_for_warm(client: Client, language: str, timeout: float = 60) -> None:
+    """Until a ready sandbox holds ``language``'s runtime (the pool refills in the
+    background, after each job, in the shares its recent demand gives)."""
+    deadline = time.monotonic() + timeout
+    while client.health()["pool"]["ready_by_kind"].get(language, 0) < 1:
+        assert time.monotonic() < deadline, f"no warm {language} sandbox in {timeout} s"
+        time.sleep(0.02)
+
+
+def run_both(warm_daemon: Daemon, cold: Daemon, language: str, code: str, **options):
+    warm_client, cold_client = warm_daemon.client, cold.client
+    wait_for_warm(warm_client, language)
+    return (
+        warm_client.execute(language, code, **options),
+        cold_client.execute(language, code, **options),
+    )
+
+
+def corpus(language: str) -> dict[str, str]:
+    return PYTHON if language == "python" else TYPESCRIPT
+
+
+def test_every_program_behaves_the_same_warm_and_cold(warm, cold):
+    language, daemon = warm
+    options = {"stdin": STDIN, "limits": {"memory_bytes": 256 * 2**20}}
+    for name, code in corpus(language).items():
+        warm_result, cold_result = run_both(daemon, cold, language, code, **options)
+        assert fields(warm_result) == fields(cold_result), name
+        assert (warm_result.warm, cold_result.warm) == (name not in COLD, False), name
+
+
+def test_a_job_with_arguments_starts_cold_with_them(warm, cold):
+    language, daemon = warm
+    code = {"python": "import sys; print(sys.argv)", "typescript": "console.log(Deno.args)"}
+    warm_result, cold_result = run_both(daemon, cold, language, code[language], args=["a", "b c"])
+    assert fields(warm_result) == fields(cold_result)
+    assert "'b c'" in warm_result.stdout.replace('"', "'")
+    assert not warm_result.warm
+
+
+def test_sandboxes_draw_their_own_random_state(warm):
+    """Hash seed, ``random`` and ``os.urandom`` differ between warm sandboxes: each
+    runtime started on its own, none was copied from another."""
+    language, daemon = warm
+    code = {
+        "python": (
+            "import os, random\nprint(hash('sandboxd'), random.random(), os.urandom(8).hex())"
+        ),
+        "typescript": (
+            "console.log(Math.random(), "
+            "Array.from(crypto.getRandomValues(new Uint8Array(8))).join(','))"
+        ),
+    }[language]
+    client = daemon.client
+    seen = []
+    for _ in range(4):
+        wait_for_warm(client, language)
+        result = client.execute(language, code)
+        assert result.ok and result.warm, result
+        seen.append(result.stdout.split())
+    for position in range(len(seen[0])):
+        values = [draw[position] for draw in seen]
+        assert len(set(values)) == len(values), values
