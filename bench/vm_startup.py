@@ -1,5 +1,6 @@
 """QEMU microVMs on this machine: cold boot vs snapshot restore to agent-ready, and a
-hello-world per language on a warm VM beside the bare runtime on the host.
+hello-world per language on a ready VM (its runtime warm where the language has one)
+beside the bare runtime on the host.
 
 Uses the qemu backend in-process (root, built image); KVM where the host has it,
 software emulation otherwise — the header says which. Nothing is asserted.
@@ -13,12 +14,12 @@ from pathlib import Path
 
 import trio
 
-from bench.hello_latency import HELLO, bare_runtime
+from bench.record import HELLO, bare_job
 from bench.stats import Samples, table
 from sandboxd.backends import choose_backend
 from sandboxd.config import load_config
 from sandboxd.daemon import current_image
-from sandboxd.job import parse_job
+from sandboxd.job import parse_job, warm_runtime
 from sandboxd.languages import LanguageTable
 
 RUNS = int(os.environ.get("BENCH_VM_RUNS", "5"))
@@ -58,17 +59,18 @@ async def main() -> None:
             rows = [("snapshot restore → agent ready", restored, cold)]
             languages = LanguageTable(image.languages)
             for language, code in HELLO.items():
-                bare = bare_runtime(language, Path(tmp))
-                if bare is None:
-                    continue
+                workdir = Path(tmp) / language
+                workdir.mkdir()
+                bare = bare_job(language, image.path / "rootfs", workdir)
                 job = parse_job(
                     {"language": language, "code": code, "limits": {"compile_time": 120}},
                     languages,
                     config.limits,
                 )
-                warm, baseline = Samples(f"{language} hello, warm VM"), Samples(f"bare {language}")
+                warm, baseline = Samples(f"{language} hello, ready VM"), Samples(f"bare {language}")
                 for _ in range(RUNS):
-                    async with backend.open_sandbox(1, 180) as sandbox:
+                    runtime = warm_runtime(languages.resolve(language))
+                    async with backend.open_sandbox(1, 180, runtime) as sandbox:
                         sandbox.claim()
                         start = trio.current_time()
                         run = await sandbox.run(job.agent_message(), job.limits, nothing)
