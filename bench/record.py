@@ -346,7 +346,9 @@ def main() -> None:
             backend={"name": backend},
             daemon={"log_level": "warning"},
         )
-        gateway = start_gateway(Path(tmp), daemon.socket, rate_limit=0, max_concurrent=0)
+        gateway = start_gateway(
+            Path(tmp), daemon.socket, rate_per_minute=10**6, rate_burst=10**4, concurrent_per_key=64
+        )
         try:
             client = Client(daemon.socket)
             status = client.status()

@@ -46,14 +46,16 @@ from __future__ import annotations
 
 # Each sandbox starts this afresh: only what serving a job needs is imported at start
 # (no argparse, subprocess or typing; what only VMs or some jobs use, where it is used).
+# json, signal, selectors, contextlib and ctypes would pull in re, enum, collections,
+# functools and more, some 15 ms of CPU per sandbox together: their C halves do.
+import _ctypes
+import _json
+import _signal as signal
 import codecs
-import contextlib
-import ctypes
-import json
+import math
 import os
 import resource
-import selectors
-import signal
+import select
 import sys
 import time
 
@@ -82,13 +84,64 @@ BASE_ENV = {
 }
 
 
+class ignoring:  # named and used as contextlib.suppress is
+    """contextlib.suppress, without what contextlib imports."""
+
+    def __init__(self, *errors: type[BaseException]) -> None:
+        self.errors = errors
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
+        return kind is not None and issubclass(kind, self.errors)
+
+
 class JobError(Exception):
     """The job cannot be carried out (bad message, a file that cannot be written)."""
 
 
+class _StandardJson:
+    """What json's C scanner reads of a decoder: plain JSON, as json.loads parses it."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}.__getitem__
+
+
+def _unserializable(value: object) -> None:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_scan_json = _json.make_scanner(_StandardJson())
+# As json.dumps(ensure_ascii=False, separators=(",", ":")) encodes.
+_encode_json = _json.make_encoder(
+    None, _unserializable, _json.encode_basestring, None, ":", ",", False, False, True
+)
+
+
+def to_json(value: object) -> str:
+    return "".join(_encode_json(value, 0))
+
+
+def from_json(data: bytes) -> object:
+    """A JSON document; ValueError if it is not one."""
+    text = data.decode().strip()
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration as exc:
+        raise ValueError(f"not JSON at character {exc.value}") from None
+    if end != len(text):
+        raise ValueError(f"extra data after JSON at character {end}")
+    return value
+
+
 class Channel:
     """The agent's line-delimited JSON link to the host, read from a raw fd so that the
-    run loop can also wait for host messages (streamed stdin) with its selector."""
+    run loop can also wait for host messages (streamed stdin) with its poll."""
 
     def __init__(self, read_fd: int, writer: IO[bytes]) -> None:
         self.fd = read_fd
@@ -97,12 +150,11 @@ class Channel:
         self.closed = False
 
     def send(self, message: dict[str, Any]) -> None:
-        line = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
-        self._writer.write(line.encode() + b"\n")
+        self._writer.write(to_json(message).encode() + b"\n")
         self._writer.flush()
 
     def _parse(self, line: bytes) -> dict[str, Any]:
-        message = json.loads(line)
+        message = from_json(line)
         if not isinstance(message, dict):
             raise JobError("a message from the host was not a JSON object")
         return message
@@ -265,6 +317,8 @@ class VmConfinement(Confinement):
 
 
 def _mount(source: str, target: str, fstype: str) -> None:
+    import ctypes  # in a VM only
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
         raise OSError(ctypes.get_errno(), f"mount {fstype} on {target}")
@@ -353,10 +407,10 @@ class StdinWriter:
     what the host streams. It is ``full`` when the host should wait (the run loop then
     stops reading the channel, and the host's side holds the rest)."""
 
-    def __init__(self, fd: int, selector: selectors.BaseSelector) -> None:
+    def __init__(self, fd: int, poller: select.poll) -> None:
         self._fd = fd
         os.set_blocking(fd, False)
-        self._selector = selector
+        self._poller = poller
         self._pending = bytearray()
         self._eof = False
         self._watched = False
@@ -402,9 +456,9 @@ class StdinWriter:
         wanted = bool(self._pending)
         if wanted != self._watched:
             if wanted:
-                self._selector.register(self._fd, selectors.EVENT_WRITE)
+                self._poller.register(self._fd, select.POLLOUT)
             else:
-                self._selector.unregister(self._fd)
+                self._poller.unregister(self._fd)
             self._watched = wanted
         if self._eof and not self._pending:
             self.finished = True
@@ -416,7 +470,7 @@ class Reaper:
 
     The agent may be PID 1 (in a VM, or a jail without an init of its own): then the
     orphans a program leaves behind become its children too and must be reaped, or
-    their zombies would use up the process limit. SIGCHLD wakes the selector through
+    their zombies would use up the process limit. SIGCHLD wakes the poll through
     a pipe, so no exit is missed however early it happens.
     """
 
@@ -452,6 +506,11 @@ class Reaper:
                 continue
             self.exits[pid] = (status, usage)
         return self.exits.pop(pid)
+
+
+def _kill_group(pid: int) -> None:
+    with ignoring(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 Process = tuple[int, int, int, int]  # (pid, stdin, stdout, stderr) as spawn returns them
@@ -529,8 +588,7 @@ class WarmRuntime:
         """Kill the waiting process (a job that cannot take it): a cold start follows."""
         assert self.process is not None
         pid, *fds = self.process
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+        _kill_group(pid)
         self.reaper.wait(pid)
         for fd in (*fds, self.fifo):
             os.close(fd)
@@ -581,7 +639,7 @@ class Runner:
         for target, how in ((pid, os.killpg), (-1, os.kill)):
             if target == -1 and not self.isolated:
                 continue
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+            with ignoring(ProcessLookupError, PermissionError):
                 how(target, signal.SIGKILL)
 
     def _limit_warm(self, pid: int, rlimits: list[tuple[int, tuple[int, int]]]) -> None:
@@ -590,8 +648,7 @@ class Runner:
             for which, values in rlimits:
                 resource.prlimit(pid, which, values)
         except OSError as exc:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+            _kill_group(pid)
             self.reaper.wait(pid)
             raise JobError(f"cannot limit the warm runtime: {exc.strerror}") from exc
 
@@ -648,11 +705,11 @@ class Runner:
             process, fifo, source = warm
             self._limit_warm(process[0], rlimits)
         pid, stdin_fd, stdout_fd, stderr_fd = process
-        selector = selectors.DefaultSelector()
-        writer = StdinWriter(stdin_fd, selector)
+        poller = select.poll()
+        writer = StdinWriter(stdin_fd, poller)
         writer.feed(stdin)
         # The warm process's source, through the FIFO, like its stdin.
-        source_writer = StdinWriter(fifo, selector) if warm else None
+        source_writer = StdinWriter(fifo, poller) if warm else None
         if source_writer is not None:
             source_writer.feed(source)
             source_writer.close()
@@ -664,8 +721,8 @@ class Runner:
         }
         for fd in pipes:
             os.set_blocking(fd, False)
-            selector.register(fd, selectors.EVENT_READ)
-        selector.register(self.reaper.fd, selectors.EVENT_READ)
+            poller.register(fd, select.POLLIN)
+        poller.register(self.reaper.fd, select.POLLIN)
         taking_stdin = stream_stdin and not channel.closed
         if taking_stdin:
             taking_stdin = self._take_stdin(writer, read=False)  # what came with the job
@@ -694,9 +751,9 @@ class Runner:
                 wanted = taking_stdin and not writer.full
                 if wanted != listening:
                     if wanted:
-                        selector.register(channel.fd, selectors.EVENT_READ)
+                        poller.register(channel.fd, select.POLLIN)
                     else:
-                        selector.unregister(channel.fd)
+                        poller.unregister(channel.fd)
                     listening = wanted
                 limit = deadline if killed_at is None else killed_at + DRAIN_GRACE
                 if cpu_before is not None and killed_at is None:
@@ -707,43 +764,42 @@ class Runner:
                     wait: float | None = None  # killed: only its exit is left to wait for
                 else:
                     wait = max(0.0, limit - now)
-                for key, _ in selector.select(wait):
-                    if key.fd == self.reaper.fd:
+                for fd, _ in poller.poll(None if wait is None else math.ceil(wait * 1000)):
+                    if fd == self.reaper.fd:
                         self.reaper.reap()
                         if exit_status is None and pid in self.reaper.exits:
                             exit_status = self.reaper.exits.pop(pid)
                             # Whatever the program left running dies with it.
                             self.kill_all(pid)
                         continue
-                    if key.fd == channel.fd and listening:
+                    if fd == channel.fd and listening:
                         taking_stdin = self._take_stdin(writer)
                         continue
-                    if writer.owns(key.fd):
+                    if writer.owns(fd):
                         writer.write()
                         continue
-                    if source_writer is not None and source_writer.owns(key.fd):
+                    if source_writer is not None and source_writer.owns(fd):
                         source_writer.write()
                         continue
-                    if key.fd not in pipes:
+                    if fd not in pipes:
                         continue  # unregistered by an earlier event of this round
                     try:
-                        chunk = os.read(key.fd, CHUNK)
+                        chunk = os.read(fd, CHUNK)
                     except BlockingIOError:
                         continue
                     if not chunk:
-                        selector.unregister(key.fd)
-                        pipes.discard(key.fd)
-                        os.close(key.fd)
+                        poller.unregister(fd)
+                        pipes.discard(fd)
+                        os.close(fd)
                         continue
-                    if not outcome.captures[streams[key.fd]].add(chunk) and killed_at is None:
-                        outcome.output_limited = streams[key.fd]
+                    if not outcome.captures[streams[fd]].add(chunk) and killed_at is None:
+                        outcome.output_limited = streams[fd]
                         killed_at = time.monotonic()
                         self.kill_all(pid)
         finally:
             writer.abandon()
             if source_writer is not None:
                 source_writer.abandon()
-            selector.close()
             for fd in pipes:
                 os.close(fd)
             if exit_status is None:
@@ -771,7 +827,9 @@ class Runner:
 
 def _signal_name(number: int) -> str:
     try:
-        return signal.Signals(number).name
+        import signal as names  # only to name one, once
+
+        return names.Signals(number).name
     except ValueError:
         return f"signal {number}"
 
@@ -810,7 +868,7 @@ def classify(outcome: StageOutcome, stage: str, limits: dict[str, Any]) -> tuple
 
 
 def _open_dir(name: str, dir_fd: int) -> int:
-    with contextlib.suppress(FileExistsError):
+    with ignoring(FileExistsError):
         os.mkdir(name, 0o755, dir_fd=dir_fd)
     return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
 
@@ -1037,6 +1095,8 @@ def end_vm() -> None:
     """The end of a VM's one job: nothing to keep, so no clean shutdown to wait for. A
     reboot, which ends the VMM (QEMU runs with -no-reboot, Firecracker's guests with
     reboot=k): a power-off would only halt a Firecracker VM."""
+    import ctypes
+
     os.sync()
     ctypes.CDLL(None).reboot(0x01234567)  # RB_AUTOBOOT
 
@@ -1097,7 +1157,9 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_options(sys.argv[1:] if argv is None else argv)
     # Not dumpable: the program (same uid in a jail) can then neither ptrace the agent
     # nor open its /proc files to read or rewrite its memory and forge a result.
-    ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0)
+    _ctypes.call_function(
+        _ctypes.dlsym(_ctypes.dlopen(None, os.RTLD_NOW), "prctl"), (PR_SET_DUMPABLE, 0)
+    )
     for number in IGNORED_SIGNALS:  # a program's kill(1, ...) changes nothing
         signal.signal(number, signal.SIG_IGN)
     workdir = options["workdir"]
