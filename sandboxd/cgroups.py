@@ -175,11 +175,13 @@ class Cgroup:
         return [path / "cgroup.procs" for path in sorted(set(self.dirs.values()))]
 
     def pids(self) -> set[int]:
-        found: set[int] = set()
-        for path in set(self.dirs.values()):
-            with contextlib.suppress(FileNotFoundError):
-                found |= {int(p) for p in (path / "cgroup.procs").read_text().split()}
-        return found
+        """Its processes, as the pids controller counts them (on v1 every hierarchy holds
+        the same ones: a process joins them all before it starts)."""
+        try:
+            with open(self.dirs["pids"] / "cgroup.procs") as procs:
+                return {int(pid) for pid in procs.read().split()}
+        except FileNotFoundError:
+            return set()
 
     def oom_kills(self) -> int:
         """How many processes the OOM killer took in this cgroup."""
