@@ -43,7 +43,8 @@ import httpx
 from bench.stats import Samples, interleave
 from sandboxctl.client import Client
 from sandboxd.jail import BWRAP
-from tests.daemon_process import start_daemon, start_gateway
+from tests.daemon_process import Daemon, start_daemon, start_gateway
+from tests.host_state import sandbox_processes
 
 RESULTS = Path(__file__).parent / "results"
 HELLO = {
@@ -189,16 +190,46 @@ def throughput(job: Job, jobs: int, concurrency: int, settle: Callable[[], None]
     return {"jobs_per_second": jobs / wall, "cpu_per_job": cpu / jobs}
 
 
-def peak_rss(argv: list[str], **options: Any) -> int:
-    """The largest resident size of ``argv``'s processes, in bytes."""
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, **options)
-    _, _, usage = os.wait4(process.pid, 0)
-    process.returncode = 0
-    return usage.ru_maxrss * 1024
+def resident(pid: int) -> int:
+    """A process's resident memory now (VmRSS), in bytes; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def waiting_runtime_rss(language: str) -> int | None:
+    """What the bare runtime holds, started and waiting for input (None: no runtime
+    to wait, as for Rust, whose sandboxes hold none)."""
+    argv = {
+        "python": ["/usr/bin/python3", "-c", "import sys; sys.stdin.read()"],
+        "typescript": [
+            shutil.which("deno", path=str(Path(sys.executable).parent)) or "deno",
+            "eval",
+            "await new Response(Deno.stdin.readable).text()",
+        ],
+    }.get(language)
+    if argv is None:
+        return None
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as process:
+        time.sleep(1)
+        held = resident(process.pid)
+        assert process.stdin is not None
+        process.stdin.close()
+    return held
 
 
 def measure(
-    language: str, methods: Methods, socket: Path, client: Client, pool_size: int, quick: bool
+    language: str,
+    methods: Methods,
+    daemon: Daemon,
+    client: Client,
+    pool_size: int,
+    quick: bool,
 ) -> dict[str, Any]:
     compiled = language == "rust"
     runs = int(os.environ.get("BENCH_RUNS", 6 if compiled else 20 if quick else 40))
@@ -208,7 +239,7 @@ def measure(
         "bare": methods.bare(),
         "bwrap": methods.bwrap(),
         "library": methods.library(),
-        "sandboxctl": methods.sandboxctl(socket),
+        "sandboxctl": methods.sandboxctl(daemon.socket),
         "http": methods.over_http(),
     }
     for job in latency_jobs.values():  # caches, and the pool's demand for this language
@@ -241,15 +272,14 @@ def measure(
         }
     refill()
     pool = client.health()["pool"]
-    bare_rss = (
-        peak_rss(["/usr/bin/python3", "-c", "pass"])
-        if language == "python"
-        else peak_rss([sys.executable, "-c", "pass"])
-    )
+    uid_base = daemon.uid_base
+    ready = max(1, pool["ready"])  # the pool is at rest: every sandbox process is a ready one
+    rss = sum(resident(pid) for pid in sandbox_processes(uid_base, pool["max"]))
     record["memory"] = {
-        "ready_sandbox_bytes": pool["ready_memory_bytes"] / max(1, pool["ready"]),
+        "ready_sandbox_cgroup_bytes": pool["ready_memory_bytes"] / ready,
+        "ready_sandbox_rss_bytes": rss / ready,
         "ready_by_kind": pool["ready_by_kind"],
-        "bare_process_bytes": bare_rss,
+        "bare_waiting_rss_bytes": waiting_runtime_rss(language),
     }
     return record
 
@@ -288,10 +318,13 @@ def report(results: dict[str, Any]) -> str:
                 line += "   ".join(cells) + f"   {cpu * 1e3:9.1f}ms {ratio(cpu, bare_cpu):5.2f}x"
             lines.append(line.rstrip())
         memory = record["memory"]
+        bare_rss = memory["bare_waiting_rss_bytes"]
         lines.append(
-            f"{language + ' ready sandbox':22} {memory['ready_sandbox_bytes'] / 2**20:6.1f} MiB "
-            f"held while waiting ({memory['bare_process_bytes'] / 2**20:.1f} MiB: one bare "
-            f"interpreter's peak); ready by kind {memory['ready_by_kind']}"
+            f"{language + ' ready sandbox':22} {memory['ready_sandbox_rss_bytes'] / 2**20:.1f} MiB"
+            f" resident ({memory['ready_sandbox_cgroup_bytes'] / 2**20:.1f} MiB charged to its"
+            " cgroup)"
+            + (f"; a bare runtime waiting: {bare_rss / 2**20:.1f} MiB" if bare_rss else "")
+            + f"; ready by kind {memory['ready_by_kind']}"
         )
         lines.append("")
     return "\n".join(lines)
@@ -324,6 +357,16 @@ def markdown(results: dict[str, Any]) -> str:
             else:
                 cells += [""] * 6
             rows.append("| " + " | ".join(cells) + " |")
+    rows += ["", "| ready sandbox | resident | charged to its cgroup | a bare runtime waiting |"]
+    rows.append("|---|---|---|---|")
+    for language, record in results["languages"].items():
+        memory = record["memory"]
+        bare = memory["bare_waiting_rss_bytes"]
+        rows.append(
+            f"| {language} | {memory['ready_sandbox_rss_bytes'] / 2**20:.1f} MiB"
+            f" | {memory['ready_sandbox_cgroup_bytes'] / 2**20:.1f} MiB"
+            f" | {f'{bare / 2**20:.1f} MiB' if bare else '(none: compiled per job)'} |"
+        )
     return "\n".join(rows)
 
 
@@ -365,7 +408,7 @@ def main() -> None:
                 for language in languages:
                     methods = Methods(language, rootfs, Path(tmp), client, http)
                     results["languages"][language] = measure(
-                        language, methods, daemon.socket, client, pool_size, options.quick
+                        language, methods, daemon, client, pool_size, options.quick
                     )
         finally:
             gateway.stop()
