@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -102,6 +103,12 @@ class CgroupLayout:
         return len(names)
 
 
+@functools.cache
+def _has_file(path: Path) -> bool:
+    """Whether the kernel offers a control file (it does not change while we run)."""
+    return path.exists()
+
+
 def _rmdir(path: Path) -> bool:
     try:
         path.rmdir()
@@ -121,6 +128,7 @@ class Cgroup:
         self.layout = layout
         self.name = name
         self.dirs = {c: root / instance / name for c, root in layout.roots.items()}
+        self._written: dict[str, str] = {}  # limit file → what set_limits wrote there
 
     def __repr__(self) -> str:
         return f"<Cgroup v{self.layout.version} {self.name}>"
@@ -142,14 +150,14 @@ class Cgroup:
         quota = max(1000, int(cpus * CPU_PERIOD_US))
         parent = self.dirs["memory"].parent  # has the files a sandbox's cgroup will have
         if self.layout.version == 2:
-            swap = ["memory.swap.max=0"] if (parent / "memory.swap.max").exists() else []
+            swap = ["memory.swap.max=0"] if _has_file(parent / "memory.swap.max") else []
             return [
                 f"memory.max={memory_bytes}",
                 *swap,
                 f"pids.max={processes}",
                 f"cpu.max={quota} {CPU_PERIOD_US}",
             ]
-        swap = (parent / "memory.memsw.limit_in_bytes").exists()
+        swap = _has_file(parent / "memory.memsw.limit_in_bytes")
         return [
             f"memory.limit_in_bytes={memory_bytes}",
             *([f"memory.memsw.limit_in_bytes={memory_bytes}"] if swap else []),
@@ -159,16 +167,22 @@ class Cgroup:
         ]
 
     def set_limits(self, *, memory_bytes: int, processes: int, cpus: float) -> None:
-        """Memory (swap included), process count and CPU share of the whole sandbox."""
+        """Memory (swap included), process count and CPU share of the whole sandbox
+        (what is already set as asked is not written again: a job's limits are most
+        often the defaults its ready sandbox was started with)."""
         values = self.limit_values(memory_bytes=memory_bytes, processes=processes, cpus=cpus)
         if self.layout.version == 1 and values[1].startswith("memory.memsw."):
             # memory+swap may never be below memory alone: when raising, it goes first.
-            current = self.dirs["memory"] / "memory.limit_in_bytes"
-            if memory_bytes > int(current.read_text()):
+            current = self._written.get("memory.limit_in_bytes")
+            if current is None:
+                current = (self.dirs["memory"] / "memory.limit_in_bytes").read_text()
+            if memory_bytes > int(current):
                 values[:2] = values[1::-1]
         for value in values:
             name, _, setting = value.partition("=")
-            (self.dirs[name.split(".")[0]] / name).write_text(setting)
+            if self._written.get(name) != setting:
+                (self.dirs[name.split(".")[0]] / name).write_text(setting)
+                self._written[name] = setting
 
     def procs_files(self) -> list[Path]:
         """Where a process writes itself to join this cgroup (each hierarchy's)."""

@@ -15,6 +15,7 @@ the C library falls back to what it had before.
 
 from __future__ import annotations
 
+import functools
 import platform
 import socket
 import struct
@@ -142,8 +143,10 @@ def _assemble(blocks: dict[str, list[_Insn]]) -> bytes:
     return b"".join(out)
 
 
+@functools.cache
 def filter_program() -> bytes:
-    """The compiled filter (an array of struct sock_filter), for ``bwrap --seccomp``."""
+    """The compiled filter (an array of struct sock_filter), for ``bwrap --seccomp``;
+    the same for every sandbox, so assembled once."""
     denied = sorted(set(DENIED_X86_64.values()))
     return _assemble(
         {
