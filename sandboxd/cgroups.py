@@ -221,16 +221,14 @@ class Cgroup:
 
     def memory_usage(self) -> int:
         """The memory charged to the cgroup now (page cache of its tmpfs included)."""
-        path = self._file("memory", "memory.usage_in_bytes", "memory.current")
-        try:
-            return int(path.read_text())
-        except (FileNotFoundError, ValueError):
-            return 0
+        return self._memory_counter("memory.usage_in_bytes", "memory.current")
 
     def peak_memory(self) -> int:
-        path = self._file("memory", "memory.max_usage_in_bytes", "memory.peak")
+        return self._memory_counter("memory.max_usage_in_bytes", "memory.peak")
+
+    def _memory_counter(self, v1: str, v2: str) -> int:
         try:
-            return int(path.read_text())
+            return int(self._file("memory", v1, v2).read_text())
         except (FileNotFoundError, ValueError):
             return 0
 

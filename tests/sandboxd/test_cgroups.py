@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from sandboxd.cgroups import CgroupLayout
 from sandboxd.jail import entering
@@ -58,11 +59,14 @@ async def test_raising_and_lowering_memory_keeps_swap_above_memory(layout):
 
 
 async def test_sweep_removes_leftovers_of_an_instance(layout):
-    children = []
+    children, cgroups = [], []
     for name in ("a", "b"):
         cgroup = layout.sandbox(NAME, name)
         cgroup.create()
         children.append(spawn_in(cgroup, "import time; time.sleep(60)"))
+        cgroups.append(cgroup)
+    while not all(cgroup.pids() for cgroup in cgroups):  # joined once its sh has run
+        await trio.sleep(0.01)
     assert await layout.sweep(NAME) == 2
     assert [child.wait(10) for child in children] == [-9, -9]
     assert await layout.sweep(NAME) == 0
