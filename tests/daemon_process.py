@@ -244,3 +244,12 @@ def assert_jobs_outlive_a_broken_snapshot(daemon: Daemon) -> None:
     while not daemon.client.status()["backend"]["snapshot"].startswith("restore failed"):
         assert time.monotonic() < deadline, daemon.client.status()["backend"]
         time.sleep(0.2)
+
+
+def wait_for_warm(client: Client, language: str, timeout: float = 60) -> None:
+    """Until a ready sandbox holds ``language``'s runtime (the pool refills in the
+    background, after each job, in the shares its recent demand gives)."""
+    deadline = time.monotonic() + timeout
+    while client.health()["pool"]["ready_by_kind"].get(language, 0) < 1:
+        assert time.monotonic() < deadline, f"no warm {language} sandbox in {timeout} s"
+        time.sleep(0.02)

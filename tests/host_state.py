@@ -39,8 +39,8 @@ def sandbox_processes(uid_base: int, count: int = 64) -> dict[int, str]:
 
 
 def waiting_for_source(pid: int) -> bool:
-    """Whether ``pid`` is a warm runtime of a ready sandbox: it holds its source file
-    open, and that is still the FIFO its job's source will come through."""
+    """Whether ``pid`` holds a ready sandbox's FIFO that its job's source will come
+    through: the warm runtime waiting on it, or the agent that will write it."""
     try:
         fds = list(Path(f"/proc/{pid}/fd").iterdir())
         return any(

@@ -15,7 +15,12 @@ import pytest
 from sandboxd.images import ImageStore
 from sandboxd.result import Status
 from tests.conftest import IS_ROOT
-from tests.daemon_process import Daemon, assert_jobs_outlive_a_broken_snapshot, start_daemon
+from tests.daemon_process import (
+    Daemon,
+    assert_jobs_outlive_a_broken_snapshot,
+    start_daemon,
+    wait_for_warm,
+)
 from tests.host_state import sandbox_cgroups, sandbox_processes, wait_for
 
 pytestmark = [
@@ -175,3 +180,16 @@ def test_auto_chooses_by_probing(tmp_path):
         assert backend["name"] == ("qemu" if "KVM boots" in backend["reason"] else "namespaces")
     finally:
         assert daemon.stop() == 0
+
+
+def test_vms_restored_from_one_snapshot_run_warm_with_their_own_random_state(vm_daemon):
+    """The warm runtime starts after the restore's reseed: two VMs cloned from one
+    snapshot draw different hash seeds, ``random`` and ``os.urandom``."""
+    code = "import os, random\nprint(hash('sandboxd'), random.random(), os.urandom(8).hex())"
+    draws = []
+    for _ in range(2):
+        wait_for_warm(vm_daemon.client, "python", timeout=120)
+        result = vm_daemon.client.execute("python", code, timeout=60)
+        assert result.ok and result.warm, result
+        draws.append(result.stdout.split())
+    assert all(first != second for first, second in zip(*draws, strict=True)), draws

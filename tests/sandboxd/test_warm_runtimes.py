@@ -8,15 +8,16 @@ field by field, and the warm daemon must really have run it warm where it can.
 
 from __future__ import annotations
 
-import time
+import os
+import signal
 from collections.abc import Iterator
 
 import pytest
 
-from sandboxctl.client import Client
 from sandboxd.result import ExecutionResult
 from tests.conftest import IS_ROOT
-from tests.daemon_process import Daemon, start_daemon
+from tests.daemon_process import Daemon, start_daemon, wait_for_warm
+from tests.host_state import program_processes, sandbox_processes, wait_for, waiting_for_source
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: real jails and cgroups")
 
@@ -130,15 +131,6 @@ def warm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     daemon.stop()
 
 
-def wait_for_warm(client: Client, language: str, timeout: float = 60) -> None:
-    """Until a ready sandbox holds ``language``'s runtime (the pool refills in the
-    background, after each job, in the shares its recent demand gives)."""
-    deadline = time.monotonic() + timeout
-    while client.health()["pool"]["ready_by_kind"].get(language, 0) < 1:
-        assert time.monotonic() < deadline, f"no warm {language} sandbox in {timeout} s"
-        time.sleep(0.02)
-
-
 def run_both(warm_daemon: Daemon, cold: Daemon, language: str, code: str, **options):
     warm_client, cold_client = warm_daemon.client, cold.client
     wait_for_warm(warm_client, language)
@@ -193,3 +185,21 @@ def test_sandboxes_draw_their_own_random_state(warm):
     for position in range(len(seen[0])):
         values = [draw[position] for draw in seen]
         assert len(set(values)) == len(values), values
+
+
+def test_a_warm_runtime_that_died_waiting_gives_a_cold_start(make_daemon):
+    """Killed from outside while its sandbox waits (the OOM killer, an operator): the
+    next job there starts cold, and nothing of the dead runtime is left."""
+    daemon = make_daemon(pool={"size": 1})
+    client = daemon.client
+    wait_for_warm(client, "python")
+    waiting = [
+        pid
+        for pid, cmd in sandbox_processes(daemon.uid_base).items()
+        if cmd == "python3 main.py" and waiting_for_source(pid)
+    ]
+    assert len(waiting) == 1
+    os.kill(waiting[0], signal.SIGKILL)
+    result = client.execute("python", "import sys; print(sys.argv)")
+    assert (result.status, result.stdout, result.warm) == ("ok", "['main.py']\n", False)
+    assert wait_for(lambda: not program_processes(daemon.uid_base))
