@@ -330,6 +330,17 @@ def cpu_rlimit(cpu_time: float) -> tuple[int, int]:
     return soft, soft + 1
 
 
+def cpu_time_of(pid: int) -> float:
+    """The CPU time a process has used so far (utime + stime), in seconds; 0 if it is
+    gone (its run then reports how it ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def job_rlimits(limits: dict[str, Any], cpu_time: float) -> list[tuple[int, tuple[int, int]]]:
     """The rlimits a stage's process runs under."""
     size = int(limits["file_size_bytes"])
@@ -704,6 +715,10 @@ class Runner:
         else:
             process, fifo, source = warm
             self._limit_warm(process[0], rlimits)
+            if cpu_before is not None:
+                # As in a cold start (and as its rlimit counts), the runtime's own start
+                # is the job's CPU time too.
+                cpu_before -= cpu_time_of(process[0])
         pid, stdin_fd, stdout_fd, stderr_fd = process
         poller = select.poll()
         writer = StdinWriter(stdin_fd, poller)
