@@ -567,6 +567,8 @@ class WarmRuntime:
         self.process: Process | None = spawn(
             self.argv, cwd=workdir, env=self.env, preexec=_confine(confinement, [])
         )
+        self.taken: Process | None = None  # the process, once a job took it
+        self.content = b""  # that job's source
 
     def serves(self, argv: list[str], env: dict[str, str], files: list[dict[str, Any]]) -> bool:
         """Whether a job that runs ``argv`` with ``env`` and ``files`` can take it."""
@@ -582,18 +584,27 @@ class WarmRuntime:
             and not _has_coding_cookie(str(main[0].get("content", "")).encode())
         )
 
-    def take(self, files: list[dict[str, Any]]) -> tuple[Process, int, bytes]:
-        """Put the job's files in place for the waiting process: its source file is
-        written beside the FIFO and renamed over it. The process, and the FIFO with
-        what to write to it, which are now the caller's."""
+    def take(self, files: list[dict[str, Any]]) -> None:
+        """Write the job's files for the waiting process (:attr:`taken` from now): all
+        but its source, and that beside the FIFO, to :meth:`publish` once the process's
+        limits are set. A runtime slower to start than its job opens the real file, not
+        the FIFO, and runs at once: nothing may be missing or unlimited by then."""
         assert self.process is not None
-        process, self.process = self.process, None
+        self.taken, self.process = self.process, None
         source = next(f for f in files if f.get("path") == self.source)
-        staged = f".{self.source}.sandboxd"
-        write_files(self.workdir, [{"path": staged, "content": source["content"]}])
-        os.rename(os.path.join(self.workdir, staged), self.path)
         write_files(self.workdir, [f for f in files if f is not source])
-        return process, self.fifo, str(source["content"]).encode()
+        write_files(self.workdir, [{"path": self._staged, "content": source["content"]}])
+        self.content = str(source["content"]).encode()
+
+    @property
+    def _staged(self) -> str:
+        return f".{self.source}.sandboxd"
+
+    def publish(self) -> tuple[int, bytes]:
+        """Put the source file in place of the FIFO; the FIFO and what to write to it
+        (the caller's now), for a process that opened the FIFO first."""
+        os.rename(os.path.join(self.workdir, self._staged), self.path)
+        return self.fifo, self.content
 
     def discard(self) -> None:
         """Kill the waiting process (a job that cannot take it): a cold start follows."""
@@ -633,14 +644,15 @@ class Runner:
 
     def take_warm(
         self, argv: list[str], env: dict[str, str], files: list[dict[str, Any]], compiles: bool
-    ) -> tuple[Process, int, bytes] | None:
-        """The warm runtime for a job that runs ``argv``, its files written; None (and
-        the runtime gone) if the job needs a cold start."""
+    ) -> WarmRuntime | None:
+        """The warm runtime for a job that runs ``argv``, the files written but for its
+        source; None (and the runtime gone) if the job needs a cold start."""
         warm, self.warm = self.warm, None
         if warm is None or warm.process is None:
             return None
         if not compiles and warm.serves(argv, env, files):
-            return warm.take(files)
+            warm.take(files)
+            return warm
         warm.discard()
         return None
 
@@ -689,7 +701,7 @@ class Runner:
         wall_time: float,
         cpu_time: float,
         limits: dict[str, Any],
-        warm: tuple[Process, int, bytes] | None = None,
+        warm: WarmRuntime | None = None,
     ) -> StageOutcome:
         """Run one stage: ``argv`` started now, or the ``warm`` process that waits for
         its source (written to the FIFO once its limits are set)."""
@@ -713,12 +725,14 @@ class Runner:
                 argv, cwd=self.workdir, env=env, preexec=_confine(self.confinement, rlimits)
             )
         else:
-            process, fifo, source = warm
+            assert warm.taken is not None
+            process = warm.taken
             self._limit_warm(process[0], rlimits)
             if cpu_before is not None:
                 # As in a cold start (and as its rlimit counts), the runtime's own start
                 # is the job's CPU time too.
                 cpu_before -= cpu_time_of(process[0])
+            fifo, source = warm.publish()
         pid, stdin_fd, stdout_fd, stderr_fd = process
         poller = select.poll()
         writer = StdinWriter(stdin_fd, poller)

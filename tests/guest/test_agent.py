@@ -203,3 +203,40 @@ def test_streamed_stdin_ends_when_the_host_closes_the_channel(tmp_path):
     job = python_job("import sys\nprint(len(sys.stdin.read()))", stdin="abc", stdin_stream=True)
     *messages, _ = run_agent(tmp_path, job)
     assert output(messages) == "3\n"
+
+
+def test_a_warm_runtime_that_opens_its_source_late_finds_its_files_and_limits(tmp_path):
+    """A runtime slower to start than its job opens the real source file, not the FIFO,
+    and runs at once: the other files and the rlimits must be in place before the source
+    file is. This runtime waits for exactly that moment and runs the source then."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    late = (
+        "import os, stat\n"
+        "while stat.S_ISFIFO(os.stat('main.py').st_mode): pass\n"
+        "exec(open('main.py').read())\n"
+    )
+    argv = [sys.executable, "-c", late]
+    sync = {"type": "sync", "nonce": 7, "warm": {"argv": argv, "env": {}, "source": "main.py"}}
+    code = (
+        "import resource\n"
+        "print(len(open('data/x.txt').read()), resource.getrlimit(resource.RLIMIT_CPU))"
+    )
+    job = {
+        "type": "job",
+        "files": [
+            {"path": "main.py", "content": code},
+            {"path": "data/x.txt", "content": "x" * 2**22},
+        ],
+        "run": {"argv": argv},
+        "limits": {**LIMITS, "cpu_time": 3, "file_size_bytes": 2**23},
+    }
+    done = subprocess.run(
+        [sys.executable, "-I", str(AGENT), "--workdir", str(workdir)],
+        input=b"".join(json.dumps(m).encode() + b"\n" for m in (sync, job)),
+        capture_output=True,
+        timeout=60,
+    )
+    *events, result = [json.loads(line) for line in done.stdout.splitlines()]
+    assert (result["status"], result["warm"]) == ("ok", True), (result, done.stderr)
+    assert output(events) == f"{2**22} (3, 4)\n"
