@@ -27,9 +27,9 @@ from typing import Any
 
 from sandboxd.errors import DaemonUnavailable, SandboxError
 from sandboxd.framing import LineBuffer, encode, receive_line
+from sandboxd.protocol import DEFAULT_SOCKET, Method
 from sandboxd.result import ExecutionResult
 
-DEFAULT_SOCKET = "/run/sandboxd.sock"
 MAX_LINE = 256 * 1024 * 1024
 OutputCallback = Callable[[str, str, str], None]  # (stream, data, stage)
 
@@ -172,13 +172,13 @@ class Client:
                     on_notification(value)
 
     def health(self) -> dict[str, Any]:
-        return self.call("health")
+        return self.call(Method.HEALTH)
 
     def languages(self) -> dict[str, Any]:
-        return self.call("languages")
+        return self.call(Method.LANGUAGES)
 
     def status(self) -> dict[str, Any]:
-        return self.call("status")
+        return self.call(Method.STATUS)
 
     def execute(
         self, language: str, code: str, *, on_output: OutputCallback | None = None, **options: Any
@@ -188,7 +188,7 @@ class Client:
         ``options``: stdin, args, files, timeout, limits, network (see docs/api.md).
         """
         record = self.call(
-            "execute", execute_params(language, code, **options), _output_relay(on_output)
+            Method.EXECUTE, execute_params(language, code, **options), _output_relay(on_output)
         )
         return ExecutionResult.from_dict(record)
 
@@ -236,7 +236,7 @@ class Execution:
     async def send_stdin(self, data: str, *, eof: bool = False) -> None:
         """Input for an interactive execution (``interactive=True``)."""
         params = {"id": self._call.id, "data": data, "eof": eof}
-        await self._send({"jsonrpc": "2.0", "method": "execute.stdin", "params": params})
+        await self._send({"jsonrpc": "2.0", "method": Method.STDIN, "params": params})
 
     async def close_stdin(self) -> None:
         await self.send_stdin("", eof=True)
@@ -304,13 +304,13 @@ class AsyncClient:
         return running.value
 
     async def health(self) -> dict[str, Any]:
-        return await self.call("health")
+        return await self.call(Method.HEALTH)
 
     async def languages(self) -> dict[str, Any]:
-        return await self.call("languages")
+        return await self.call(Method.LANGUAGES)
 
     async def status(self) -> dict[str, Any]:
-        return await self.call("status")
+        return await self.call(Method.STATUS)
 
     def open_execution(
         self, language: str, code: str, **options: Any
@@ -320,7 +320,7 @@ class AsyncClient:
 
         ``options``: stdin, args, files, timeout, limits, interactive (see docs/api.md).
         """
-        return self._open(_Call("execute", execute_params(language, code, **options)))
+        return self._open(_Call(Method.EXECUTE, execute_params(language, code, **options)))
 
     async def execute(
         self, language: str, code: str, *, on_output: OutputCallback | None = None, **options: Any

@@ -16,7 +16,8 @@ from typing import IO
 import click
 
 from sandboxctl.app import EXIT_SERVICE, EXIT_TIMEOUT, App
-from sandboxd.result import ExecutionResult, Status
+from sandboxd.protocol import Status
+from sandboxd.result import ExecutionResult
 
 # What `sandboxctl exec` exits with when the program did not exit on its own.
 STATUS_EXIT_CODES = {

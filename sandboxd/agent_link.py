@@ -20,9 +20,9 @@ import trio
 
 from sandboxd.errors import AgentError
 from sandboxd.framing import LineBuffer, LineTooLong, encode, receive_line
+from sandboxd.protocol import AGENT_PROTOCOL
 from sandboxd.stdin_stream import StdinStream
 
-PROTOCOL = 1
 WarmRuntime = dict[str, Any]  # from sandboxd.job.warm_runtime
 WarmRuntime = dict[str, Any]  # from sandboxd.job.warm_runtime
 OutputHandler = Callable[[str, str, str], Awaitable[None]]  # (stage, stream, data)
@@ -110,8 +110,8 @@ class AgentLink:
         message = await self._next()
         if message is None:
             raise AgentError("agent exited before saying hello")
-        if message["type"] != "hello" or message.get("protocol") != PROTOCOL:
-            raise AgentError(f"expected hello for protocol {PROTOCOL}, got {message}")
+        if message["type"] != "hello" or message.get("protocol") != AGENT_PROTOCOL:
+            raise AgentError(f"expected hello for protocol {AGENT_PROTOCOL}, got {message}")
         if message.get("nonce") != nonce:
             raise AgentError("agent answered an earlier sync")
         return message

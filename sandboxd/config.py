@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandboxd import protocol
 from sandboxd.errors import ConfigError
 from sandboxd.limits import LIMIT_SPECS, LimitBounds, default_bounds
 
 DEFAULT_CONFIG_FILE = Path("/etc/sandboxd/sandboxd.toml")
-DEFAULT_SOCKET = Path("/run/sandboxd.sock")
+DEFAULT_SOCKET = Path(protocol.DEFAULT_SOCKET)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 BACKEND_NAMES = ("auto", "firecracker", "qemu", "namespaces")
 VM_CHANNELS = ("auto", "virtio-serial", "vsock")  # how the daemon reaches a VM's agent

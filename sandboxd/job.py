@@ -17,10 +17,8 @@ from typing import Any
 from sandboxd.errors import InvalidParams
 from sandboxd.languages import Language, LanguageTable
 from sandboxd.limits import LimitBounds, Limits, check_limits, resolve_limits
+from sandboxd.protocol import EXECUTE_FIELDS
 
-FIELDS = (
-    "language", "code", "stdin", "args", "files", "timeout", "limits", "interactive", "network",
-)  # fmt: skip
 MAX_ARGS = 256
 # What the kernel lets exec take: one argument under 128 KiB, and all of them (with the
 # environment) a quarter of the stack limit; well below, so that exec never refuses.
@@ -207,7 +205,7 @@ class CheckedParams:
     network: bool
 
 
-def check_params(params: Any, fields: tuple[str, ...] = FIELDS) -> CheckedParams:
+def check_params(params: Any, fields: tuple[str, ...] = EXECUTE_FIELDS) -> CheckedParams:
     """Every check of ``execute``'s params that needs neither the languages nor the
     server's limits; InvalidParams naming the field and why. The HTTP gateway runs it
     too, with its own ``fields``, so both edges refuse an input in the same words."""

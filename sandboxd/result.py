@@ -9,23 +9,10 @@ The record is documented field by field in ``docs/api.md``.
 from __future__ import annotations
 
 import dataclasses
-import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class Status(enum.StrEnum):
-    OK = "ok"
-    COMPILE_ERROR = "compile_error"
-    RUNTIME_ERROR = "runtime_error"
-    TIMEOUT = "timeout"
-    MEMORY_LIMIT = "memory_limit"
-    OUTPUT_LIMIT = "output_limit"
-    KILLED = "killed"
-    INTERNAL_ERROR = "internal_error"
-
-
-STREAMS = ("stdout", "stderr")
+from sandboxd.protocol import STREAMS, Status
 
 
 @dataclass

@@ -51,13 +51,13 @@ from sandboxd.errors import (
 from sandboxd.framing import LineBuffer, LineTooLong, encode, encode_chunks
 from sandboxd.job import unicode_text
 from sandboxd.peers import PeerAccount, PeerTable, SocketLimits
+from sandboxd.protocol import OUTPUT_NOTIFICATION, Method
 from sandboxd.service import Service
 from sandboxd.stdin_stream import StdinChunk, StdinStream
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NOTIFICATION = "execute.output"
-STDIN_METHOD = "execute.stdin"
+STDIN_METHOD = Method.STDIN
 # Input may arrive before its execute request is dispatched; how much is kept for it.
 MAX_EARLY_STDIN_IDS = 64
 MAX_EARLY_STDIN_BYTES = 1024 * 1024
@@ -293,10 +293,10 @@ class RpcServer:
         self.methods = {
             name: _expose(function)
             for name, function in {
-                "health": self._health,
-                "languages": self._languages,
-                "status": self._status,
-                "execute": self._execute,
+                Method.HEALTH: self._health,
+                Method.LANGUAGES: self._languages,
+                Method.STATUS: self._status,
+                Method.EXECUTE: self._execute,
                 STDIN_METHOD: self._stdin,
             }.items()
         }

@@ -25,7 +25,8 @@ from sandboxd.languages import LanguageTable
 from sandboxd.limits import LimitBounds
 from sandboxd.network import Egress
 from sandboxd.pool import Pool
-from sandboxd.result import STREAMS, CompileResult, ExecutionResult, Status
+from sandboxd.protocol import STREAMS, Status
+from sandboxd.result import CompileResult, ExecutionResult
 from sandboxd.stdin_stream import StdinStream
 
 log = logging.getLogger(__name__)

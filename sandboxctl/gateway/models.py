@@ -7,6 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sandboxd.protocol import Status
+
+# The contract's statuses, as plain strings in the schema.
+StatusName = Literal[tuple(str(status) for status in Status)]  # type: ignore[valid-type]
 PositiveSeconds = Field(default=None, gt=0, description="seconds")
 PositiveCount = Field(default=None, gt=0)
 
@@ -122,16 +126,7 @@ class ExecuteResponse(BaseModel):
     output: str = Field(description="stdout and stderr as the program wrote them")
     error: str | None = Field(description="why it did not succeed; null on success")
     execution_time: float = Field(description="seconds, measured at the gateway")
-    status: Literal[
-        "ok",
-        "compile_error",
-        "runtime_error",
-        "timeout",
-        "memory_limit",
-        "output_limit",
-        "killed",
-        "internal_error",
-    ]
+    status: StatusName
     message: str
     exit_code: int | None
     signal: int | None

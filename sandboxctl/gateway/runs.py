@@ -10,12 +10,13 @@ from typing import Any
 
 from sandboxctl.client import AsyncClient, OutputEvent
 from sandboxctl.gateway.models import ExecuteResponse
-from sandboxd.job import FIELDS, check_params
-from sandboxd.result import ExecutionResult, Status
+from sandboxd.job import check_params
+from sandboxd.protocol import EXECUTE_FIELDS, Status
+from sandboxd.result import ExecutionResult
 
 # What an HTTP request may carry: the daemon's execute fields but "interactive", which
 # only the WebSocket means (and sets).
-HTTP_FIELDS = tuple(name for name in FIELDS if name != "interactive")
+HTTP_FIELDS = tuple(name for name in EXECUTE_FIELDS if name != "interactive")
 
 
 class GatewayRun:

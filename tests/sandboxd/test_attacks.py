@@ -16,7 +16,7 @@ import pytest
 
 from sandboxd.backends.namespaces import AGENT, AGENT_MEMORY, OVERHEAD_PROCESSES
 from sandboxd.cgroups import CgroupLayout
-from sandboxd.result import Status
+from sandboxd.protocol import Status
 from tests.host_state import mounts, program_processes, sandbox_cgroups, sandbox_processes, wait_for
 
 LIMITS = {

@@ -9,7 +9,7 @@ import threading
 import trio
 
 from sandboxctl.client import AsyncClient
-from sandboxd.result import Status
+from sandboxd.protocol import Status
 
 
 def test_hello(client):

@@ -20,7 +20,7 @@ from sandboxctl import cli
 from sandboxd.backends.firecracker import FirecrackerBackend
 from sandboxd.errors import LaunchError
 from sandboxd.images import ImageStore
-from sandboxd.result import Status
+from sandboxd.protocol import Status
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, assert_jobs_outlive_a_broken_snapshot, start_daemon
 from tests.fakes.firecracker_bin import install_fakes

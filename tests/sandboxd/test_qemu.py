@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sandboxd.images import ImageStore
-from sandboxd.result import Status
+from sandboxd.protocol import Status
 from tests.conftest import IS_ROOT
 from tests.daemon_process import (
     Daemon,

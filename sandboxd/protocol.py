@@ -1,0 +1,50 @@
+"""The wire contract: every name that crosses a process boundary, defined here once.
+
+The daemon, the client library, the CLI and the gateway import these; the gateway's
+models are built from them. The agent (guest/agent.py) runs inside sandboxes on the
+image's python and cannot import this package: tests/guest/test_contract.py checks that
+what it says equals what is here.
+"""
+
+from __future__ import annotations
+
+import enum
+
+DEFAULT_SOCKET = "/run/sandboxd.sock"  # the daemon's, unless configured otherwise
+
+
+class Method(enum.StrEnum):
+    """The JSON-RPC methods of the daemon's socket (docs/api.md)."""
+
+    HEALTH = "health"
+    LANGUAGES = "languages"
+    STATUS = "status"
+    EXECUTE = "execute"
+    STDIN = "execute.stdin"  # interactive input for a running execute
+
+
+OUTPUT_NOTIFICATION = "execute.output"  # the daemon's, while an execute runs
+
+# The params of execute (and of the gateway's POST /execute, but for interactive).
+EXECUTE_FIELDS = (
+    "language", "code", "stdin", "args", "files", "timeout", "limits", "interactive", "network",
+)  # fmt: skip
+
+
+class Status(enum.StrEnum):
+    """How a job ended: the result record's ``status``."""
+
+    OK = "ok"
+    COMPILE_ERROR = "compile_error"
+    RUNTIME_ERROR = "runtime_error"
+    TIMEOUT = "timeout"
+    MEMORY_LIMIT = "memory_limit"
+    OUTPUT_LIMIT = "output_limit"
+    KILLED = "killed"
+    INTERNAL_ERROR = "internal_error"
+
+
+STREAMS = ("stdout", "stderr")
+STAGES = ("compile", "run")
+
+AGENT_PROTOCOL = 1  # the version of the agent protocol, in its hello
