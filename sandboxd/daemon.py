@@ -61,7 +61,7 @@ async def run_daemon(
         image = current_image(config)
         backend, reason = choose_backend(config, image)
         log.info("backend %s (%s)", backend.name, reason)
-        if backend.name == "namespaces":
+        if backend.shares_host_kernel:
             log.warning("sandboxes are namespaces, not VMs: they share the host kernel")
         egress = egress_of(config)
         try:

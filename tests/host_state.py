@@ -75,10 +75,10 @@ def mounts() -> list[str]:
     return Path("/proc/self/mountinfo").read_text().splitlines()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+def wait_for(condition: Callable[[], object], timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return True
         time.sleep(0.05)
-    return condition()
+    return bool(condition())

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from sandboxd.limits import LIMIT_SPECS
 from sandboxd.protocol import Status
 
 # The contract's statuses, as plain strings in the schema.
@@ -23,19 +24,19 @@ class FileInput(BaseModel):
     encoding: Literal["utf-8", "base64"] = "utf-8"
 
 
-class LimitsInput(BaseModel):
-    """Per-run limits, each at most the server's maximum (see GET /languages for none;
-    the daemon's `status` lists defaults and maxima)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    wall_time: float | None = PositiveSeconds
-    cpu_time: float | None = PositiveSeconds
-    compile_time: float | None = PositiveSeconds
-    memory_bytes: int | None = PositiveCount
-    processes: int | None = PositiveCount
-    output_bytes: int | None = PositiveCount
-    file_size_bytes: int | None = PositiveCount
+# Per-run limits: the daemon's table of them, each an optional positive number.
+_LIMIT_FIELD: dict[str, Any] = {
+    "seconds": (float | None, PositiveSeconds),
+    "bytes": (int | None, PositiveCount),
+    "count": (int | None, PositiveCount),
+}
+LimitsInput = create_model(
+    "LimitsInput",
+    __doc__="""Per-run limits, each at most the server's maximum (see GET /languages for none;
+    the daemon's `status` lists defaults and maxima).""",
+    __config__=ConfigDict(extra="forbid"),
+    **{spec.name: _LIMIT_FIELD[spec.unit] for spec in LIMIT_SPECS},
+)
 
 
 class ExecuteRequest(BaseModel):

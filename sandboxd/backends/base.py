@@ -343,6 +343,7 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     isolation: ClassVar[str]
     has_network: ClassVar[bool] = False  # can its sandboxes get egress (sandboxd.network)?
+    shares_host_kernel: ClassVar[bool] = False  # weaker than a VM: the daemon warns
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -96,6 +96,7 @@ class NamespacesSandbox(JailedSandbox):
 class NamespacesBackend(JailedBackend):
     name = "namespaces"
     has_network = True
+    shares_host_kernel = True
     isolation = "namespaces (bubblewrap, seccomp, cgroup; weaker than a VM: shares the host kernel)"
 
     def __init__(

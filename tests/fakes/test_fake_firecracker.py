@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ import pytest
 from sandboxd import initramfs
 from sandboxd.images import Image
 from tests.fakes.firecracker_bin import install_fakes
+from tests.host_state import wait_for
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: jails, uids and cgroups")
@@ -33,14 +34,6 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 @pytest.fixture(scope="module")
 def bins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return install_fakes(tmp_path_factory.mktemp("bin"))
-
-
-def wait_for(check: Callable[[], object], timeout: float = 10.0, what: str = "it") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.02)
 
 
 def exchange(sock_path: Path, request: bytes) -> tuple[str, dict[str, str], bytes]:
@@ -99,7 +92,7 @@ def firecracker(bins: tuple[Path, Path], tmp_path: Path) -> Iterator[tuple[Api, 
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(sock.exists, what="the API socket")
+        assert wait_for(sock.exists), "the API socket"
         yield Api(sock), process
     finally:
         process.kill()
@@ -285,7 +278,7 @@ class Jail:
         )
         self.processes.append(process)
         sock = self.chroot(vm_id) / "run" / "firecracker.socket"
-        wait_for(lambda: sock.exists() or process.poll() is not None, what="the API socket")
+        assert wait_for(lambda: sock.exists() or process.poll() is not None), "the API socket"
         assert process.poll() is None, f"the jail ended with {process.returncode}"
         return Api(sock)
 
@@ -413,16 +406,16 @@ def test_the_jailer_joins_a_cgroup_v2_parent_and_daemonizes(jail: Jail):
     )
     assert done.returncode == 0, done.stderr  # the jailer's parent returns at once
     pid_file = jail.chroot("vm-3") / "firecracker.pid"
-    wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="the pid file")
+    assert wait_for(lambda: pid_file.exists() and pid_file.read_text()), "the pid file"
     pid = int(pid_file.read_text())
     try:
-        wait_for((jail.chroot("vm-3") / "run" / "firecracker.socket").exists, what="the socket")
+        assert wait_for((jail.chroot("vm-3") / "run" / "firecracker.socket").exists), "the socket"
         assert str(pid) in (parent / "cgroup.procs").read_text().split()
         # A new session, and the daemon is not its leader (the double fork).
         assert os.getsid(pid) not in (os.getsid(0), pid)
     finally:
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not Path(f"/proc/{pid}").exists(), what="the daemon's end")
+        assert wait_for(lambda: not Path(f"/proc/{pid}").exists()), "the daemon's end"
 
 
 AGENT_PORT = 52  # where guest/agent.py listens on vsock by default
