@@ -27,11 +27,11 @@ from typing import Any
 
 from sandboxd.errors import DaemonUnavailable, SandboxError
 from sandboxd.framing import LineBuffer, encode, receive_line
-from sandboxd.protocol import DEFAULT_SOCKET, Method
+from sandboxd.protocol import DEFAULT_SOCKET, OUTPUT_FIELDS, Method
 from sandboxd.result import ExecutionResult
 
 MAX_LINE = 256 * 1024 * 1024
-OutputCallback = Callable[[str, str, str], None]  # (stream, data, stage)
+OutputCallback = Callable[[str, str, str], None]  # OUTPUT_FIELDS: (stage, stream, data)
 
 _ids = itertools.count(1)
 
@@ -125,7 +125,7 @@ def _output_relay(on_output: OutputCallback | None) -> Callable[[dict[str, Any]]
         return None
 
     def relay(params: dict[str, Any]) -> None:
-        on_output(str(params.get("stream")), str(params.get("data", "")), str(params.get("stage")))
+        on_output(*(str(params.get(name, "")) for name in OUTPUT_FIELDS))
 
     return relay
 
@@ -183,7 +183,7 @@ class Client:
     def execute(
         self, language: str, code: str, *, on_output: OutputCallback | None = None, **options: Any
     ) -> ExecutionResult:
-        """Run ``code``; ``on_output(stream, data, stage)`` sees the output as it comes.
+        """Run ``code``; ``on_output(stage, stream, data)`` sees the output as it comes.
 
         ``options``: stdin, args, files, timeout, limits, network (see docs/api.md).
         """
@@ -328,5 +328,5 @@ class AsyncClient:
         async with self.open_execution(language, code, **options) as execution:
             async for event in execution:
                 if on_output is not None:
-                    on_output(event.stream, event.data, event.stage)
+                    on_output(event.stage, event.stream, event.data)
         return execution.result

@@ -38,7 +38,7 @@ def exit_code_of(result: ExecutionResult) -> int:
     return STATUS_EXIT_CODES[result.status]
 
 
-def _stream_to_terminal(stream: str, data: str, stage: str) -> None:
+def _stream_to_terminal(stage: str, stream: str, data: str) -> None:
     target: IO[str] = sys.stdout if stream == "stdout" and stage == "run" else sys.stderr
     target.write(data)
     target.flush()

@@ -25,7 +25,7 @@ from sandboxd.stdin_stream import StdinStream
 
 WarmRuntime = dict[str, Any]  # from sandboxd.job.warm_runtime
 WarmRuntime = dict[str, Any]  # from sandboxd.job.warm_runtime
-OutputHandler = Callable[[str, str, str], Awaitable[None]]  # (stage, stream, data)
+OutputHandler = Callable[[str, str, str], Awaitable[None]]  # OUTPUT_FIELDS' order
 StageHandler = Callable[[str], None]  # a stage ("compile", "run") starts
 # The longest line an agent sends: an output message of 64 KiB, JSON-escaped (up to six
 # bytes per byte), with room to spare. Its result carries no output.

@@ -24,6 +24,9 @@ class Method(enum.StrEnum):
 
 
 OUTPUT_NOTIFICATION = "execute.output"  # the daemon's, while an execute runs
+# Its params besides the request's id, in the order every output callback takes them
+# (the daemon's and the client library's alike).
+OUTPUT_FIELDS = ("stage", "stream", "data")
 
 # The params of execute (and of the gateway's POST /execute, but for interactive).
 EXECUTE_FIELDS = (

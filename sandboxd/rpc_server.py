@@ -51,7 +51,7 @@ from sandboxd.errors import (
 from sandboxd.framing import LineBuffer, LineTooLong, encode, encode_chunks
 from sandboxd.job import unicode_text
 from sandboxd.peers import PeerAccount, PeerTable, SocketLimits
-from sandboxd.protocol import OUTPUT_NOTIFICATION, Method
+from sandboxd.protocol import OUTPUT_FIELDS, OUTPUT_NOTIFICATION, Method
 from sandboxd.service import Service
 from sandboxd.stdin_stream import StdinChunk, StdinStream
 
@@ -255,7 +255,7 @@ class RequestContext:
         self.output += len(data)
         await self.notify(
             OUTPUT_NOTIFICATION,
-            {"id": self.request_id, "stage": stage, "stream": stream, "data": data},
+            {"id": self.request_id, **dict(zip(OUTPUT_FIELDS, (stage, stream, data), strict=True))},
         )
 
 

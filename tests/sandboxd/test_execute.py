@@ -249,3 +249,28 @@ async def test_leaving_an_execution_early_stops_the_job(daemon):
     with trio.fail_after(20):
         while (await client.health())["pool"]["busy"]:
             await trio.sleep(0.05)
+
+
+def test_output_callbacks_take_stage_stream_and_data(client, daemon):
+    """The client library's callbacks, sync and trio, take what the daemon's does, in
+    the contract's order."""
+    code = "import sys; print('out'); print('err', file=sys.stderr)"
+
+    def joined(chunks: list[tuple[str, str, str]]) -> dict[tuple[str, str], str]:
+        streams: dict[tuple[str, str], str] = {}
+        for stage, stream, data in chunks:  # a print may come in more than one chunk
+            streams[stage, stream] = streams.get((stage, stream), "") + data
+        return streams
+
+    seen: list[tuple[str, str, str]] = []
+    client.execute("python", code, on_output=lambda *chunk: seen.append(chunk))
+    assert joined(seen) == {("run", "stdout"): "out\n", ("run", "stderr"): "err\n"}
+
+    async def main() -> list[tuple[str, str, str]]:
+        chunks: list[tuple[str, str, str]] = []
+        await AsyncClient(daemon.socket).execute(
+            "python", code, on_output=lambda *chunk: chunks.append(chunk)
+        )
+        return chunks
+
+    assert joined(trio.run(main)) == joined(seen)
