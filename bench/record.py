@@ -389,10 +389,12 @@ def main() -> None:
             backend={"name": backend},
             daemon={"log_level": "warning"},
         )
-        gateway = start_gateway(
-            Path(tmp), daemon.socket, rate_per_minute=10**6, rate_burst=10**4, concurrent_per_key=64
-        )
-        try:
+        gateway = None
+        try:  # a gateway that fails to start must not leave the daemon running
+            gateway = start_gateway(
+                Path(tmp), daemon.socket, rate_per_minute=10**6, rate_burst=10**4,
+                concurrent_per_key=64,
+            )  # fmt: skip
             client = Client(daemon.socket)
             status = client.status()
             rootfs = Path(status["image"]["path"]) / "rootfs"
@@ -411,7 +413,8 @@ def main() -> None:
                         language, methods, daemon, client, pool_size, options.quick
                     )
         finally:
-            gateway.stop()
+            if gateway is not None:
+                gateway.stop()
             daemon.stop()
     RESULTS.mkdir(exist_ok=True)
     name = f"{'quick-' if options.quick else ''}{results['backend']}.json"
