@@ -24,7 +24,6 @@ from sandboxd.protocol import AGENT_PROTOCOL
 from sandboxd.stdin_stream import StdinStream
 
 WarmRuntime = dict[str, Any]  # from sandboxd.job.warm_runtime
-WarmRuntime = dict[str, Any]  # from sandboxd.job.warm_runtime
 OutputHandler = Callable[[str, str, str], Awaitable[None]]  # OUTPUT_FIELDS' order
 StageHandler = Callable[[str], None]  # a stage ("compile", "run") starts
 # The longest line an agent sends: an output message of 64 KiB, JSON-escaped (up to six
