@@ -541,12 +541,13 @@ class WarmRuntime:
     For ``python3 main.py`` the agent makes ``main.py`` a FIFO and starts the command at
     once: the interpreter starts up as it always does (sys.argv, sys.path, the modules a
     fresh interpreter imports, its own hash seed) and blocks reading the FIFO. A job
-    that runs exactly that command gets it: its real file replaces the FIFO before the
-    first byte is written (so tracebacks and the program's own reads find the file), the
-    job's rlimits are set on the process, and the source is written to the FIFO. Nothing
-    of the agent runs in that process, so the program cannot tell it apart from a cold
+    that runs exactly that command gets it: its other files are written, its rlimits
+    set on the process, then its real source file replaces the FIFO (so tracebacks and
+    the program's own reads find it) and the source is written to the FIFO. Nothing of
+    the agent runs in that process, so the program cannot tell it apart from a cold
     start but by its clock. Any other job (other command, arguments, a compile step)
-    gets a cold start after this process is killed.
+    gets a cold start after this process is killed. The Runner holds a runtime until a
+    job takes or discards it; then the job's run owns it.
     """
 
     def __init__(
@@ -564,15 +565,14 @@ class WarmRuntime:
         # Open for reading and writing: the runtime's open never blocks, and what the
         # agent writes stays in the FIFO however little of it the runtime has read.
         self.fifo = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-        self.process: Process | None = spawn(
+        self.process = spawn(
             self.argv, cwd=workdir, env=self.env, preexec=_confine(confinement, [])
         )
-        self.taken: Process | None = None  # the process, once a job took it
-        self.content = b""  # that job's source
+        self.content = b""  # the source of the job that took it
 
     def serves(self, argv: list[str], env: dict[str, str], files: list[dict[str, Any]]) -> bool:
         """Whether a job that runs ``argv`` with ``env`` and ``files`` can take it."""
-        if self.process is None or argv != self.argv or env != self.env:
+        if argv != self.argv or env != self.env:
             return False
         self.reaper.reap()
         if self.process[0] in self.reaper.exits:
@@ -585,12 +585,10 @@ class WarmRuntime:
         )
 
     def take(self, files: list[dict[str, Any]]) -> None:
-        """Write the job's files for the waiting process (:attr:`taken` from now): all
-        but its source, and that beside the FIFO, to :meth:`publish` once the process's
-        limits are set. A runtime slower to start than its job opens the real file, not
-        the FIFO, and runs at once: nothing may be missing or unlimited by then."""
-        assert self.process is not None
-        self.taken, self.process = self.process, None
+        """Write the job's files for the waiting process: all but its source, and that
+        beside the FIFO, to :meth:`publish` once the process's limits are set. A runtime
+        slower to start than its job opens the real file, not the FIFO, and runs at
+        once: nothing may be missing or unlimited by then."""
         source = next(f for f in files if f.get("path") == self.source)
         write_files(self.workdir, [f for f in files if f is not source])
         write_files(self.workdir, [{"path": self._staged, "content": source["content"]}])
@@ -608,13 +606,11 @@ class WarmRuntime:
 
     def discard(self) -> None:
         """Kill the waiting process (a job that cannot take it): a cold start follows."""
-        assert self.process is not None
         pid, *fds = self.process
         _kill_group(pid)
         self.reaper.wait(pid)
         for fd in (*fds, self.fifo):
             os.close(fd)
-        self.process = None
         os.unlink(self.path)
 
 
@@ -632,7 +628,7 @@ class Runner:
     def start_warm(self, spec: dict[str, Any] | None) -> None:
         """(Re)start the warm runtime ``spec`` describes, after each sync: in a VM
         restored from a snapshot, only once the random pool has been reseeded."""
-        if self.warm is not None and self.warm.process is not None:
+        if self.warm is not None:
             self.warm.discard()
         self.warm = None
         if spec:
@@ -648,7 +644,7 @@ class Runner:
         """The warm runtime for a job that runs ``argv``, the files written but for its
         source; None (and the runtime gone) if the job needs a cold start."""
         warm, self.warm = self.warm, None
-        if warm is None or warm.process is None:
+        if warm is None:
             return None
         if not compiles and warm.serves(argv, env, files):
             warm.take(files)
@@ -725,8 +721,7 @@ class Runner:
                 argv, cwd=self.workdir, env=env, preexec=_confine(self.confinement, rlimits)
             )
         else:
-            assert warm.taken is not None
-            process = warm.taken
+            process = warm.process
             self._limit_warm(process[0], rlimits)
             if cpu_before is not None:
                 # As in a cold start (and as its rlimit counts), the runtime's own start
