@@ -79,9 +79,10 @@ deb: $(BIN)/sandboxd ## Build the Debian package into dist/ (then: sudo apt inst
 fmt: $(BIN)/sandboxd ## Format the code
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
-lint: $(BIN)/sandboxd ## Lint (ruff) without changing anything
+lint: $(BIN)/sandboxd ## Lint (ruff) and type-check (mypy) without changing anything
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 .PHONY: quickstart install start stop status
 quickstart: build install start ## Install everything and start the service

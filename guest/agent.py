@@ -116,7 +116,7 @@ def _unserializable(value: object) -> None:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-_scan_json = _json.make_scanner(_StandardJson())
+_scan_json = _json.make_scanner(_StandardJson())  # type: ignore[arg-type]  # duck-typed: it reads these attributes only
 # As json.dumps(ensure_ascii=False, separators=(",", ":")) encodes.
 _encode_json = _json.make_encoder(
     None, _unserializable, _json.encode_basestring, None, ":", ",", False, False, True
@@ -1182,7 +1182,9 @@ def main(argv: list[str] | None = None) -> int:
     # Not dumpable: the program (same uid in a jail) can then neither ptrace the agent
     # nor open its /proc files to read or rewrite its memory and forge a result.
     _ctypes.call_function(
-        _ctypes.dlsym(_ctypes.dlopen(None, os.RTLD_NOW), "prctl"), (PR_SET_DUMPABLE, 0)
+        # dlopen(NULL) is the program itself (typeshed allows only paths)
+        _ctypes.dlsym(_ctypes.dlopen(None, os.RTLD_NOW), "prctl"),  # type: ignore[arg-type]
+        (PR_SET_DUMPABLE, 0),
     )
     for number in IGNORED_SIGNALS:  # a program's kill(1, ...) changes nothing
         signal.signal(number, signal.SIG_IGN)

@@ -133,7 +133,7 @@ def exec_command(
         raise click.UsageError("give the program either with -c CODE or as SOURCE (- for stdin)")
     if stdin_text is not None and stdin_file is not None:
         raise click.UsageError("give --stdin or --stdin-file, not both")
-    program = code if code is not None else source.read()  # type: ignore[union-attr]
+    program = code if code is not None else source.read()  # type: ignore[union-attr]  # one is set
     stdin = stdin_text if stdin_file is None else stdin_file.read()
     result = app.client.execute(
         language,

@@ -16,6 +16,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import trio
 
@@ -26,6 +27,15 @@ log = logging.getLogger(__name__)
 # cpuacct counts CPU time (v2's cpu.stat has it in every cgroup).
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 CPU_PERIOD_US = 100_000
+
+
+class CgroupLimits(TypedDict):
+    """What :meth:`Cgroup.set_limits` takes: the whole sandbox's memory (swap included),
+    process count and CPU share."""
+
+    memory_bytes: int
+    processes: int
+    cpus: float
 
 
 def _mounts() -> list[tuple[str, str, set[str]]]:
@@ -58,7 +68,7 @@ class CgroupLayout:
                 available = set(controllers.read_text().split())
                 if {"memory", "pids", "cpu"} <= available:
                     return cls(2, {name: Path(point) for name in V1_CONTROLLERS})
-        roots = {}
+        roots: dict[str, Path] = {}
         for fstype, point, options in mounts:
             for name in V1_CONTROLLERS:
                 if fstype == "cgroup" and name in options:
@@ -157,10 +167,10 @@ class Cgroup:
                 f"pids.max={processes}",
                 f"cpu.max={quota} {CPU_PERIOD_US}",
             ]
-        swap = _has_file(parent / "memory.memsw.limit_in_bytes")
+        memsw = _has_file(parent / "memory.memsw.limit_in_bytes")
         return [
             f"memory.limit_in_bytes={memory_bytes}",
-            *([f"memory.memsw.limit_in_bytes={memory_bytes}"] if swap else []),
+            *([f"memory.memsw.limit_in_bytes={memory_bytes}"] if memsw else []),
             f"pids.max={processes}",
             f"cpu.cfs_period_us={CPU_PERIOD_US}",
             f"cpu.cfs_quota_us={quota}",

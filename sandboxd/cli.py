@@ -62,14 +62,13 @@ class _Fail:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, SandboxError) and not self.debug:
             detail = exc.data.get("log_tail") if isinstance(exc.data, dict) else None
             click.echo(f"Error: {exc.message}", err=True)
             if detail:
                 click.echo(detail, err=True)
             sys.exit(1)
-        return False
 
 
 @click.group()

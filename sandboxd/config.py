@@ -355,9 +355,9 @@ def load_config(
         for section, cls in SECTIONS.items()
     }
     config = Config(**parts, limits=limits, source=", ".join(sources) or "built-in defaults")
-    subnet = ipaddress.ip_network(config.network.subnet)
+    subnet = ipaddress.IPv4Network(config.network.subnet)  # both checked as IPv4 above
     for allowed in config.network.allow:
-        if ipaddress.ip_network(allowed).subnet_of(subnet):  # type: ignore[arg-type]
+        if ipaddress.IPv4Network(allowed).subnet_of(subnet):
             raise ConfigError(
                 f"{config.source}: network.allow: {allowed} is in network.subnet {subnet}, "
                 "the sandboxes' own addresses: sandboxes never reach one another"

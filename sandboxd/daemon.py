@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -158,7 +159,7 @@ async def clean_up_after(config: Config, keep_socket: bool = False) -> list[str]
     return found
 
 
-async def _cancel_on_signal(signals: trio.abc.ReceiveChannel[int], scope: trio.CancelScope) -> None:
+async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
     async for signum in signals:
         log.info("%s again: stopping running jobs now", signal.Signals(signum).name)
         scope.cancel()

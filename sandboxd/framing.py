@@ -25,7 +25,7 @@ class LineBuffer:
         self._data = bytearray()
         self._scanned = 0  # bytes already known to hold no newline
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._data += data
 
     def next_line(self) -> bytes | None:

@@ -6,10 +6,10 @@ jails QEMU itself.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from sandboxd.cgroups import Cgroup, CgroupLayout
+from sandboxd.cgroups import Cgroup, CgroupLayout, CgroupLimits
 from sandboxd.errors import LaunchError
 from sandboxd.process import ChildProcess, spawn
 
@@ -61,7 +61,7 @@ async def jailed(
     uid: int,
     argv: Sequence[str],
     *,
-    limits: Mapping[str, float],
+    limits: CgroupLimits,
     pass_fds: Sequence[int] = (),
     groups: Sequence[int] = (),
     stdin: bool = False,

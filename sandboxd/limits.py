@@ -149,4 +149,4 @@ def resolve_limits(requested: Any, timeout: Any, bounds: Mapping[str, LimitBound
                 maximum=bound.maximum,
             )
         values[spec.name] = value
-    return Limits(**values)  # type: ignore[arg-type]
+    return Limits(**values)  # type: ignore[arg-type]  # the table's units type each field

@@ -38,7 +38,7 @@ FORWARDING_OURS = "forwarding is on for sandboxes only"  # and off again when we
 # link-local and metadata (also Azure's and Alibaba's), benchmarking, multicast and
 # reserved.
 ALWAYS_REFUSED = [
-    ipaddress.ip_network(net)
+    ipaddress.IPv4Network(net)
     for net in (
         "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
         "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/3",
@@ -49,9 +49,9 @@ ALWAYS_REFUSED = [
 
 class Egress:
     def __init__(self, instance: str, allow: Sequence[str], uplink_netns: str, subnet: str) -> None:
-        self.allow = [ipaddress.ip_network(net) for net in allow]
+        self.allow = [ipaddress.IPv4Network(net) for net in allow]  # checked as IPv4
         self.uplink_netns = uplink_netns  # "" = the host's own namespace
-        self.subnet = ipaddress.ip_network(subnet)
+        self.subnet = ipaddress.IPv4Network(subnet)  # checked as IPv4
         tag = hashlib.sha256(instance.encode()).hexdigest()[:5]
         self.prefix = f"sx{tag}"  # every host-side link of this instance; nft matches it
         self.table = f"sandboxd_{tag}"
@@ -214,7 +214,7 @@ table ip {self.table}_nat {{
         """The uplink's and the sandbox's address on the ``index``-th /30 of the subnet
         (counted, not listed: a /8 holds four million)."""
         first = self.subnet.network_address + 4 * index
-        return first + 1, first + 2  # type: ignore[return-value]
+        return first + 1, first + 2
 
     def _attach(self, index: int, pid: int) -> str:
         gateway, address = self._addresses(index)

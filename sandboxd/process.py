@@ -28,13 +28,14 @@ class ChildProcess:
 
     def __init__(
         self,
+        args: Sequence[str],
         popen: subprocess.Popen[bytes],
         stdin: trio.lowlevel.FdStream | None,
         stdout: trio.lowlevel.FdStream | None,
         stderr: trio.lowlevel.FdStream | None,
     ) -> None:
         self._popen = popen
-        self.args = list(popen.args)  # type: ignore[arg-type]
+        self.args = list(args)
         self.pid = popen.pid
         self.stdin = stdin
         self.stdout = stdout
@@ -139,7 +140,7 @@ def spawn(
         trio.lowlevel.FdStream(pair[1] if index == 0 else pair[0]) if pair else None
         for index, pair in enumerate(ends)
     ]
-    return ChildProcess(popen, *ours)
+    return ChildProcess(argv, popen, *ours)
 
 
 class LogTail:

@@ -26,7 +26,7 @@ class QMPError(LaunchError):
 
 
 class QMPClient:
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.SocketStream) -> None:  # a socket: send_fd needs it
         self._stream = stream
         self._buffer = LineBuffer(16 * 1024 * 1024)
         self._lock = trio.Lock()
@@ -53,7 +53,7 @@ class QMPClient:
     async def send_fd(self, name: str, fd: int) -> None:
         """Give QEMU a file descriptor under ``name`` (``getfd`` with SCM_RIGHTS)."""
         request = encode({"execute": "getfd", "arguments": {"fdname": name}})
-        sock = self._stream.socket  # type: ignore[attr-defined]
+        sock = self._stream.socket
         async with self._lock:
             await sock.sendmsg(
                 [request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]

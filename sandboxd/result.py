@@ -59,7 +59,7 @@ class ExecutionResult:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {key: value for key, value in record.items() if key in names}
         try:
-            values["status"] = Status(record.get("status"))
+            values["status"] = Status(str(record.get("status")))
         except ValueError:
             values["status"] = Status.INTERNAL_ERROR
         if isinstance(record.get("compile"), dict):

@@ -273,6 +273,7 @@ def _expose(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Re
             error = InternalError(f"internal error (log id {log_id})", log_id=log_id)
             return Error(error.code, error.message, error.data)
 
+    # jsonrpcserver checks params against it; functions do not declare the attribute.
     exposed.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
     return exposed
 
@@ -290,7 +291,7 @@ class RpcServer:
         self._in_flight = 0  # requests read and not yet answered, on every connection
         self._answered = trio.lowlevel.ParkingLot()
         self._connections: set[Connection] = set()
-        self.methods = {
+        self.methods: dict[str, Callable[..., Awaitable[Any]]] = {
             name: _expose(function)
             for name, function in {
                 Method.HEALTH: self._health,
@@ -334,7 +335,7 @@ class RpcServer:
         self,
         listener: trio.SocketListener,
         *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept clients until :meth:`stop_accepting`, then wait for those still here."""
         async with trio.open_nursery() as connections:

@@ -112,7 +112,10 @@ def build_vm_artifacts(
         [vmlinuz] = sorted((kernel_tree / "boot").glob("vmlinuz-*"))
         version = vmlinuz.name.removeprefix("vmlinuz-")
         config = (kernel_tree / "boot" / f"config-{version}").read_text()
-        hz = int(re.search(r"^CONFIG_HZ=(\d+)$", config, re.MULTILINE).group(1))  # type: ignore[union-attr]
+        hz_setting = re.search(r"^CONFIG_HZ=(\d+)$", config, re.MULTILINE)
+        if hz_setting is None:
+            raise LaunchError(f"{recipe['kernel']}: its config-{version} sets no CONFIG_HZ")
+        hz = int(hz_setting.group(1))
         shutil.copyfile(vmlinuz, out / "bzImage")
         progress("    extracting the ELF vmlinux (for Firecracker)")
         (out / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))

@@ -217,7 +217,7 @@ def create_app(
         max_body=max_body_bytes,
         body_timeout=body_timeout,
     )
-    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
+    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]  # FastAPI's documented hook
 
     def request_id(request: Request) -> str:
         return str(request.state.request_id)

@@ -36,7 +36,7 @@ HTTP_STATUS: dict[type[errors.SandboxError], int] = {
 def http_status(error: errors.SandboxError) -> int:
     for cls in type(error).__mro__:
         if cls in HTTP_STATUS:
-            return HTTP_STATUS[cls]  # type: ignore[index]
+            return HTTP_STATUS[cls]
     return 500
 
 

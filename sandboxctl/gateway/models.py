@@ -3,15 +3,19 @@ generated from them, so the documentation cannot drift from what is served."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from sandboxd.limits import LIMIT_SPECS
 from sandboxd.protocol import Status
 
-# The contract's statuses, as plain strings in the schema.
-StatusName = Literal[tuple(str(status) for status in Status)]  # type: ignore[valid-type]
+# The contract's statuses, as plain strings in the schema. Built at run time from the
+# enum, which a type checker cannot follow: it sees a str.
+if TYPE_CHECKING:
+    StatusName = str
+else:
+    StatusName = Literal[tuple(str(status) for status in Status)]
 PositiveSeconds = Field(default=None, gt=0, description="seconds")
 PositiveCount = Field(default=None, gt=0)
 
@@ -30,13 +34,17 @@ _LIMIT_FIELD: dict[str, Any] = {
     "bytes": (int | None, PositiveCount),
     "count": (int | None, PositiveCount),
 }
-LimitsInput = create_model(
+_limits_model = create_model(
     "LimitsInput",
     __doc__="""Per-run limits, each at most the server's maximum (see GET /languages for none;
     the daemon's `status` lists defaults and maxima).""",
     __config__=ConfigDict(extra="forbid"),
     **{spec.name: _LIMIT_FIELD[spec.unit] for spec in LIMIT_SPECS},
 )
+if TYPE_CHECKING:  # a model built at run time: a type checker sees its base
+    LimitsInput = BaseModel
+else:
+    LimitsInput = _limits_model
 
 
 class ExecuteRequest(BaseModel):

@@ -39,11 +39,11 @@ def _survive_racing_close() -> None:
 
     async def protocol_send(self: TCPServer, event: object) -> None:
         try:
-            await send(self, event)  # type: ignore[arg-type]
+            await send(self, event)  # type: ignore[arg-type]  # hypercorn's own event, passed on
         except trio.BusyResourceError:
             await self.protocol.handle(Closed())
 
-    TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+    TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]  # the patch above
 
 
 _survive_racing_close()
@@ -130,6 +130,7 @@ async def run_gateway(
     log.info(
         "sandboxd-gateway %s: http://%s:%d/ -> %s", __version__, host, port, config.daemon.socket
     )
+    # hypercorn types its app as ASGI callables; FastAPI is one, not declared as such.
     await serve(app, hypercorn, shutdown_trigger=stop_on_signal)  # type: ignore[arg-type]
 
 

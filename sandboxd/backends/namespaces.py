@@ -25,7 +25,7 @@ import trio
 from sandboxd import seccomp
 from sandboxd.agent_link import AgentLink, WarmRuntime
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, SandboxState
-from sandboxd.cgroups import Cgroup
+from sandboxd.cgroups import Cgroup, CgroupLimits
 from sandboxd.errors import LaunchError
 from sandboxd.jail import BWRAP, data_fd
 from sandboxd.limits import Limits
@@ -52,7 +52,7 @@ OVERHEAD_PROCESSES = 8
 AGENT_MEMORY = 32 * 1024 * 1024
 
 
-def jail_limits(limits: Limits, cpus: float) -> dict[str, float]:
+def jail_limits(limits: Limits, cpus: float) -> CgroupLimits:
     """The cgroup limits of a jail whose job has ``limits``."""
     return {
         "memory_bytes": limits.memory_bytes + AGENT_MEMORY,
@@ -78,7 +78,7 @@ class NamespacesSandbox(JailedSandbox):
 
     def apply_limits(self, limits: Limits) -> None:
         try:
-            self.cgroup.set_limits(**jail_limits(limits, self.cpus))  # type: ignore[arg-type]
+            self.cgroup.set_limits(**jail_limits(limits, self.cpus))
         except OSError as exc:
             raise LaunchError(f"cannot set the limits of sandbox {self.id}: {exc}") from exc
 

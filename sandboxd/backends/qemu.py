@@ -34,7 +34,7 @@ from sandboxd.backends.base import SandboxState
 from sandboxd.backends.guest_kernel import GuestKernel, kernel_cmdline
 from sandboxd.backends.vm import SnapshotBackend, VmSandbox
 from sandboxd.backends.vm_channel import open_channel
-from sandboxd.cgroups import Cgroup
+from sandboxd.cgroups import Cgroup, CgroupLimits
 from sandboxd.errors import LaunchError
 from sandboxd.images import Image
 from sandboxd.jail import BWRAP, data_fd
@@ -182,7 +182,7 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         self.groups = [grp.getgrnam("kvm").gr_gid] if accel == "kvm" and _has_group("kvm") else []
 
     @property
-    def isolation(self) -> str:  # type: ignore[override]
+    def isolation(self) -> str:  # type: ignore[override]  # the base's is a plain attribute
         how = "KVM" if self.accel == "kvm" else "software emulation (TCG), slow"
         return f"QEMU microVM ({how}); QEMU jailed (bubblewrap, own uid, cgroup, seccomp)"
 
@@ -250,7 +250,7 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         qemu = self.layout.qemu_argv(channel.qemu_args(), qmp_vm.fileno(), incoming=bool(restore))
         argv = [*self.layout.jail_argv(initramfs_fd), "--", *qemu]
         fds = [*channel.hand_over(), qmp_vm.detach(), initramfs_fd]
-        limits = {
+        limits: CgroupLimits = {
             "memory_bytes": self.layout.memory + QEMU_OVERHEAD,
             "processes": 256,
             "cpus": self.layout.cpus,
