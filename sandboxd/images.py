@@ -76,6 +76,12 @@ class Image:
         """The VM artifacts (bzImage, vmlinux, modules/, busybox, rootfs.ext4), if built."""
         return self.path / "vm" if "vm" in self.manifest else None
 
+    def require_vm_dir(self) -> Path:
+        """:attr:`vm_dir`, or LaunchError for an image built without VM artifacts."""
+        if self.vm_dir is None:
+            raise LaunchError(f"image {self.id} has no VM artifacts: rebuild it")
+        return self.vm_dir
+
     @property
     def rootfs(self) -> Path:
         return Path(self.manifest.get("rootfs") or self.path / "rootfs")

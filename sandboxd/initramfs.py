@@ -12,7 +12,6 @@ import stat
 from importlib import resources
 from pathlib import Path
 
-from sandboxd.errors import LaunchError
 from sandboxd.images import Image
 
 AGENT_PORT_NAME = "sandboxd.agent"  # guest/init.sh starts the agent on this port
@@ -83,7 +82,6 @@ def for_image(image: Image, agent_source: Path, *, with_modules: bool = True) ->
     """The initramfs for ``image``'s VMs with this daemon's agent, and the image's kernel
     modules unless the VMs boot another kernel; LaunchError if the image has no VM
     artifacts."""
-    if image.vm_dir is None:
-        raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
+    vm_dir = image.require_vm_dir()
     modules = image.manifest["vm"]["modules"] if with_modules else []
-    return build(image.vm_dir, modules, agent_source.read_bytes())
+    return build(vm_dir, modules, agent_source.read_bytes())

@@ -14,15 +14,14 @@ import shutil
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from sandboxd import initramfs
-from sandboxd.backends import firecracker, qemu
 from sandboxd.backends.base import Backend, Sandbox, SandboxState
 from sandboxd.backends.firecracker import FirecrackerBackend
 from sandboxd.backends.guest_kernel import GuestKernel, choose_kernel
 from sandboxd.backends.namespaces import NamespacesBackend
 from sandboxd.backends.qemu import QEMU, QemuBackend, kvm_boots
+from sandboxd.backends.vm import VmOptions
 from sandboxd.backends.vm_channel import choose_channel
 from sandboxd.cgroups import CgroupLayout
 from sandboxd.config import Config
@@ -31,6 +30,8 @@ from sandboxd.images import Image
 from sandboxd.limits import resolve_limits
 
 __all__ = ["Backend", "Sandbox", "SandboxState", "choose_backend", "remove_leftovers"]
+
+BACKENDS: tuple[type[Backend], ...] = (FirecrackerBackend, QemuBackend, NamespacesBackend)
 
 
 def agent_source() -> Path:
@@ -98,16 +99,14 @@ async def remove_leftovers(config: Config) -> list[str]:
     found = []
     if count := await CgroupLayout.detect().sweep(instance, remove_parents=True):
         found.append(f"{count} sandbox(es) with their processes and cgroups")
-    found += qemu.remove_leftovers(config.daemon.run_dir, instance)
-    found += firecracker.remove_leftovers(config.daemon.state_dir, instance)
+    for backend in BACKENDS:
+        found += backend.remove_leftovers(config)
     return found
 
 
 def _guest_kernel(config: Config, image: Image) -> GuestKernel:
-    if image.vm_dir is None:
-        raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
-    version = image.manifest["vm"]["kernel_version"]
-    return choose_kernel(config.backend.kernel_path, image.vm_dir, version)
+    vm_dir = image.require_vm_dir()
+    return choose_kernel(config.backend.kernel_path, vm_dir, image.manifest["vm"]["kernel_version"])
 
 
 def _firecracker(
@@ -125,7 +124,7 @@ def _firecracker(
     if why_not_kvm is not None and shutil.which(QEMU) and (reason := why_not_kvm()):
         raise LaunchError(f"installed, but no usable KVM ({reason})")
     backend = FirecrackerBackend(
-        **_vm_options(config, image, kernel(), ramdisk()),
+        _vm_options(config, image, kernel(), ramdisk()),
         state_dir=config.daemon.state_dir,
         firecracker=firecracker,
         jailer=jailer,
@@ -145,7 +144,7 @@ def _qemu(
     """The qemu backend if it can run here (explicitly asked for, TCG is allowed)."""
     accel, why = QemuBackend.probe(why_not_kvm, allow_tcg or config.backend.allow_tcg)
     backend = QemuBackend(
-        **_vm_options(config, image, kernel(), ramdisk()),
+        _vm_options(config, image, kernel(), ramdisk()),
         accel=accel,
         run_dir=config.daemon.run_dir,
         channel=choose_channel(config.backend.vm_channel),
@@ -153,18 +152,16 @@ def _qemu(
     return backend, why
 
 
-def _vm_options(
-    config: Config, image: Image, kernel: GuestKernel, ramdisk: bytes
-) -> dict[str, Any]:
-    """What every VM backend is made with."""
-    return {
-        "image": image,
-        "kernel": kernel,
-        "ramdisk": ramdisk,
-        "instance": config.daemon.name,
-        "uid_base": config.backend.uid_base,
-        "memory": config.backend.vm_memory,
-        "cpus": config.backend.vm_cpus,
-        "agent_port": config.backend.agent_port,
-        "snapshot": config.backend.snapshot,
-    }
+def _vm_options(config: Config, image: Image, kernel: GuestKernel, ramdisk: bytes) -> VmOptions:
+    return VmOptions(
+        image=image,
+        vm_dir=image.require_vm_dir(),
+        kernel=kernel,
+        ramdisk=ramdisk,
+        instance=config.daemon.name,
+        uid_base=config.backend.uid_base,
+        memory=config.backend.vm_memory,
+        cpus=config.backend.vm_cpus,
+        agent_port=config.backend.agent_port,
+        snapshot=config.backend.snapshot,
+    )

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
@@ -24,6 +24,9 @@ from sandboxd.jail import jailed
 from sandboxd.limits import Limits
 from sandboxd.process import ChildProcess, LogTail
 from sandboxd.stdin_stream import StdinStream
+
+if TYPE_CHECKING:
+    from sandboxd.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +223,17 @@ class Sandbox(abc.ABC):
                 raise group.exceptions[0] from None
             raise
 
+    @asynccontextmanager
+    async def serving(
+        self, start: Callable[[], Awaitable[object]], argv: list[str], start_timeout: float
+    ) -> AsyncIterator[None]:
+        """A backend's sandbox from its process's start to its end: ready (see
+        :meth:`become_ready`), :meth:`supervised` while the body uses it, then stopped."""
+        await self.become_ready(start, argv, start_timeout)
+        async with self.supervised():
+            yield
+        self.set_state(SandboxState.STOPPED)
+
     def network_pid(self) -> int:
         """A process in the sandbox's own network namespace, where its egress link goes
         (only for backends whose ``has_network`` is true)."""
@@ -360,6 +374,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Remove everything the backend created on the host."""
+
+    @classmethod
+    def remove_leftovers(cls, config: Config) -> list[str]:
+        """Remove what a dead daemon of ``config`` left of this backend's own files (its
+        sandboxes' cgroups and processes are the instance's sweep); what was found."""
+        return []
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "isolation": self.isolation}

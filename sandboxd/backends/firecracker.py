@@ -26,21 +26,22 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 from pyroute2 import netns
 
 from sandboxd.agent_link import AgentLink, WarmRuntime
-from sandboxd.backends.base import SandboxState
-from sandboxd.backends.guest_kernel import GuestKernel, kernel_cmdline
-from sandboxd.backends.vm import SnapshotBackend, VmSandbox
+from sandboxd.backends.guest_kernel import kernel_cmdline
+from sandboxd.backends.vm import SnapshotBackend, VmOptions, VmSandbox
 from sandboxd.backends.vm_channel import connect_hybrid_vsock
 from sandboxd.cgroups import Cgroup
 from sandboxd.errors import LaunchError
 from sandboxd.firecracker_api import FirecrackerApi
-from sandboxd.images import Image
 from sandboxd.process import ChildProcess, spawn
+
+if TYPE_CHECKING:
+    from sandboxd.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -77,39 +78,15 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
     isolation = "Firecracker microVM (KVM); jailer: chroot, own uid, cgroup"
 
     def __init__(
-        self,
-        *,
-        image: Image,
-        kernel: GuestKernel,
-        ramdisk: bytes,
-        instance: str,
-        uid_base: int,
-        memory: int,
-        cpus: int,
-        state_dir: Path,
-        firecracker: Path,
-        jailer: Path,
-        agent_port: int,
-        snapshot: bool,
+        self, options: VmOptions, *, state_dir: Path, firecracker: Path, jailer: Path
     ) -> None:
-        if image.vm_dir is None:
-            raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
-        super().__init__(instance, uid_base, snapshot=snapshot)
-        self.vm_dir = image.vm_dir
-        self.kernel = kernel
-        self.ramdisk = ramdisk  # the initramfs (initramfs.for_image)
-        self.memory = memory
-        self.cpus = cpus
+        super().__init__(options)
         self.firecracker = firecracker
         self.jailer = jailer
-        self.agent_port = agent_port
         self.state_dir = state_dir
         # The jailer's --chroot-base-dir: on the image store's filesystem, for hard links.
-        self.jail_base = jail_base(state_dir, instance)
-        self.netns = netns_name(instance)
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "kernel": self.kernel.describe()}
+        self.jail_base = jail_base(state_dir, options.instance)
+        self.netns = netns_name(options.instance)
 
     @staticmethod
     def probe(firecracker: str, jailer: str) -> tuple[Path, Path, str]:
@@ -135,7 +112,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
 
     async def start(self) -> None:
         await super().start()  # cgroups: leftovers swept, the instance's prepared
-        remove_leftovers(self.state_dir, self.instance)  # a crashed daemon's
+        _remove_files(self.state_dir, self.instance)  # a crashed daemon's
         self.jail_base.mkdir(parents=True, mode=0o755)
         netns.create(self.netns)
         # What every cold boot links into its jail: the initramfs, and the kernel (a
@@ -151,7 +128,11 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
 
     async def aclose(self) -> None:
         await super().aclose()
-        remove_leftovers(self.state_dir, self.instance)
+        _remove_files(self.state_dir, self.instance)
+
+    @classmethod
+    def remove_leftovers(cls, config: Config) -> list[str]:
+        return _remove_files(config.daemon.state_dir, config.daemon.name)
 
     async def _save(self, vm: FirecrackerSandbox) -> Path:
         """Pause the VM and save it; the files leave its jail before the jail goes."""
@@ -288,10 +269,8 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
                     link.attach(stream, stream)
                     await link.handshake(warm)
 
-                await sandbox.become_ready(start, argv, start_timeout)
-                async with sandbox.supervised():
+                async with sandbox.serving(start, argv, start_timeout):
                     yield sandbox
-            sandbox.set_state(SandboxState.STOPPED)
         finally:
             await cgroup.destroy()
             shutil.rmtree(jail, ignore_errors=True)
@@ -305,7 +284,7 @@ def netns_name(instance: str) -> str:
     return f"sandboxd-{instance}"
 
 
-def remove_leftovers(state_dir: Path, instance: str) -> list[str]:
+def _remove_files(state_dir: Path, instance: str) -> list[str]:
     """Remove the jails and the network namespace of ``instance``; what was there."""
     found = []
     jails = jail_base(state_dir, instance)

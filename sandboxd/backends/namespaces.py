@@ -24,7 +24,7 @@ import trio
 
 from sandboxd import seccomp
 from sandboxd.agent_link import AgentLink, WarmRuntime
-from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox, SandboxState
+from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox
 from sandboxd.cgroups import Cgroup, CgroupLimits
 from sandboxd.errors import LaunchError
 from sandboxd.jail import BWRAP, data_fd
@@ -217,10 +217,8 @@ class NamespacesBackend(JailedBackend):
             assert child.stdin and child.stdout
             link = AgentLink(child.stdin, child.stdout)
             sandbox = NamespacesSandbox(cgroup.name, link, child, cgroup, self.cpus)
-            await sandbox.become_ready(partial(link.handshake, warm), argv, start_timeout)
-            async with sandbox.supervised():
+            async with sandbox.serving(partial(link.handshake, warm), argv, start_timeout):
                 yield sandbox
-        sandbox.set_state(SandboxState.STOPPED)
 
 
 def _first_of_its_namespace(pid: int) -> bool:

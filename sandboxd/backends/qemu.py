@@ -25,14 +25,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from sandboxd.agent_link import AgentLink, WarmRuntime
-from sandboxd.backends.base import SandboxState
 from sandboxd.backends.guest_kernel import GuestKernel, kernel_cmdline
-from sandboxd.backends.vm import SnapshotBackend, VmSandbox
+from sandboxd.backends.vm import SnapshotBackend, VmOptions, VmSandbox
 from sandboxd.backends.vm_channel import open_channel
 from sandboxd.cgroups import Cgroup, CgroupLimits
 from sandboxd.errors import LaunchError
@@ -40,6 +39,9 @@ from sandboxd.images import Image
 from sandboxd.jail import BWRAP, data_fd
 from sandboxd.process import ChildProcess
 from sandboxd.qmp import QMPClient
+
+if TYPE_CHECKING:
+    from sandboxd.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -144,38 +146,20 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
     name = "qemu"
 
     def __init__(
-        self,
-        *,
-        image: Image,
-        kernel: GuestKernel,
-        ramdisk: bytes,
-        instance: str,
-        uid_base: int,
-        memory: int,
-        cpus: int,
-        accel: str,
-        run_dir: Path,
-        snapshot: bool,
-        channel: tuple[str, str],
-        agent_port: int,
+        self, options: VmOptions, *, accel: str, run_dir: Path, channel: tuple[str, str]
     ) -> None:
-        if image.vm_dir is None:
-            raise LaunchError(f"image {image.id} has no VM artifacts: rebuild it")
-        super().__init__(instance, uid_base, snapshot=snapshot)
-        self.image = image
-        self.kernel = kernel
-        self.ramdisk = ramdisk  # the initramfs (initramfs.for_image)
+        super().__init__(options)
         self.accel = accel
         self.run_dir = run_dir
-        self.work_dir = work_dir(run_dir, instance)
+        self.work_dir = work_dir(run_dir, options.instance)
         self.layout = VmLayout(
-            vm_dir=image.vm_dir,
-            kernel=kernel.path,
-            memory=memory,
-            cpus=cpus,
+            vm_dir=options.vm_dir,
+            kernel=options.kernel.path,
+            memory=options.memory,
+            cpus=options.cpus,
             accel=accel,
-            hz=int(image.manifest["vm"].get("hz", 250)),
-            agent_port=agent_port,
+            hz=int(options.image.manifest["vm"].get("hz", 250)),
+            agent_port=options.agent_port,
             vsock_privileged=channel[0] == "vsock",
         )
         self.channel_kind, self.channel_why = channel  # see vm_channel.choose_channel
@@ -190,7 +174,6 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         return {
             **super().describe(),
             "accel": self.accel,
-            "kernel": self.kernel.describe(),
             "channel": f"{self.channel_kind} ({self.channel_why})",
         }
 
@@ -215,7 +198,7 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
 
     async def start(self) -> None:
         await super().start()
-        remove_leftovers(self.run_dir, self.instance)  # a crashed daemon's
+        _remove_files(self.run_dir, self.instance)  # a crashed daemon's
         self.work_dir.mkdir(parents=True, mode=0o755)
         self.work_dir.parent.chmod(0o755)
         await self.make_snapshot()
@@ -275,14 +258,16 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
                     link.attach(stream, stream)
                     await link.handshake(warm)
 
-                await sandbox.become_ready(start, argv, start_timeout)
-                async with sandbox.supervised():
+                async with sandbox.serving(start, argv, start_timeout):
                     yield sandbox
-        sandbox.set_state(SandboxState.STOPPED)
 
     async def aclose(self) -> None:
         await super().aclose()
-        remove_leftovers(self.run_dir, self.instance)
+        _remove_files(self.run_dir, self.instance)
+
+    @classmethod
+    def remove_leftovers(cls, config: Config) -> list[str]:
+        return _remove_files(config.daemon.run_dir, config.daemon.name)
 
 
 def work_dir(run_dir: Path, instance: str) -> Path:
@@ -290,7 +275,7 @@ def work_dir(run_dir: Path, instance: str) -> Path:
     return run_dir / instance / "vm"
 
 
-def remove_leftovers(run_dir: Path, instance: str) -> list[str]:
+def _remove_files(run_dir: Path, instance: str) -> list[str]:
     """Remove the VM files of ``instance``; what was there."""
     path = work_dir(run_dir, instance)
     if not path.exists():

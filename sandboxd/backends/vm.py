@@ -14,6 +14,7 @@ import abc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -21,7 +22,9 @@ import trio
 
 from sandboxd.agent_link import WarmRuntime
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox
+from sandboxd.backends.guest_kernel import GuestKernel
 from sandboxd.errors import LaunchError, SandboxError
+from sandboxd.images import Image
 from sandboxd.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -41,19 +44,46 @@ class VmSandbox(JailedSandbox):
         """The VM's size is fixed when it starts; the agent applies the rest inside."""
 
 
+@dataclass(frozen=True)
+class VmOptions:
+    """What every VM backend is made with, from the configuration and the image."""
+
+    image: Image
+    vm_dir: Path  # the image's VM artifacts (Image.require_vm_dir)
+    kernel: GuestKernel
+    ramdisk: bytes  # the initramfs (initramfs.for_image)
+    instance: str
+    uid_base: int
+    memory: int  # bytes of each VM
+    cpus: int  # of each VM
+    agent_port: int
+    snapshot: bool  # restore pool VMs from a snapshot
+
+
 VmT = TypeVar("VmT", bound=VmSandbox)
 
 
 class SnapshotBackend(JailedBackend, Generic[VmT]):
-    def __init__(self, instance: str, uid_base: int, *, snapshot: bool) -> None:
-        super().__init__(instance, uid_base)
-        self.use_snapshot = snapshot
+    def __init__(self, options: VmOptions) -> None:
+        super().__init__(options.instance, options.uid_base)
+        self.image = options.image
+        self.vm_dir = options.vm_dir
+        self.kernel = options.kernel
+        self.ramdisk = options.ramdisk
+        self.memory = options.memory
+        self.cpus = options.cpus
+        self.agent_port = options.agent_port
+        self.use_snapshot = options.snapshot
         self.snapshot: Path | None = None  # what _save made, while restores work
         self.snapshot_note = "not made yet"
         self.restore_failures = 0  # in a row
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "snapshot": self.snapshot_note}
+        return {
+            **super().describe(),
+            "snapshot": self.snapshot_note,
+            "kernel": self.kernel.describe(),
+        }
 
     @abc.abstractmethod
     def _vm(
