@@ -50,9 +50,11 @@ run: build ## Run the daemon in the foreground
 run-dev: build ## Run the daemon in the foreground with debug logging
 	SANDBOXD_LOG_LEVEL=debug $(BIN)/sandboxd run --socket $(SOCKET) --pool-size 1
 
-.PHONY: test
+.PHONY: test test-fast
 test: build ## Run the whole test suite (root: real jails, cgroups and namespaces)
 	$(BIN)/pytest $(PYTEST_ARGS)
+test-fast: $(BIN)/sandboxd ## The request path's logic with local sandboxes: seconds, no root, no image
+	$(BIN)/pytest tests/fast $(PYTEST_ARGS)
 
 .PHONY: bench bench-quick
 bench: build ## The benchmark of record (bench/results/), then gateway, network and VM figures (root)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
 
 from sandboxd.cgroups import CgroupLayout
@@ -82,3 +82,10 @@ def wait_for(condition: Callable[[], object], timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.05)
     return bool(condition())
+
+
+def assert_vm_gone(name: str, sandbox_id: str, vms: Callable[[], Sized], at_most: int) -> None:
+    """The VM of ``sandbox_id`` is gone with its cgroup, and at most ``at_most`` of what
+    ``vms`` lists (the VMM processes) remain: the pool's next VMs."""
+    assert wait_for(lambda: not any(p.name == sandbox_id for p in sandbox_cgroups(name)))
+    assert wait_for(lambda: len(vms()) <= at_most)

@@ -24,7 +24,7 @@ from sandboxd.protocol import Status
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, assert_jobs_outlive_a_broken_snapshot, start_daemon
 from tests.fakes.firecracker_bin import install_fakes
-from tests.host_state import sandbox_cgroups, sandbox_processes, wait_for
+from tests.host_state import assert_vm_gone, sandbox_cgroups, sandbox_processes, wait_for
 
 pytestmark = [
     pytest.mark.vm,
@@ -68,11 +68,10 @@ def jails(daemon: Daemon) -> set[str]:
     return {path.name for path in base.iterdir()} if base.is_dir() else set()
 
 
-def assert_vm_gone(daemon: Daemon, sandbox_id: str) -> None:
+def assert_firecracker_gone(daemon: Daemon, sandbox_id: str) -> None:
     assert wait_for(lambda: sandbox_id not in jails(daemon))
-    assert wait_for(lambda: not any(p.name == sandbox_id for p in sandbox_cgroups(daemon.name)))
     # Only the pool's next VM remains: one Firecracker, one QEMU.
-    assert wait_for(lambda: len(sandbox_processes(daemon.uid_base)) <= 2)
+    assert_vm_gone(daemon.name, sandbox_id, lambda: sandbox_processes(daemon.uid_base), 2)
 
 
 def test_status_says_firecracker_and_snapshot(fc_daemon):
@@ -90,13 +89,13 @@ def test_jobs_run_in_restored_vms_and_leave_nothing(fc_daemon):
     code = "import os\nprint(os.uname().release.endswith('cloud-amd64'), os.getuid())"
     result = fc_daemon.client.execute("python", code)
     assert (result.status, result.stdout) == (Status.OK, "True 65534\n"), result.stderr
-    assert_vm_gone(fc_daemon, result.sandbox_id)
+    assert_firecracker_gone(fc_daemon, result.sandbox_id)
 
     slow = fc_daemon.client.execute(
         "python", "import time\nprint('start', flush=True)\ntime.sleep(60)", timeout=2
     )
     assert (slow.status, slow.stdout) == (Status.TIMEOUT, "start\n")
-    assert_vm_gone(fc_daemon, slow.sandbox_id)
+    assert_firecracker_gone(fc_daemon, slow.sandbox_id)
 
 
 def test_each_vm_is_jailed_as_its_own_uid_in_its_cgroup(fc_daemon):

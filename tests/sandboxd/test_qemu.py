@@ -21,15 +21,16 @@ from tests.daemon_process import (
     start_daemon,
     wait_for_warm,
 )
-from tests.host_state import sandbox_cgroups, sandbox_processes, wait_for
+from tests.host_state import assert_vm_gone, sandbox_processes
 
 pytestmark = [
     pytest.mark.vm,
     pytest.mark.skipif(not IS_ROOT, reason="needs root: jails, cgroups and QEMU"),
 ]
 
+POOL_SIZE = 1
 VM_SETTINGS = {
-    "pool": {"size": 1, "max_sandboxes": 4, "start_timeout": 120, "queue_timeout": 120},
+    "pool": {"size": POOL_SIZE, "max_sandboxes": 4, "start_timeout": 120, "queue_timeout": 120},
     "backend": {"name": "qemu", "vm_memory": 768 * 2**20},
 }
 
@@ -49,10 +50,8 @@ def qemu_processes(daemon: Daemon) -> dict[int, str]:
     }
 
 
-def assert_vm_gone(daemon: Daemon, sandbox_id: str) -> None:
-    assert wait_for(lambda: not any(p.name == sandbox_id for p in sandbox_cgroups(daemon.name)))
-    # Only the pool's next VM(s) remain.
-    assert wait_for(lambda: len(qemu_processes(daemon)) <= VM_SETTINGS["pool"]["size"])
+def assert_qemu_gone(daemon: Daemon, sandbox_id: str) -> None:
+    assert_vm_gone(daemon.name, sandbox_id, lambda: qemu_processes(daemon), POOL_SIZE)
 
 
 def test_status_says_qemu_how_and_snapshot(vm_daemon):
@@ -78,7 +77,7 @@ def test_status_says_qemu_how_and_snapshot(vm_daemon):
 def test_hello_in_a_vm(vm_daemon, language, code, output):
     result = vm_daemon.client.execute(language, code, timeout=60, limits={"compile_time": 120})
     assert (result.status, result.stdout) == (Status.OK, output), result.stderr
-    assert_vm_gone(vm_daemon, result.sandbox_id)
+    assert_qemu_gone(vm_daemon, result.sandbox_id)
 
 
 def test_limits_in_a_vm(vm_daemon):
@@ -87,7 +86,7 @@ def test_limits_in_a_vm(vm_daemon):
         "python", "import time\nprint('start', flush=True)\ntime.sleep(60)", timeout=2
     )
     assert (slow.status, slow.stdout) == (Status.TIMEOUT, "start\n")
-    assert_vm_gone(vm_daemon, slow.sandbox_id)
+    assert_qemu_gone(vm_daemon, slow.sandbox_id)
 
     bomb = client.execute(
         "python",
@@ -95,12 +94,12 @@ def test_limits_in_a_vm(vm_daemon):
         limits={"memory_bytes": 256 * 2**20},
     )
     assert (bomb.status, bomb.stdout) == (Status.MEMORY_LIMIT, "start\n"), bomb.message
-    assert_vm_gone(vm_daemon, bomb.sandbox_id)
+    assert_qemu_gone(vm_daemon, bomb.sandbox_id)
 
     flood = client.execute("python", "while True: print('y' * 99)", limits={"output_bytes": 5000})
     assert flood.status == Status.OUTPUT_LIMIT
     assert len(flood.stdout) == 5000 and flood.truncated["stdout"]
-    assert_vm_gone(vm_daemon, flood.sandbox_id)
+    assert_qemu_gone(vm_daemon, flood.sandbox_id)
 
     # In a VM the agent counts the job's CPU in its own cgroup: children share the limit.
     busy = client.execute(
@@ -111,7 +110,7 @@ def test_limits_in_a_vm(vm_daemon):
     )
     assert (busy.status, busy.message) == (Status.TIMEOUT, "CPU time limit of 1 s exceeded")
     assert 0.9 <= busy.usage["cpu_time"] < 2
-    assert_vm_gone(vm_daemon, busy.sandbox_id)
+    assert_qemu_gone(vm_daemon, busy.sandbox_id)
 
 
 def test_restored_vms_do_not_share_randomness_or_a_stale_clock(vm_daemon):
