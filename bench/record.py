@@ -42,7 +42,7 @@ import httpx
 
 from bench.stats import Samples, interleave
 from sandboxctl.client import Client
-from sandboxd.jail import BWRAP
+from sandboxd.host.jail import BWRAP
 from tests.daemon_process import Daemon, start_daemon, start_gateway
 from tests.host_state import sandbox_processes
 

@@ -304,7 +304,7 @@ class VmConfinement(Confinement):
         return self._counter("cpu.stat", "usage_usec") / 1e6
 
     def _counter(self, name: str, key: str) -> int:
-        # As sandboxd.cgroups reads it on the host: the agent ships alone, stdlib only.
+        # As sandboxd.host.cgroups reads it on the host: the agent ships alone, stdlib only.
         try:
             with open(os.path.join(self.CGROUP, name)) as counters:
                 for line in counters:

@@ -22,12 +22,12 @@ import trio
 from sandboxd.backends import choose_backend, remove_leftovers
 from sandboxd.config import Config
 from sandboxd.errors import ConfigError
+from sandboxd.host.network import Egress
 from sandboxd.images import Image, ImageStore
 from sandboxd.instances import registered
 from sandboxd.job import warm_runtimes
 from sandboxd.languages import LanguageTable
 from sandboxd.listen_socket import open_listener, remove_stale_socket
-from sandboxd.network import Egress
 from sandboxd.peers import SocketLimits
 from sandboxd.pool import Pool
 from sandboxd.rpc_server import RpcServer

@@ -19,11 +19,11 @@ import trio
 from sandboxd import __version__
 from sandboxd.backends.base import Backend, JobRun
 from sandboxd.errors import InvalidParams
+from sandboxd.host.network import Egress
 from sandboxd.images import Image
 from sandboxd.job import Job, parse_job
 from sandboxd.languages import LanguageTable
 from sandboxd.limits import LimitBounds
-from sandboxd.network import Egress
 from sandboxd.pool import Pool
 from sandboxd.protocol import STREAMS, Status
 from sandboxd.result import CompileResult, ExecutionResult

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandboxctl.client import Client
-from sandboxd.backends.vm import RESTORE_ATTEMPTS
+from sandboxd.backends.vm.snapshots import RESTORE_ATTEMPTS
 from sandboxd.errors import DaemonUnavailable
 
 

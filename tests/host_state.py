@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sized
 from pathlib import Path
 
-from sandboxd.cgroups import CgroupLayout
+from sandboxd.host.cgroups import CgroupLayout
 
 # How the programs of the three languages show up in the process table.
 PROGRAM_COMMANDS = ("python3 main.py", "./main", "deno run")

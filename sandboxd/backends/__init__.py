@@ -15,17 +15,17 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from sandboxd import initramfs
 from sandboxd.backends.base import Backend, Sandbox, SandboxState
-from sandboxd.backends.firecracker import FirecrackerBackend
-from sandboxd.backends.guest_kernel import GuestKernel, choose_kernel
+from sandboxd.backends.firecracker.backend import FirecrackerBackend
 from sandboxd.backends.namespaces import NamespacesBackend
-from sandboxd.backends.qemu import QEMU, QemuBackend, kvm_boots
-from sandboxd.backends.vm import VmOptions
-from sandboxd.backends.vm_channel import choose_channel
-from sandboxd.cgroups import CgroupLayout
+from sandboxd.backends.qemu.backend import QEMU, QemuBackend, kvm_boots
+from sandboxd.backends.vm import initramfs
+from sandboxd.backends.vm.channel import choose_channel
+from sandboxd.backends.vm.kernel import GuestKernel, choose_kernel
+from sandboxd.backends.vm.snapshots import VmOptions
 from sandboxd.config import Config
 from sandboxd.errors import LaunchError
+from sandboxd.host.cgroups import CgroupLayout
 from sandboxd.images import Image
 from sandboxd.limits import resolve_limits
 

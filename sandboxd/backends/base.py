@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import trio
 
 from sandboxd.agent_link import AgentLink, OutputHandler, Transcript, WarmRuntime
-from sandboxd.cgroups import Cgroup, CgroupLayout
 from sandboxd.errors import AgentError, InternalError, LaunchError, SandboxError, StartTimeout
-from sandboxd.jail import jailed
+from sandboxd.host.cgroups import Cgroup, CgroupLayout
+from sandboxd.host.jail import jailed
+from sandboxd.host.process import ChildProcess, LogTail
 from sandboxd.limits import Limits
-from sandboxd.process import ChildProcess, LogTail
 from sandboxd.stdin_stream import StdinStream
 
 if TYPE_CHECKING:
@@ -311,7 +311,7 @@ class Sandbox(abc.ABC):
 
 
 class JailedSandbox(Sandbox):
-    """A sandbox whose process is a jail (sandboxd.jail): bubblewrap, its command as the
+    """A sandbox whose process is a jail (sandboxd.host.jail): bubblewrap, its command as the
     jail's PID 1, all of it in the sandbox's cgroup."""
 
     def __init__(
@@ -356,7 +356,7 @@ class JailedSandbox(Sandbox):
 class Backend(abc.ABC):
     name: ClassVar[str]
     isolation: ClassVar[str]
-    has_network: ClassVar[bool] = False  # can its sandboxes get egress (sandboxd.network)?
+    has_network: ClassVar[bool] = False  # can its sandboxes get egress (sandboxd.host.network)?
     shares_host_kernel: ClassVar[bool] = False  # weaker than a VM: the daemon warns
 
     @abc.abstractmethod
@@ -397,7 +397,7 @@ class JailedBackend(Backend):
         self, slot: int, argv: Sequence[str], **options: Any
     ) -> AbstractAsyncContextManager[tuple[ChildProcess, Cgroup]]:
         """A new sandbox's jail: its own id (and cgroup), the uid of its slot.
-        ``options`` as for :func:`sandboxd.jail.jailed`."""
+        ``options`` as for :func:`sandboxd.host.jail.jailed`."""
         assert self.cgroups is not None, "start() first"
         sandbox_id = uuid.uuid4().hex[:12]
         return jailed(

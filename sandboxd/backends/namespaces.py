@@ -3,7 +3,7 @@
 Each sandbox is bubblewrap started as its own unprivileged host uid (so nothing in it
 is root anywhere, even outside its namespaces) with every namespace unshared (its only
 network interface is lo), no capabilities, no further user namespaces, a seccomp
-filter (sandboxd.seccomp), a new session, the image's root tree read-only, and a private
+filter (sandboxd.host.seccomp), a new session, the image's root tree read-only, and a private
 tmpfs as working directory. The agent
 talks over the jail's stdin/stdout. This is weaker than a VM: sandboxes share the host
 kernel. It exists so the product works, and tests fast, on hosts without usable KVM.
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import trio
 
-from sandboxd import seccomp
 from sandboxd.agent_link import AgentLink, WarmRuntime
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox
-from sandboxd.cgroups import Cgroup, CgroupLimits
 from sandboxd.errors import LaunchError
-from sandboxd.jail import BWRAP, data_fd
+from sandboxd.host import seccomp
+from sandboxd.host.cgroups import Cgroup, CgroupLimits
+from sandboxd.host.jail import BWRAP, data_fd
+from sandboxd.host.process import ChildProcess
 from sandboxd.limits import Limits
-from sandboxd.process import ChildProcess
 
 log = logging.getLogger(__name__)
 

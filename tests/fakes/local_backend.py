@@ -24,8 +24,8 @@ import trio
 
 from sandboxd.agent_link import AgentLink, WarmRuntime
 from sandboxd.backends.base import Backend, Sandbox
+from sandboxd.host.process import spawn
 from sandboxd.limits import Limits
-from sandboxd.process import spawn
 
 AGENT = Path(__file__).parents[2] / "guest" / "agent.py"
 log = logging.getLogger("sandboxd.sandbox.local")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd import initramfs
+from sandboxd.backends.vm import initramfs
 from sandboxd.images import Image
 from tests.fakes.firecracker_bin import install_fakes
 from tests.host_state import wait_for

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from sandboxd.backends.namespaces import AGENT, AGENT_MEMORY, OVERHEAD_PROCESSES
-from sandboxd.cgroups import CgroupLayout
+from sandboxd.host.cgroups import CgroupLayout
 from sandboxd.protocol import Status
 from tests.host_state import mounts, program_processes, sandbox_cgroups, sandbox_processes, wait_for
 
@@ -351,7 +351,7 @@ def test_the_program_cannot_reach_the_agents_channel_or_memory(client):
 
 
 def test_kernel_interfaces_exploits_start_from_are_refused(client):
-    from sandboxd.seccomp import DENIED_X86_64
+    from sandboxd.host.seccomp import DENIED_X86_64
 
     names = [
         "bpf",

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from sandboxctl.client import Client
-from sandboxd.cgroups import CgroupLayout
 from sandboxd.errors import DaemonUnavailable
+from sandboxd.host.cgroups import CgroupLayout
 from tests.daemon_process import start_daemon, start_gateway, start_holding_job
 from tests.host_state import (
     mounts,

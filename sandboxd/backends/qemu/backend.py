@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from sandboxd.agent_link import AgentLink, WarmRuntime
-from sandboxd.backends.guest_kernel import GuestKernel, kernel_cmdline
-from sandboxd.backends.vm import SnapshotBackend, VmOptions, VmSandbox
-from sandboxd.backends.vm_channel import open_channel
-from sandboxd.cgroups import Cgroup, CgroupLimits
+from sandboxd.backends.qemu.qmp import QMPClient
+from sandboxd.backends.vm.channel import open_channel
+from sandboxd.backends.vm.kernel import GuestKernel, kernel_cmdline
+from sandboxd.backends.vm.snapshots import SnapshotBackend, VmOptions, VmSandbox
 from sandboxd.errors import LaunchError
+from sandboxd.host.cgroups import Cgroup, CgroupLimits
+from sandboxd.host.jail import BWRAP, data_fd
+from sandboxd.host.process import ChildProcess
 from sandboxd.images import Image
-from sandboxd.jail import BWRAP, data_fd
-from sandboxd.process import ChildProcess
-from sandboxd.qmp import QMPClient
 
 if TYPE_CHECKING:
     from sandboxd.config import Config

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import trio
 
+from sandboxd.backends.vm.initramfs import AGENT_PORT_NAME
 from sandboxd.errors import LaunchError
-from sandboxd.initramfs import AGENT_PORT_NAME
 
 VHOST_VSOCK = "/dev/vhost-vsock"
 CONNECT_RETRY = 0.05  # seconds between connection attempts while the guest boots

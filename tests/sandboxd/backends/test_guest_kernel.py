@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.backends.guest_kernel import choose_kernel
+from sandboxd.backends.vm.kernel import choose_kernel
 from sandboxd.errors import ConfigError
 
 IMAGE_VERSION = "6.1.0-56-cloud-amd64"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandboxd.cgroups import CgroupLayout
-from sandboxd.jail import entering
+from sandboxd.host.cgroups import CgroupLayout
+from sandboxd.host.jail import entering
 from tests.conftest import needs_root
 
 pytestmark = needs_root

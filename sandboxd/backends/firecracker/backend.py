@@ -32,13 +32,13 @@ import trio
 from pyroute2 import netns
 
 from sandboxd.agent_link import AgentLink, WarmRuntime
-from sandboxd.backends.guest_kernel import kernel_cmdline
-from sandboxd.backends.vm import SnapshotBackend, VmOptions, VmSandbox
-from sandboxd.backends.vm_channel import connect_hybrid_vsock
-from sandboxd.cgroups import Cgroup
+from sandboxd.backends.firecracker.api import FirecrackerApi
+from sandboxd.backends.vm.channel import connect_hybrid_vsock
+from sandboxd.backends.vm.kernel import kernel_cmdline
+from sandboxd.backends.vm.snapshots import SnapshotBackend, VmOptions, VmSandbox
 from sandboxd.errors import LaunchError
-from sandboxd.firecracker_api import FirecrackerApi
-from sandboxd.process import ChildProcess, spawn
+from sandboxd.host.cgroups import Cgroup
+from sandboxd.host.process import ChildProcess, spawn
 
 if TYPE_CHECKING:
     from sandboxd.config import Config

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandboxd import initramfs
 from sandboxd.agent_link import AgentLink, Transcript
 from sandboxd.backends import agent_source
-from sandboxd.backends.qemu import VmLayout
-from sandboxd.backends.vm_channel import connect_hybrid_vsock
+from sandboxd.backends.qemu.backend import VmLayout
+from sandboxd.backends.vm import initramfs
+from sandboxd.backends.vm.channel import connect_hybrid_vsock
 from sandboxd.errors import AgentError
 from sandboxd.images import Image
 from tests.fakes.vhost_user_vsock import VhostUserVsock

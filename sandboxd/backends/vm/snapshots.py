@@ -22,7 +22,7 @@ import trio
 
 from sandboxd.agent_link import WarmRuntime
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox
-from sandboxd.backends.guest_kernel import GuestKernel
+from sandboxd.backends.vm.kernel import GuestKernel
 from sandboxd.errors import LaunchError, SandboxError
 from sandboxd.images import Image
 from sandboxd.limits import Limits

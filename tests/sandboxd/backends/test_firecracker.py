@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from pyroute2 import netns
 
 from sandboxctl import cli
-from sandboxd.backends.firecracker import FirecrackerBackend
+from sandboxd.backends.firecracker.backend import FirecrackerBackend
 from sandboxd.errors import LaunchError
 from sandboxd.images import ImageStore
 from sandboxd.protocol import Status

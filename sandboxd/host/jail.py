@@ -9,9 +9,9 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from sandboxd.cgroups import Cgroup, CgroupLayout, CgroupLimits
 from sandboxd.errors import LaunchError
-from sandboxd.process import ChildProcess, spawn
+from sandboxd.host.cgroups import Cgroup, CgroupLayout, CgroupLimits
+from sandboxd.host.process import ChildProcess, spawn
 
 # Every namespace, no way to make more user namespaces, gone with the daemon, a new
 # session (no terminal to inject into), no capabilities, and the command as PID 1: it

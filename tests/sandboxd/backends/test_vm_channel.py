@@ -1,6 +1,6 @@
 """The choice of a VM's agent channel, and what each kind asks of QEMU and the host.
 
-The vsock path itself runs in real VMs in tests/sandboxd/test_vsock_vm.py."""
+The vsock path itself runs in real VMs in tests/sandboxd/backends/test_vsock_vm.py."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandboxd.backends import vm_channel
-from sandboxd.backends.qemu import VmLayout
-from sandboxd.backends.vm_channel import SerialChannel, VsockChannel, choose_channel
+from sandboxd.backends.qemu.backend import VmLayout
+from sandboxd.backends.vm import channel as vm_channel
+from sandboxd.backends.vm.channel import SerialChannel, VsockChannel, choose_channel
 from sandboxd.errors import LaunchError
 
 HAS_VHOST_VSOCK = os.path.exists(vm_channel.VHOST_VSOCK)

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd.errors import ConfigError, LaunchError
+from sandboxd.images.vm_artifacts import build_vm_artifacts
 from sandboxd.languages import BY_NAME
-from sandboxd.vm_artifacts import build_vm_artifacts
 
 BUILDER_VERSION = 2  # bump when the build itself changes what an image contains
 Progress = Callable[[str], None]

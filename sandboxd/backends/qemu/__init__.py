@@ -1,0 +1,1 @@
+"""The qemu backend: a QEMU microvm per sandbox, QEMU itself jailed, driven over QMP."""
