@@ -39,9 +39,9 @@ mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \
     || fail "cannot mount the overlay"
 mkdir -p /newroot/opt/sandboxd
-cp /agent.py /newroot/opt/sandboxd/agent.py || fail "cannot place the agent"
+cp /agent.pyz /newroot/opt/sandboxd/agent.pyz || fail "cannot place the agent"
 for fs in proc sys dev; do
     mount --move "/$fs" "/newroot/$fs" || fail "cannot move /$fs"
 done
-exec switch_root /newroot /usr/bin/python3 -I -S /opt/sandboxd/agent.py \
+exec switch_root /newroot /usr/bin/python3 -I -S /opt/sandboxd/agent.pyz \
     --vm --port-name sandboxd.agent --vsock-port "$vsock_port" $vsock_peer --workdir /work

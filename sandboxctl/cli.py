@@ -19,6 +19,7 @@ from sandboxctl.client import Client
 from sandboxctl.exec_command import exec_command
 from sandboxd import __version__
 from sandboxd.errors import RequestError, SandboxError
+from sandboxd.protocol import DEFAULT_SOCKET
 
 
 class _Group(click.Group):
@@ -40,7 +41,7 @@ class _Group(click.Group):
     "socket_path",
     envvar="SANDBOXD_SOCKET",
     show_envvar=True,
-    help="The daemon's socket [default: /run/sandboxd.sock]",
+    help=f"The daemon's socket [default: {DEFAULT_SOCKET}]",
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.version_option(__version__, prog_name="sandboxctl")

@@ -1,4 +1,4 @@
-"""The host's end of the agent protocol (the wire format is in guest/agent.py).
+"""The host's end of the agent protocol (the wire format is in guest/agent/__init__.py).
 
 The link only speaks the protocol over whatever byte streams the backend gives it. It
 keeps a transcript of the output it relayed, which is the output of the result: the

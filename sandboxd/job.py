@@ -47,7 +47,7 @@ class Job:
     compile_file_size_bytes: int  # the compiler's own files may be as large as the maximum
 
     def agent_message(self) -> dict[str, Any]:
-        """The ``job`` message of the agent protocol (see guest/agent.py): a warm
+        """The ``job`` message of the agent protocol (see guest/agent/): a warm
         runtime (:func:`warm_runtime`) takes it if it runs the same command."""
         files = [{"path": self.language.source_file, "content": self.code, "encoding": "utf-8"}]
         files += [

@@ -1,7 +1,7 @@
 """The wire contract: every name that crosses a process boundary, defined here once.
 
 The daemon, the client library, the CLI and the gateway import these; the gateway's
-models are built from them. The agent (guest/agent.py) runs inside sandboxes on the
+models are built from them. The agent (guest/agent/) runs inside sandboxes on the
 image's python and cannot import this package: tests/guest/test_contract.py checks that
 what it says equals what is here.
 """

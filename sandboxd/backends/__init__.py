@@ -12,9 +12,8 @@ from __future__ import annotations
 import functools
 import shutil
 from collections.abc import Callable
-from importlib import resources
-from pathlib import Path
 
+from sandboxd.backends.agent_bundle import agent_bundle
 from sandboxd.backends.base import Backend, Sandbox, SandboxState
 from sandboxd.backends.firecracker.backend import FirecrackerBackend
 from sandboxd.backends.namespaces import NamespacesBackend
@@ -34,10 +33,6 @@ __all__ = ["Backend", "Sandbox", "SandboxState", "choose_backend", "remove_lefto
 BACKENDS: tuple[type[Backend], ...] = (FirecrackerBackend, QemuBackend, NamespacesBackend)
 
 
-def agent_source() -> Path:
-    return Path(str(resources.files("guest").joinpath("agent.py")))
-
-
 def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
     """The backend this daemon will use and why; ConfigError/LaunchError if none can run."""
     wanted = config.backend.name
@@ -45,7 +40,7 @@ def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
     # What VMs boot, made once and only if a VM backend is considered.
     kernel = functools.cache(lambda: _guest_kernel(config, image))
     ramdisk = functools.cache(
-        lambda: initramfs.for_image(image, agent_source(), with_modules=kernel().with_modules)
+        lambda: initramfs.for_image(image, agent_bundle(), with_modules=kernel().with_modules)
     )
     why_not_kvm = functools.cache(lambda: kvm_boots(image, kernel(), ramdisk()))
     passed_over: list[str] = []
@@ -81,7 +76,7 @@ def choose_backend(config: Config, image: Image) -> tuple[Backend, str]:
         reason = f"auto: {'; '.join([*passed_over, reason])}"
     backend = NamespacesBackend(
         rootfs=image.rootfs,
-        agent_source=agent_source(),
+        agent=agent_bundle(),
         instance=config.daemon.name,
         uid_base=config.backend.uid_base,
         cpus=config.backend.cpus,

@@ -23,6 +23,7 @@ from pathlib import Path
 import trio
 
 from sandboxd.agent_link import AgentLink, WarmRuntime
+from sandboxd.backends.agent_bundle import agent_command
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox
 from sandboxd.errors import LaunchError
 from sandboxd.host import seccomp
@@ -34,16 +35,27 @@ from sandboxd.limits import Limits
 log = logging.getLogger(__name__)
 
 GUEST_DIR = "/opt/sandboxd"  # where the agent appears inside the jail...
-AGENT = f"{GUEST_DIR}/agent"  # ...as bytecode, or its source (python3 runs either)
-AGENT_SOURCE = f"{GUEST_DIR}/agent.py"  # the file its tracebacks name
-# Run by the image's python: the agent's source on stdin, its bytecode on stdout.
-COMPILE_AGENT = (
-    "import py_compile, sys\n"
-    "open('/tmp/agent.py', 'wb').write(sys.stdin.buffer.read())\n"
-    "py_compile.compile('/tmp/agent.py', '/tmp/agent.pyc', sys.argv[1], doraise=True,\n"
-    "    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
-    "sys.stdout.buffer.write(open('/tmp/agent.pyc', 'rb').read())\n"
-)
+AGENT = f"{GUEST_DIR}/agent"  # ...as its bundle (a zip) of bytecode, or of its sources
+# Run by the image's python: the agent's bundle of sources on stdin, the same bundle of
+# bytecode on stdout, whose tracebacks name the files as in the bundle under AGENT.
+COMPILE_AGENT = """
+import io, os, py_compile, sys, zipfile
+sources = zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read()))
+out = io.BytesIO()
+with zipfile.ZipFile(out, "w") as compiled:
+    for info in sources.infolist():
+        path = os.path.join("/tmp", info.filename)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as source:
+            source.write(sources.read(info))
+        py_compile.compile(
+            path, path + "c", os.path.join(sys.argv[1], info.filename), doraise=True,
+            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        )
+        with open(path + "c", "rb") as code:
+            compiled.writestr(zipfile.ZipInfo(info.filename + "c", info.date_time), code.read())
+sys.stdout.buffer.write(out.getvalue())
+"""
 WORKDIR = "/work"
 JAIL_ID = 65534  # the uid/gid the program sees: nobody/nogroup
 # What bubblewrap and the agent take beside the program, added to the job's limits: the
@@ -103,7 +115,7 @@ class NamespacesBackend(JailedBackend):
         self,
         *,
         rootfs: Path,
-        agent_source: Path,
+        agent: bytes,
         instance: str,
         uid_base: int,
         cpus: float,
@@ -113,8 +125,8 @@ class NamespacesBackend(JailedBackend):
         super().__init__(instance, uid_base)
         self.default_limits = default_limits  # a ready jail's, until a job sets its own
         self.rootfs = rootfs
-        self.agent_source = agent_source
-        self.agent = b""
+        self.agent_sources = agent  # the bundle (sandboxd.backends.agent_bundle)
+        self.agent = b""  # what sandboxes run: the bundle compiled at start()
         self.cpus = cpus
         self.workdir_bytes = workdir_bytes
 
@@ -147,16 +159,16 @@ class NamespacesBackend(JailedBackend):
         await super().start()
 
     async def _compiled_agent(self) -> bytes:
-        """The agent as bytecode of the image's own python, compiled once, in a jail as
-        an unprivileged uid: each sandbox then skips compiling it (about 10 ms of CPU).
-        Its source, if that fails (the log says why)."""
-        source = self.agent_source.read_bytes()
+        """The agent's bundle as bytecode of the image's own python, compiled once, in a
+        jail as an unprivileged uid: each sandbox then skips compiling it (about 10 ms of
+        CPU). Its sources, if that fails (the log says why)."""
+        source = self.agent_sources
         argv = [
             *BWRAP,
             "--ro-bind", str(self.rootfs), "/",
             "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev",
             "--clearenv", "--",
-            "/usr/bin/python3", "-I", "-S", "-c", COMPILE_AGENT, AGENT_SOURCE,
+            "/usr/bin/python3", "-I", "-S", "-c", COMPILE_AGENT, AGENT,
         ]  # fmt: skip
         uid = self.uid_base
         done = await trio.run_process(
@@ -192,7 +204,7 @@ class NamespacesBackend(JailedBackend):
             "--chdir", WORKDIR,
             "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
             "--",
-            "/usr/bin/python3", "-I", "-S", AGENT,
+            *agent_command("/usr/bin/python3", AGENT),
             "--workdir", WORKDIR, "--isolated",
         ]  # fmt: skip
 

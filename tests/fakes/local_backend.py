@@ -23,11 +23,11 @@ from pathlib import Path
 import trio
 
 from sandboxd.agent_link import AgentLink, WarmRuntime
+from sandboxd.backends.agent_bundle import agent_bundle, agent_command
 from sandboxd.backends.base import Backend, Sandbox
 from sandboxd.host.process import spawn
 from sandboxd.limits import Limits
 
-AGENT = Path(__file__).parents[2] / "guest" / "agent.py"
 log = logging.getLogger("sandboxd.sandbox.local")
 
 
@@ -89,6 +89,11 @@ class LocalBackend(Backend):
 
     async def start(self) -> None:
         self.workdirs.mkdir(parents=True, exist_ok=True)
+        self.agent.write_bytes(agent_bundle())
+
+    @property
+    def agent(self) -> Path:
+        return self.workdirs / "agent.pyz"
 
     @asynccontextmanager
     async def open_sandbox(
@@ -97,7 +102,7 @@ class LocalBackend(Backend):
         sandbox_id = uuid.uuid4().hex[:12]
         workdir = self.workdirs / sandbox_id
         workdir.mkdir()
-        argv = [sys.executable, "-I", "-S", str(AGENT), "--workdir", str(workdir)]
+        argv = [*agent_command(sys.executable, str(self.agent)), "--workdir", str(workdir)]
         child = spawn(argv, stdin=True, stdout=True, stderr=True)
         try:
             assert child.stdin and child.stdout

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from sandboxd.backends.agent_bundle import agent_bundle
 from sandboxd.backends.vm import initramfs
 from sandboxd.images import Image
 from tests.fakes.firecracker_bin import install_fakes
@@ -418,15 +419,15 @@ def test_the_jailer_joins_a_cgroup_v2_parent_and_daemonizes(jail: Jail):
         assert wait_for(lambda: not Path(f"/proc/{pid}").exists()), "the daemon's end"
 
 
-AGENT_PORT = 52  # where guest/agent.py listens on vsock by default
+AGENT_PORT = 52  # where the guest agent listens on vsock by default
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1 quiet i8042.noaux i8042.nomux i8042.dumbkbd"
 
 
 def _vm_files(image: Image) -> tuple[Path, bytes]:
     """The image's VM directory and an initramfs with the real guest agent."""
     assert image.vm_dir is not None
-    agent = (Path(__file__).resolve().parents[2] / "guest" / "agent.py").read_bytes()
-    return image.vm_dir, initramfs.build(image.vm_dir, image.manifest["vm"]["modules"], agent)
+    modules = image.manifest["vm"]["modules"]
+    return image.vm_dir, initramfs.build(image.vm_dir, modules, agent_bundle())
 
 
 def _place(source: Path, destination: Path) -> None:

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-AGENT = Path(__file__).parents[2] / "guest" / "agent.py"
+from sandboxd.backends.agent_bundle import agent_bundle
+
+
+def agent_command(tmp_path: Path, workdir: Path) -> list[str]:
+    """The agent as sandboxes run it: its bundle, by ``python3 -I``."""
+    bundle = tmp_path / "agent.pyz"
+    if not bundle.exists():
+        bundle.write_bytes(agent_bundle())
+    return [sys.executable, "-I", str(bundle), "--workdir", str(workdir)]
+
+
 SYNC = json.dumps({"type": "sync", "nonce": 7}).encode() + b"\n"
 LIMITS = {
     "wall_time": 10,
@@ -33,7 +43,7 @@ def run_agent(tmp_path: Path, job: dict | None, raw: bytes | None = None) -> lis
         raw if raw is not None else (json.dumps(job).encode() + b"\n" if job else b"")
     )
     done = subprocess.run(
-        [sys.executable, "-I", str(AGENT), "--workdir", str(workdir)],
+        agent_command(tmp_path, workdir),
         input=payload,
         capture_output=True,
         timeout=60,
@@ -157,7 +167,7 @@ def test_a_symlink_in_the_workdir_is_never_followed(tmp_path):
     (workdir / "link").symlink_to(tmp_path / "outside")
     payload = SYNC + json.dumps(job).encode() + b"\n"
     done = subprocess.run(
-        [sys.executable, "-I", str(AGENT), "--workdir", str(workdir)],
+        agent_command(tmp_path, workdir),
         input=payload,
         capture_output=True,
         timeout=60,
@@ -232,7 +242,7 @@ def test_a_warm_runtime_that_opens_its_source_late_finds_its_files_and_limits(tm
         "limits": {**LIMITS, "cpu_time": 3, "file_size_bytes": 2**23},
     }
     done = subprocess.run(
-        [sys.executable, "-I", str(AGENT), "--workdir", str(workdir)],
+        agent_command(tmp_path, workdir),
         input=b"".join(json.dumps(m).encode() + b"\n" for m in (sync, job)),
         capture_output=True,
         timeout=60,

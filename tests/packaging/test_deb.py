@@ -63,7 +63,7 @@ def test_the_package_holds_the_commands_units_config_and_docs(deb):
         "./lib/systemd/system/sandboxd.socket",
         "./lib/systemd/system/sandboxd-gateway.service",
         "./etc/sandboxd/sandboxd.toml",
-        "./usr/lib/sandboxd/python/guest/agent.py",
+        "./usr/lib/sandboxd/python/guest/agent/__main__.py",
         "./usr/lib/sandboxd/python/guest/init.sh",
         "./usr/share/doc/sandboxd/README.md",
         "./var/lib/sandboxd/",

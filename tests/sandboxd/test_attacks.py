@@ -11,9 +11,11 @@ import os
 import signal
 import threading
 import time
+import zipfile
 
 import pytest
 
+from sandboxd.backends.agent_bundle import agent_command
 from sandboxd.backends.namespaces import AGENT, AGENT_MEMORY, OVERHEAD_PROCESSES
 from sandboxd.host.cgroups import CgroupLayout
 from sandboxd.protocol import Status
@@ -91,6 +93,8 @@ EXPECTED = {
 }
 
 CASES = [(name, language) for name, codes in ATTACKS.items() for language in codes]
+
+AGENT_COMMAND = " ".join(agent_command("/usr/bin/python3", AGENT)) + " "  # as /proc shows it
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -229,7 +233,7 @@ def test_host_files_are_out_of_reach(daemon, client, language, host_secret):
 
 
 WRITERS = {
-    "python": "for p in ('/etc/evil', '/usr/bin/evil', '/opt/sandboxd/agent.py', '../evil'):\n"
+    "python": "for p in ('/etc/evil', '/usr/bin/evil', '/opt/sandboxd/agent', '../evil'):\n"
     "    try:\n        open(p, 'w').write('x')\n        print('wrote', p)\n"
     "    except OSError as e:\n        print('refused', p, e.errno)",
     "typescript": "try { Deno.writeTextFileSync('/etc/evil', 'x'); console.log('wrote'); }"
@@ -322,7 +326,7 @@ def busy_agents(daemon) -> list[int]:
     return [
         pid
         for pid, cmd in sandbox_processes(daemon.uid_base).items()
-        if cmd.startswith(f"/usr/bin/python3 -I -S {AGENT} ") and programs & set(_children(pid))
+        if cmd.startswith(AGENT_COMMAND) and programs & set(_children(pid))
     ]
 
 
@@ -516,10 +520,12 @@ def test_sandboxes_run_the_agent_compiled_once_by_the_images_python(daemon):
     agents = [
         pid
         for pid, cmd in sandbox_processes(daemon.uid_base).items()
-        if cmd.startswith(f"/usr/bin/python3 -I -S {AGENT} ")  # not bubblewrap around it
+        if cmd.startswith(AGENT_COMMAND)  # not bubblewrap around it
     ]
     assert agents
-    with open(f"/proc/{agents[0]}/root{AGENT}", "rb") as program:
-        head = program.read(4)
-    assert head[2:4] == b"\r\n" and not head.startswith(b"#!")  # a .pyc's magic number
+    with zipfile.ZipFile(f"/proc/{agents[0]}/root{AGENT}") as bundle:
+        names = bundle.namelist()
+        assert "__main__.pyc" in names and "agent/stage.pyc" in names
+        assert all(name.endswith(".pyc") for name in names)  # no source to compile
+        assert bundle.read("agent/stage.pyc")[2:4] == b"\r\n"  # a .pyc's magic number
     assert "run the agent from source" not in daemon.log()

@@ -1,6 +1,6 @@
 """How the daemon reaches the agent inside a VM: a virtio-serial port or vsock.
 
-The agent takes whichever its VM has (see guest/agent.py ``host_connections``).
+The agent takes whichever its VM has (see guest/agent/vm.py ``host_connections``).
 
 - virtio-serial works on every host: QEMU gets one end of a socket pair as the port's
   character device and the daemon keeps the other, so the link exists before the guest
@@ -134,7 +134,7 @@ class VsockChannel(VmChannel):
 async def _bind_privileged(sock: trio.socket.SocketType) -> None:
     """Bind to a free host port below 1024: any local user can connect to a VM over
     vhost-vsock, and the agent only takes connections from such ports, which only root
-    can bind (guest/agent.py ``host_connections``)."""
+    can bind (guest/agent/vm.py ``host_connections``)."""
     for port in PRIVILEGED_PORTS:
         try:
             await sock.bind((socket.VMADDR_CID_ANY, port))

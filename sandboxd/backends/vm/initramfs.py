@@ -74,14 +74,14 @@ def build(vm_dir: Path, modules: list[str], agent: bytes) -> bytes:
             (vm_dir / "modules" / f"{module}.ko").read_bytes(),
         )
     archive.add("modules.order", stat.S_IFREG | 0o644, "\n".join(modules).encode() + b"\n")
-    archive.add("agent.py", stat.S_IFREG | 0o644, agent)
+    archive.add("agent.pyz", stat.S_IFREG | 0o644, agent)
     return gzip.compress(archive.close(), compresslevel=1)
 
 
-def for_image(image: Image, agent_source: Path, *, with_modules: bool = True) -> bytes:
+def for_image(image: Image, agent: bytes, *, with_modules: bool = True) -> bytes:
     """The initramfs for ``image``'s VMs with this daemon's agent, and the image's kernel
     modules unless the VMs boot another kernel; LaunchError if the image has no VM
     artifacts."""
     vm_dir = image.require_vm_dir()
     modules = image.manifest["vm"]["modules"] if with_modules else []
-    return build(vm_dir, modules, agent_source.read_bytes())
+    return build(vm_dir, modules, agent)

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from sandboxd.agent_link import AgentLink, Transcript
-from sandboxd.backends import agent_source
+from sandboxd.backends.agent_bundle import agent_bundle
 from sandboxd.backends.qemu.backend import VmLayout
 from sandboxd.backends.vm import initramfs
 from sandboxd.backends.vm.channel import connect_hybrid_vsock
@@ -55,7 +55,7 @@ def vsock_vm(request: pytest.FixtureRequest, tmp_path: Path, vm_image: Image) ->
     image = vm_image
     assert image.vm_dir is not None
     ramdisk = tmp_path / "initramfs.img"
-    ramdisk.write_bytes(initramfs.for_image(image, agent_source()))
+    ramdisk.write_bytes(initramfs.for_image(image, agent_bundle()))
     kernel = image.vm_dir / "bzImage"
     hz = image.manifest["vm"]["hz"]
     layout = VmLayout(image.vm_dir, kernel, MEMORY, 1, "tcg", hz, AGENT_PORT, vsock_privileged=True)

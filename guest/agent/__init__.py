@@ -1,0 +1,46 @@
+"""sandboxd's guest agent: runs exactly one job inside a sandbox and reports on it.
+
+It runs on the image's own python3 and uses only the standard library. Every backend
+starts it the same way; only the channel differs (the jail's stdin/stdout pipes, a
+virtio-serial port or vsock), and it never needs a network interface.
+
+Wire protocol: one JSON object per line, UTF-8, in both directions.
+
+    host → agent   {"type": "sync", "nonce": N, "entropy": base64, "time": unix seconds,
+                    "warm": {"argv": [...], "env": {...}, "source": "main.py"} | null}
+    agent → host   {"type": "hello", "protocol": 1, "pid": N, "nonce": N}
+                   (a VM restored from a snapshot meets a new host: it syncs again,
+                   reseeding its random pool and setting its clock from the host's;
+                   the warm runtime, if any, starts after that: see WarmRuntime)
+    host → agent   {"type": "job",
+                    "files":  [{"path": "main.py", "content": "...", "encoding": "utf-8"|"base64"}],
+                    "compile": {"argv": [...], "file_size_bytes": n} | null,
+                    "run":     {"argv": [...]},
+                    "env":    {"NAME": "value"},
+                    "stdin":  "...",
+                    "stdin_stream": false,    (true: stdin stays open for "stdin" messages)
+                    "limits": {"wall_time": s, "cpu_time": s, "compile_time": s,
+                               "memory_bytes": n, "processes": n, "output_bytes": n,
+                               "file_size_bytes": n}}
+    host → agent   {"type": "stdin", "data": "...", "eof": bool}  (during the run, if streamed)
+    agent → host   {"type": "stage", "stage": "compile"|"run"}     (as each stage starts)
+    agent → host   {"type": "output", "stage": "compile"|"run", "stream": "stdout"|"stderr",
+                    "data": "..."}                                   (any number of these)
+    agent → host   {"type": "result", "status": ..., "message": ..., "exit_code": n|null,
+                    "signal": n|null, "truncated": {"stdout": bool, "stderr": bool},
+                    "compile": {"exit_code", "signal", "truncated", "time"}|null,
+                    "timings": {"compile": s, "run": s},
+                    "usage": {"cpu_time": s, "memory_bytes": n},
+                    "warm": bool}  (the run was the warm runtime's)
+
+The agent exits after the result: a sandbox serves one job. Output is streamed as it is
+produced, up to ``output_bytes`` per stream (the prefix); a program that writes more is
+stopped. The host keeps what was streamed: the result does not carry it again, and the
+agent holds none of it (its memory counts against the job's). With ``--isolated`` the
+agent knows it is alone in its pid namespace (it is PID 1 there) and removes every
+process the program left behind.
+
+The agent is this package, shipped to sandboxes as one zip file (``bundle.py``) and run
+as ``python3 -I -S agent.pyz``; it uses only the standard library of the image's python
+and cannot import sandboxd (tests/guest/test_contract.py checks what they share).
+"""

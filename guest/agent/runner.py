@@ -1,0 +1,129 @@
+"""The runner: one job's processes, each stage under its limits, with the warm runtime
+the sandbox holds for it."""
+
+from __future__ import annotations
+
+import _signal as signal
+import os
+import resource
+import sys
+
+from .common import JobError, ignoring
+from .processes import Reaper, kill_group
+from .stage import StageRun
+from .warm import WarmRuntime
+
+TYPE_CHECKING = False  # typing costs every sandbox its import
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .capture import StageOutcome, StdinWriter
+    from .limits import Confinement
+    from .protocol import Channel
+
+
+class Runner:
+    """Runs processes for one job under its limits, reporting output as it comes."""
+
+    def __init__(self, workdir: str, isolated: bool, confinement: Confinement) -> None:
+        self.workdir = workdir
+        self.isolated = isolated
+        self.confinement = confinement
+        self.reaper = Reaper()
+        self.channel: Channel | None = None  # the host's, while serving
+        self.warm: WarmRuntime | None = None
+
+    def start_warm(self, spec: dict[str, Any] | None) -> None:
+        """(Re)start the warm runtime ``spec`` describes, after each sync: in a VM
+        restored from a snapshot, only once the random pool has been reseeded."""
+        if self.warm is not None:
+            self.warm.discard()
+        self.warm = None
+        if spec:
+            try:
+                self.warm = WarmRuntime(spec, self.workdir, self.confinement, self.reaper)
+            except (OSError, JobError, KeyError, TypeError) as exc:
+                # Jobs start cold; the host's log of the sandbox says why.
+                sys.stderr.write(f"agent: no warm runtime: {exc}\n")
+
+    def take_warm(
+        self, argv: list[str], env: dict[str, str], files: list[dict[str, Any]], compiles: bool
+    ) -> WarmRuntime | None:
+        """The warm runtime for a job that runs ``argv``, the files written but for its
+        source; None (and the runtime gone) if the job needs a cold start."""
+        warm, self.warm = self.warm, None
+        if warm is None:
+            return None
+        if not compiles and warm.serves(argv, env, files):
+            warm.take(files)
+            return warm
+        warm.discard()
+        return None
+
+    def kill_all(self, pid: int) -> None:
+        """Kill the program's process group and, when alone in the namespace, every
+        other process but ourselves (what a program detached from its group left)."""
+        for target, how in ((pid, os.killpg), (-1, os.kill)):
+            if target == -1 and not self.isolated:
+                continue
+            with ignoring(ProcessLookupError, PermissionError):
+                how(target, signal.SIGKILL)
+
+    def limit_warm(self, pid: int, rlimits: list[tuple[int, tuple[int, int]]]) -> None:
+        """Set a warm process's rlimits before its program's first line."""
+        try:
+            for which, values in rlimits:
+                resource.prlimit(pid, which, values)
+        except OSError as exc:
+            kill_group(pid)
+            self.reaper.wait(pid)
+            raise JobError(f"cannot limit the warm runtime: {exc.strerror}") from exc
+
+    def take_stdin(self, writer: StdinWriter, read: bool = True) -> bool:
+        """Pass streamed stdin from the host on to the program; whether more may come."""
+        assert self.channel is not None
+        for message in self.channel.receive_ready(read):
+            if message.get("type") != "stdin":
+                raise JobError(f"unexpected message during a run: {message.get('type')!r}")
+            writer.feed(str(message.get("data", "")).encode())
+            if message.get("eof"):
+                writer.close()
+                return False
+        if self.channel.closed:
+            writer.close()
+            return False
+        return True
+
+    def run(
+        self,
+        stage: str,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        stdin: bytes,
+        stream_stdin: bool = False,
+        wall_time: float,
+        cpu_time: float,
+        limits: dict[str, Any],
+        warm: WarmRuntime | None = None,
+    ) -> StageOutcome:
+        """Run one stage: ``argv`` started now, or the ``warm`` process that waits for
+        its source (written to the FIFO once its limits are set)."""
+        run = StageRun(
+            self,
+            stage,
+            argv,
+            env=env,
+            stdin=stdin,
+            stream_stdin=stream_stdin,
+            wall_time=wall_time,
+            cpu_time=cpu_time,
+            limits=limits,
+            warm=warm,
+        )
+        try:
+            while run.step():
+                pass
+        finally:
+            run.close()
+        return run.finish()
