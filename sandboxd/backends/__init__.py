@@ -114,7 +114,10 @@ def _firecracker(
     """The firecracker backend if it is installed and can use KVM; ``why_not_kvm`` (for
     auto) also demands that KVM boots an ordinary guest, where QEMU can find that out."""
     firecracker, jailer, why = FirecrackerBackend.probe(
-        config.backend.firecracker_bin, config.backend.jailer_bin
+        config.backend.firecracker_bin,
+        config.backend.jailer_bin,
+        config.daemon.state_dir,
+        config.daemon.name,
     )
     if why_not_kvm is not None and shutil.which(QEMU) and (reason := why_not_kvm()):
         raise LaunchError(f"installed, but no usable KVM ({reason})")

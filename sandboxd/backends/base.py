@@ -163,32 +163,6 @@ class Sandbox(abc.ABC):
     async def stop(self) -> None:
         """Stop everything of the sandbox and reap its process. Shielded, idempotent."""
 
-    async def become_ready(
-        self, start: Callable[[], Awaitable[object]], argv: list[str], start_timeout: float
-    ) -> None:
-        """Run ``start`` (up to the agent's hello) within ``start_timeout``; on failure stop
-        and raise LaunchError/StartTimeout with the command line and the log tail."""
-        try:
-            with trio.fail_after(start_timeout):
-                await start()
-        except (SandboxError, trio.TooSlowError) as exc:
-            await self.stop()
-            with trio.move_on_after(1):  # what the process wrote before it died
-                async with trio.open_nursery() as nursery:
-                    for stream in self.log_streams():
-                        nursery.start_soon(self.tail.pump, stream)
-            self.set_state(SandboxState.FAILED)
-            timed_out = isinstance(exc, trio.TooSlowError)
-            error = StartTimeout if timed_out else LaunchError
-            reason = f"not ready within {start_timeout:g} s" if timed_out else str(exc)
-            raise error(
-                f"sandbox {self.id} did not start: {reason}: {self.tail.text()[-300:]}",
-                argv=argv,
-                exit_code=self.child.returncode,
-                log_tail=self.tail.text(),
-            ) from exc
-        self.set_state(SandboxState.READY)
-
     def log_streams(self) -> list[trio.abc.ReceiveStream]:
         """The process's streams that carry its log (not its agent channel)."""
         return [self.child.stderr] if self.child.stderr is not None else []
@@ -203,35 +177,53 @@ class Sandbox(abc.ABC):
             self.set_state(SandboxState.FAILED)
 
     @asynccontextmanager
-    async def supervised(self) -> AsyncIterator[None]:
-        """While it serves: its log pumped, its death noticed; then stopped."""
+    async def serving(
+        self, start: Callable[[], Awaitable[object]], argv: list[str], start_timeout: float
+    ) -> AsyncIterator[None]:
+        """A backend's sandbox from its process's start to its end: its log read from the
+        first line (a VMM that logs while it boots would block on a full pipe), ``start``
+        (up to the agent's hello) within ``start_timeout``, its death watched while the
+        body uses it, then stopped. If it does not start: stopped, and LaunchError or
+        StartTimeout with the command line and the log's tail."""
+        failure: SandboxError | trio.TooSlowError | None = None
         try:
             async with trio.open_nursery() as nursery:
                 for stream in self.log_streams():
                     nursery.start_soon(self.tail.pump, stream)
-                nursery.start_soon(self._watch)
                 try:
-                    yield
-                finally:
-                    self.retire()
+                    with trio.fail_after(start_timeout):
+                        await start()
+                except (SandboxError, trio.TooSlowError) as exc:
+                    failure = exc
                     await self.stop()
-                    nursery.cancel_scope.cancel()  # the pumps, before their pipes close
+                    # What the process wrote before it died, for the error.
+                    nursery.cancel_scope.deadline = trio.current_time() + 1
+                else:
+                    self.set_state(SandboxState.READY)
+                    nursery.start_soon(self._watch)
+                    try:
+                        yield
+                    finally:
+                        self.retire()
+                        await self.stop()
+                        nursery.cancel_scope.cancel()  # the pumps, before their pipes close
         except BaseExceptionGroup as group:
             # The pumps and the watch end quietly: what comes out is the body's own
             # error, which callers expect as itself, not wrapped in a group.
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
-
-    @asynccontextmanager
-    async def serving(
-        self, start: Callable[[], Awaitable[object]], argv: list[str], start_timeout: float
-    ) -> AsyncIterator[None]:
-        """A backend's sandbox from its process's start to its end: ready (see
-        :meth:`become_ready`), :meth:`supervised` while the body uses it, then stopped."""
-        await self.become_ready(start, argv, start_timeout)
-        async with self.supervised():
-            yield
+        if failure is not None:
+            self.set_state(SandboxState.FAILED)
+            timed_out = isinstance(failure, trio.TooSlowError)
+            error = StartTimeout if timed_out else LaunchError
+            reason = f"not ready within {start_timeout:g} s" if timed_out else str(failure)
+            raise error(
+                f"sandbox {self.id} did not start: {reason}: {self.tail.text()[-300:]}",
+                argv=argv,
+                exit_code=self.child.returncode,
+                log_tail=self.tail.text(),
+            ) from failure
         self.set_state(SandboxState.STOPPED)
 
     def network_pid(self) -> int:

@@ -37,7 +37,9 @@ Deviations:
   leaving the jail (``..``, or a symlink out) is refused. So the jail must be reachable on the
   host by the jail's uid (its ancestors searchable), which a real chroot does not need;
 - the serde texts after the deserializing prefix are close to serde's, not byte-equal (no
-  line/column for schema errors); logger output is not produced (the file is created);
+  line/column for schema errors); the logger writes Firecracker's lines at its default
+  level (Info: the start, each API request with its body, each answer) to stdout, or to
+  the log path once one is configured, but not its other modules' lines;
 - DELETE (PCI hotplug preview, not in the spec) is answered as an unknown method;
 - not supported, answered with a 400 ``fake firecracker: ...`` fault: network interfaces (so
   MMDS configs naming interfaces fail as on Firecracker), vhost-user drives, pmem, memory
@@ -505,11 +507,50 @@ class Resources:
     mmds_config: dict[str, Any] | None = None
 
 
+LOG_LEVELS = ("Off", "Error", "Warning", "Info", "Debug", "Trace")
+
+
+class Logger:
+    """Firecracker's logger: to stdout until a log path is configured, at Info unless
+    ``--level`` or the logger's ``level`` says otherwise. Writes block, as Firecracker's
+    do: a VMM whose stdout nobody reads stops in its next line."""
+
+    def __init__(self, instance_id: str, level: str = "Info") -> None:
+        self.instance_id = instance_id
+        self.level = level
+        self._lock = threading.Lock()
+        self._fd = 1
+
+    def configure(self, fd: int | None, level: str | None) -> None:
+        with self._lock:
+            if fd is not None:
+                self._fd = fd
+            if level is not None:
+                self.level = level
+
+    def info(self, module: str, message: str) -> None:
+        if LOG_LEVELS.index(self.level) < LOG_LEVELS.index("Info"):
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        line = f"{stamp}.000000000 [{self.instance_id}:{module}] {message}\n".encode()
+        with self._lock:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+
+def log_level(text: str) -> str:
+    """A level as Firecracker's --level and logger take it (Warn is Warning)."""
+    name = text.capitalize()
+    return "Warning" if name == "Warn" else name
+
+
 class Vmm:
     """Firecracker's PrebootApiController and RuntimeApiController, over a QEMU microVM."""
 
-    def __init__(self, instance_id: str, fs: JailFs, mmds_size_limit: int) -> None:
+    def __init__(self, instance_id: str, fs: JailFs, mmds_size_limit: int, logger: Logger) -> None:
         self.instance_id = instance_id
+        self.logger = logger
         self.fs = fs
         self.mmds_size_limit = mmds_size_limit
         self.res = Resources()
@@ -696,11 +737,15 @@ class Vmm:
         self.res.serial = body
 
     def _ConfigureLogger(self, body: dict[str, Any]) -> None:
+        fd = None
         if "log_path" in body:
             try:
-                os.close(self._create(body["log_path"]))
+                fd = self._create(body["log_path"])
             except OSError as exc:
                 raise ApiError(f"Logger error: {os_error_text(exc)}") from None
+            os.set_blocking(fd, True)
+        level = body.get("level")
+        self.logger.configure(fd, log_level(level) if isinstance(level, str) else None)
         self.res.logger = body
 
     def _create(self, path: str) -> int:
@@ -1025,8 +1070,13 @@ class ApiServer:
     """HTTP/1.1 on a Unix socket; every request goes to the VMM thread through ``submit``."""
 
     def __init__(
-        self, listener: socket.socket, submit: Callable[[_Work], None], payload_limit: int
+        self,
+        listener: socket.socket,
+        submit: Callable[[_Work], None],
+        payload_limit: int,
+        logger: Logger,
     ) -> None:
+        self._logger = logger
         self._listener = listener
         self._submit = submit
         self._payload_limit = payload_limit
@@ -1100,6 +1150,11 @@ class ApiServer:
             yield parts[0], target.split("?", 1)[0], body
 
     def _answer(self, conn: socket.socket, method: str, target: str, body: bytes | None) -> None:
+        shown = f' with body "{body.decode(errors="replace")}"' if body else ""
+        self._logger.info(
+            "fc_api",
+            f'The API server received a {method.capitalize()} request on "{target}"{shown}.',
+        )
         try:
             action = route(method, target, body)
         except ApiError as exc:
@@ -1108,6 +1163,10 @@ class ApiServer:
         work = _Work(action)
         self._submit(work)
         status, payload = work.reply.get()
+        if status < 300:
+            self._logger.info(
+                "fc_api", f"The request was executed successfully. Status code: {status}."
+            )
         try:
             conn.sendall(_response(status, payload, action.deprecated))
         finally:
@@ -1270,14 +1329,14 @@ def main(argv: list[str] | None = None) -> int:
         print("Firecracker panicked: Invalid instance ID", file=sys.stderr, flush=True)
         os.abort()
     level = args.get("level")
-    if isinstance(level, str) and level.capitalize() not in (
-        "Error", "Warning", "Warn", "Info", "Debug", "Trace", "Off"
-    ):  # fmt: skip
+    if isinstance(level, str) and log_level(level) not in LOG_LEVELS:
         print(f"Error: InvalidLogLevel({level})", file=sys.stderr)
         return EXIT_BAD_CONFIGURATION
+    logger = Logger(instance_id, log_level(level) if isinstance(level, str) else "Info")
+    logger.info("main", f"Running Firecracker v{VERSION}")
     payload_limit = int(args.get("http-api-max-payload-size", HTTP_MAX_PAYLOAD_SIZE))
     mmds_limit = int(args.get("mmds-size-limit", payload_limit))
-    vmm = Vmm(instance_id, fs, mmds_limit)
+    vmm = Vmm(instance_id, fs, mmds_limit, logger)
     firecracker = Firecracker(vmm)
     for flag, action in (("log-path", "ConfigureLogger"), ("metrics-path", "ConfigureMetrics")):
         if flag in args:
@@ -1297,7 +1356,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f'Error: RunWithApi(FailedToBindSocket("{sock_path}")): {exc}', file=sys.stderr)
             return EXIT_GENERIC
-        ApiServer(listener, firecracker.submit, payload_limit).start()
+        ApiServer(listener, firecracker.submit, payload_limit, logger).start()
+        logger.info("fc_api", "API server started.")
     if "config-file" in args:
         try:
             text = fs.host(str(args["config-file"])).read_text()

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
@@ -83,8 +83,9 @@ class LocalBackend(Backend):
     name = "local"
     isolation = "none: the agent as a plain child process (tests only)"
 
-    def __init__(self, workdirs: Path) -> None:
+    def __init__(self, workdirs: Path, wrapper: Sequence[str] = ()) -> None:
         self.workdirs = workdirs
+        self.wrapper = list(wrapper)  # a command the agent's command line is given to
         self.opened: list[LocalSandbox] = []  # every sandbox it made, for the tests to see
 
     async def start(self) -> None:
@@ -102,7 +103,12 @@ class LocalBackend(Backend):
         sandbox_id = uuid.uuid4().hex[:12]
         workdir = self.workdirs / sandbox_id
         workdir.mkdir()
-        argv = [*agent_command(sys.executable, str(self.agent)), "--workdir", str(workdir)]
+        argv = [
+            *self.wrapper,
+            *agent_command(sys.executable, str(self.agent)),
+            "--workdir",
+            str(workdir),
+        ]
         child = spawn(argv, stdin=True, stdout=True, stderr=True)
         try:
             assert child.stdin and child.stdout

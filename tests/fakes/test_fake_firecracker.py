@@ -37,10 +37,12 @@ def bins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return install_fakes(tmp_path_factory.mktemp("bin"))
 
 
-def exchange(sock_path: Path, request: bytes) -> tuple[str, dict[str, str], bytes]:
+def exchange(
+    sock_path: Path, request: bytes, timeout: float = 30
+) -> tuple[str, dict[str, str], bytes]:
     """One raw HTTP exchange: status line, headers (lowercase names), body."""
     with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(30)
+        sock.settimeout(timeout)
         sock.connect(str(sock_path))
         sock.sendall(request)
         data = b""
@@ -98,6 +100,32 @@ def firecracker(bins: tuple[Path, Path], tmp_path: Path) -> Iterator[tuple[Api, 
     finally:
         process.kill()
         process.wait()
+
+
+def test_it_logs_to_stdout_at_firecracker_s_default_level_and_blocks_when_unread(
+    bins: tuple[Path, Path], tmp_path: Path
+):
+    sock = tmp_path / "api.sock"
+    read, write = os.pipe()
+    process = subprocess.Popen([bins[0], "--api-sock", sock, "--id", "vm1"], stdout=write)
+    os.close(write)
+    try:
+        assert wait_for(sock.exists), "the API socket"
+        status, _, _ = exchange(sock, b"GET / HTTP/1.1\r\n\r\n")
+        assert status.startswith("HTTP/1.1 200")
+        lines = os.read(read, 65536).decode().splitlines()
+        assert lines[0].endswith("[vm1:main] Running Firecracker v1.16.1"), lines
+        assert any('received a Get request on "/"' in line for line in lines), lines
+        # Nobody reads its stdout now: once the pipe is full, the API answers no more.
+        big = b'{"vcpu_count": 1, "mem_size_mib": 128}' + b" " * 40000
+        put = b"PUT /machine-config HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+        with pytest.raises(TimeoutError):
+            for _ in range(4):
+                exchange(sock, put, timeout=2)
+    finally:
+        process.kill()
+        process.wait()
+        os.close(read)
 
 
 PREFIX = "An error occurred when deserializing the json body of a request: "

@@ -4,8 +4,9 @@ no root, no jail, a fraction of a second per test."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +45,14 @@ async def local_stack(
     max_sandboxes: int = 2,
     queue_timeout: float = 10.0,
     warm: bool = True,
+    wrapper: Sequence[str] = (),
     **daemon: Any,
 ) -> AsyncIterator[Stack]:
     """The stack serving ``tmp_path/sock`` until the block ends; then drained as the
     daemon drains, and every sandbox gone. ``daemon``: [daemon] settings to change."""
     config = Config()
-    for name, value in daemon.items():
-        setattr(config.daemon, name, value)
-    backend = LocalBackend(tmp_path / "sandboxes")
+    config = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, **daemon))
+    backend = LocalBackend(tmp_path / "sandboxes", wrapper)
     await backend.start()
     table = LanguageTable(LANGUAGES)
     pool = Pool(

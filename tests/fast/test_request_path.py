@@ -139,3 +139,21 @@ async def test_draining_answers_the_job_in_flight_and_then_refuses(tmp_path):
     with pytest.raises(errors.DaemonUnavailable):
         await stack.client.health()
     assert all(sandbox.child.returncode is not None for sandbox in stack.backend.opened)
+
+
+async def test_a_sandbox_that_logs_a_lot_while_it_starts_still_starts(tmp_path):
+    # As a VMM does that logs its boot (Firecracker at its default level, a serial
+    # console): a log pipe nobody reads until the sandbox is ready fills, and blocks it.
+    flood = ["sh", "-c", 'head -c 1048576 /dev/zero | tr "\\0" x >&2; exec "$@"', "sh"]
+    async with local_stack(tmp_path, wrapper=flood) as stack:
+        await wait_ready(stack.pool, 1)
+        result = await stack.client.execute("python", "print('up')")
+    assert result.stdout == "up\n"
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_idle_timeout(tmp_path):
+    async with local_stack(tmp_path, size=0, idle_timeout=0.2) as stack:
+        stream = await trio.open_unix_socket(str(stack.client.socket_path))
+        with trio.fail_after(5):
+            assert await stream.receive_some(100) == b""  # closed by the daemon
+        await stream.aclose()

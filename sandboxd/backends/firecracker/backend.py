@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -46,6 +47,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 API_SOCKET = "run/firecracker.socket"  # in the chroot: the jailer's default
+# Firecracker's snapshots restore vsock and VMGenID as this backend needs from 1.16.
+MIN_VERSION = (1, 16, 0)
+MIN_HOST_KERNEL = (5, 10)  # the jailer calls close_range (5.9); 5.10 is the LTS
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path holds 108, the NUL too)
+ID_LENGTH = 12  # of a sandbox's id, in hex digits: its jail's directory
 VSOCK_SOCKET = "v.sock"
 GUEST_CID = 3  # every VM has a hybrid vsock of its own: CIDs need not differ
 ROOT_DISK = "rootfs.ext4"
@@ -89,26 +95,40 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         self.netns = netns_name(options.instance)
 
     @staticmethod
-    def probe(firecracker: str, jailer: str) -> tuple[Path, Path, str]:
-        """(firecracker, jailer, why) if both are installed and Firecracker can use KVM
-        here; LaunchError saying why not."""
+    def probe(
+        firecracker: str, jailer: str, state_dir: Path, instance: str
+    ) -> tuple[Path, Path, str]:
+        """(firecracker, jailer, why) if both are installed, Firecracker can use KVM here
+        and its jails can work under ``state_dir``; LaunchError saying why not."""
         paths = []
         for role, wanted in (("firecracker", firecracker), ("jailer", jailer)):
             found = shutil.which(wanted)
             if found is None:
                 raise LaunchError(f"not installed ({role} {wanted!r} is not found)")
             paths.append(Path(found).resolve())
-        try:
-            version = subprocess.run(
-                [paths[0], "--version"], capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise LaunchError(f"{paths[0]} --version failed: {exc}") from exc
-        if not version.startswith("Firecracker v"):
-            raise LaunchError(f"{paths[0]} is not Firecracker (--version said {version!r})")
+        _check_static(paths[0])
+        version = _version(paths[0], "Firecracker")
+        jailer_version = _version(paths[1], "Jailer")
+        if jailer_version != version:
+            raise LaunchError(
+                f"the jailer is v{jailer_version} and Firecracker v{version}: they must come "
+                "from one release"
+            )
+        if _release(version) < MIN_VERSION:
+            raise LaunchError(
+                f"Firecracker v{version} is older than v{'.'.join(map(str, MIN_VERSION))} "
+                "(its snapshots' vsock and VMGenID fixes)"
+            )
+        kernel = os.uname().release
+        if _release(kernel) < MIN_HOST_KERNEL:
+            raise LaunchError(
+                f"the host's kernel {kernel} is older than "
+                f"{'.'.join(map(str, MIN_HOST_KERNEL))} (the jailer needs close_range)"
+            )
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise LaunchError("Firecracker needs KVM, and /dev/kvm is missing or not usable")
-        return paths[0], paths[1], f"{version.splitlines()[0]} with its jailer"
+        check_jail_base(jail_base(state_dir, instance), paths[0].name)
+        return paths[0], paths[1], f"Firecracker v{version} with its jailer"
 
     async def start(self) -> None:
         await super().start()  # cgroups: leftovers swept, the instance's prepared
@@ -176,7 +196,8 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
             # The jail is writable by the VM's uid: a VMM a guest broke into may write no
             # more than a snapshot's memory file.
             "--resource-limit", f"fsize={self.memory + VMM_OVERHEAD}",
-            "--", "--api-sock", f"/{API_SOCKET}",
+            # Info, its default, logs every API request with its body on stdout.
+            "--", "--api-sock", f"/{API_SOCKET}", "--level", "Warning",
         ]  # fmt: skip
 
     def _furnish(self, chroot: Path, restore: Path | None) -> None:
@@ -244,7 +265,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
     ) -> AsyncIterator[FirecrackerSandbox]:
         """A running VM, cold-booted or restored from ``restore``, with a ready agent."""
         assert self.cgroups is not None, "start() first"
-        sandbox_id = uuid.uuid4().hex[:12]
+        sandbox_id = uuid.uuid4().hex[:ID_LENGTH]
         jail = self.jail_base / self.firecracker.name / sandbox_id
         chroot = jail / "root"
         cgroup = self.cgroups.sandbox(self.instance, sandbox_id)
@@ -276,8 +297,81 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
             shutil.rmtree(jail, ignore_errors=True)
 
 
+def _version(path: Path, name: str) -> str:
+    """The version ``path --version`` reports as ``<name> vX.Y.Z``; LaunchError if it
+    does not run or is not that program."""
+    try:
+        said = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise LaunchError(f"{path} --version failed: {exc}") from exc
+    first = said.splitlines()[0] if said else ""
+    if not first.startswith(f"{name} v"):
+        raise LaunchError(f"{path} is not {name} (--version said {said!r})")
+    return first.removeprefix(f"{name} v").strip()
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version (``1.16.1``, ``6.1.0-13-amd64``)."""
+    found = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(n) for n in found.group().split(".")) if found else ()
+
+
+def _check_static(path: Path) -> None:
+    """The jailer copies Firecracker alone into each chroot and runs it there: an ELF
+    that names an interpreter (a dynamically linked build) cannot start."""
+    with path.open("rb") as binary:
+        header = binary.read(64)
+        if header[:4] != b"\x7fELF" or header[4] != 2:  # what is not a 64-bit ELF runs as it is
+            return
+        phoff = int.from_bytes(header[32:40], "little")
+        entry_size = int.from_bytes(header[54:56], "little")
+        entries = int.from_bytes(header[56:58], "little")
+        binary.seek(phoff)
+        table = binary.read(entry_size * entries)
+    for index in range(entries):
+        if int.from_bytes(table[index * entry_size : index * entry_size + 4], "little") == 3:
+            raise LaunchError(
+                f"{path} is dynamically linked: the jailer runs it in a chroot without its "
+                "libraries (use the static binary of Firecracker's release archive)"
+            )
+
+
 def jail_base(state_dir: Path, instance: str) -> Path:
     return state_dir / "jails" / instance
+
+
+def check_jail_base(base: Path, firecracker_name: str) -> None:
+    """LaunchError unless jails under ``base`` can work: the jailer makes /dev/kvm in
+    each chroot and execs Firecracker there (a mount with nodev or noexec forbids it),
+    and the daemon reaches each VM's API by its socket's path (a Unix socket's path
+    holds at most 107 bytes)."""
+    existing = next(path for path in (base, *base.parents) if path.exists())
+    flags = os.statvfs(existing).f_flag
+    for flag, option in ((os.ST_NODEV, "nodev"), (os.ST_NOEXEC, "noexec")):
+        if flags & flag:
+            raise LaunchError(
+                f"{existing} is on {_mount_point(existing)}, mounted {option}: the jailer's "
+                f"chroots need device nodes and executables (remount it without {option}, "
+                "or set daemon.state_dir on another filesystem)"
+            )
+    longest = base / firecracker_name / ("0" * ID_LENGTH) / "root" / API_SOCKET
+    if len(bytes(longest)) > UNIX_PATH_MAX:
+        raise LaunchError(
+            f"the VMs' API sockets would be {len(bytes(longest))} bytes long ({longest}), "
+            f"and a Unix socket's path holds {UNIX_PATH_MAX}: choose a shorter daemon.name "
+            "or daemon.state_dir"
+        )
+
+
+def _mount_point(path: Path) -> str:
+    """The mount point ``path`` is under (the longest that is a prefix of it)."""
+    with open("/proc/self/mountinfo") as mounts:
+        points = [line.split()[4] for line in mounts]
+    resolved = path.resolve()
+    under = [p for p in points if resolved == Path(p) or Path(p) in resolved.parents]
+    return max(under, key=len, default="/")
 
 
 def netns_name(instance: str) -> str:

@@ -70,8 +70,22 @@ def choose_kernel(kernel_path: str, vm_dir: Path, image_version: str) -> GuestKe
             "ELF vmlinux, as Firecracker boots)"
         )
     _check_everyone_reads(path)
+    _check_only_root_writes(path)
     version = found.group(1).decode(errors="replace")
     return GuestKernel(path, path, version, version == image_version)
+
+
+def _check_only_root_writes(path: Path) -> None:
+    """Every VM boots the kernel (Firecracker's jails link it in): a user who could
+    replace it, or a directory above it, would run their own kernel in every sandbox."""
+    for place in (path, *path.resolve().parents):
+        info = place.stat()
+        sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+        if info.st_uid != 0 or (info.st_mode & 0o022 and not sticky):
+            raise ConfigError(
+                f"backend.kernel_path: {path} must be root's and writable only by root, and "
+                f"{place} is not (chown root, chmod go-w): every VM boots it"
+            )
 
 
 def _check_everyone_reads(path: Path) -> None:

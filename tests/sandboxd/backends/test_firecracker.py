@@ -6,6 +6,8 @@ guest for real under QEMU, so jobs really run in VMs made through that interface
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,9 +165,76 @@ def test_auto_takes_firecracker_only_where_kvm_boots_a_guest(tmp_path, fakes):
 
 def test_probe_names_what_is_missing_or_wrong(tmp_path):
     with pytest.raises(LaunchError, match="not installed"):
-        FirecrackerBackend.probe(str(tmp_path / "firecracker"), "jailer")
+        FirecrackerBackend.probe(str(tmp_path / "firecracker"), "jailer", STATE_DIR, "fc")
     impostor = tmp_path / "firecracker"
     impostor.write_text("#!/bin/sh\necho 'Not Firecracker 1.0'\n")
     impostor.chmod(0o755)
     with pytest.raises(LaunchError, match="is not Firecracker"):
-        FirecrackerBackend.probe(str(impostor), str(impostor))
+        FirecrackerBackend.probe(str(impostor), str(impostor), STATE_DIR, "fc")
+
+
+def _impostor(path: Path, says: str, then: Path | None = None) -> Path:
+    """A program that answers --version with ``says`` (and runs ``then`` otherwise)."""
+    rest = f'exec {then} "$@"' if then else "exit 1"
+    path.write_text(f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "{says}"; exit 0; }}\n{rest}\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_a_dynamically_linked_firecracker_is_refused(tmp_path, fakes):
+    # The jailer copies the binary alone into the chroot: the loader and libc stay out.
+    dynamic = tmp_path / "firecracker"
+    shutil.copy("/usr/bin/true", dynamic)
+    with pytest.raises(LaunchError, match="is dynamically linked: the jailer runs it"):
+        FirecrackerBackend.probe(str(dynamic), str(fakes[1]), STATE_DIR, "fc")
+
+
+def test_a_jailer_of_another_release_or_an_old_firecracker_is_refused(tmp_path, fakes):
+    jailer = _impostor(tmp_path / "jailer", "Jailer v1.15.0", fakes[1])
+    with pytest.raises(
+        LaunchError, match=re.escape("the jailer is v1.15.0 and Firecracker v1.16.1")
+    ):
+        FirecrackerBackend.probe(str(fakes[0]), str(jailer), STATE_DIR, "fc")
+    old = _impostor(tmp_path / "firecracker", "Firecracker v1.7.0", fakes[0])
+    old_jailer = _impostor(tmp_path / "old-jailer", "Jailer v1.7.0", fakes[1])
+    with pytest.raises(LaunchError, match=re.escape("Firecracker v1.7.0 is older than v1.16.0")):
+        FirecrackerBackend.probe(str(old), str(old_jailer), STATE_DIR, "fc")
+
+
+def test_auto_passes_over_a_firecracker_that_cannot_run_and_says_why(tmp_path, fakes):
+    old = _impostor(tmp_path / "firecracker", "Firecracker v1.7.0", fakes[0])
+    old_jailer = _impostor(tmp_path / "old-jailer", "Jailer v1.7.0", fakes[1])
+    daemon = start_daemon(
+        tmp_path,
+        pool={"size": 1},
+        backend={"name": "auto", "firecracker_bin": str(old), "jailer_bin": str(old_jailer)},
+    )
+    try:
+        reason = daemon.client.status()["backend"]["reason"]
+    finally:
+        assert daemon.stop() == 0
+    assert "firecracker: Firecracker v1.7.0 is older than v1.16.0" in reason
+
+
+@pytest.mark.parametrize("option", ["nodev", "noexec"])
+def test_a_state_dir_mounted_nodev_or_noexec_is_refused_naming_the_mount(
+    public_tmp_path, fakes, option
+):
+    # A common hardening of /var: the jailer's /dev/kvm (or Firecracker's exec) in each
+    # chroot would fail at every VM's start, long after the daemon said it was ready.
+    state = public_tmp_path / "state"  # a short path: pytest's would be too long for sockets
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", option, "sandboxd-test", state], check=True)
+    try:
+        with pytest.raises(LaunchError, match=f"{state} is on {state}, mounted {option}: "):
+            FirecrackerBackend.probe(str(fakes[0]), str(fakes[1]), state, "fc")
+    finally:
+        subprocess.run(["umount", state], check=True)
+    FirecrackerBackend.probe(str(fakes[0]), str(fakes[1]), state, "fc")
+
+
+def test_a_daemon_name_that_makes_the_socket_paths_too_long_is_refused_at_start(fakes):
+    # 32 characters, the longest name there is: 109 bytes to each VM's API socket.
+    with pytest.raises(LaunchError, match=r"holds 107: choose a shorter daemon\.name"):
+        FirecrackerBackend.probe(str(fakes[0]), str(fakes[1]), STATE_DIR, "n" * 32)
+    FirecrackerBackend.probe(str(fakes[0]), str(fakes[1]), STATE_DIR, "n" * 30)

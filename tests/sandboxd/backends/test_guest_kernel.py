@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,22 @@ def test_what_is_not_a_bootable_kernel_is_refused_clearly(tmp_path, content, mes
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=f"backend.kernel_path: .*{message}"):
         choose_kernel(str(path), tmp_path, IMAGE_VERSION)
+
+
+def test_a_kernel_others_could_replace_is_refused(public_tmp_path):
+    shared = public_tmp_path / "shared"
+    shared.mkdir()
+    path = fake_vmlinux(shared / "vmlinux", IMAGE_VERSION)
+    path.chmod(0o664)  # group-writable: the group could boot its own kernel in every VM
+    with pytest.raises(ConfigError, match=f"{path} is not \\(chown root, chmod go-w\\)"):
+        choose_kernel(str(path), public_tmp_path, IMAGE_VERSION)
+    path.chmod(0o644)
+    shared.chmod(0o777)  # and so could anyone who may rename it away
+    with pytest.raises(ConfigError, match=f"{shared} is not \\(chown root, chmod go-w\\)"):
+        choose_kernel(str(path), public_tmp_path, IMAGE_VERSION)
+    shared.chmod(0o755)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ConfigError, match="must be root's"):
+        choose_kernel(str(path), public_tmp_path, IMAGE_VERSION)
+    os.chown(path, 0, 0)
+    assert choose_kernel(str(path), public_tmp_path, IMAGE_VERSION).vmlinux == path
