@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 from pyroute2 import netns
@@ -93,6 +93,12 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         # The jailer's --chroot-base-dir: on the image store's filesystem, for hard links.
         self.jail_base = jail_base(state_dir, options.instance)
         self.netns = netns_name(options.instance)
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if self.cgroups is not None and self.cgroups.version == 1:
+            described["cgroups"] = "v1: restores are slower than under v2 (Firecracker's docs)"
+        return described
 
     @staticmethod
     def probe(

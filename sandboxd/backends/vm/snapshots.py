@@ -24,6 +24,7 @@ from sandboxd.agent_link import WarmRuntime
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox
 from sandboxd.backends.vm.kernel import GuestKernel
 from sandboxd.errors import LaunchError, SandboxError
+from sandboxd.host.sharing import sharing
 from sandboxd.images import Image
 from sandboxd.limits import Limits
 
@@ -83,6 +84,7 @@ class SnapshotBackend(JailedBackend, Generic[VmT]):
             **super().describe(),
             "snapshot": self.snapshot_note,
             "kernel": self.kernel.describe(),
+            "host": sharing(),
         }
 
     @abc.abstractmethod

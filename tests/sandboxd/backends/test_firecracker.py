@@ -21,6 +21,8 @@ from pyroute2 import netns
 from sandboxctl import cli
 from sandboxd.backends.firecracker.backend import FirecrackerBackend
 from sandboxd.errors import LaunchError
+from sandboxd.host.cgroups import CgroupLayout
+from sandboxd.host.sharing import sharing
 from sandboxd.images import ImageStore
 from sandboxd.protocol import Status
 from tests.conftest import IS_ROOT
@@ -83,8 +85,11 @@ def test_status_says_firecracker_and_snapshot(fc_daemon):
     assert backend["snapshot"].startswith("pool VMs restore a snapshot")
     shown = CliRunner().invoke(cli.main, ["--socket", str(fc_daemon.socket), "status"])
     assert "backend:  firecracker — Firecracker microVM" in shown.stdout
-    for detail in ("kernel: ", "snapshot: pool VMs restore"):
+    for detail in ("kernel: ", "snapshot: pool VMs restore", "host: SMT "):
         assert detail in shown.stdout
+    # What Firecracker's production host setup asks about: what VMs share on the host.
+    assert backend["host"] == sharing()
+    assert ("cgroups" in backend) == (CgroupLayout.detect().version == 1)
 
 
 def test_jobs_run_in_restored_vms_and_leave_nothing(fc_daemon):
