@@ -29,6 +29,10 @@ apt-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
+# Bytecode of the tree, as a package install has it: with PYTHONDONTWRITEBYTECODE (or a
+# tree its users cannot write) every sandboxctl would compile its modules again.
+BYTECODE    = $(BIN)/python -m compileall -q sandboxd sandboxctl guest bench
+
 # Editable as a plain path entry (compat): the default finder costs every start of a
 # venv program (sandboxctl, the gateway) some 15 ms of imports.
 EDITABLE    := --config-settings editable_mode=compat
@@ -37,6 +41,7 @@ $(BIN)/sandboxd: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(EDITABLE) -e '.[test]'
+	$(BYTECODE)
 	@touch $@
 
 .PHONY: build image
@@ -59,6 +64,7 @@ test-fast: $(BIN)/sandboxd ## The request path's logic with local sandboxes: sec
 .PHONY: bench bench-quick
 bench: build ## The benchmark of record (bench/results/), then gateway, network and VM figures (root)
 	$(BIN)/pip install -q $(EDITABLE) -e '.[test,bench]'
+	$(BYTECODE)
 	$(BIN)/python -m bench.record
 	$(BIN)/python -m bench.gateway_overhead
 	$(BIN)/python -m bench.network_overhead
@@ -66,6 +72,7 @@ bench: build ## The benchmark of record (bench/results/), then gateway, network 
 
 bench-quick: build ## The python line of the benchmark of record, in under a minute (root)
 	$(BIN)/pip install -q $(EDITABLE) -e '.[test,bench]'
+	$(BYTECODE)
 	$(BIN)/python -m bench.record --quick
 
 .PHONY: soak

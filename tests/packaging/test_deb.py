@@ -180,6 +180,11 @@ def test_installs_on_bare_debian_and_runs_jobs_from_cli_and_gateway(deb, tmp_pat
 
     # The postinst made the socket's group and the gateway's user, a member of it.
     assert "sandboxd" in in_root("id", "-nG", "sandboxd-gateway").split()
+    # ... and the bytecode the commands' users could not write (the package holds none).
+    lib = root / "usr/lib/sandboxd/python"
+    for module in ("sandboxctl/cli", "sandboxd/rpc_server", "click/core"):
+        folder, name = module.rsplit("/", 1)
+        assert list((lib / folder / "__pycache__").glob(f"{name}.cpython-*.pyc")), module
     assert in_root("sandboxd", "--version").strip() == "sandboxd, version 0.1.0"
     (root / "etc/sandboxd/test.toml").write_text(
         '[daemon]\nname = "sbxdeb"\n[pool]\nsize = 1\n'
