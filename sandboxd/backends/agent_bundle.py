@@ -15,7 +15,7 @@ EPOCH = (1980, 1, 1, 0, 0, 0)  # one date for every entry: the same package, the
 
 def agent_command(python: str, bundle: str) -> list[str]:
     """The command that runs the agent from ``bundle`` (its options follow): the zip on
-    sys.path, not run as a zipapp, whose runpy would cost every start some 5 ms of CPU
+    sys.path, not run as a zipapp, whose runpy would cost every start some 10 ms of CPU
     importing what the agent does not use. (A VM, whose agent starts once for its
     snapshot, runs the zipapp: guest/init.sh.)"""
     boot = (
