@@ -119,6 +119,27 @@ def test_each_vm_is_jailed_as_its_own_uid_in_its_cgroup(fc_daemon):
     assert os.readlink(f"/proc/{vmm}/ns/net") != os.readlink("/proc/self/ns/net")
 
 
+def test_links_a_vmm_plants_in_its_jail_are_not_followed_when_the_jail_goes(
+    fc_daemon, public_tmp_path
+):
+    # The jail is the VMM's uid's: a VMM a guest broke into may leave links out of it
+    # there, and the daemon's teardown must remove them, not what they point at.
+    host_files = public_tmp_path / "host-files"
+    host_files.mkdir()
+    (host_files / "keep").write_text("the host's")
+    assert wait_for(lambda: len(jails(fc_daemon)) == 1, timeout=120)  # the pool's VM
+    (sandbox_id,) = jails(fc_daemon)
+    root = STATE_DIR / "jails" / fc_daemon.name / "firecracker" / sandbox_id / "root"
+    uid = (root / "firecracker").stat().st_uid
+    as_vmm = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+    plant = f"ln -s {host_files} escape && mkdir deep && ln -s {host_files} deep/link"
+    subprocess.run([*as_vmm, "sh", "-c", plant], cwd=root, check=True)
+    result = fc_daemon.client.execute("python", "print('ran')")
+    assert (result.sandbox_id, result.stdout) == (sandbox_id, "ran\n")
+    assert_firecracker_gone(fc_daemon, sandbox_id)
+    assert (host_files / "keep").read_text() == "the host's"
+
+
 def test_a_broken_snapshot_falls_back_to_cold_boots(tmp_path, public_tmp_path, fakes):
     # With KERNEL_PATH: the kernel is copied in beside the jails (it may be elsewhere).
     vmlinux = public_tmp_path / "vmlinux"
