@@ -118,6 +118,7 @@ def _firecracker(
         config.backend.jailer_bin,
         config.daemon.state_dir,
         config.daemon.name,
+        config.backend.uid_base,
     )
     if why_not_kvm is not None and shutil.which(QEMU) and (reason := why_not_kvm()):
         raise LaunchError(f"installed, but no usable KVM ({reason})")

@@ -23,6 +23,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -102,10 +103,11 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
 
     @staticmethod
     def probe(
-        firecracker: str, jailer: str, state_dir: Path, instance: str
+        firecracker: str, jailer: str, state_dir: Path, instance: str, uid: int
     ) -> tuple[Path, Path, str]:
-        """(firecracker, jailer, why) if both are installed, Firecracker can use KVM here
-        and its jails can work under ``state_dir``; LaunchError saying why not."""
+        """(firecracker, jailer, why) if both are installed, Firecracker can use KVM here,
+        its jails can work under ``state_dir``, and it runs jailed as ``uid``, as every VM
+        will; LaunchError saying why not."""
         paths = []
         for role, wanted in (("firecracker", firecracker), ("jailer", jailer)):
             found = shutil.which(wanted)
@@ -134,6 +136,9 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise LaunchError("Firecracker needs KVM, and /dev/kvm is missing or not usable")
         check_jail_base(jail_base(state_dir, instance), paths[0].name)
+        jailed = _jailed_version(paths[1], paths[0], state_dir, uid)
+        if jailed != version:
+            raise LaunchError(f"Firecracker said v{version}, and v{jailed} in its jail")
         return paths[0], paths[1], f"Firecracker v{version} with its jailer"
 
     async def start(self) -> None:
@@ -316,6 +321,28 @@ def _version(path: Path, name: str) -> str:
     if not first.startswith(f"{name} v"):
         raise LaunchError(f"{path} is not {name} (--version said {said!r})")
     return first.removeprefix(f"{name} v").strip()
+
+
+def _jailed_version(jailer: Path, firecracker: Path, state_dir: Path, uid: int) -> str:
+    """What Firecracker says to --version when the jailer starts it as it starts every VM
+    (copied alone into a chroot, as ``uid``): a build that cannot run there fails here,
+    not at the first VM."""
+    with tempfile.TemporaryDirectory(prefix=".jailer-probe-", dir=state_dir) as base:
+        os.chmod(base, 0o755)
+        argv: list[str | Path] = [
+            jailer, "--id", "probe", "--exec-file", firecracker,
+            "--uid", str(uid), "--gid", str(uid), "--chroot-base-dir", base,
+            "--", "--version",
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise LaunchError(f"{jailer} failed: {exc}") from exc
+    said = done.stdout.strip()
+    if done.returncode != 0 or not said.startswith("Firecracker v"):
+        why = (done.stderr.strip() or said or f"exit code {done.returncode}")[-300:]
+        raise LaunchError(f"Firecracker does not run in its jail: {why}")
+    return said.splitlines()[0].removeprefix("Firecracker v").strip()
 
 
 def _release(version: str) -> tuple[int, ...]:

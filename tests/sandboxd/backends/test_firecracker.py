@@ -36,6 +36,7 @@ pytestmark = [
 ]
 
 STATE_DIR = Path("/var/lib/sandboxd")
+PROBE_UID = 65534  # what the probes jail Firecracker as
 
 
 def settings(fakes: tuple[Path, Path], **backend: object) -> dict[str, dict[str, object]]:
@@ -191,12 +192,14 @@ def test_auto_takes_firecracker_only_where_kvm_boots_a_guest(tmp_path, fakes):
 
 def test_probe_names_what_is_missing_or_wrong(tmp_path):
     with pytest.raises(LaunchError, match="not installed"):
-        FirecrackerBackend.probe(str(tmp_path / "firecracker"), "jailer", STATE_DIR, "fc")
+        FirecrackerBackend.probe(
+            str(tmp_path / "firecracker"), "jailer", STATE_DIR, "fc", PROBE_UID
+        )
     impostor = tmp_path / "firecracker"
     impostor.write_text("#!/bin/sh\necho 'Not Firecracker 1.0'\n")
     impostor.chmod(0o755)
     with pytest.raises(LaunchError, match="is not Firecracker"):
-        FirecrackerBackend.probe(str(impostor), str(impostor), STATE_DIR, "fc")
+        FirecrackerBackend.probe(str(impostor), str(impostor), STATE_DIR, "fc", PROBE_UID)
 
 
 def _impostor(path: Path, says: str, then: Path | None = None) -> Path:
@@ -212,7 +215,7 @@ def test_a_dynamically_linked_firecracker_is_refused(tmp_path, fakes):
     dynamic = tmp_path / "firecracker"
     shutil.copy("/usr/bin/true", dynamic)
     with pytest.raises(LaunchError, match="is dynamically linked: the jailer runs it"):
-        FirecrackerBackend.probe(str(dynamic), str(fakes[1]), STATE_DIR, "fc")
+        FirecrackerBackend.probe(str(dynamic), str(fakes[1]), STATE_DIR, "fc", PROBE_UID)
 
 
 def test_a_jailer_of_another_release_or_an_old_firecracker_is_refused(tmp_path, fakes):
@@ -220,11 +223,11 @@ def test_a_jailer_of_another_release_or_an_old_firecracker_is_refused(tmp_path, 
     with pytest.raises(
         LaunchError, match=re.escape("the jailer is v1.15.0 and Firecracker v1.16.1")
     ):
-        FirecrackerBackend.probe(str(fakes[0]), str(jailer), STATE_DIR, "fc")
+        FirecrackerBackend.probe(str(fakes[0]), str(jailer), STATE_DIR, "fc", PROBE_UID)
     old = _impostor(tmp_path / "firecracker", "Firecracker v1.7.0", fakes[0])
     old_jailer = _impostor(tmp_path / "old-jailer", "Jailer v1.7.0", fakes[1])
     with pytest.raises(LaunchError, match=re.escape("Firecracker v1.7.0 is older than v1.16.0")):
-        FirecrackerBackend.probe(str(old), str(old_jailer), STATE_DIR, "fc")
+        FirecrackerBackend.probe(str(old), str(old_jailer), STATE_DIR, "fc", PROBE_UID)
 
 
 def test_auto_passes_over_a_firecracker_that_cannot_run_and_says_why(tmp_path, fakes):
@@ -253,14 +256,28 @@ def test_a_state_dir_mounted_nodev_or_noexec_is_refused_naming_the_mount(
     subprocess.run(["mount", "-t", "tmpfs", "-o", option, "sandboxd-test", state], check=True)
     try:
         with pytest.raises(LaunchError, match=f"{state} is on {state}, mounted {option}: "):
-            FirecrackerBackend.probe(str(fakes[0]), str(fakes[1]), state, "fc")
+            FirecrackerBackend.probe(str(fakes[0]), str(fakes[1]), state, "fc", PROBE_UID)
     finally:
         subprocess.run(["umount", state], check=True)
-    FirecrackerBackend.probe(str(fakes[0]), str(fakes[1]), state, "fc")
+    FirecrackerBackend.probe(str(fakes[0]), str(fakes[1]), state, "fc", PROBE_UID)
 
 
 def test_a_daemon_name_that_makes_the_socket_paths_too_long_is_refused_at_start(fakes):
     # 32 characters, the longest name there is: 109 bytes to each VM's API socket.
     with pytest.raises(LaunchError, match=r"holds 107: choose a shorter daemon\.name"):
-        FirecrackerBackend.probe(str(fakes[0]), str(fakes[1]), STATE_DIR, "n" * 32)
-    FirecrackerBackend.probe(str(fakes[0]), str(fakes[1]), STATE_DIR, "n" * 30)
+        FirecrackerBackend.probe(str(fakes[0]), str(fakes[1]), STATE_DIR, "n" * 32, PROBE_UID)
+    FirecrackerBackend.probe(str(fakes[0]), str(fakes[1]), STATE_DIR, "n" * 30, PROBE_UID)
+
+
+def test_a_firecracker_that_does_not_run_in_its_jail_is_refused(tmp_path, fakes):
+    # As a dynamically linked build in a real chroot: the jailer starts it, and it fails.
+    broken = tmp_path / "firecracker"
+    broken.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && { echo "Firecracker v1.16.1"; exit 0; }\n'
+        'echo "error while loading shared libraries: libc.so.6" >&2; exit 127\n'
+    )
+    broken.chmod(0o755)
+    with pytest.raises(LaunchError, match=r"does not run in its jail: .*shared libraries"):
+        FirecrackerBackend.probe(str(broken), str(fakes[1]), STATE_DIR, "fc", PROBE_UID)
+    # The probe's jail is gone with it.
+    assert not list(STATE_DIR.glob(".jailer-probe-*"))
