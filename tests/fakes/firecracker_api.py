@@ -24,6 +24,8 @@ micro-http):
   ``Not started`` | ``Running`` | ``Paused``, PATCH /vm idempotent, snapshot/create only when
   Paused, files (kernel, initrd, drives) opened at PUT time, the vsock socket bound at PUT
   /vsock time (its path must be free), a guest reboot ends the process (exit 0);
+- a VM's start (boot or snapshot load) opens ``/dev/kvm`` in the jail, the node the jailer
+  made: on a mount with ``nodev`` it fails as Firecracker's does;
 - the command line: Firecracker's flags (``--api-sock``, default /run/firecracker.socket,
   ``--id``, ``--config-file``, ``--no-api``, ``--log-path``, ``--level``, ``--metrics-path``,
   ``--http-api-max-payload-size``, ...), ``--version`` printing ``Firecracker v1.16.1``, exit
@@ -843,6 +845,14 @@ class Vmm:
         )
 
     def _boot(self, spec: VmSpec, paused: bool) -> None:
+        # Firecracker opens /dev/kvm in its jail (the node the jailer made) to build the
+        # VM: a jail on a mount with nodev cannot, and the start fails here.
+        try:
+            os.close(os.open(self.fs.host("/dev/kvm"), os.O_RDWR | os.O_CLOEXEC))
+        except OSError as exc:
+            raise ApiError(
+                f"Start microvm error: Cannot open /dev/kvm: {os_error_text(exc)}"
+            ) from None
         vm = Microvm(spec, self.on_exit)
         try:
             vm.start(paused=paused)

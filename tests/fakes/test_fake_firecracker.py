@@ -339,6 +339,25 @@ def jail(bins: tuple[Path, Path]) -> Iterator[Jail]:
         jails.cleanup()
 
 
+def test_a_jail_on_a_nodev_mount_cannot_open_kvm_so_no_vm_starts(bins: tuple[Path, Path]):
+    if not IS_ROOT:
+        pytest.skip("needs root: jails, uids and mounts")
+    base = Path(tempfile.mkdtemp(prefix="fakefc-nodev-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "nodev,mode=0755", "fakefc", base], check=True)
+    jails = Jail(bins, base)
+    try:
+        api = jails.start("nodev-vm")
+        kernel = jails.chroot("nodev-vm") / "vmlinux"
+        kernel.write_bytes(b"not booted: the start fails before")
+        api.ok("PUT", "/boot-source", {"kernel_image_path": "/vmlinux"})
+        fault = api.fault("PUT", "/actions", {"action_type": "InstanceStart"})
+        assert fault.startswith("Start microvm error: Cannot open /dev/kvm: Permission denied")
+    finally:
+        jails.cleanup()
+        subprocess.run(["umount", base], check=True)
+        base.rmdir()
+
+
 def _owner(path: Path) -> tuple[int, int]:
     info = path.lstat()
     return info.st_uid, info.st_gid
