@@ -16,11 +16,23 @@ import pytest
 
 from sandboxctl.client import Client
 from sandboxd.errors import ConfigError
+from sandboxd.host.cgroups import CgroupLayout
 from sandboxd.images import Image, ImageStore
-from tests.daemon_process import Daemon, start_daemon
+from tests.daemon_process import INSTANCE_PREFIX, Daemon, start_daemon
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: real jails and cgroups")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_test_daemon_leaves_cgroups() -> Iterator[None]:
+    """After the whole run: no cgroup of any daemon the tests started is left on the host
+    (a test that kills one must clean up after it, as systemd's ExecStopPost does)."""
+    yield
+    if IS_ROOT:
+        roots = set(CgroupLayout.detect().roots.values())
+        left = sorted(str(p) for root in roots for p in root.glob(f"{INSTANCE_PREFIX}*"))
+        assert not left, f"test daemons left cgroups: {left}"
 
 
 @pytest.fixture(scope="session")
@@ -119,3 +131,6 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             running.stop()
         except subprocess.TimeoutExpired:
             running.stop(signal.SIGKILL)
+        # A daemon the test killed leaves its cgroups (and a VM backend's files): as
+        # systemd's ExecStopPost does, cleanup removes them.
+        assert running.clean_up().returncode == 0

@@ -42,8 +42,18 @@ class Daemon:
             self.process.send_signal(sig)
         return self.process.wait(timeout)
 
+    def clean_up(self) -> subprocess.CompletedProcess[str]:
+        """``sandboxd cleanup`` with this daemon's config: what a killed daemon left."""
+        return subprocess.run(
+            [sys.executable, "-m", "sandboxd", "cleanup", "--config", str(self.config_file)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
 
 _counter = 0
+INSTANCE_PREFIX = f"sbxtest{os.getpid() % 10000}n"  # every test daemon's name starts so
 
 
 def write_config(path: Path, settings: dict[str, dict[str, object]]) -> Path:
@@ -83,7 +93,7 @@ def start_daemon(
     With ``listener``, it is started as systemd's socket activation would."""
     global _counter
     _counter += 1
-    name = f"sbxtest{os.getpid() % 10000}n{_counter}"
+    name = f"{INSTANCE_PREFIX}{_counter}"
     uid_base = 700_000 + (os.getpid() % 1000) * 4096 + _counter * 64
     run_dir = tmp_path / "run"
     settings: dict[str, dict[str, object]] = {

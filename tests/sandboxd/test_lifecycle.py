@@ -95,31 +95,22 @@ def test_a_crashed_daemons_leftovers_are_removed_at_the_next_start(make_daemon, 
         assert restarted.stop() == 0
 
 
-def clean_up(daemon) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandboxd", "cleanup", "--config", str(daemon.config_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_cleanup_removes_what_a_dead_daemon_left_and_never_touches_a_live_one(make_daemon):
     daemon = make_daemon(pool={"size": 2})
-    refused = clean_up(daemon)
+    refused = daemon.clean_up()
     assert refused.returncode == 1
     assert f"another sandboxd named {daemon.name!r} is running" in refused.stderr
     assert daemon.client.health()["pool"]["ready"] == 2
 
     daemon.stop(signal.SIGKILL)
     assert sandbox_cgroups(daemon.name) and daemon.socket.exists()
-    cleaned = clean_up(daemon)
+    cleaned = daemon.clean_up()
     assert cleaned.returncode == 0, cleaned.stderr
     assert "removed 2 sandbox(es) with their processes and cgroups" in cleaned.stdout
     assert f"removed the socket {daemon.socket}" in cleaned.stdout
     assert not sandbox_cgroups(daemon.name) and not daemon.socket.exists()
     assert not any(parent.exists() for parent in CgroupLayout.detect().parents(daemon.name))
-    assert clean_up(daemon).stdout == "nothing was left behind\n"
+    assert daemon.clean_up().stdout == "nothing was left behind\n"
 
 
 def test_two_daemons_with_one_name_cannot_run(make_daemon, tmp_path):

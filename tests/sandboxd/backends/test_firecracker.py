@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,12 +163,7 @@ def test_a_crashed_daemons_vms_are_removed_by_cleanup(tmp_path, fakes):
     # outlive a crashed daemon, in its cgroups, until `sandboxd cleanup` (systemd's
     # ExecStopPost) or the next start of a daemon of its name.
     assert sandbox_processes(crashed.uid_base)
-    cleaned = subprocess.run(
-        [sys.executable, "-m", "sandboxd", "cleanup", "--config", str(crashed.config_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cleaned = crashed.clean_up()
     assert cleaned.returncode == 0, cleaned.stderr
     assert "the jails" in cleaned.stdout and "the network namespace" in cleaned.stdout
     assert not sandbox_processes(crashed.uid_base)
