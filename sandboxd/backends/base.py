@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SANDBOX_ID_LENGTH = 12  # hex digits: a sandbox's id names its cgroup (and a VM's jail)
+
+
+def new_sandbox_id() -> str:
+    return uuid.uuid4().hex[:SANDBOX_ID_LENGTH]
+
+
 # How long past its own limits the host lets a job run before killing the sandbox: the
 # agent enforces the limits itself, this only catches an agent that cannot.
 HOST_GRACE = 5.0
@@ -391,7 +398,7 @@ class JailedBackend(Backend):
         """A new sandbox's jail: its own id (and cgroup), the uid of its slot.
         ``options`` as for :func:`sandboxd.host.jail.jailed`."""
         assert self.cgroups is not None, "start() first"
-        sandbox_id = uuid.uuid4().hex[:12]
+        sandbox_id = new_sandbox_id()
         return jailed(
             self.cgroups, self.instance, sandbox_id, self.uid_base + slot, argv, **options
         )

@@ -24,7 +24,6 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -34,6 +33,7 @@ import trio
 from pyroute2 import netns
 
 from sandboxd.agent_link import AgentLink, WarmRuntime
+from sandboxd.backends.base import SANDBOX_ID_LENGTH, new_sandbox_id
 from sandboxd.backends.firecracker.api import FirecrackerApi
 from sandboxd.backends.vm.channel import connect_hybrid_vsock
 from sandboxd.backends.vm.kernel import kernel_cmdline
@@ -52,7 +52,6 @@ API_SOCKET = "run/firecracker.socket"  # in the chroot: the jailer's default
 MIN_VERSION = (1, 16, 0)
 MIN_HOST_KERNEL = (5, 10)  # the jailer calls close_range (5.9); 5.10 is the LTS
 UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path holds 108, the NUL too)
-ID_LENGTH = 12  # of a sandbox's id, in hex digits: its jail's directory
 VSOCK_SOCKET = "v.sock"
 GUEST_CID = 3  # every VM has a hybrid vsock of its own: CIDs need not differ
 ROOT_DISK = "rootfs.ext4"
@@ -276,7 +275,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
     ) -> AsyncIterator[FirecrackerSandbox]:
         """A running VM, cold-booted or restored from ``restore``, with a ready agent."""
         assert self.cgroups is not None, "start() first"
-        sandbox_id = uuid.uuid4().hex[:ID_LENGTH]
+        sandbox_id = new_sandbox_id()
         jail = self.jail_base / self.firecracker.name / sandbox_id
         chroot = jail / "root"
         cgroup = self.cgroups.sandbox(self.instance, sandbox_id)
@@ -308,19 +307,25 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
             shutil.rmtree(jail, ignore_errors=True)
 
 
+def _reported_version(said: str, name: str) -> str | None:
+    """X.Y.Z of a ``<name> vX.Y.Z`` first line, as Firecracker and its jailer print it."""
+    first = said.strip().splitlines()[0] if said.strip() else ""
+    return first.removeprefix(f"{name} v").strip() if first.startswith(f"{name} v") else None
+
+
 def _version(path: Path, name: str) -> str:
-    """The version ``path --version`` reports as ``<name> vX.Y.Z``; LaunchError if it
-    does not run or is not that program."""
+    """The version ``path --version`` reports; LaunchError if it does not run or is not
+    that program."""
     try:
         said = subprocess.run(
             [path, "--version"], capture_output=True, text=True, timeout=10
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError) as exc:
         raise LaunchError(f"{path} --version failed: {exc}") from exc
-    first = said.splitlines()[0] if said else ""
-    if not first.startswith(f"{name} v"):
+    version = _reported_version(said, name)
+    if version is None:
         raise LaunchError(f"{path} is not {name} (--version said {said!r})")
-    return first.removeprefix(f"{name} v").strip()
+    return version
 
 
 def _jailed_version(jailer: Path, firecracker: Path, state_dir: Path, uid: int) -> str:
@@ -338,11 +343,11 @@ def _jailed_version(jailer: Path, firecracker: Path, state_dir: Path, uid: int) 
             done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.SubprocessError) as exc:
             raise LaunchError(f"{jailer} failed: {exc}") from exc
-    said = done.stdout.strip()
-    if done.returncode != 0 or not said.startswith("Firecracker v"):
-        why = (done.stderr.strip() or said or f"exit code {done.returncode}")[-300:]
-        raise LaunchError(f"Firecracker does not run in its jail: {why}")
-    return said.splitlines()[0].removeprefix("Firecracker v").strip()
+    version = _reported_version(done.stdout, "Firecracker")
+    if done.returncode != 0 or version is None:
+        why = done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}"
+        raise LaunchError(f"Firecracker does not run in its jail: {why[-300:]}")
+    return version
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -389,7 +394,7 @@ def check_jail_base(base: Path, firecracker_name: str) -> None:
                 f"chroots need device nodes and executables (remount it without {option}, "
                 "or set daemon.state_dir on another filesystem)"
             )
-    longest = base / firecracker_name / ("0" * ID_LENGTH) / "root" / API_SOCKET
+    longest = base / firecracker_name / ("0" * SANDBOX_ID_LENGTH) / "root" / API_SOCKET
     if len(bytes(longest)) > UNIX_PATH_MAX:
         raise LaunchError(
             f"the VMs' API sockets would be {len(bytes(longest))} bytes long ({longest}), "
