@@ -14,18 +14,19 @@ be reached raises :class:`DaemonUnavailable` with a one-line explanation.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import math
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandboxd.errors import DaemonUnavailable, SandboxError
+from sandboxd.errors import DaemonUnavailable, SandboxError, SessionNotFound
 from sandboxd.framing import LineBuffer, encode, receive_line
 from sandboxd.protocol import DEFAULT_SOCKET, OUTPUT_FIELDS, Method
 from sandboxd.result import ExecutionResult
@@ -80,6 +81,29 @@ def execute_params(
         "network": network,
     }
     return {key: value for key, value in params.items() if value is not None}
+
+
+def session_exec_params(session_id: str, code: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The params of ``session.exec``: execute's, in the session ``session_id``, whose
+    language is the default."""
+    language = options.pop("language", None)
+    params = execute_params(language or "", code, **options)
+    if not language:
+        del params["language"]
+    return {"id": session_id, **params}
+
+
+def file_params(session_id: str, path: str, content: str | bytes) -> dict[str, Any]:
+    """The params of ``session.write_file``: text as UTF-8, bytes in base64."""
+    if isinstance(content, str):
+        return {"id": session_id, "path": path, "content": content}
+    encoded = base64.b64encode(content).decode()
+    return {"id": session_id, "path": path, "content": encoded, "encoding": "base64"}
+
+
+def file_content(answer: dict[str, Any]) -> bytes:
+    """The bytes of a ``session.read_file`` answer."""
+    return base64.b64decode(answer["content"])
 
 
 @dataclass
@@ -191,6 +215,65 @@ class Client:
             Method.EXECUTE, execute_params(language, code, **options), _output_relay(on_output)
         )
         return ExecutionResult.from_dict(record)
+
+    def session(self, language: str = "python", **options: Any) -> Session:
+        """Open a session (a sandbox kept across calls; close it, or use ``with``).
+
+        ``options``: limits, timeout, ttl, idle_timeout, network (see docs/api.md).
+        """
+        params = {"language": language, **{k: v for k, v in options.items() if v is not None}}
+        return Session(self, self.call(Method.SESSION_CREATE, params))
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """The caller's sessions: the open ones, then the last that ended (with why)."""
+        return self.call(Method.SESSION_LIST)["sessions"]
+
+
+class Session:
+    """A session of the blocking client: ``with client.session() as session: ...``."""
+
+    def __init__(self, client: Client, info: dict[str, Any]) -> None:
+        self.client = client
+        self.id: str = info["id"]
+        self.info = info
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def exec(
+        self, code: str, *, on_output: OutputCallback | None = None, **options: Any
+    ) -> ExecutionResult:
+        """Run ``code`` in the session (``execute``'s options but network)."""
+        params = session_exec_params(self.id, code, options)
+        record = self.client.call(Method.SESSION_EXEC, params, _output_relay(on_output))
+        return ExecutionResult.from_dict(record)
+
+    def write_file(self, path: str, content: str | bytes) -> None:
+        self.client.call(Method.SESSION_WRITE_FILE, file_params(self.id, path, content))
+
+    def read_file(self, path: str) -> bytes:
+        return file_content(
+            self.client.call(Method.SESSION_READ_FILE, {"id": self.id, "path": path})
+        )
+
+    def list_files(self, path: str = ".") -> list[dict[str, Any]]:
+        return self.client.call(Method.SESSION_LIST_FILES, {"id": self.id, "path": path})["entries"]
+
+    def remove_file(self, path: str) -> None:
+        self.client.call(Method.SESSION_REMOVE_FILE, {"id": self.id, "path": path})
+
+    def refresh(self) -> dict[str, Any]:
+        """The session's info now (limits, execs, when it expires)."""
+        self.info = self.client.call(Method.SESSION_INFO, {"id": self.id})
+        return self.info
+
+    def close(self) -> None:
+        """End the session: its sandbox, processes and files are gone (idempotent)."""
+        with suppress(SessionNotFound):  # it had already ended
+            self.client.call(Method.SESSION_CLOSE, {"id": self.id})
 
 
 @dataclass(frozen=True)
@@ -330,3 +413,61 @@ class AsyncClient:
                 if on_output is not None:
                     on_output(event.stage, event.stream, event.data)
         return execution.result
+
+    async def session(self, language: str = "python", **options: Any) -> AsyncSession:
+        """Open a session; ``async with await client.session() as session: ...``."""
+        params = {"language": language, **{k: v for k, v in options.items() if v is not None}}
+        return AsyncSession(self, await self.call(Method.SESSION_CREATE, params))
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        return (await self.call(Method.SESSION_LIST))["sessions"]
+
+
+class AsyncSession:
+    """A session of the trio client (see :class:`Session`)."""
+
+    def __init__(self, client: AsyncClient, info: dict[str, Any]) -> None:
+        self.client = client
+        self.id: str = info["id"]
+        self.info = info
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        import trio
+
+        with trio.CancelScope(shield=True):  # even a cancelled caller closes it
+            await self.close()
+
+    async def exec(
+        self, code: str, *, on_output: OutputCallback | None = None, **options: Any
+    ) -> ExecutionResult:
+        params = session_exec_params(self.id, code, options)
+        async with self.client._open(_Call(Method.SESSION_EXEC, params)) as execution:
+            async for event in execution:
+                if on_output is not None:
+                    on_output(event.stage, event.stream, event.data)
+        return execution.result
+
+    async def write_file(self, path: str, content: str | bytes) -> None:
+        await self.client.call(Method.SESSION_WRITE_FILE, file_params(self.id, path, content))
+
+    async def read_file(self, path: str) -> bytes:
+        answer = await self.client.call(Method.SESSION_READ_FILE, {"id": self.id, "path": path})
+        return file_content(answer)
+
+    async def list_files(self, path: str = ".") -> list[dict[str, Any]]:
+        params = {"id": self.id, "path": path}
+        return (await self.client.call(Method.SESSION_LIST_FILES, params))["entries"]
+
+    async def remove_file(self, path: str) -> None:
+        await self.client.call(Method.SESSION_REMOVE_FILE, {"id": self.id, "path": path})
+
+    async def refresh(self) -> dict[str, Any]:
+        self.info = await self.client.call(Method.SESSION_INFO, {"id": self.id})
+        return self.info
+
+    async def close(self) -> None:
+        with suppress(SessionNotFound):  # it had already ended
+            await self.client.call(Method.SESSION_CLOSE, {"id": self.id})

@@ -38,13 +38,13 @@ def exit_code_of(result: ExecutionResult) -> int:
     return STATUS_EXIT_CODES[result.status]
 
 
-def _stream_to_terminal(stage: str, stream: str, data: str) -> None:
+def stream_to_terminal(stage: str, stream: str, data: str) -> None:
     target: IO[str] = sys.stdout if stream == "stdout" and stage == "run" else sys.stderr
     target.write(data)
     target.flush()
 
 
-def _parse_limits(pairs: tuple[str, ...]) -> dict[str, float] | None:
+def parse_limits(pairs: tuple[str, ...]) -> dict[str, float] | None:
     limits: dict[str, float] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -59,7 +59,7 @@ def _parse_limits(pairs: tuple[str, ...]) -> dict[str, float] | None:
     return limits or None
 
 
-def _read_files(specs: tuple[str, ...]) -> list[dict[str, str]] | None:
+def read_files(specs: tuple[str, ...]) -> list[dict[str, str]] | None:
     files = []
     for spec in specs:
         local, _, dest = spec.partition(":")
@@ -140,12 +140,18 @@ def exec_command(
         program,
         stdin=stdin,
         args=list(args) or None,
-        files=_read_files(files),
+        files=read_files(files),
         timeout=timeout,
-        limits=_parse_limits(limits),
+        limits=parse_limits(limits),
         network=network or None,
-        on_output=None if as_json else _stream_to_terminal,
+        on_output=None if as_json else stream_to_terminal,
     )
+    finish(result, as_json)
+
+
+def finish(result: ExecutionResult, as_json: bool) -> None:
+    """Print the record (as JSON), or say why the program did not simply exit; then exit
+    as the program did."""
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif result.status not in (Status.OK, Status.RUNTIME_ERROR) or (

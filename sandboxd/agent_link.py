@@ -149,6 +149,34 @@ class AgentLink:
             raise failure
         return record
 
+    async def open_session(self) -> None:
+        """Make the agent serve request after request (see guest/agent/session.py)."""
+        await self._send_message({"type": "session"})
+
+    async def request(
+        self, message: dict[str, Any], max_data: int = 0
+    ) -> tuple[dict[str, Any], bytes]:
+        """One file request of a session: the agent's last reply (``done`` or ``error``)
+        and the data it sent before it, at most ``max_data`` bytes.
+
+        Raises AgentError if the agent breaks the protocol or goes away first.
+        """
+        await self._send_message(message)
+        data = bytearray()
+        while (reply := await self._next()) is not None:
+            if reply["type"] in ("done", "error"):
+                return reply, bytes(data)
+            chunk = reply.get("data")
+            if reply["type"] != "file.data" or not isinstance(chunk, str):
+                raise AgentError(f"unexpected agent message type {reply['type']!r}")
+            try:
+                data += base64.b64decode(chunk, validate=True)
+            except ValueError as exc:
+                raise AgentError("agent sent file data that is not base64") from exc
+            if len(data) > max_data:
+                raise AgentError(f"agent sent more than the {max_data} bytes asked for")
+        raise AgentError("agent exited without answering")
+
     async def _forward_stdin(self, stdin: StdinStream) -> None:
         try:
             async for data, eof in stdin:

@@ -115,12 +115,28 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class SessionsConfig:
+    # Sessions hold a sandbox of the pool each between calls: so many at most, per
+    # owner (a peer uid) and in all; 0 in all means half of pool.max_sandboxes.
+    max_per_owner: int = _setting(4, check="positive")
+    max_total: int = _setting(0, check="non_negative")
+    idle_timeout: float = _setting(600.0, check="positive")  # no call for this long: ended
+    max_ttl: float = _setting(3600.0, check="positive")  # the longest a session may live
+    max_file_bytes: int = _setting(8 * 1024 * 1024, kind="size", check="positive")
+
+    def total(self, max_sandboxes: int) -> int:
+        """The sessions the server holds at once: always room for one-shot jobs."""
+        return self.max_total or max(1, max_sandboxes // 2)
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
     limits: Mapping[str, LimitBounds] = field(default_factory=default_bounds)
     source: str = "built-in defaults"
 
@@ -131,6 +147,7 @@ SECTIONS: dict[str, type] = {
     "backend": BackendConfig,
     "gateway": GatewayConfig,
     "network": NetworkConfig,
+    "sessions": SessionsConfig,
 }
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -367,6 +384,12 @@ def load_config(
             f"{config.source}: daemon.pending_bytes_per_uid: expected at least "
             f"daemon.max_request_bytes ({config.daemon.max_request_bytes}), "
             f"got {config.daemon.pending_bytes_per_uid}"
+        )
+    sessions = config.sessions.total(config.pool.max_sandboxes)
+    if config.pool.max_sandboxes > 1 and sessions >= config.pool.max_sandboxes:
+        raise ConfigError(
+            f"{config.source}: sessions.max_total: expected fewer than pool.max_sandboxes "
+            f"({config.pool.max_sandboxes}): one-shot jobs need room too, got {sessions}"
         )
     if config.pool.size > config.pool.max_sandboxes:
         raise ConfigError(

@@ -32,6 +32,7 @@ from sandboxd.peers import SocketLimits
 from sandboxd.pool import Pool
 from sandboxd.rpc_server import RpcServer
 from sandboxd.service import Service
+from sandboxd.sessions import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,14 @@ async def run_daemon(
                 limits=config.limits,
                 egress=egress,
             )
-            server = RpcServer(service, socket_limits(config))
+            sessions = Sessions(service, config.sessions)
+            server = RpcServer(service, sessions, socket_limits(config))
             listening = await open_listener(config.daemon.socket, config.daemon.socket_group)
             try:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async with trio.open_nursery() as root:
                         await root.start(pool.run)
+                        await root.start(sessions.run)
                         if egress is not None:
                             await root.start(egress.run)
                         await root.start(server.serve, trio.SocketListener(listening.socket))
@@ -110,6 +113,7 @@ async def run_daemon(
                                 drain.start_soon(_cancel_on_signal, signals, drain.cancel_scope)
                                 # What was accepted is answered, queued jobs included.
                                 await server.wait_answered()
+                                await sessions.close_all()
                                 await pool.wait_idle()
                                 drain.cancel_scope.cancel()
                         root.cancel_scope.cancel()

@@ -15,11 +15,13 @@ one table::
     │   ├── LimitAboveMaximum       -32002  data: limit, requested, maximum
     │   ├── RequestTooLarge         -32003  data: maximum
     │   ├── RequestTimeout          -32004  data: seconds (a request line stalled)
+    │   ├── SessionNotFound         -32005  data: id (none of the caller's has it)
     │   ├── Unauthorized            HTTP gateway only: no or a wrong API key
     │   ├── Forbidden               HTTP gateway only: a local user who may not use the socket
     │   └── RateLimited             HTTP gateway only: data: retry_after (seconds)
     ├── NoCapacity                  -32010  data: waited (seconds)
-    │   └── TooManyConnections      -32011  data: maximum (of the peer uid's connections)
+    │   ├── TooManyConnections      -32011  data: maximum (of the peer uid's connections)
+    │   └── TooManySessions         -32012  data: maximum (the owner's, or the server's)
     ├── ServiceError                the daemon could not do its part
     │   ├── LaunchError             -32020  data: argv, exit_code, log_tail
     │   │   └── StartTimeout        -32021  data: phase, seconds
@@ -104,6 +106,13 @@ class RequestTimeout(RequestError):
     code = -32004
 
 
+class SessionNotFound(RequestError):
+    """No session of the caller has this id: it never existed, it ended, or it is
+    somebody else's (the error does not say which)."""
+
+    code = -32005
+
+
 class Unauthorized(RequestError):
     """The HTTP gateway wants an API key and got none, or a wrong one."""
 
@@ -126,6 +135,12 @@ class TooManyConnections(NoCapacity):
     """The connecting uid already has as many connections open as it may."""
 
     code = -32011
+
+
+class TooManySessions(NoCapacity):
+    """The owner, or the server, has as many sessions open as it may."""
+
+    code = -32012
 
 
 class ServiceError(SandboxError):
@@ -169,8 +184,10 @@ _BY_CODE: dict[int, type[SandboxError]] = {
         LimitAboveMaximum,
         RequestTooLarge,
         RequestTimeout,
+        SessionNotFound,
         NoCapacity,
         TooManyConnections,
+        TooManySessions,
         LaunchError,
         StartTimeout,
         AgentError,

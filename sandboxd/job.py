@@ -228,13 +228,16 @@ def check_params(params: Any, fields: tuple[str, ...] = EXECUTE_FIELDS) -> Check
 
 
 def parse_job(
-    params: Mapping[str, Any], languages: LanguageTable, bounds: Mapping[str, LimitBounds]
+    params: Mapping[str, Any],
+    languages: LanguageTable,
+    bounds: Mapping[str, LimitBounds],
+    fields: tuple[str, ...] = EXECUTE_FIELDS,
 ) -> Job:
-    """Check an ``execute`` request's params and build its Job.
+    """Check an ``execute`` request's params (of ``fields``) and build its Job.
 
     Raises InvalidParams, UnsupportedLanguage or LimitAboveMaximum.
     """
-    checked = check_params(params)
+    checked = check_params(params, fields)
     language = languages.resolve(checked.language)
     for index, file in enumerate(checked.files):  # none may replace the program itself
         if _clashes(file.path, {language.source_file}):

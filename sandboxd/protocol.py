@@ -21,6 +21,15 @@ class Method(enum.StrEnum):
     STATUS = "status"
     EXECUTE = "execute"
     STDIN = "execute.stdin"  # interactive input for a running execute
+    SESSION_CREATE = "session.create"
+    SESSION_EXEC = "session.exec"
+    SESSION_WRITE_FILE = "session.write_file"
+    SESSION_READ_FILE = "session.read_file"
+    SESSION_LIST_FILES = "session.list_files"
+    SESSION_REMOVE_FILE = "session.remove_file"
+    SESSION_INFO = "session.info"
+    SESSION_LIST = "session.list"
+    SESSION_CLOSE = "session.close"
 
 
 OUTPUT_NOTIFICATION = "execute.output"  # the daemon's, while an execute runs
@@ -32,6 +41,14 @@ OUTPUT_FIELDS = ("stage", "stream", "data")
 EXECUTE_FIELDS = (
     "language", "code", "stdin", "args", "files", "timeout", "limits", "interactive", "network",
 )  # fmt: skip
+
+# A session's: what session.create takes, and session.exec (an execute in the session
+# named by id: its sandbox's memory, processes, file size and network are the session's).
+SESSION_CREATE_FIELDS = ("language", "timeout", "limits", "ttl", "idle_timeout", "network")
+SESSION_EXEC_FIELDS = (
+    "id", "language", "code", "stdin", "args", "files", "timeout", "limits", "interactive",
+)  # fmt: skip
+SESSION_LIMITS = ("memory_bytes", "processes", "file_size_bytes")  # for the whole session
 
 
 class Status(enum.StrEnum):
@@ -50,4 +67,4 @@ class Status(enum.StrEnum):
 STREAMS = ("stdout", "stderr")
 STAGES = ("compile", "run")
 
-AGENT_PROTOCOL = 1  # the version of the agent protocol, in its hello
+AGENT_PROTOCOL = 2  # the version of the agent protocol, in its hello

@@ -21,7 +21,8 @@ import select
 import socket
 import struct
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,7 @@ from sandboxd.job import unicode_text
 from sandboxd.peers import PeerAccount, PeerTable, SocketLimits
 from sandboxd.protocol import OUTPUT_FIELDS, OUTPUT_NOTIFICATION, Method
 from sandboxd.service import Service
+from sandboxd.sessions import Sessions
 from sandboxd.stdin_stream import StdinChunk, StdinStream
 
 log = logging.getLogger(__name__)
@@ -249,6 +251,16 @@ class RequestContext:
         if self.request_id is not NOID:
             await self.connection.send({"jsonrpc": "2.0", "method": method, "params": params})
 
+    @property
+    def owner(self) -> int:
+        """Whose sessions the caller may use: its peer uid."""
+        return self.connection.peer.uid
+
+    def hold_answer(self, size: int) -> None:
+        """The answer carries ``size`` bytes (a file): its uid holds them until sent."""
+        self.connection.account.hold_output(size)
+        self.output += size
+
     async def relay_output(self, stage: str, stream: str, data: str) -> None:
         """Stream output to the client; its uid holds it until the answer is sent."""
         self.connection.account.hold_output(len(data))
@@ -284,8 +296,9 @@ def _error_line(error: SandboxError) -> dict[str, Any]:
 
 
 class RpcServer:
-    def __init__(self, service: Service, limits: SocketLimits) -> None:
+    def __init__(self, service: Service, sessions: Sessions, limits: SocketLimits) -> None:
         self.service = service
+        self.sessions = sessions
         self.limits = limits
         self.peers = PeerTable(limits)
         self._in_flight = 0  # requests read and not yet answered, on every connection
@@ -299,6 +312,15 @@ class RpcServer:
                 Method.STATUS: self._status,
                 Method.EXECUTE: self._execute,
                 STDIN_METHOD: self._stdin,
+                Method.SESSION_CREATE: self._session_call(sessions.create),
+                Method.SESSION_EXEC: self._session_exec,
+                Method.SESSION_WRITE_FILE: self._session_call(sessions.write_file),
+                Method.SESSION_READ_FILE: self._session_read_file,
+                Method.SESSION_LIST_FILES: self._session_call(sessions.list_files),
+                Method.SESSION_REMOVE_FILE: self._session_call(sessions.remove_file),
+                Method.SESSION_INFO: self._session_call(sessions.info),
+                Method.SESSION_LIST: self._session_call(sessions.list),
+                Method.SESSION_CLOSE: self._session_call(sessions.close),
             }.items()
         }
         self._accepting = trio.CancelScope()
@@ -310,21 +332,53 @@ class RpcServer:
         return await self.service.languages(**params)
 
     async def _status(self, context: RequestContext, **params: Any) -> Any:
-        return await self.service.status(**params)
+        return {**await self.service.status(**params), "sessions": self.sessions.stats()}
 
     async def _execute(self, context: RequestContext, **params: Any) -> Any:
         # A uid's jobs start only while it has taken the output of those before: a
         # client that reads slowly cannot pile up results in the daemon.
         wait = context.connection.account.wait_for_output_room
-        if not params.get("interactive"):
-            return await self.service.execute(params, context.relay_output, wait_to_start=wait)
-        stdin = context.connection.open_stdin(context.request_id)
-        try:
+        async with self._stdin_of(context, params) as stdin:
             return await self.service.execute(
                 params, context.relay_output, stdin, wait_to_start=wait
             )
+
+    @asynccontextmanager
+    async def _stdin_of(
+        self, context: RequestContext, params: dict[str, Any]
+    ) -> AsyncIterator[StdinStream | None]:
+        """The streamed stdin of an interactive execution, for as long as it runs."""
+        if not params.get("interactive"):
+            yield None
+            return
+        stdin = context.connection.open_stdin(context.request_id)
+        try:
+            yield stdin
         finally:
             context.connection.close_stdin(context.request_id)
+
+    @staticmethod
+    def _session_call(
+        method: Callable[[int, Any], Awaitable[Any]],
+    ) -> Callable[..., Awaitable[Any]]:
+        """A session method, called for the caller as owner with its params."""
+
+        async def call(context: RequestContext, **params: Any) -> Any:
+            return await method(context.owner, params)
+
+        return call
+
+    async def _session_exec(self, context: RequestContext, **params: Any) -> Any:
+        await context.connection.account.wait_for_output_room()  # as for execute
+        async with self._stdin_of(context, params) as stdin:
+            return await self.sessions.exec(context.owner, params, context.relay_output, stdin)
+
+    async def _session_read_file(self, context: RequestContext, **params: Any) -> Any:
+        # A file read is output too: a uid that leaves its answers unread waits here.
+        await context.connection.account.wait_for_output_room()
+        answer = await self.sessions.read_file(context.owner, params)
+        context.hold_answer(len(answer["content"]))
+        return answer
 
     async def _stdin(self, context: RequestContext, **params: Any) -> Any:
         """``execute.stdin`` sent as a request (with an id); see :func:`_feed_stdin`."""

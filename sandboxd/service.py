@@ -129,9 +129,10 @@ class Service:
             "details": self.languages_table.describe(),
         }
 
-    def _egress_for(self, job: Job) -> Egress | None:
-        """The egress a job asked for; InvalidParams if this server cannot give it."""
-        if not job.network:
+    def egress_for(self, network: bool) -> Egress | None:
+        """The egress of a job (or session) that asked for ``network``; InvalidParams if
+        this server cannot give it."""
+        if not network:
             return None
         if self.egress is None:
             raise InvalidParams.field(
@@ -174,7 +175,7 @@ class Service:
         """
         start = trio.current_time()
         job = parse_job(params, self.languages_table, self.limits)
-        egress = self._egress_for(job)
+        egress = self.egress_for(job.network)
         if wait_to_start is not None:
             await wait_to_start()
         async with self.pool.sandbox(job.language.name) as sandbox:

@@ -9,11 +9,12 @@ import os
 import sys
 
 from .common import JobError
-from .job import run_job
+from .job import job_result
 from .limits import Confinement
 from .processes import IGNORED_SIGNALS
 from .protocol import PROTOCOL, Channel
 from .runner import Runner
+from .session import serve_session
 
 TYPE_CHECKING = False  # typing costs every sandbox its import
 if TYPE_CHECKING:
@@ -23,8 +24,9 @@ PR_SET_DUMPABLE = 4
 
 
 def next_job(channel: Channel, runner: Runner, in_vm: bool) -> dict[str, Any] | None:
-    """Answer every sync with hello, its warm runtime started, until the job comes; None
-    if the host left first (closed the channel, or, on vsock, reset the connection)."""
+    """Answer every sync with hello, its warm runtime started, until the job (or the
+    session) comes; None if the host left first (closed the channel, or, on vsock,
+    reset the connection)."""
     while True:
         try:
             message = channel.receive()
@@ -33,8 +35,8 @@ def next_job(channel: Channel, runner: Runner, in_vm: bool) -> dict[str, Any] | 
         if message is None:
             return None
         if message.get("type") != "sync":
-            if message.get("type") != "job":
-                raise JobError(f"expected a job message, got {message.get('type')!r}")
+            if message.get("type") not in ("job", "session"):
+                raise JobError(f"expected a job or a session, got {message.get('type')!r}")
             return message
         if in_vm:
             from .vm import synchronise
@@ -49,18 +51,22 @@ def next_job(channel: Channel, runner: Runner, in_vm: bool) -> dict[str, Any] | 
 
 
 def serve(channel: Channel, runner: Runner, in_vm: bool = False) -> bool:
-    """Take one job from the host on ``channel`` and answer with its result; False if the
-    host went away before sending one (it did not need this sandbox, or, on vsock, a VM
-    restored from a snapshot lost the connection it had when it was saved)."""
+    """Take one job (or a session) from the host on ``channel`` and answer it; False if
+    the host went away before sending one (it did not need this sandbox, or, on vsock, a
+    VM restored from a snapshot lost the connection it had when it was saved)."""
     runner.channel = channel
     try:
-        job = next_job(channel, runner, in_vm)
-        if job is None:
-            return False
-        result = run_job(job, runner)
+        message = next_job(channel, runner, in_vm)
     except (JobError, ValueError) as exc:
-        result = {"status": "internal_error", "message": f"agent: {exc}"}
-    channel.send({"type": "result", **result})
+        channel.send({"type": "result", "status": "internal_error", "message": f"agent: {exc}"})
+        return True
+    if message is None:
+        return False
+    if message["type"] == "session":
+        runner.start_warm(None)  # the session's working directory is the caller's
+        serve_session(channel, runner)
+    else:
+        channel.send(job_result(message, runner))
     return True
 
 

@@ -1,8 +1,11 @@
-"""The job's files, written into the working directory without leaving it."""
+"""Files in the working directory, written, read, listed and removed without leaving it:
+every path is walked one directory at a time with O_NOFOLLOW, so no link a program
+planted (and no directory swapped for one while we walk) leads anywhere else."""
 
 from __future__ import annotations
 
 import os
+import stat
 
 from .common import JobError, ignoring
 
@@ -10,41 +13,168 @@ TYPE_CHECKING = False  # typing costs every sandbox its import
 if TYPE_CHECKING:
     from typing import Any
 
-
-def _open_dir(name: str, dir_fd: int) -> int:
-    with ignoring(FileExistsError):
-        os.mkdir(name, 0o755, dir_fd=dir_fd)
-    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+MAX_ENTRIES = 10000  # of a directory listing
+STAGING = ".sandboxd-write"  # where a file is written before it replaces the old one
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def write_files(workdir: str, files: list[dict[str, Any]]) -> None:
-    """Write the job's files under ``workdir`` without following any link or leaving it."""
-    root = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+def _parts(path: str) -> list[str]:
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts) or "\0" in path:
+        raise JobError(f"refusing file path {path!r}")
+    return parts
+
+
+def _walk(root: int, parts: list[str], create: bool, owner: int | None) -> int:
+    """A new fd of the directory ``parts`` names under ``root`` (made if ``create``)."""
+    dir_fd = os.dup(root)
     try:
+        for part in parts:
+            if create:
+                with ignoring(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=dir_fd)
+                    if owner is not None:
+                        os.chown(part, owner, owner, dir_fd=dir_fd, follow_symlinks=False)
+            next_fd = os.open(part, _DIRECTORY, dir_fd=dir_fd)
+            os.close(dir_fd)
+            dir_fd = next_fd
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return dir_fd
+
+
+class Workdir:
+    """The working directory, as the job's and the session's file operations see it.
+    ``owner``: the uid files are given (in a VM the agent is root; in a jail it is
+    already the program's uid, and None)."""
+
+    def __init__(self, path: str, owner: int | None = None) -> None:
+        self.path = path
+        self.owner = owner
+
+    def _operate(self, what: str, path: str, operation: Any) -> Any:
+        """``operation(dir_fd, name)`` on the entry ``path`` names (its directory made
+        if ``what`` is a write); JobError naming the path and the reason if it fails."""
+        parts = _parts(path) if path not in ("", ".") else []
+        root = os.open(self.path, _DIRECTORY)
+        try:
+            dir_fd = _walk(root, parts[:-1], what == "write", self.owner)
+            try:
+                return operation(dir_fd, parts[-1] if parts else ".")
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            reason = "a path component is a link" if exc.errno == 40 else exc.strerror  # ELOOP
+            raise JobError(f"cannot {what} {path!r}: {reason}") from exc
+        finally:
+            os.close(root)
+
+    def write(self, path: str, content: bytes) -> None:
+        """Create or replace the file ``path`` (never through a link: a link, or any
+        other file there, is replaced; a directory is not)."""
+
+        def write(dir_fd: int, name: str) -> None:
+            with ignoring(FileNotFoundError):
+                os.unlink(STAGING, dir_fd=dir_fd)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(STAGING, flags, 0o644, dir_fd=dir_fd)
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as stream:
+                    stream.write(content)
+                if self.owner is not None:
+                    os.fchown(fd, self.owner, self.owner)
+            finally:
+                os.close(fd)
+            try:
+                os.rename(STAGING, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except OSError:
+                os.unlink(STAGING, dir_fd=dir_fd)
+                raise
+
+        self._operate("write", path, write)
+
+    def write_all(self, files: list[dict[str, Any]]) -> None:
+        """Write a job's files (``path``, ``content``, ``encoding`` utf-8 or base64)."""
         for entry in files:
-            path = str(entry["path"])
-            parts = path.split("/")
-            if any(part in ("", ".", "..") for part in parts) or "\0" in path:
-                raise JobError(f"refusing file path {path!r}")
             if entry.get("encoding") == "base64":
                 import base64
 
                 content = base64.b64decode(entry["content"], validate=True)
             else:
                 content = str(entry["content"]).encode()
-            dir_fd = os.dup(root)
+            self.write(str(entry["path"]), content)
+
+    def read(self, path: str, max_bytes: int) -> bytes:
+        """The content of the regular file ``path``, if it holds at most ``max_bytes``."""
+
+        def read(dir_fd: int, name: str) -> bytes:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(name, flags, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as stream:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise JobError(f"cannot read {path!r}: not a regular file")
+                if info.st_size > max_bytes:
+                    raise JobError(
+                        f"cannot read {path!r}: {info.st_size} bytes, more than the "
+                        f"limit of {max_bytes}"
+                    )
+                data = stream.read(max_bytes + 1)
+            if len(data) > max_bytes:  # it grew while we read
+                raise JobError(f"cannot read {path!r}: more than the limit of {max_bytes} bytes")
+            return data
+
+        return self._operate("read", path, read)
+
+    def list(self, path: str) -> tuple[list[dict[str, Any]], bool]:
+        """The entries of the directory ``path`` (name, type, size), sorted by name, and
+        whether there were more than MAX_ENTRIES."""
+
+        def list_dir(dir_fd: int, name: str) -> tuple[list[dict[str, Any]], bool]:
+            fd = os.open(name, _DIRECTORY, dir_fd=dir_fd)
+            entries: list[dict[str, Any]] = []
             try:
-                for part in parts[:-1]:
-                    next_fd = _open_dir(part, dir_fd)
-                    os.close(dir_fd)
-                    dir_fd = next_fd
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                fd = os.open(parts[-1], flags, 0o644, dir_fd=dir_fd)
-                with os.fdopen(fd, "wb") as stream:
-                    stream.write(content)
+                with os.scandir(fd) as scan:
+                    for entry in scan:
+                        if entry.name == STAGING:
+                            continue
+                        if len(entries) == MAX_ENTRIES:
+                            break
+                        info = entry.stat(follow_symlinks=False)
+                        kind = _kind(info.st_mode)
+                        entries.append({"name": entry.name, "type": kind, "size": info.st_size})
+                    else:
+                        return sorted(entries, key=lambda e: e["name"]), False
+                return sorted(entries, key=lambda e: e["name"]), True
             finally:
-                os.close(dir_fd)
-    except OSError as exc:
-        raise JobError(f"cannot write the job's files: {exc.strerror}") from exc
-    finally:
-        os.close(root)
+                os.close(fd)
+
+        return self._operate("list", path, list_dir)
+
+    def remove(self, path: str) -> None:
+        """Remove the file or the directory tree ``path`` (a link itself, never what it
+        points to)."""
+
+        def remove(dir_fd: int, name: str) -> None:
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                import shutil  # fd-based: it never follows a link out of the tree
+
+                shutil.rmtree(name, dir_fd=dir_fd)
+            else:
+                os.unlink(name, dir_fd=dir_fd)
+
+        if path in ("", "."):
+            raise JobError("cannot remove the working directory itself")
+        self._operate("remove", path, remove)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "other"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import _signal as signal
 
 from .common import BASE_ENV, JobError
-from .files import write_files
 from .limits import cpu_rlimit
 
 TYPE_CHECKING = False  # typing costs every sandbox its import
@@ -14,6 +13,14 @@ if TYPE_CHECKING:
 
     from .capture import StageOutcome
     from .runner import Runner
+
+
+def job_result(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
+    """The ``result`` message of one job, an internal error if it could not be run."""
+    try:
+        return {"type": "result", **run_job(job, runner)}
+    except (JobError, ValueError) as exc:
+        return {"type": "result", "status": "internal_error", "message": f"agent: {exc}"}
 
 
 def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
@@ -37,7 +44,7 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
         raise JobError(f"malformed job message: {exc!r}") from exc
     warm = runner.take_warm(run_argv, env, files, compiles=bool(compile_argv))
     if warm is None:
-        write_files(runner.workdir, files)
+        runner.files.write_all(files)
     result: dict[str, Any] = {
         "exit_code": None,
         "signal": None,

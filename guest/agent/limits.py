@@ -15,6 +15,8 @@ class Confinement:
     """Where the program runs beyond its rlimits. In a jail the host holds the cgroup and
     the uid, so there is nothing more to do here."""
 
+    owner: int | None = None  # the uid the agent gives the files it writes (None: its own)
+
     def prepare(self, workdir: str, limits: dict[str, Any]) -> None:
         """Before a stage: set the stage's limits."""
 
@@ -36,6 +38,7 @@ class VmConfinement(Confinement):
 
     CGROUP = "/sys/fs/cgroup/job"
     UID = 65534
+    owner = UID
 
     def __init__(self, memory_reserve: int) -> None:
         self.memory_reserve = memory_reserve

@@ -13,7 +13,7 @@ TYPE_CHECKING = False  # typing costs every sandbox its import
 if TYPE_CHECKING:
     from typing import IO, Any
 
-PROTOCOL = 1
+PROTOCOL = 2
 
 
 class _StandardJson:
@@ -61,7 +61,8 @@ class Channel:
     def __init__(self, read_fd: int, writer: IO[bytes]) -> None:
         self.fd = read_fd
         self._writer = writer
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0  # of the buffer, the bytes known to hold no newline
         self.closed = False
 
     def send(self, message: dict[str, Any]) -> None:
@@ -76,13 +77,17 @@ class Channel:
 
     def receive(self) -> dict[str, Any] | None:
         """The next message, waiting for it; None once the host closed the channel."""
-        while b"\n" not in self._buffer:
+        while (end := self._buffer.find(b"\n", self._scanned)) < 0:
+            self._scanned = len(self._buffer)  # a long line is searched once, not per read
             data = os.read(self.fd, CHUNK)
             if not data:
                 self.closed = True
-                return self._parse(self._buffer) if self._buffer.strip() else None
+                rest, self._buffer = bytes(self._buffer), bytearray()
+                return self._parse(rest) if rest.strip() else None
             self._buffer += data
-        line, self._buffer = self._buffer.split(b"\n", 1)
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        self._scanned = 0
         return self._parse(line)
 
     def receive_ready(self, read: bool = True) -> list[dict[str, Any]]:
@@ -92,5 +97,6 @@ class Channel:
             if not data:
                 self.closed = True
             self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
+        *lines, rest = bytes(self._buffer).split(b"\n")
+        self._buffer, self._scanned = bytearray(rest), 0
         return [self._parse(line) for line in lines if line.strip()]

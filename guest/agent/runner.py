@@ -9,6 +9,7 @@ import resource
 import sys
 
 from .common import JobError, ignoring
+from .files import Workdir
 from .processes import Reaper, kill_group
 from .stage import StageRun
 from .warm import WarmRuntime
@@ -27,6 +28,7 @@ class Runner:
 
     def __init__(self, workdir: str, isolated: bool, confinement: Confinement) -> None:
         self.workdir = workdir
+        self.files = Workdir(workdir, confinement.owner)
         self.isolated = isolated
         self.confinement = confinement
         self.reaper = Reaper()
@@ -41,7 +43,7 @@ class Runner:
         self.warm = None
         if spec:
             try:
-                self.warm = WarmRuntime(spec, self.workdir, self.confinement, self.reaper)
+                self.warm = WarmRuntime(spec, self.files, self.confinement, self.reaper)
             except (OSError, JobError, KeyError, TypeError) as exc:
                 # Jobs start cold; the host's log of the sandbox says why.
                 sys.stderr.write(f"agent: no warm runtime: {exc}\n")

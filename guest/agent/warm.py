@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 
 from .common import BASE_ENV, JobError
-from .files import write_files
 from .processes import confine, kill_group, spawn
 
 TYPE_CHECKING = False  # typing costs every sandbox its import
 if TYPE_CHECKING:
     from typing import Any
 
+    from .files import Workdir
     from .limits import Confinement
     from .processes import Reaper
 
@@ -40,7 +40,7 @@ class WarmRuntime:
     """
 
     def __init__(
-        self, spec: dict[str, Any], workdir: str, confinement: Confinement, reaper: Reaper
+        self, spec: dict[str, Any], workdir: Workdir, confinement: Confinement, reaper: Reaper
     ) -> None:
         self.argv = [str(arg) for arg in spec["argv"]]
         self.env = {**BASE_ENV, **{str(k): str(v) for k, v in spec.get("env", {}).items()}}
@@ -49,12 +49,14 @@ class WarmRuntime:
             raise JobError(f"refusing warm source path {self.source!r}")
         self.workdir = workdir
         self.reaper = reaper
-        self.path = os.path.join(workdir, self.source)
+        self.path = os.path.join(workdir.path, self.source)
         os.mkfifo(self.path, 0o644)
         # Open for reading and writing: the runtime's open never blocks, and what the
         # agent writes stays in the FIFO however little of it the runtime has read.
         self.fifo = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-        self.process = spawn(self.argv, cwd=workdir, env=self.env, preexec=confine(confinement, []))
+        self.process = spawn(
+            self.argv, cwd=workdir.path, env=self.env, preexec=confine(confinement, [])
+        )
         self.content = b""  # the source of the job that took it
 
     def serves(self, argv: list[str], env: dict[str, str], files: list[dict[str, Any]]) -> bool:
@@ -77,8 +79,8 @@ class WarmRuntime:
         slower to start than its job opens the real file, not the FIFO, and runs at
         once: nothing may be missing or unlimited by then."""
         source = next(f for f in files if f.get("path") == self.source)
-        write_files(self.workdir, [f for f in files if f is not source])
-        write_files(self.workdir, [{"path": self._staged, "content": source["content"]}])
+        self.workdir.write_all([f for f in files if f is not source])
+        self.workdir.write(self._staged, str(source["content"]).encode())
         self.content = str(source["content"]).encode()
 
     @property
@@ -88,7 +90,7 @@ class WarmRuntime:
     def publish(self) -> tuple[int, bytes]:
         """Put the source file in place of the FIFO; the FIFO and what to write to it
         (the caller's now), for a process that opened the FIFO first."""
-        os.rename(os.path.join(self.workdir, self._staged), self.path)
+        os.rename(os.path.join(self.workdir.path, self._staged), self.path)
         return self.fifo, self.content
 
     def discard(self) -> None:

@@ -16,11 +16,13 @@ HTTP_STATUS: dict[type[errors.SandboxError], int] = {
     errors.MethodNotFound: 500,  # the gateway asked the daemon for something it lacks
     errors.RequestTooLarge: 413,
     errors.RequestTimeout: 408,
+    errors.SessionNotFound: 404,
     errors.Unauthorized: 401,
     errors.Forbidden: 403,
     errors.RateLimited: 429,
     errors.NoCapacity: 503,
     errors.TooManyConnections: 503,  # the gateway's own uid, at the daemon's cap
+    errors.TooManySessions: 429,
     errors.DaemonUnavailable: 503,
     errors.LaunchError: 503,
     errors.StartTimeout: 503,

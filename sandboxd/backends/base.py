@@ -42,6 +42,7 @@ def new_sandbox_id() -> str:
 HOST_GRACE = 5.0
 CPU_CHECK_MIN = 0.02  # seconds between looks at a sandbox's CPU time, at least
 JAIL_EXIT_TIMEOUT = 5.0  # for a jail's outer bubblewrap to follow its PID 1
+REQUEST_TIMEOUT = 30.0  # for the agent to answer a session's file request
 
 
 class SandboxState(enum.Enum):
@@ -137,6 +138,7 @@ class Sandbox(abc.ABC):
         self.tail = LogTail(log)  # its last lines of log, for errors
         self.state = SandboxState.CREATING
         self.finished = trio.Event()  # set once it can serve nothing more
+        self.gone = trio.Event()  # set once it is stopped and everything it held released
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.state.value}>"
@@ -146,6 +148,8 @@ class Sandbox(abc.ABC):
         self.state = state
         if state in (SandboxState.STOPPING, SandboxState.STOPPED, SandboxState.FAILED):
             self.finished.set()
+        if state in (SandboxState.STOPPED, SandboxState.FAILED):
+            self.gone.set()
 
     def _expect(self, *states: SandboxState) -> None:
         if self.state not in states:
@@ -307,6 +311,31 @@ class Sandbox(abc.ABC):
             self.log.warning("job lost: %s", lost)
             self.kill()
         return JobRun(record, transcript, lost, deadline.cancelled_caught, self.oom_kills(), cpu)
+
+    async def open_session(self) -> None:
+        """Keep the sandbox for a session: its agent serves every request that follows."""
+        self._expect(SandboxState.RUNNING)
+        try:
+            await self.link.open_session()
+        except AgentError:
+            self.kill()
+            raise
+
+    async def request(
+        self, message: dict[str, Any], max_data: int = 0
+    ) -> tuple[dict[str, Any], bytes]:
+        """A session's file request (see AgentLink.request); a sandbox whose agent does
+        not answer in time, or breaks the protocol, is killed (AgentError)."""
+        self._expect(SandboxState.RUNNING)
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                return await self.link.request(message, max_data)
+        except trio.TooSlowError:
+            self.kill()
+            raise AgentError(f"agent did not answer within {REQUEST_TIMEOUT:g} s") from None
+        except AgentError:
+            self.kill()
+            raise
 
 
 class JailedSandbox(Sandbox):

@@ -24,6 +24,7 @@ from sandboxd.languages import LanguageTable
 from sandboxd.pool import Pool
 from sandboxd.rpc_server import RpcServer
 from sandboxd.service import Service
+from sandboxd.sessions import Sessions
 from tests.fakes.local_backend import LocalBackend, LocalSandbox
 
 LANGUAGES = {"python": "host"}  # the host's python3 runs the programs
@@ -35,6 +36,7 @@ class Stack:
     pool: Pool
     backend: LocalBackend
     server: RpcServer
+    sessions: Sessions
 
 
 @asynccontextmanager
@@ -46,12 +48,18 @@ async def local_stack(
     queue_timeout: float = 10.0,
     warm: bool = True,
     wrapper: Sequence[str] = (),
+    sessions: dict[str, Any] | None = None,
     **daemon: Any,
 ) -> AsyncIterator[Stack]:
     """The stack serving ``tmp_path/sock`` until the block ends; then drained as the
-    daemon drains, and every sandbox gone. ``daemon``: [daemon] settings to change."""
+    daemon drains, and every sandbox gone. ``daemon``: [daemon] settings to change;
+    ``sessions``: [sessions] settings."""
     config = Config()
-    config = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, **daemon))
+    config = dataclasses.replace(
+        config,
+        daemon=dataclasses.replace(config.daemon, **daemon),
+        sessions=dataclasses.replace(config.sessions, **(sessions or {})),
+    )
     backend = LocalBackend(tmp_path / "sandboxes", wrapper)
     await backend.start()
     table = LanguageTable(LANGUAGES)
@@ -70,7 +78,8 @@ async def local_stack(
         image=Image("local", tmp_path, {"languages": LANGUAGES}),
         limits=config.limits,
     )
-    server = RpcServer(service, socket_limits(config))
+    table_of_sessions = Sessions(service, config.sessions)
+    server = RpcServer(service, table_of_sessions, socket_limits(config))
     path = tmp_path / "sock"
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await listener.bind(str(path))
@@ -78,12 +87,14 @@ async def local_stack(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run)
+            await nursery.start(table_of_sessions.run)
             await nursery.start(server.serve, trio.SocketListener(listener))
-            yield Stack(AsyncClient(path), pool, backend, server)
+            yield Stack(AsyncClient(path), pool, backend, server, table_of_sessions)
             server.stop_accepting()
             pool.close()
             with trio.fail_after(10):
                 await server.wait_answered()
+                await table_of_sessions.close_all()
                 await pool.wait_idle()
             nursery.cancel_scope.cancel()
     finally:

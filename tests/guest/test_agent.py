@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sandboxd.backends.agent_bundle import agent_bundle
+from sandboxd.protocol import AGENT_PROTOCOL
 
 
 def agent_command(tmp_path: Path, workdir: Path) -> list[str]:
@@ -80,7 +81,7 @@ def test_hello_then_output_then_result(tmp_path):
             args=["a"],
         ),
     )
-    assert hello == {"type": "hello", "protocol": 1, "pid": hello["pid"], "nonce": 7}
+    assert hello == {"type": "hello", "protocol": AGENT_PROTOCOL, "pid": hello["pid"], "nonce": 7}
     assert stage == {"type": "stage", "stage": "run"}
     assert output(events) == "in ['a']\n"
     assert (result["type"], result["status"], result["exit_code"]) == ("result", "runtime_error", 4)

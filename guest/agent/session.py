@@ -1,0 +1,56 @@
+"""A session: the sandbox serves the host's requests in turn (jobs, and files in its
+working directory) until the host closes the channel. Each job's processes are gone
+before the next request is read; the files stay."""
+
+from __future__ import annotations
+
+import base64
+
+from .common import JobError
+from .job import job_result
+
+TYPE_CHECKING = False  # typing costs every sandbox its import
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .protocol import Channel
+    from .runner import Runner
+
+FILE_CHUNK = 48 * 1024  # bytes of a file per file.data message (64 KiB in base64)
+
+
+def serve_session(channel: Channel, runner: Runner) -> None:
+    """Answer every request until the host closes the channel."""
+    while (message := channel.receive()) is not None:
+        kind = message.get("type")
+        if kind == "job":
+            channel.send(job_result(message, runner))
+            continue
+        try:
+            reply = _file_request(channel, runner, kind, message)
+        except (JobError, ValueError, KeyError, TypeError) as exc:
+            reply = {"type": "error", "message": str(exc)}
+        channel.send(reply)
+
+
+def _file_request(
+    channel: Channel, runner: Runner, kind: object, message: dict[str, Any]
+) -> dict[str, Any]:
+    """Carry out one file request; its last reply (a read sends its data before)."""
+    files, path = runner.files, str(message["path"])
+    if kind == "file.write":
+        files.write(path, base64.b64decode(str(message["content"]), validate=True))
+        return {"type": "done"}
+    if kind == "file.read":
+        data = files.read(path, int(message["max_bytes"]))
+        for start in range(0, len(data), FILE_CHUNK):
+            chunk = base64.b64encode(data[start : start + FILE_CHUNK]).decode()
+            channel.send({"type": "file.data", "data": chunk})
+        return {"type": "done", "size": len(data)}
+    if kind == "file.list":
+        entries, truncated = files.list(path)
+        return {"type": "done", "entries": entries, "truncated": truncated}
+    if kind == "file.remove":
+        files.remove(path)
+        return {"type": "done"}
+    raise JobError(f"unexpected request in a session: {kind!r}")

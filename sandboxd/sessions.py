@@ -1,0 +1,407 @@
+"""Sessions: a sandbox of the pool kept across calls, with files in and out.
+
+A session is created for an owner (the peer uid on the socket) and holds one sandbox,
+whose agent then serves request after request (guest/agent/session.py): executions,
+whose files and working directory persist from one to the next while each one's
+processes end with it, and file operations in the working directory. Only its owner
+can see or use it; to anybody else it does not exist (SessionNotFound either way).
+
+The memory, processes, file size and network of a session's sandbox are set once, at
+its creation; each execution has its own time and output limits. A session ends when
+its owner closes it, when it has been idle (no call) for its idle timeout, when it has
+lived its time to live, when its sandbox is lost, or when the daemon stops; its sandbox
+is then torn down like any other. The owner's last ended sessions stay listed, with why.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from sandboxd.backends.base import Sandbox
+from sandboxd.config import SessionsConfig
+from sandboxd.errors import AgentError, InvalidParams, SessionNotFound, TooManySessions
+from sandboxd.job import Job, check_path, parse_job, unicode_text
+from sandboxd.languages import Language
+from sandboxd.limits import Limits, resolve_limits
+from sandboxd.protocol import SESSION_CREATE_FIELDS, SESSION_EXEC_FIELDS, SESSION_LIMITS
+from sandboxd.service import OutputSink, Service, result_of
+from sandboxd.stdin_stream import StdinStream
+
+log = logging.getLogger(__name__)
+
+ENDED_KEPT = 8  # per owner: the sessions that ended, listed with why
+CLOSE_TIMEOUT = 10.0  # for a closed session's sandbox to be torn down
+
+
+@dataclass
+class Session:
+    id: str
+    owner: int
+    language: Language
+    limits: Limits  # its sandbox's; the time and output limits are each exec's defaults
+    network: bool
+    ttl: float
+    idle_timeout: float
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=trio.current_time)
+    expires: float = math.inf  # on trio's clock: when its time to live is up
+    execs: int = 0
+    busy: bool = False
+    ended: str = ""  # why, once it has
+    sandbox: Sandbox | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)  # one call at a time
+    end_now: trio.Event = field(default_factory=trio.Event)
+
+    def deadline(self) -> float:
+        """On trio's clock: when it ends unless used (idle) before its time to live."""
+        if self.busy:
+            return self.expires
+        return min(self.expires, self.last_used + self.idle_timeout)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "language": self.language.name,
+            "state": "ended" if self.ended else ("busy" if self.busy else "idle"),
+            "ended": self.ended or None,
+            "created": round(self.created, 3),
+            "expires": round(self.created + self.ttl, 3),
+            "idle_timeout": self.idle_timeout,
+            "execs": self.execs,
+            "network": self.network,
+            "limits": self.limits.to_dict(),
+            "sandbox_id": self.sandbox.id if self.sandbox else "",
+        }
+
+
+def _seconds(params: Mapping[str, Any], name: str, maximum: float) -> float:
+    value = params.get(name)
+    if value is None:
+        return maximum
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidParams.field(name, "expected a number of seconds")
+    if value <= 0 or value > maximum:
+        raise InvalidParams.field(name, f"expected more than 0 and at most {maximum:g} seconds")
+    return float(value)
+
+
+def _only(params: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise InvalidParams.field("params", "expected an object")
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise InvalidParams.field(unknown[0], f"unknown field (known: {', '.join(fields)})")
+    return params
+
+
+class Sessions:
+    """Every open session, and the ones that ended lately, by owner."""
+
+    def __init__(self, service: Service, settings: SessionsConfig) -> None:
+        self.service = service
+        self.settings = settings
+        self.max_total = settings.total(service.pool.max_sandboxes)
+        self._open: dict[str, Session] = {}
+        self._ended: dict[int, deque[Session]] = {}
+        self._nursery: trio.Nursery | None = None
+        self._changed = trio.lowlevel.ParkingLot()  # a session opened, was used or ended
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the sessions' sandboxes and end the idle and expired ones, until
+        cancelled (which ends every session)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._reap)
+            task_status.started()
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def create(self, owner: int, params: Any) -> dict[str, Any]:
+        params = _only(params, SESSION_CREATE_FIELDS)
+        language = self.service.languages_table.resolve(
+            unicode_text(params.get("language", "python"), "language")
+        )
+        limits = resolve_limits(params.get("limits"), params.get("timeout"), self.service.limits)
+        network = params.get("network") or False
+        if not isinstance(network, bool):
+            raise InvalidParams.field("network", "expected true or false")
+        egress = self.service.egress_for(network)
+        mine = sum(1 for session in self._open.values() if session.owner == owner)
+        if mine >= self.settings.max_per_owner:
+            raise TooManySessions(
+                f"uid {owner} already has {mine} sessions open, the most one owner may "
+                "(sessions.max_per_owner): close one first",
+                maximum=self.settings.max_per_owner,
+            )
+        if len(self._open) >= self.max_total:
+            raise TooManySessions(
+                f"the server holds its most sessions at once ({self.max_total}, "
+                "sessions.max_total): try again later",
+                maximum=self.max_total,
+            )
+        session = Session(
+            id=secrets.token_hex(12),
+            owner=owner,
+            language=language,
+            limits=limits,
+            network=network,
+            ttl=_seconds(params, "ttl", self.settings.max_ttl),
+            idle_timeout=_seconds(params, "idle_timeout", self.settings.idle_timeout),
+        )
+        session.expires = trio.current_time() + session.ttl
+        self._open[session.id] = session  # counted while its sandbox is on the way
+        try:
+            assert self._nursery is not None, "run() first"
+            await self._nursery.start(self._hold, session, egress)
+        except BaseException:
+            self._open.pop(session.id, None)
+            raise
+        log.info(
+            "session %s opened for uid %d: %s, sandbox %s",
+            session.id,
+            owner,
+            language.name,
+            session.sandbox.id if session.sandbox else "?",
+        )
+        self._changed.unpark_all()
+        return session.describe()
+
+    async def _hold(
+        self, session: Session, egress: Any, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """The session's sandbox, from the pool, until the session ends."""
+        pool = self.service.pool
+        try:
+            # A plain sandbox: its agent would drop a warm runtime (the session's files
+            # are the caller's from the start), so none is taken from those who warm.
+            async with pool.sandbox("") as sandbox:
+                sandbox.apply_limits(session.limits)
+                attached = egress.attached(sandbox.network_pid()) if egress else None
+                async with attached or contextlib.nullcontext():
+                    await sandbox.open_session()
+                    session.sandbox = sandbox
+                    task_status.started()
+                    await session.end_now.wait()
+        finally:
+            if session.sandbox is not None:  # else create() fails, and says why
+                self._retire(session, session.ended or "the daemon stopped")
+
+    def _retire(self, session: Session, why: str) -> None:
+        if self._open.pop(session.id, None) is None:
+            return
+        session.ended = why
+        session.busy = False
+        session.end_now.set()
+        ended = self._ended.setdefault(session.owner, deque(maxlen=ENDED_KEPT))
+        ended.append(session)
+        log.info("session %s of uid %d ended: %s", session.id, session.owner, why)
+        self._changed.unpark_all()
+
+    async def _end(self, session: Session, why: str) -> None:
+        """End ``session`` and wait (a while) until its sandbox is gone."""
+        self._retire(session, why)
+        if session.sandbox is not None:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await session.sandbox.gone.wait()
+
+    async def _reap(self) -> None:
+        """End every session whose idle timeout or time to live is up."""
+        while True:
+            now = trio.current_time()
+            for session in list(self._open.values()):
+                if session.sandbox is None or session.deadline() > now:
+                    continue
+                if now >= session.expires:
+                    why = f"its time to live of {session.ttl:g} s was up"
+                else:
+                    why = f"idle for {session.idle_timeout:g} s"
+                self._nursery_of().start_soon(self._end_when_free, session, why)
+            deadlines = [s.deadline() for s in self._open.values() if s.sandbox is not None]
+            with trio.move_on_at(min(deadlines, default=math.inf)):
+                await self._changed.park()
+
+    async def _end_when_free(self, session: Session, why: str) -> None:
+        async with session.lock:  # a running exec ends first (it has its own time limit)
+            await self._end(session, why)
+
+    def _nursery_of(self) -> trio.Nursery:
+        assert self._nursery is not None, "run() first"
+        return self._nursery
+
+    async def close_all(self) -> None:
+        """The daemon stops: end every session, each once its running call is done."""
+        async with trio.open_nursery() as closing:
+            for session in list(self._open.values()):
+                closing.start_soon(self._end_when_free, session, "the daemon stopped")
+
+    # --- calls in a session ----------------------------------------------------------
+
+    def _find(self, owner: int, session_id: Any) -> Session:
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidParams.field("id", "expected a session id")
+        session = self._open.get(session_id)
+        if session is None or session.owner != owner or session.sandbox is None:
+            raise SessionNotFound(f"no session {session_id!r}", id=session_id)
+        return session
+
+    @contextlib.asynccontextmanager
+    async def _using(self, owner: int, session_id: Any) -> Any:
+        """The session, its sandbox for this call only (calls wait their turn)."""
+        session = self._find(owner, session_id)
+        async with session.lock:
+            if session.ended:
+                raise SessionNotFound(f"no session {session_id!r}", id=session_id)
+            session.busy = True
+            self._changed.unpark_all()
+            try:
+                assert session.sandbox is not None
+                yield session, session.sandbox
+            finally:
+                session.busy = False
+                session.last_used = trio.current_time()
+                self._changed.unpark_all()
+
+    def _job(self, session: Session, params: Any) -> Job:
+        params = _only(params, SESSION_EXEC_FIELDS)
+        fixed = [name for name in SESSION_LIMITS if (params.get("limits") or {}).get(name)]
+        if fixed:
+            raise InvalidParams.field(
+                f"limits.{fixed[0]}", "is the session's, set by session.create"
+            )
+        job = parse_job(
+            {**params, "language": params.get("language") or session.language.name},
+            self.service.languages_table,
+            self.service.limits,
+            SESSION_EXEC_FIELDS,
+        )
+        limits = dataclasses.replace(
+            job.limits, **{name: getattr(session.limits, name) for name in SESSION_LIMITS}
+        )
+        return dataclasses.replace(job, limits=limits)
+
+    async def exec(
+        self, owner: int, params: Any, on_output: OutputSink, stdin: StdinStream | None = None
+    ) -> dict[str, Any]:
+        """Run one job in the session's sandbox: ``execute``'s record."""
+        start = trio.current_time()
+        session = self._find(owner, params.get("id") if isinstance(params, dict) else None)
+        job = self._job(session, params)
+        async with self._using(owner, session.id) as (session, sandbox):
+            run = await sandbox.run(
+                job.agent_message(), job.limits, on_output, stdin if job.interactive else None
+            )
+            session.execs += 1
+        result = result_of(run, job, sandbox.id)
+        result.timings["total"] = round(trio.current_time() - start, 6)
+        if run.record is None:
+            await self._end(session, f"its sandbox was lost: {run.lost}")
+        return result.to_dict()
+
+    async def _file_request(
+        self, owner: int, session_id: Any, message: dict[str, Any]
+    ) -> tuple[dict[str, Any], bytes]:
+        """The agent's reply to a file request, and its data; InvalidParams naming the
+        path if the agent could not carry it out."""
+        async with self._using(owner, session_id) as (session, sandbox):
+            max_data = message.get("max_bytes", 0)
+            try:
+                reply, data = await sandbox.request(message, max_data)
+            except AgentError as exc:
+                lost = exc.message
+            else:
+                if reply["type"] == "error":
+                    raise InvalidParams.field("path", str(reply.get("message", "failed")))
+                return reply, data
+        await self._end(session, f"its sandbox was lost: {lost}")
+        raise SessionNotFound(f"session {session.id!r} ended: {session.ended}", id=session.id)
+
+    def _max_file(self, session_limits: Limits) -> int:
+        return min(self.settings.max_file_bytes, session_limits.file_size_bytes)
+
+    async def write_file(self, owner: int, params: Any) -> dict[str, Any]:
+        params = _only(params, ("id", "path", "content", "encoding"))
+        path = check_path(params.get("path"), "path")
+        content = unicode_text(params.get("content"), "content")
+        encoding = params.get("encoding", "utf-8")
+        if encoding == "utf-8":
+            data = content.encode()
+        elif encoding == "base64":
+            try:
+                data = base64.b64decode(content, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidParams.field("content", "is not valid base64") from None
+        else:
+            raise InvalidParams.field("encoding", "expected 'utf-8' or 'base64'")
+        session = self._find(owner, params.get("id"))
+        if len(data) > self._max_file(session.limits):
+            raise InvalidParams.field(
+                "content", f"more than the {self._max_file(session.limits)} bytes a file may hold"
+            )
+        message = {"type": "file.write", "path": path, "content": base64.b64encode(data).decode()}
+        await self._file_request(owner, session.id, message)
+        return {"path": path, "size": len(data)}
+
+    async def read_file(self, owner: int, params: Any) -> dict[str, Any]:
+        params = _only(params, ("id", "path"))
+        path = check_path(params.get("path"), "path")
+        session = self._find(owner, params.get("id"))
+        message = {"type": "file.read", "path": path, "max_bytes": self._max_file(session.limits)}
+        _, data = await self._file_request(owner, session.id, message)
+        return {
+            "path": path,
+            "size": len(data),
+            "content": base64.b64encode(data).decode(),
+            "encoding": "base64",
+        }
+
+    async def list_files(self, owner: int, params: Any) -> dict[str, Any]:
+        params = _only(params, ("id", "path"))
+        path = params.get("path") or "."
+        if path != ".":
+            path = check_path(path, "path")
+        reply, _ = await self._file_request(
+            owner, params.get("id"), {"type": "file.list", "path": path}
+        )
+        entries, truncated = reply.get("entries", []), reply.get("truncated", False)
+        return {"path": path, "entries": entries, "truncated": truncated}
+
+    async def remove_file(self, owner: int, params: Any) -> dict[str, Any]:
+        params = _only(params, ("id", "path"))
+        path = check_path(params.get("path"), "path")
+        await self._file_request(owner, params.get("id"), {"type": "file.remove", "path": path})
+        return {"path": path}
+
+    # --- looking at sessions -------------------------------------------------------
+
+    async def info(self, owner: int, params: Any) -> dict[str, Any]:
+        params = _only(params, ("id",))
+        return self._find(owner, params.get("id")).describe()
+
+    async def list(self, owner: int, params: Any) -> dict[str, Any]:
+        _only(params, ())
+        sessions = [s for s in self._open.values() if s.owner == owner and s.sandbox]
+        ended = list(self._ended.get(owner, ()))
+        return {"sessions": [s.describe() for s in (*sessions, *reversed(ended))]}
+
+    async def close(self, owner: int, params: Any) -> dict[str, Any]:
+        params = _only(params, ("id",))
+        session = self._find(owner, params.get("id"))
+        async with session.lock:
+            await self._end(session, "closed by its owner")
+        return session.describe()
+
+    def stats(self) -> dict[str, Any]:
+        return {"open": len(self._open), "max": self.max_total}

@@ -1,0 +1,110 @@
+"""Sessions' own logic — lifecycle, files, limits, reaping, caps — through the real RPC
+server, service, pool and agent, with local sandboxes (tests/fast/stack.py)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from sandboxd import errors
+from sandboxd.protocol import Status
+from tests.fast.stack import local_stack
+
+READ_CSV_WRITE_TOTAL = """
+import csv
+rows = list(csv.reader(open("data/in.csv")))
+total = sum(int(row[1]) for row in rows[1:])
+open("out/total.txt", "w").write(str(total))
+print("rows", len(rows) - 1)
+"""
+
+
+async def test_files_persist_between_execs_and_come_back_byte_for_byte(tmp_path):
+    async with local_stack(tmp_path, max_sandboxes=4) as stack:
+        session = await stack.client.session("python")
+        async with session:
+            await session.write_file("data/in.csv", "name,n\na,1\nb,41\n")
+            first = await session.exec("import os; os.mkdir('out'); print(sorted(os.listdir()))")
+            assert first.status is Status.OK, first
+            ran = await session.exec(READ_CSV_WRITE_TOTAL)
+            assert (ran.status, ran.stdout) == (Status.OK, "rows 2\n"), ran
+            assert await session.read_file("out/total.txt") == b"42"
+            blob = bytes(range(256)) * 5
+            await session.write_file("blob.bin", blob)
+            assert await session.read_file("blob.bin") == blob
+            names = {entry["name"]: entry for entry in await session.list_files()}
+            assert {"data", "out", "blob.bin", "main.py"} <= set(names)
+            assert names["blob.bin"] == {"name": "blob.bin", "type": "file", "size": len(blob)}
+            await session.remove_file("data")
+            assert "data" not in {entry["name"] for entry in await session.list_files()}
+            info = await session.refresh()
+            assert info["execs"] == 2 and info["state"] == "idle"
+        listed = await stack.client.sessions()
+    assert listed[0]["id"] == session.id and listed[0]["ended"] == "closed by its owner"
+
+
+async def test_a_closed_session_is_gone_for_every_call(tmp_path):
+    async with local_stack(tmp_path, max_sandboxes=4) as stack:
+        session = await stack.client.session()
+        await session.close()
+        for call in (
+            session.exec("print(1)"),
+            session.read_file("x"),
+            session.write_file("x", "y"),
+            session.refresh(),
+        ):
+            with pytest.raises(errors.SessionNotFound):
+                await call
+        await session.close()  # closing again is no error
+        assert stack.pool.stats()["busy"] == 0
+
+
+async def test_an_idle_session_is_reaped_and_listed_as_such(tmp_path):
+    async with local_stack(tmp_path, max_sandboxes=4) as stack:
+        session = await stack.client.session(idle_timeout=0.3)
+        await session.exec("print(1)")
+        await trio.sleep(0.8)
+        with pytest.raises(errors.SessionNotFound):
+            await session.exec("print(2)")
+        [listed] = await stack.client.sessions()
+    assert listed["ended"] == "idle for 0.3 s"
+
+
+async def test_an_owner_cannot_hold_more_sessions_than_its_share(tmp_path):
+    settings = {"max_per_owner": 2}
+    async with local_stack(tmp_path, max_sandboxes=8, sessions=settings) as stack:
+        first, second = [await stack.client.session() for _ in range(2)]
+        with pytest.raises(errors.TooManySessions) as refused:
+            await stack.client.session()
+        assert "sessions.max_per_owner" in refused.value.message
+        result = await stack.client.execute("python", "print('one-shot jobs still run')")
+        assert result.ok
+        await first.close()
+        third = await stack.client.session()
+        await second.close()
+        await third.close()
+
+
+async def test_a_session_keeps_its_limits_and_refuses_to_change_them_per_exec(tmp_path):
+    async with local_stack(tmp_path, max_sandboxes=4) as stack:
+        limits = {"memory_bytes": 256 * 2**20, "processes": 32}
+        async with await stack.client.session(limits=limits) as session:
+            assert session.info["limits"]["memory_bytes"] == 256 * 2**20
+            with pytest.raises(errors.InvalidParams) as refused:
+                await session.exec("print(1)", limits={"memory_bytes": 2**30})
+            assert refused.value.data["field"] == "limits.memory_bytes"
+            slow = await session.exec("import time; time.sleep(5)", timeout=0.3)
+            assert slow.status is Status.TIMEOUT
+            after = await session.exec("print('still here')")
+            assert after.stdout == "still here\n"
+
+
+async def test_paths_out_of_the_working_directory_are_refused(tmp_path):
+    async with local_stack(tmp_path, max_sandboxes=4) as stack:
+        async with await stack.client.session() as session:
+            for path in ("../x", "/etc/passwd", "a/../../x", ""):
+                with pytest.raises(errors.InvalidParams):
+                    await session.read_file(path)
+            with pytest.raises(errors.InvalidParams) as missing:
+                await session.read_file("nothing-here")
+            assert "No such file" in missing.value.message
