@@ -86,11 +86,11 @@ def execute_params(
 def session_exec_params(session_id: str, code: str, options: dict[str, Any]) -> dict[str, Any]:
     """The params of ``session.exec``: execute's, in the session ``session_id``, whose
     language is the default."""
-    language = options.pop("language", None)
+    language, cell = options.pop("language", None), options.pop("cell", None)
     params = execute_params(language or "", code, **options)
     if not language:
         del params["language"]
-    return {"id": session_id, **params}
+    return {"id": session_id, **params, **({"cell": True} if cell else {})}
 
 
 def file_params(session_id: str, path: str, content: str | bytes) -> dict[str, Any]:
@@ -246,7 +246,8 @@ class Session:
     def exec(
         self, code: str, *, on_output: OutputCallback | None = None, **options: Any
     ) -> ExecutionResult:
-        """Run ``code`` in the session (``execute``'s options but network)."""
+        """Run ``code`` in the session (``execute``'s options but network); with
+        ``cell=True``, a Python cell in the session's interpreter kept alive."""
         params = session_exec_params(self.id, code, options)
         record = self.client.call(Method.SESSION_EXEC, params, _output_relay(on_output))
         return ExecutionResult.from_dict(record)

@@ -80,6 +80,9 @@ def create(
 )
 @click.option("-t", "--timeout", type=float, help="Wall-time limit in seconds.")
 @LIMIT_OPTION
+@click.option(
+    "--cell", is_flag=True, help="Run it as a Python cell: what it defines stays for the next."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full result record as JSON.")
 @click.pass_obj
 def exec_in_session(
@@ -93,10 +96,11 @@ def exec_in_session(
     files: tuple[str, ...],
     timeout: float | None,
     limits: tuple[str, ...],
+    cell: bool,
     as_json: bool,
 ) -> None:
     """Run a program (-c CODE, a SOURCE file, or -) in the session; exits as
-    ``sandboxctl exec`` does."""
+    ``sandboxctl exec`` does. A cell's last expression's value is printed after it."""
     if (code is None) == (source is None):
         raise click.UsageError("give the program either with -c CODE or as SOURCE (- for stdin)")
     program = code if code is not None else source.read()  # type: ignore[union-attr]  # one is set
@@ -108,8 +112,11 @@ def exec_in_session(
         files=read_files(files),
         timeout=timeout,
         limits=parse_limits(limits),
+        cell=cell or None,
         on_output=None if as_json else stream_to_terminal,
     )
+    if result.cell is not None and result.cell.value is not None and not as_json:
+        click.echo(result.cell.value)
     finish(result, as_json)
 
 

@@ -45,11 +45,16 @@ class Job:
     interactive: bool  # stdin stays open for what the client streams (execute.stdin)
     network: bool  # egress to what the server's [network] allow lists
     compile_file_size_bytes: int  # the compiler's own files may be as large as the maximum
+    cell: bool = False  # a session's Python cell: run in its interpreter kept alive
 
     def agent_message(self) -> dict[str, Any]:
         """The ``job`` message of the agent protocol (see guest/agent/): a warm
         runtime (:func:`warm_runtime`) takes it if it runs the same command."""
-        files = [{"path": self.language.source_file, "content": self.code, "encoding": "utf-8"}]
+        files = (
+            []
+            if self.cell
+            else [{"path": self.language.source_file, "content": self.code, "encoding": "utf-8"}]
+        )
         files += [
             {"path": f.path, "content": base64.b64encode(f.content).decode(), "encoding": "base64"}
             for f in self.files
@@ -63,7 +68,10 @@ class Job:
             "type": "job",
             "files": files,
             "compile": compile_step,
-            "run": {"argv": [*self.language.run, *self.args]},
+            "run": {
+                "argv": [*self.language.run, *self.args],
+                **({"cell": self.code} if self.cell else {}),
+            },
             "env": dict(self.language.env),
             "stdin": self.stdin,
             "stdin_stream": self.interactive,
@@ -203,6 +211,7 @@ class CheckedParams:
     files: tuple[JobFile, ...]
     interactive: bool
     network: bool
+    cell: bool
 
 
 def check_params(params: Any, fields: tuple[str, ...] = EXECUTE_FIELDS) -> CheckedParams:
@@ -222,7 +231,10 @@ def check_params(params: Any, fields: tuple[str, ...] = EXECUTE_FIELDS) -> Check
         files=_files(params.get("files")),
         interactive=_flag(params, "interactive"),
         network=_flag(params, "network"),
+        cell=_flag(params, "cell"),
     )
+    if checked.cell and (checked.args or checked.interactive):
+        raise InvalidParams.field("cell", "a cell takes no args and no interactive stdin")
     check_limits(params.get("limits"), params.get("timeout"))
     return checked
 
@@ -239,6 +251,8 @@ def parse_job(
     """
     checked = check_params(params, fields)
     language = languages.resolve(checked.language)
+    if checked.cell and not language.cells:
+        raise InvalidParams.field("cell", f"{language.name} has no cells (python has)")
     for index, file in enumerate(checked.files):  # none may replace the program itself
         if _clashes(file.path, {language.source_file}):
             raise InvalidParams.field(
@@ -254,4 +268,5 @@ def parse_job(
         interactive=checked.interactive,
         network=checked.network,
         compile_file_size_bytes=int(bounds["file_size_bytes"].maximum),
+        cell=checked.cell,
     )

@@ -29,6 +29,9 @@ class Language:
     # Whether a ready sandbox may start ``run`` before its job comes (the agent's
     # WarmRuntime): only where the runtime reads its source file once, as a stream.
     warm: bool = False
+    # Whether a session can run its code as cells of one interpreter kept alive between
+    # them (the agent's kernel: guest/agent/kernel.py).
+    cells: bool = False
 
     @property
     def compiled(self) -> bool:
@@ -53,6 +56,7 @@ LANGUAGES: tuple[Language, ...] = (
         run=("python3", "main.py"),
         version_command=("python3", "--version"),
         warm=True,
+        cells=True,
         # Unbuffered, so output streams to the caller as the program writes it.
         env=MappingProxyType({"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}),
     ),

@@ -47,6 +47,7 @@ EXECUTE_FIELDS = (
 SESSION_CREATE_FIELDS = ("language", "timeout", "limits", "ttl", "idle_timeout", "network")
 SESSION_EXEC_FIELDS = (
     "id", "language", "code", "stdin", "args", "files", "timeout", "limits", "interactive",
+    "cell",
 )  # fmt: skip
 SESSION_LIMITS = ("memory_bytes", "processes", "file_size_bytes")  # for the whole session
 

@@ -28,6 +28,15 @@ class CompileResult:
 
 
 @dataclass
+class CellResult:
+    """A session's Python cell (``"cell": true``): its interpreter and last value."""
+
+    value: str | None = None  # repr of the cell's last expression, if it had one (not None)
+    fresh: bool = False  # it ran in a new interpreter (the first cell, or after one ended)
+    kept: bool = False  # the interpreter, and what the cell defined, is there for the next
+
+
+@dataclass
 class ExecutionResult:
     status: Status
     message: str = ""
@@ -43,6 +52,7 @@ class ExecutionResult:
     usage: dict[str, float] = field(default_factory=lambda: {"cpu_time": 0.0, "memory_bytes": 0})
     sandbox_id: str = ""
     warm: bool = False  # the runtime was already started, waiting, when the job came
+    cell: CellResult | None = None
 
     @property
     def ok(self) -> bool:
@@ -62,9 +72,8 @@ class ExecutionResult:
             values["status"] = Status(str(record.get("status")))
         except ValueError:
             values["status"] = Status.INTERNAL_ERROR
-        if isinstance(record.get("compile"), dict):
-            compile_names = {f.name for f in dataclasses.fields(CompileResult)}
-            values["compile"] = CompileResult(
-                **{k: v for k, v in record["compile"].items() if k in compile_names}
-            )
+        for name, part in (("compile", CompileResult), ("cell", CellResult)):
+            if isinstance(record.get(name), dict):
+                names = {f.name for f in dataclasses.fields(part)}
+                values[name] = part(**{k: v for k, v in record[name].items() if k in names})
         return cls(**values)

@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 ENDED_KEPT = 8  # per owner: the sessions that ended, listed with why
 CLOSE_TIMEOUT = 10.0  # for a closed session's sandbox to be torn down
+# A file write needs this much of the session's free memory: the agent holds the message
+# and the file content while it writes (about 3 times the file), with room to spare.
+WRITE_MEMORY_FACTOR = 3
+WRITE_MEMORY_SPARE = 8 * 2**20
 
 
 @dataclass
@@ -349,6 +353,15 @@ class Sessions:
         if len(data) > self._max_file(session.limits):
             raise InvalidParams.field(
                 "content", f"more than the {self._max_file(session.limits)} bytes a file may hold"
+            )
+        room = session.sandbox.memory_room() if session.sandbox else None
+        # The agent holds the message (base64) and the file while it writes it, and its
+        # files share the session's memory: it must not be left without any.
+        if room is not None and WRITE_MEMORY_FACTOR * len(data) + WRITE_MEMORY_SPARE > room:
+            raise InvalidParams.field(
+                "content",
+                f"the session's memory is full: {max(room, 0) // 2**20} MiB free, and its "
+                "files count toward it; remove some first",
             )
         message = {"type": "file.write", "path": path, "content": base64.b64encode(data).decode()}
         await self._file_request(owner, session.id, message)

@@ -82,14 +82,17 @@ class StdinWriter:
     what the host streams. It is ``full`` when the host should wait (the run loop then
     stops reading the channel, and the host's side holds the rest)."""
 
-    def __init__(self, fd: int, poller: select.poll) -> None:
+    def __init__(self, fd: int, poller: select.poll, owned: bool = True) -> None:
+        """``fd`` is closed once all is written, if ``owned``; -1: a process without a
+        stdin pipe, to which nothing is written."""
         self._fd = fd
-        os.set_blocking(fd, False)
+        self._owned = owned
         self._poller = poller
         self._pending = bytearray()
-        self._eof = False
+        self._eof = self.finished = fd < 0
         self._watched = False
-        self.finished = False
+        if fd >= 0:
+            os.set_blocking(fd, False)
 
     @property
     def full(self) -> bool:
@@ -137,4 +140,5 @@ class StdinWriter:
             self._watched = wanted
         if self._eof and not self._pending:
             self.finished = True
-            os.close(self._fd)
+            if self._owned:
+                os.close(self._fd)

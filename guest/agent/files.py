@@ -11,6 +11,7 @@ from .common import JobError, ignoring
 
 TYPE_CHECKING = False  # typing costs every sandbox its import
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
 MAX_ENTRIES = 10000  # of a directory listing
@@ -105,27 +106,37 @@ class Workdir:
                 content = str(entry["content"]).encode()
             self.write(str(entry["path"]), content)
 
-    def read(self, path: str, max_bytes: int) -> bytes:
-        """The content of the regular file ``path``, if it holds at most ``max_bytes``."""
+    def read(self, path: str, max_bytes: int, chunk: int) -> Iterator[bytes]:
+        """The content of the regular file ``path``, if it holds at most ``max_bytes``,
+        in pieces of ``chunk`` bytes (the agent holds one at a time: a session's files
+        and the agent share its memory, so a file read whole could leave no room)."""
 
-        def read(dir_fd: int, name: str) -> bytes:
+        def open_file(dir_fd: int, name: str) -> int:
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
             fd = os.open(name, flags, dir_fd=dir_fd)
-            with os.fdopen(fd, "rb") as stream:
-                info = os.fstat(fd)
-                if not stat.S_ISREG(info.st_mode):
-                    raise JobError(f"cannot read {path!r}: not a regular file")
-                if info.st_size > max_bytes:
-                    raise JobError(
-                        f"cannot read {path!r}: {info.st_size} bytes, more than the "
-                        f"limit of {max_bytes}"
-                    )
-                data = stream.read(max_bytes + 1)
-            if len(data) > max_bytes:  # it grew while we read
-                raise JobError(f"cannot read {path!r}: more than the limit of {max_bytes} bytes")
-            return data
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+                os.close(fd)
+                why = (
+                    "not a regular file"
+                    if not stat.S_ISREG(info.st_mode)
+                    else (f"{info.st_size} bytes, more than the limit of {max_bytes}")
+                )
+                raise JobError(f"cannot read {path!r}: {why}")
+            return fd
 
-        return self._operate("read", path, read)
+        fd = self._operate("read", path, open_file)
+        try:
+            size = 0
+            while piece := os.read(fd, chunk):
+                size += len(piece)
+                if size > max_bytes:  # it grew while we read
+                    raise JobError(
+                        f"cannot read {path!r}: more than the limit of {max_bytes} bytes"
+                    )
+                yield piece
+        finally:
+            os.close(fd)
 
     def list(self, path: str) -> tuple[list[dict[str, Any]], bool]:
         """The entries of the directory ``path`` (name, type, size), sorted by name, and

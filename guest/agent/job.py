@@ -40,9 +40,12 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
         env = {**BASE_ENV, **{str(k): str(v) for k, v in job.get("env", {}).items()}}
         stdin = str(job.get("stdin") or "").encode()
         stream_stdin = bool(job.get("stdin_stream"))
+        cell = job["run"].get("cell")  # a session's Python cell: its code
+        if cell is not None:
+            cell = str(cell)
     except (KeyError, TypeError, AttributeError) as exc:
         raise JobError(f"malformed job message: {exc!r}") from exc
-    warm = runner.take_warm(run_argv, env, files, compiles=bool(compile_argv))
+    warm = None if cell is not None else runner.take_warm(run_argv, env, files, bool(compile_argv))
     if warm is None:
         runner.files.write_all(files)
     result: dict[str, Any] = {
@@ -73,18 +76,23 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
                 "memory_bytes": compiled.memory_bytes,
             }
             return {"status": status, "message": message, **result}
-    ran = runner.run(
-        "run",
-        run_argv,
-        env=env,
-        stdin=stdin,
-        stream_stdin=stream_stdin,
-        wall_time=float(limits["wall_time"]),
-        cpu_time=float(limits["cpu_time"]),
-        limits=limits,
-        warm=warm,
-    )
+    run_limits = {
+        "env": env,
+        "wall_time": float(limits["wall_time"]),
+        "cpu_time": float(limits["cpu_time"]),
+        "limits": limits,
+    }
+    if cell is not None:
+        from .cells import run_cell
+
+        ran, result["cell"] = run_cell(runner, run_argv[0], cell, stdin.decode(), **run_limits)
+    else:
+        ran = runner.run(
+            "run", run_argv, stdin=stdin, stream_stdin=stream_stdin, warm=warm, **run_limits
+        )
     status, message = classify(ran, "run", limits)
+    if cell is not None and result["cell"].get("error") and status == "runtime_error":
+        message = f"the cell raised {result['cell'].pop('error')}"
     record = ran.record()
     result.update(
         exit_code=record["exit_code"],

@@ -44,11 +44,17 @@ def confine(
 
 
 def spawn(
-    argv: list[str], *, cwd: str, env: dict[str, str], preexec: Callable[[], None]
-) -> tuple[int, int, int, int]:
-    """Start ``argv`` in a new session with pipes for its stdin, stdout and stderr, after
-    ``preexec`` in the child; (pid, stdin, stdout, stderr) or JobError if it cannot
-    start. (subprocess would cost every sandbox its import; the agent has one thread.)"""
+    argv: list[str],
+    *,
+    cwd: str,
+    env: dict[str, str],
+    preexec: Callable[[], None],
+    pass_fds: tuple[int, ...] = (),
+) -> Process:
+    """Start ``argv`` in a new session with pipes for its stdin, stdout and stderr (and
+    ``pass_fds`` kept open), after ``preexec`` in the child; (pid, stdin, stdout,
+    stderr) or JobError if it cannot start. (subprocess would cost every sandbox its
+    import; the agent has one thread.)"""
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
     stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
     stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
@@ -58,8 +64,13 @@ def spawn(
         try:
             for fd, target in ((stdin_r, 0), (stdout_w, 1), (stderr_w, 2)):
                 os.dup2(fd, target)
-            os.closerange(3, report_w)
-            os.closerange(report_w + 1, 1 << 16)
+            low = 3
+            for fd in sorted({report_w, *pass_fds}):
+                os.closerange(low, fd)
+                low = fd + 1
+            os.closerange(low, 1 << 16)
+            for fd in pass_fds:
+                os.set_inheritable(fd, True)
             os.setsid()
             os.chdir(cwd)
             preexec()

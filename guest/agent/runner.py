@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .capture import StageOutcome, StdinWriter
+    from .cells import Kernel
     from .limits import Confinement
     from .protocol import Channel
 
@@ -34,6 +35,7 @@ class Runner:
         self.reaper = Reaper()
         self.channel: Channel | None = None  # the host's, while serving
         self.warm: WarmRuntime | None = None
+        self.kernel: Kernel | None = None  # a session's interpreter for Python cells
 
     def start_warm(self, spec: dict[str, Any] | None) -> None:
         """(Re)start the warm runtime ``spec`` describes, after each sync: in a VM
@@ -64,12 +66,27 @@ class Runner:
 
     def kill_all(self, pid: int) -> None:
         """Kill the program's process group and, when alone in the namespace, every
-        other process but ourselves (what a program detached from its group left)."""
-        for target, how in ((pid, os.killpg), (-1, os.kill)):
-            if target == -1 and not self.isolated:
+        other process but ourselves (what a program detached from its group left) and
+        a session's interpreter, unless that is what ``pid`` is."""
+        with ignoring(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        if not self.isolated:
+            return
+        if self.kernel is not None and self.kernel.process[0] != pid:
+            self.kill_all_but(self.kernel.process[0])
+            return
+        with ignoring(ProcessLookupError, PermissionError):
+            os.kill(-1, signal.SIGKILL)
+
+    def kill_all_but(self, keep: int) -> None:
+        """Kill every process the program started but ``keep`` (a session's interpreter,
+        whose cell ended): when alone in the namespace, all others; else its group's."""
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in (keep, os.getpid()):
                 continue
             with ignoring(ProcessLookupError, PermissionError):
-                how(target, signal.SIGKILL)
+                if self.isolated or os.getpgid(int(entry)) == keep:
+                    os.kill(int(entry), signal.SIGKILL)
 
     def limit_warm(self, pid: int, rlimits: list[tuple[int, tuple[int, int]]]) -> None:
         """Set a warm process's rlimits before its program's first line."""

@@ -42,11 +42,11 @@ def _file_request(
         files.write(path, base64.b64decode(str(message["content"]), validate=True))
         return {"type": "done"}
     if kind == "file.read":
-        data = files.read(path, int(message["max_bytes"]))
-        for start in range(0, len(data), FILE_CHUNK):
-            chunk = base64.b64encode(data[start : start + FILE_CHUNK]).decode()
-            channel.send({"type": "file.data", "data": chunk})
-        return {"type": "done", "size": len(data)}
+        size = 0
+        for piece in files.read(path, int(message["max_bytes"]), FILE_CHUNK):
+            channel.send({"type": "file.data", "data": base64.b64encode(piece).decode()})
+            size += len(piece)
+        return {"type": "done", "size": size}
     if kind == "file.list":
         entries, truncated = files.list(path)
         return {"type": "done", "entries": entries, "truncated": truncated}

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import resource
     from typing import Any
 
+    from .processes import Process
     from .runner import Runner
     from .warm import WarmRuntime
 
@@ -62,27 +63,11 @@ class StageRun:
         channel.send({"type": "stage", "stage": stage})
         self.start = time.monotonic()
         rlimits = job_rlimits(limits, cpu_time)
-        if warm is None:
-            process = spawn(
-                argv, cwd=runner.workdir, env=env, preexec=confine(confinement, rlimits)
-            )
-        else:
-            process = warm.process
-            runner.limit_warm(process[0], rlimits)
-            if self.cpu_before is not None:
-                # As in a cold start (and as its rlimit counts), the runtime's own start
-                # is the job's CPU time too.
-                self.cpu_before -= cpu_time_of(process[0])
-            fifo, source = warm.publish()
-        self.pid, stdin_fd, stdout_fd, stderr_fd = process
         self.poller = select.poll()
+        self.source_writer: StdinWriter | None = None
+        self.pid, stdin_fd, stdout_fd, stderr_fd = self._launch(argv, env, rlimits, warm)
         self.writer = StdinWriter(stdin_fd, self.poller)
         self.writer.feed(stdin)
-        # The warm process's source, through the FIFO, like its stdin.
-        self.source_writer = StdinWriter(fifo, self.poller) if warm else None
-        if self.source_writer is not None:
-            self.source_writer.feed(source)
-            self.source_writer.close()
         self.streams = {stdout_fd: "stdout", stderr_fd: "stderr"}
         self.pipes = set(self.streams)  # still open
         self.outcome.captures = {
@@ -103,6 +88,34 @@ class StageRun:
         self.next_cpu_check = self.start
         self.killed_at: float | None = None
         self.exit_status: tuple[int, resource.struct_rusage] | None = None
+
+    def _launch(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        rlimits: list[tuple[int, tuple[int, int]]],
+        warm: WarmRuntime | None,
+    ) -> Process:
+        """The stage's process, started under ``rlimits``: ``argv`` now, or the ``warm``
+        runtime, whose source then goes through its FIFO like stdin."""
+        runner = self.runner
+        if warm is None:
+            preexec = confine(runner.confinement, rlimits)
+            return spawn(argv, cwd=runner.workdir, env=env, preexec=preexec)
+        runner.limit_warm(warm.process[0], rlimits)
+        if self.cpu_before is not None:
+            # As in a cold start (and as its rlimit counts), the runtime's own start is
+            # the job's CPU time too.
+            self.cpu_before -= cpu_time_of(warm.process[0])
+        fifo, source = warm.publish()
+        self.feed_source(fifo, source, owned=True)
+        return warm.process
+
+    def feed_source(self, fd: int, source: bytes, owned: bool) -> None:
+        """Write ``source`` to ``fd`` as the stage runs (closing it after, if ``owned``)."""
+        self.source_writer = StdinWriter(fd, self.poller, owned)
+        self.source_writer.feed(source)
+        self.source_writer.close()
 
     def _kill(self) -> None:
         self.killed_at = time.monotonic()
@@ -171,20 +184,22 @@ class StageRun:
         elif fd in self.pipes:  # not unregistered by an earlier event of this round
             self._read(fd)
 
-    def _read(self, fd: int) -> None:
+    def _read(self, fd: int) -> bool:
+        """Take what the pipe ``fd`` holds (closing it at its end); whether it held any."""
         try:
             chunk = os.read(fd, CHUNK)
         except BlockingIOError:
-            return
+            return False
         if not chunk:
             self.poller.unregister(fd)
             self.pipes.discard(fd)
             os.close(fd)
-            return
+            return False
         stream = self.streams[fd]
         if not self.outcome.captures[stream].add(chunk) and self.killed_at is None:
             self.outcome.output_limited = stream
             self._kill()
+        return True
 
     def close(self) -> None:
         """Drop what is left to write, close the pipes, and reap the process (killed
@@ -199,9 +214,8 @@ class StageRun:
             self.runner.kill_all(self.pid)
             self.exit_status = self.runner.reaper.wait(self.pid)
 
-    def finish(self) -> StageOutcome:
-        """The outcome of the closed stage."""
-        assert self.exit_status is not None
+    def settle(self) -> StageOutcome:
+        """The outcome of the closed stage but for how its process ended."""
         outcome = self.outcome
         for capture in outcome.captures.values():
             if not capture.truncated:
@@ -209,12 +223,18 @@ class StageRun:
         outcome.wall = time.monotonic() - self.start
         confinement = self.runner.confinement
         outcome.oom_killed = confinement.oom_kills() > self.oom_kills
-        status, usage = self.exit_status
-        returncode = os.waitstatus_to_exitcode(status)
         cpu_after = confinement.cpu_seconds()
         if self.cpu_before is not None and cpu_after is not None:
             outcome.cpu = cpu_after - self.cpu_before  # every process of the stage
-        else:
+        return outcome
+
+    def finish(self) -> StageOutcome:
+        """The outcome of the closed stage."""
+        assert self.exit_status is not None
+        outcome = self.settle()
+        status, usage = self.exit_status
+        returncode = os.waitstatus_to_exitcode(status)
+        if self.cpu_before is None:  # no cgroup of its own to count it: its processes'
             outcome.cpu = usage.ru_utime + usage.ru_stime
         outcome.memory_bytes = usage.ru_maxrss * 1024
         if returncode < 0:

@@ -266,6 +266,11 @@ class Sandbox(abc.ABC):
         """CPU time the sandbox used so far (where ``host_counts_cpu``)."""
         raise SandboxStateError(f"{type(self).__name__} does not count its CPU time")
 
+    def memory_room(self) -> int | None:
+        """Of the memory the sandbox may hold, what is free now; None where the host
+        cannot tell (a VM's own memory)."""
+        return None
+
     @abc.abstractmethod
     def memory_bytes(self) -> int:
         """The host memory the sandbox holds now (a ready one: what waiting costs)."""

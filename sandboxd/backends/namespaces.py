@@ -79,6 +79,7 @@ class NamespacesSandbox(JailedSandbox):
     ) -> None:
         super().__init__(sandbox_id, link, child, cgroup, log.getChild(sandbox_id))
         self.cpus = cpus
+        self.memory_limit = 0  # of the cgroup, as set for the job (or the session)
 
     def network_pid(self) -> int:
         # The jail's processes (the agent and its program); the outer bubblewrap stays
@@ -89,10 +90,16 @@ class NamespacesSandbox(JailedSandbox):
         return inside[0]
 
     def apply_limits(self, limits: Limits) -> None:
+        settings = jail_limits(limits, self.cpus)
+        self.memory_limit = settings["memory_bytes"]
         try:
-            self.cgroup.set_limits(**jail_limits(limits, self.cpus))
+            self.cgroup.set_limits(**settings)
         except OSError as exc:
             raise LaunchError(f"cannot set the limits of sandbox {self.id}: {exc}") from exc
+
+    def memory_room(self) -> int | None:
+        # The working directory is a tmpfs: its files are charged to the cgroup too.
+        return self.memory_limit - self.cgroup.working_memory() if self.memory_limit else None
 
     host_counts_cpu = True
 

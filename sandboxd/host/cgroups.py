@@ -233,6 +233,21 @@ class Cgroup:
         """The memory charged to the cgroup now (page cache of its tmpfs included)."""
         return self._memory_counter("memory.usage_in_bytes", "memory.current")
 
+    def working_memory(self) -> int:
+        """The memory charged that the kernel cannot simply drop: all but the page cache
+        of files on disk (which a tmpfs's files, and processes, are not)."""
+        prefix = "" if self.layout.version == 2 else "total_"
+        names = {f"{prefix}active_file", f"{prefix}inactive_file"}
+        dropped = 0
+        try:
+            for line in self._file("memory", "memory.stat", "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key in names:
+                    dropped += int(value)
+        except (FileNotFoundError, ValueError):
+            pass
+        return self.memory_usage() - dropped
+
     def peak_memory(self) -> int:
         return self._memory_counter("memory.max_usage_in_bytes", "memory.peak")
 

@@ -100,11 +100,43 @@ async def test_a_session_keeps_its_limits_and_refuses_to_change_them_per_exec(tm
 
 
 async def test_paths_out_of_the_working_directory_are_refused(tmp_path):
-    async with local_stack(tmp_path, max_sandboxes=4) as stack:
-        async with await stack.client.session() as session:
-            for path in ("../x", "/etc/passwd", "a/../../x", ""):
-                with pytest.raises(errors.InvalidParams):
-                    await session.read_file(path)
-            with pytest.raises(errors.InvalidParams) as missing:
-                await session.read_file("nothing-here")
-            assert "No such file" in missing.value.message
+    async with (
+        local_stack(tmp_path, max_sandboxes=4) as stack,
+        await stack.client.session() as session,
+    ):
+        for path in ("../x", "/etc/passwd", "a/../../x", ""):
+            with pytest.raises(errors.InvalidParams):
+                await session.read_file(path)
+        with pytest.raises(errors.InvalidParams) as missing:
+            await session.read_file("nothing-here")
+        assert "No such file" in missing.value.message
+
+
+async def test_cells_share_one_interpreter_and_give_the_last_value(tmp_path):
+    async with (
+        local_stack(tmp_path, max_sandboxes=4) as stack,
+        await stack.client.session() as session,
+    ):
+        first = await session.exec("x = 41\nimport json", cell=True)
+        assert first.status is Status.OK and first.cell.fresh and first.cell.kept, first
+        assert first.cell.value is None
+        second = await session.exec("print(x + 1)\nx + 1", cell=True)
+        assert (second.stdout, second.cell.value, second.cell.fresh) == ("42\n", "42", False)
+        failed = await session.exec("y = 1\nundefined_name", cell=True)
+        assert failed.status is Status.RUNTIME_ERROR and failed.cell.kept
+        assert failed.message == "the cell raised NameError"
+        assert failed.stderr.startswith("Traceback (most recent call last):\n")
+        assert 'File "<cell 3>", line 2, in <module>\n    undefined_name\n' in failed.stderr
+        typo = await session.exec("def f(:\n", cell=True)
+        assert typo.status is Status.RUNTIME_ERROR and "SyntaxError" in typo.stderr
+        assert (
+            await session.exec("print(x, y, input())", stdin="in\n", cell=True)
+        ).stdout == "41 1 in\n"
+        ended = await session.exec("import sys; sys.exit(3)", cell=True)
+        assert (ended.exit_code, ended.cell.kept) == (3, False)
+        again = await session.exec("print('x' in globals())", cell=True)
+        assert (again.stdout, again.cell.fresh) == ("False\n", True)
+        slow = await session.exec("import time; time.sleep(10)", cell=True, timeout=0.5)
+        assert slow.status is Status.TIMEOUT and not slow.cell.kept
+        program = await session.exec("print('a program beside the cells')")
+        assert program.ok and program.cell is None

@@ -1,0 +1,292 @@
+"""Sessions on a real daemon (namespaces backend): the flow an agent loop uses, through
+the library and the CLI, ownership across local users, reaping, and attacks from the
+programs a session runs on the session's own file operations."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+
+from sandboxd import errors
+from sandboxd.protocol import Status
+from tests.host_state import program_processes, sandbox_cgroups, wait_for
+
+# A program that draws a PNG (a 16x16 gradient) from the CSV it was given, standard
+# library only; the test makes the same PNG here to compare byte for byte.
+DRAW_PNG = """
+import csv, struct, zlib
+
+def png(width, height, rows):
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+    raw = b"".join(b"\\0" + bytes(row) for row in rows)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    png = b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", header)
+    return png + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+scale = {name: int(value) for name, value in csv.reader(open("data/scale.csv"))}
+rows = [[(x * scale["x"] + y * scale["y"]) % 256 for x in range(16)] for y in range(16)]
+open("plot.png", "wb").write(png(16, 16, rows))
+print("drew", len(rows), "rows")
+"""
+
+
+def expected_png() -> bytes:
+    namespace: dict = {}
+    exec(DRAW_PNG.split("scale = ")[0], namespace)
+    rows = [[(x * 3 + y * 5) % 256 for x in range(16)] for y in range(16)]
+    return namespace["png"](16, 16, rows)
+
+
+def assert_session_gone(daemon, sandbox_id: str) -> None:
+    assert wait_for(lambda: not any(p.name == sandbox_id for p in sandbox_cgroups(daemon.name)))
+    assert wait_for(lambda: not program_processes(daemon.uid_base))
+
+
+def test_an_agent_loop_through_the_library(daemon, client):
+    with client.session("python") as session:
+        session.write_file("data/scale.csv", "x,3\ny,5\n")
+        drew = session.exec(DRAW_PNG)
+        assert (drew.status, drew.stdout) == (Status.OK, "drew 16 rows\n"), drew.stderr
+        assert session.read_file("plot.png") == expected_png()
+        assert zlib.crc32(session.read_file("data/scale.csv")) == zlib.crc32(b"x,3\ny,5\n")
+        defined = session.exec("x = 41", cell=True)
+        assert defined.ok and defined.cell.kept
+        used = session.exec("print(x + 1)", cell=True)
+        assert (used.status, used.stdout) == (Status.OK, "42\n")
+        sandbox_id = session.refresh()["sandbox_id"]
+        assert any(p.name == sandbox_id for p in sandbox_cgroups(daemon.name))
+    assert_session_gone(daemon, sandbox_id)
+    with pytest.raises(errors.SessionNotFound):
+        session.exec("print(1)")
+
+
+def sandboxctl(daemon, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "sandboxctl", "--socket", str(daemon.socket), *args],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_an_agent_loop_through_the_cli(daemon, tmp_path):
+    created = sandboxctl(daemon, "session", "create", "-l", "python")
+    assert created.returncode == 0, created.stderr
+    session_id = created.stdout.decode().strip()
+    (tmp_path / "scale.csv").write_text("x,3\ny,5\n")
+    steps = [
+        ("session", "put", session_id, str(tmp_path / "scale.csv"), "data/scale.csv"),
+        ("session", "exec", session_id, "-c", DRAW_PNG),
+        ("session", "get", session_id, "plot.png", "-o", str(tmp_path / "plot.png")),
+        ("session", "exec", session_id, "--cell", "-c", "x = 41"),
+    ]
+    for step in steps:
+        done = sandboxctl(daemon, *step)
+        assert done.returncode == 0, (step, done.stderr)
+    assert (tmp_path / "plot.png").read_bytes() == expected_png()
+    cell = sandboxctl(daemon, "session", "exec", session_id, "--cell", "-c", "print(x + 1)\nx")
+    assert (cell.returncode, cell.stdout) == (0, b"42\n41\n")
+    listed = sandboxctl(daemon, "session", "ls", session_id)
+    assert b"plot.png" in listed.stdout and b"data" in listed.stdout
+    failed = sandboxctl(daemon, "session", "exec", session_id, "-c", "raise SystemExit(3)")
+    assert failed.returncode == 3
+    assert sandboxctl(daemon, "session", "close", session_id).returncode == 0
+    again = sandboxctl(daemon, "session", "close", session_id)
+    assert again.returncode == 2
+    assert again.stderr.decode().strip() == f"Error: no session '{session_id}'"
+
+
+# As another local user: every call on the session of uid 0, by its id, and a list.
+OTHER_USER = """
+import json, socket, sys
+path, session_id = sys.argv[1], sys.argv[2]
+calls = [
+    ("session.exec", {"id": session_id, "code": "print('in')"}),
+    ("session.exec", {"id": session_id, "code": "x", "cell": True}),
+    ("session.read_file", {"id": session_id, "path": "secret.txt"}),
+    ("session.write_file", {"id": session_id, "path": "secret.txt", "content": "theirs"}),
+    ("session.list_files", {"id": session_id}),
+    ("session.remove_file", {"id": session_id, "path": "secret.txt"}),
+    ("session.info", {"id": session_id}),
+    ("session.close", {"id": session_id}),
+    ("session.info", {"id": "0" * 24}),
+    ("session.list", {}),
+]
+answers = []
+for number, (method, params) in enumerate(calls):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        request = {"jsonrpc": "2.0", "method": method, "params": params, "id": number}
+        s.sendall(json.dumps(request).encode() + b"\\n")
+        answers.append(json.loads(s.makefile().readline()))
+print(json.dumps(answers))
+"""
+
+
+def test_another_local_user_can_neither_see_nor_use_a_session(
+    make_daemon, local_users, public_tmp_path
+):
+    daemon = make_daemon(
+        daemon={"socket": str(public_tmp_path / "sock"), "socket_group": local_users.group}
+    )
+    with daemon.client.session() as session:
+        session.write_file("secret.txt", "mine")
+        session.exec("x = 'mine'", cell=True)
+        done = local_users.run(
+            local_users.member,
+            ["/usr/bin/python3", "-c", OTHER_USER, str(daemon.socket), session.id],
+        )
+        assert done.returncode == 0, done.stderr
+        *refused, unknown, listed = json.loads(done.stdout)
+        for answer in refused:
+            assert answer["error"] == {
+                "code": errors.SessionNotFound.code,
+                "message": f"no session '{session.id}'",
+                "data": {"id": session.id},
+            }
+        # Somebody else's session and one that never existed look the same.
+        assert unknown["error"]["message"] == f"no session '{'0' * 24}'"
+        assert listed["result"] == {"sessions": []}
+        assert session.read_file("secret.txt") == b"mine"
+        assert session.exec("print(x)", cell=True).stdout == "mine\n"
+        [mine] = daemon.client.sessions()
+        assert mine["id"] == session.id and mine["execs"] == 2
+
+
+def test_an_idle_session_is_reaped_and_says_so(daemon, client):
+    session = client.session(idle_timeout=1)
+    session.exec("print(1)")
+    sandbox_id = session.refresh()["sandbox_id"]
+    assert_session_gone(daemon, sandbox_id)
+    with pytest.raises(errors.SessionNotFound):
+        session.exec("print(2)")
+    listed = next(s for s in client.sessions() if s["id"] == session.id)
+    assert (listed["state"], listed["ended"]) == ("ended", "idle for 1 s")
+    assert f"session {session.id} of uid 0 ended: idle for 1 s" in daemon.log()
+
+
+def test_stopping_the_daemon_ends_every_session(make_daemon):
+    daemon = make_daemon()
+    sessions = [daemon.client.session() for _ in range(2)]
+    sessions[0].exec("import time; time.sleep(0.2)")
+    assert daemon.stop() == 0
+    log = daemon.log()
+    for session in sessions:
+        assert f"session {session.id} of uid 0 ended: the daemon stopped" in log
+    assert sandbox_cgroups(daemon.name) == []
+
+
+# --- attacks by the programs a session runs ----------------------------------------------
+
+
+# The live processes in the sandbox but the agent (PID 1), the lister and a session's
+# interpreter (a zombie it never waited for is its own, as in any long-lived Python).
+LIVE_OTHERS = """
+import os
+def live(pid):
+    return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] != "Z"
+others = {1, os.getpid(), %s}
+print([p for p in os.listdir("/proc") if p.isdigit() and int(p) not in others and live(p)])
+"""
+
+
+def test_a_process_that_forks_away_is_gone_before_the_next_call(daemon, client):
+    escape = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(3); open('late.txt', 'w').write('still here')\n"
+        "    os._exit(0)\n"
+        "print('left one behind')\n"
+    )
+    with client.session() as session:
+        assert session.exec(escape).stdout == "left one behind\n"
+        assert session.exec(LIVE_OTHERS % 0).stdout == "[]\n"
+        assert session.exec(escape, cell=True).stdout == "left one behind\n"
+        interpreter = session.exec("import os; os.getpid()", cell=True).cell.value
+        assert session.exec(LIVE_OTHERS % interpreter).stdout == "[]\n"
+        kept = session.exec("print('time' in globals())", cell=True)
+        assert kept.stdout == "True\n"  # the interpreter stayed; what it forked did not
+        time.sleep(3.5)
+        with pytest.raises(errors.InvalidParams):
+            session.read_file("late.txt")
+
+
+FILL_DISK = (
+    "import subprocess\n"
+    "for n in range(40):\n"
+    "    subprocess.run(['dd', 'if=/dev/zero', f'of=f{n}', 'bs=1M', 'count=8'],"
+    " stderr=subprocess.DEVNULL)\n"
+)
+
+
+def test_a_full_disk_leaves_the_session_and_its_file_operations_working(client):
+    with client.session(limits={"memory_bytes": 64 * 2**20}) as session:
+        filled = session.exec(FILL_DISK)
+        # Its files are memory (a tmpfs): the program met the session's memory limit.
+        assert filled.status is Status.MEMORY_LIMIT
+        entries = session.list_files()
+        assert sum(e["size"] for e in entries) > 48 * 2**20
+        with pytest.raises(errors.InvalidParams) as full:
+            session.write_file("more.bin", b"x" * 2**20)
+        assert "the session's memory is full" in full.value.message
+        assert session.read_file("f0") == b"\0" * 8 * 2**20  # read in pieces: it fits
+        for entry in entries:
+            if entry["name"].startswith("f"):
+                session.remove_file(entry["name"])
+        session.write_file("more.bin", b"x" * 2**20)
+        after = session.exec("import os; print(os.path.getsize('more.bin'))")
+        assert (after.status, after.stdout) == (Status.OK, f"{2**20}\n")
+
+
+PLANT = (
+    "import os\n"
+    "os.symlink('/etc', 'etc')\n"
+    "os.symlink('/etc/passwd', 'passwd')\n"
+    "os.mkdir('dir'); os.symlink('/', 'dir/root')\n"
+    "os.mkfifo('fifo')\n"
+    "os.symlink('/proc/self/environ', 'environ')\n"
+)
+
+
+def test_planted_links_and_fifos_lead_nowhere(client):
+    with client.session() as session:
+        assert session.exec(PLANT).ok
+        for path in ("etc/passwd", "passwd", "dir/root/etc/passwd", "fifo", "environ"):
+            with pytest.raises(errors.InvalidParams):
+                session.read_file(path)
+        for path in ("etc/x", "dir/root/tmp/x"):
+            with pytest.raises(errors.InvalidParams):
+                session.write_file(path, "through the link")
+        session.write_file("passwd", "a file of mine")  # replaces the link itself
+        check = session.exec(
+            "import os; print(os.path.islink('passwd'), open('passwd').read(),"
+            " os.path.islink('dir/root'))"
+        )
+        assert check.stdout == "False a file of mine True\n"
+        kinds = {e["name"]: e["type"] for e in session.list_files()}
+        assert (kinds["etc"], kinds["fifo"], kinds["passwd"]) == ("link", "other", "file")
+        with pytest.raises(errors.InvalidParams):
+            session.list_files("etc")
+        session.remove_file("dir")  # the tree, not what its link points to
+        assert session.exec("import os; print(os.path.exists('/etc/passwd'))").stdout == "True\n"
+        assert "dir" not in {e["name"] for e in session.list_files()}
+
+
+def test_a_cell_that_hits_a_limit_says_its_state_is_lost(client):
+    with client.session() as session:
+        session.exec("x = 1", cell=True)
+        hog = session.exec("while True: pass", cell=True, limits={"cpu_time": 0.5})
+        assert hog.status is Status.TIMEOUT and not hog.cell.kept
+        fresh = session.exec("print('x' in globals())", cell=True)
+        assert (fresh.stdout, fresh.cell.fresh) == ("False\n", True)
+        grown = session.exec("b = bytearray(2**30)", cell=True)
+        assert grown.status is Status.MEMORY_LIMIT and not grown.cell.kept
