@@ -93,12 +93,25 @@ def session_exec_params(session_id: str, code: str, options: dict[str, Any]) -> 
     return {"id": session_id, **params, **({"cell": True} if cell else {})}
 
 
-def file_params(session_id: str, path: str, content: str | bytes) -> dict[str, Any]:
-    """The params of ``session.write_file``: text as UTF-8, bytes in base64."""
-    if isinstance(content, str):
-        return {"id": session_id, "path": path, "content": content}
-    encoded = base64.b64encode(content).decode()
-    return {"id": session_id, "path": path, "content": encoded, "encoding": "base64"}
+WRITE_PIECE = 1024 * 1024  # bytes of a file per session.write_file (a request is capped)
+
+
+def file_writes(session_id: str, path: str, content: str | bytes) -> list[dict[str, Any]]:
+    """The ``session.write_file`` params that put ``content`` at ``path``: the first
+    creates (or replaces) the file, the others append to it, each piece small enough
+    for the daemon's request cap whatever the file's size."""
+    data = content.encode() if isinstance(content, str) else content
+    pieces = [data[start : start + WRITE_PIECE] for start in range(0, len(data), WRITE_PIECE)]
+    return [
+        {
+            "id": session_id,
+            "path": path,
+            "content": base64.b64encode(piece).decode(),
+            "encoding": "base64",
+            **({"append": True} if number else {}),
+        }
+        for number, piece in enumerate(pieces or [b""])
+    ]
 
 
 def file_content(answer: dict[str, Any]) -> bytes:
@@ -174,9 +187,11 @@ class Client:
             sock.settimeout(self.timeout)
             try:
                 sock.connect(str(self.socket_path))
-                sock.sendall(encode(call.request_message()))
             except OSError as exc:
                 raise _unavailable(self.socket_path, exc) from exc
+            # Refused before it arrived whole (too large): the answer says why.
+            with suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(encode(call.request_message()))
             buffer = LineBuffer(MAX_LINE)
             while True:
                 line = buffer.next_line()
@@ -253,7 +268,8 @@ class Session:
         return ExecutionResult.from_dict(record)
 
     def write_file(self, path: str, content: str | bytes) -> None:
-        self.client.call(Method.SESSION_WRITE_FILE, file_params(self.id, path, content))
+        for params in file_writes(self.id, path, content):
+            self.client.call(Method.SESSION_WRITE_FILE, params)
 
     def read_file(self, path: str) -> bytes:
         return file_content(
@@ -377,7 +393,8 @@ class AsyncClient:
                 raise _unavailable(self.socket_path, exc) from exc
             async with stream:
                 running = Execution(stream, call)
-                await running._send(call.request_message())
+                with suppress(DaemonUnavailable):  # refused before it arrived whole (too
+                    await running._send(call.request_message())  # large): the answer says why
                 yield running
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
@@ -395,6 +412,13 @@ class AsyncClient:
 
     async def status(self) -> dict[str, Any]:
         return await self.call(Method.STATUS)
+
+    def open_call(
+        self, method: str, params: dict[str, Any]
+    ) -> AbstractAsyncContextManager[Execution]:
+        """Start any call whose output streams (``execute``, ``session.exec``) on a
+        connection of its own, as :meth:`open_execution` does."""
+        return self._open(_Call(method, params))
 
     def open_execution(
         self, language: str, code: str, **options: Any
@@ -445,14 +469,15 @@ class AsyncSession:
         self, code: str, *, on_output: OutputCallback | None = None, **options: Any
     ) -> ExecutionResult:
         params = session_exec_params(self.id, code, options)
-        async with self.client._open(_Call(Method.SESSION_EXEC, params)) as execution:
+        async with self.client.open_call(Method.SESSION_EXEC, params) as execution:
             async for event in execution:
                 if on_output is not None:
                     on_output(event.stage, event.stream, event.data)
         return execution.result
 
     async def write_file(self, path: str, content: str | bytes) -> None:
-        await self.client.call(Method.SESSION_WRITE_FILE, file_params(self.id, path, content))
+        for params in file_writes(self.id, path, content):
+            await self.client.call(Method.SESSION_WRITE_FILE, params)
 
     async def read_file(self, path: str) -> bytes:
         answer = await self.client.call(Method.SESSION_READ_FILE, {"id": self.id, "path": path})

@@ -123,6 +123,9 @@ class SessionsConfig:
     idle_timeout: float = _setting(600.0, check="positive")  # no call for this long: ended
     max_ttl: float = _setting(3600.0, check="positive")  # the longest a session may live
     max_file_bytes: int = _setting(8 * 1024 * 1024, kind="size", check="positive")
+    # Users who may open sessions on behalf of their own clients, each client an owner of
+    # its own (the HTTP gateway, for its API keys); root always may.
+    delegates: tuple[str, ...] = _setting(("sandboxd-gateway",))
 
     def total(self, max_sandboxes: int) -> int:
         """The sessions the server holds at once: always room for one-shot jobs."""

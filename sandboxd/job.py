@@ -177,7 +177,7 @@ def _files(value: Any) -> tuple[JobFile, ...]:
         if _clashes(path, taken):
             raise InvalidParams.field(f"{where}.path", f"{path!r} clashes with another file")
         taken.add(path)
-        files.append(JobFile(path, _content(entry, where)))
+        files.append(JobFile(path, decode_content(entry, f"{where}.")))
     return tuple(files)
 
 
@@ -187,17 +187,19 @@ def _clashes(path: str, taken: set[str]) -> bool:
     return path in taken or bool(prefixes & taken) or any(t.startswith(path + "/") for t in taken)
 
 
-def _content(entry: Mapping[str, Any], where: str) -> bytes:
+def decode_content(entry: Mapping[str, Any], where: str) -> bytes:
+    """The bytes of a file's ``content`` in its ``encoding`` (utf-8 or base64); ``where``
+    prefixes the field names an error gives."""
     encoding = entry.get("encoding", "utf-8")
-    content = unicode_text(entry["content"], f"{where}.content")
+    content = unicode_text(entry.get("content"), f"{where}content")
     if encoding == "utf-8":
         return content.encode()
     if encoding == "base64":
         try:
             return base64.b64decode(content, validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidParams.field(f"{where}.content", "is not valid base64") from None
-    raise InvalidParams.field(f"{where}.encoding", "expected 'utf-8' or 'base64'")
+            raise InvalidParams.field(f"{where}content", "is not valid base64") from None
+    raise InvalidParams.field(f"{where}encoding", "expected 'utf-8' or 'base64'")
 
 
 @dataclass(frozen=True)

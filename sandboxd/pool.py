@@ -99,11 +99,13 @@ class Pool:
 
     def stats(self) -> dict[str, Any]:
         ready = {kind or "plain": self._ready_of(kind) for kind in self.demand.kinds}
+        held = sum(1 for sandbox in self._live if sandbox.session and not sandbox.finished.is_set())
         return {
             "size": self.size,
             "max": self.max_sandboxes,
             "ready": self._count(SandboxState.READY),
-            "busy": self._count(SandboxState.RUNNING, SandboxState.STOPPING),
+            "busy": self._count(SandboxState.RUNNING, SandboxState.STOPPING) - held,
+            "sessions": held,
             "starting": sum(self._starting.values()),
             "waiting": sum(self._waiting.values()),
             "ready_by_kind": {kind: len(sandboxes) for kind, sandboxes in ready.items()},

@@ -54,7 +54,7 @@ from sandboxd.job import unicode_text
 from sandboxd.peers import PeerAccount, PeerTable, SocketLimits
 from sandboxd.protocol import OUTPUT_FIELDS, OUTPUT_NOTIFICATION, Method
 from sandboxd.service import Service
-from sandboxd.sessions import Sessions
+from sandboxd.sessions import Owner, Sessions
 from sandboxd.stdin_stream import StdinChunk, StdinStream
 
 log = logging.getLogger(__name__)
@@ -251,11 +251,6 @@ class RequestContext:
         if self.request_id is not NOID:
             await self.connection.send({"jsonrpc": "2.0", "method": method, "params": params})
 
-    @property
-    def owner(self) -> int:
-        """Whose sessions the caller may use: its peer uid."""
-        return self.connection.peer.uid
-
     def hold_answer(self, size: int) -> None:
         """The answer carries ``size`` bytes (a file): its uid holds them until sent."""
         self.connection.account.hold_output(size)
@@ -357,26 +352,32 @@ class RpcServer:
         finally:
             context.connection.close_stdin(context.request_id)
 
-    @staticmethod
+    def _owner(self, context: RequestContext, params: dict[str, Any]) -> Owner:
+        """Whose sessions the caller acts on: its peer uid's (for a delegate, those of the
+        client it names in ``on_behalf_of``, which the params then lose)."""
+        return self.sessions.owner(context.connection.peer.uid, params.pop("on_behalf_of", None))
+
     def _session_call(
-        method: Callable[[int, Any], Awaitable[Any]],
+        self, method: Callable[[Owner, Any], Awaitable[Any]]
     ) -> Callable[..., Awaitable[Any]]:
-        """A session method, called for the caller as owner with its params."""
+        """A session method, called for the caller's owner with its params."""
 
         async def call(context: RequestContext, **params: Any) -> Any:
-            return await method(context.owner, params)
+            return await method(self._owner(context, params), params)
 
         return call
 
     async def _session_exec(self, context: RequestContext, **params: Any) -> Any:
+        owner = self._owner(context, params)
         await context.connection.account.wait_for_output_room()  # as for execute
         async with self._stdin_of(context, params) as stdin:
-            return await self.sessions.exec(context.owner, params, context.relay_output, stdin)
+            return await self.sessions.exec(owner, params, context.relay_output, stdin)
 
     async def _session_read_file(self, context: RequestContext, **params: Any) -> Any:
+        owner = self._owner(context, params)
         # A file read is output too: a uid that leaves its answers unread waits here.
         await context.connection.account.wait_for_output_room()
-        answer = await self.sessions.read_file(context.owner, params)
+        answer = await self.sessions.read_file(owner, params)
         context.hold_answer(len(answer["content"]))
         return answer
 

@@ -16,11 +16,11 @@ is then torn down like any other. The owner's last ended sessions stay listed, w
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import dataclasses
 import logging
 import math
+import pwd
 import secrets
 import time
 from collections import deque
@@ -33,7 +33,7 @@ import trio
 from sandboxd.backends.base import Sandbox
 from sandboxd.config import SessionsConfig
 from sandboxd.errors import AgentError, InvalidParams, SessionNotFound, TooManySessions
-from sandboxd.job import Job, check_path, parse_job, unicode_text
+from sandboxd.job import Job, check_path, decode_content, parse_job, unicode_text
 from sandboxd.languages import Language
 from sandboxd.limits import Limits, resolve_limits
 from sandboxd.protocol import SESSION_CREATE_FIELDS, SESSION_EXEC_FIELDS, SESSION_LIMITS
@@ -42,7 +42,8 @@ from sandboxd.stdin_stream import StdinStream
 
 log = logging.getLogger(__name__)
 
-ENDED_KEPT = 8  # per owner: the sessions that ended, listed with why
+ENDED_KEPT = 8  # per owner: the sessions that ended, listed with why...
+ENDED_REMEMBERED = 256  # ...of the last that ended on the server
 CLOSE_TIMEOUT = 10.0  # for a closed session's sandbox to be torn down
 # A file write needs this much of the session's free memory: the agent holds the message
 # and the file content while it writes (about 3 times the file), with room to spare.
@@ -50,10 +51,22 @@ WRITE_MEMORY_FACTOR = 3
 WRITE_MEMORY_SPARE = 8 * 2**20
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Whose a session is: the peer uid on the socket, and for a delegate (the HTTP
+    gateway) the client it acts for (an API key's id), each an owner of its own."""
+
+    uid: int
+    on_behalf_of: str = ""
+
+    def __str__(self) -> str:
+        return f"uid {self.uid}" + (f" for {self.on_behalf_of!r}" if self.on_behalf_of else "")
+
+
 @dataclass
 class Session:
     id: str
-    owner: int
+    owner: Owner
     language: Language
     limits: Limits  # its sandbox's; the time and output limits are each exec's defaults
     network: bool
@@ -102,6 +115,15 @@ def _seconds(params: Mapping[str, Any], name: str, maximum: float) -> float:
     return float(value)
 
 
+def _uids(users: tuple[str, ...]) -> set[int]:
+    """The uids of the users named (a user not on this host is no delegate)."""
+    found = set()
+    for name in users:
+        with contextlib.suppress(KeyError):
+            found.add(pwd.getpwnam(name).pw_uid)
+    return found
+
+
 def _only(params: Any, fields: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise InvalidParams.field("params", "expected an object")
@@ -118,8 +140,9 @@ class Sessions:
         self.service = service
         self.settings = settings
         self.max_total = settings.total(service.pool.max_sandboxes)
+        self.delegates = {0} | _uids(settings.delegates)
         self._open: dict[str, Session] = {}
-        self._ended: dict[int, deque[Session]] = {}
+        self._ended: deque[Session] = deque(maxlen=ENDED_REMEMBERED)
         self._nursery: trio.Nursery | None = None
         self._changed = trio.lowlevel.ParkingLot()  # a session opened, was used or ended
 
@@ -133,7 +156,20 @@ class Sessions:
 
     # --- lifecycle -----------------------------------------------------------------
 
-    async def create(self, owner: int, params: Any) -> dict[str, Any]:
+    def owner(self, uid: int, on_behalf_of: Any) -> Owner:
+        """The owner a call of peer ``uid`` acts as; InvalidParams if it may not act for
+        ``on_behalf_of``."""
+        if on_behalf_of is None:
+            return Owner(uid)
+        if uid not in self.delegates:
+            raise InvalidParams.field(
+                "on_behalf_of", "only root and sessions.delegates may act for others"
+            )
+        if not isinstance(on_behalf_of, str) or not 0 < len(on_behalf_of) <= 200:
+            raise InvalidParams.field("on_behalf_of", "expected a name of up to 200 characters")
+        return Owner(uid, on_behalf_of)
+
+    async def create(self, owner: Owner, params: Any) -> dict[str, Any]:
         params = _only(params, SESSION_CREATE_FIELDS)
         language = self.service.languages_table.resolve(
             unicode_text(params.get("language", "python"), "language")
@@ -146,7 +182,7 @@ class Sessions:
         mine = sum(1 for session in self._open.values() if session.owner == owner)
         if mine >= self.settings.max_per_owner:
             raise TooManySessions(
-                f"uid {owner} already has {mine} sessions open, the most one owner may "
+                f"{owner} already has {mine} sessions open, the most one owner may "
                 "(sessions.max_per_owner): close one first",
                 maximum=self.settings.max_per_owner,
             )
@@ -174,7 +210,7 @@ class Sessions:
             self._open.pop(session.id, None)
             raise
         log.info(
-            "session %s opened for uid %d: %s, sandbox %s",
+            "session %s opened for %s: %s, sandbox %s",
             session.id,
             owner,
             language.name,
@@ -192,11 +228,11 @@ class Sessions:
             # A plain sandbox: its agent would drop a warm runtime (the session's files
             # are the caller's from the start), so none is taken from those who warm.
             async with pool.sandbox("") as sandbox:
-                sandbox.apply_limits(session.limits)
                 attached = egress.attached(sandbox.network_pid()) if egress else None
                 async with attached or contextlib.nullcontext():
-                    await sandbox.open_session()
+                    await sandbox.open_session(session.limits)
                     session.sandbox = sandbox
+                    sandbox.session = session.id
                     task_status.started()
                     await session.end_now.wait()
         finally:
@@ -209,9 +245,8 @@ class Sessions:
         session.ended = why
         session.busy = False
         session.end_now.set()
-        ended = self._ended.setdefault(session.owner, deque(maxlen=ENDED_KEPT))
-        ended.append(session)
-        log.info("session %s of uid %d ended: %s", session.id, session.owner, why)
+        self._ended.append(session)
+        log.info("session %s of %s ended: %s", session.id, session.owner, why)
         self._changed.unpark_all()
 
     async def _end(self, session: Session, why: str) -> None:
@@ -253,7 +288,7 @@ class Sessions:
 
     # --- calls in a session ----------------------------------------------------------
 
-    def _find(self, owner: int, session_id: Any) -> Session:
+    def _find(self, owner: Owner, session_id: Any) -> Session:
         if not isinstance(session_id, str) or not session_id:
             raise InvalidParams.field("id", "expected a session id")
         session = self._open.get(session_id)
@@ -262,7 +297,7 @@ class Sessions:
         return session
 
     @contextlib.asynccontextmanager
-    async def _using(self, owner: int, session_id: Any) -> Any:
+    async def _using(self, owner: Owner, session_id: Any) -> Any:
         """The session, its sandbox for this call only (calls wait their turn)."""
         session = self._find(owner, session_id)
         async with session.lock:
@@ -297,25 +332,27 @@ class Sessions:
         return dataclasses.replace(job, limits=limits)
 
     async def exec(
-        self, owner: int, params: Any, on_output: OutputSink, stdin: StdinStream | None = None
+        self, owner: Owner, params: Any, on_output: OutputSink, stdin: StdinStream | None = None
     ) -> dict[str, Any]:
         """Run one job in the session's sandbox: ``execute``'s record."""
         start = trio.current_time()
         session = self._find(owner, params.get("id") if isinstance(params, dict) else None)
         job = self._job(session, params)
         async with self._using(owner, session.id) as (session, sandbox):
+            queued = trio.current_time() - start  # behind the session's other calls
             run = await sandbox.run(
                 job.agent_message(), job.limits, on_output, stdin if job.interactive else None
             )
             session.execs += 1
         result = result_of(run, job, sandbox.id)
+        result.timings["queue"] = round(queued, 6)
         result.timings["total"] = round(trio.current_time() - start, 6)
         if run.record is None:
             await self._end(session, f"its sandbox was lost: {run.lost}")
         return result.to_dict()
 
     async def _file_request(
-        self, owner: int, session_id: Any, message: dict[str, Any]
+        self, owner: Owner, session_id: Any, message: dict[str, Any]
     ) -> tuple[dict[str, Any], bytes]:
         """The agent's reply to a file request, and its data; InvalidParams naming the
         path if the agent could not carry it out."""
@@ -335,25 +372,19 @@ class Sessions:
     def _max_file(self, session_limits: Limits) -> int:
         return min(self.settings.max_file_bytes, session_limits.file_size_bytes)
 
-    async def write_file(self, owner: int, params: Any) -> dict[str, Any]:
-        params = _only(params, ("id", "path", "content", "encoding"))
+    async def write_file(self, owner: Owner, params: Any) -> dict[str, Any]:
+        """Create or replace a file (or, with ``append``, add to one: a client sends a
+        large file in pieces, each within the request cap)."""
+        params = _only(params, ("id", "path", "content", "encoding", "append"))
         path = check_path(params.get("path"), "path")
-        content = unicode_text(params.get("content"), "content")
-        encoding = params.get("encoding", "utf-8")
-        if encoding == "utf-8":
-            data = content.encode()
-        elif encoding == "base64":
-            try:
-                data = base64.b64decode(content, validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidParams.field("content", "is not valid base64") from None
-        else:
-            raise InvalidParams.field("encoding", "expected 'utf-8' or 'base64'")
+        data = decode_content(params, "")
+        append = params.get("append") or False
+        if not isinstance(append, bool):
+            raise InvalidParams.field("append", "expected true or false")
         session = self._find(owner, params.get("id"))
-        if len(data) > self._max_file(session.limits):
-            raise InvalidParams.field(
-                "content", f"more than the {self._max_file(session.limits)} bytes a file may hold"
-            )
+        limit = self._max_file(session.limits)
+        if len(data) > limit:
+            raise InvalidParams.field("content", f"more than the {limit} bytes a file may hold")
         room = session.sandbox.memory_room() if session.sandbox else None
         # The agent holds the message (base64) and the file while it writes it, and its
         # files share the session's memory: it must not be left without any.
@@ -363,11 +394,17 @@ class Sessions:
                 f"the session's memory is full: {max(room, 0) // 2**20} MiB free, and its "
                 "files count toward it; remove some first",
             )
-        message = {"type": "file.write", "path": path, "content": base64.b64encode(data).decode()}
-        await self._file_request(owner, session.id, message)
-        return {"path": path, "size": len(data)}
+        message = {
+            "type": "file.write",
+            "path": path,
+            "content": base64.b64encode(data).decode(),
+            "append": append,
+            "max_bytes": limit,
+        }
+        reply, _ = await self._file_request(owner, session.id, message)
+        return {"path": path, "size": reply.get("size", len(data))}
 
-    async def read_file(self, owner: int, params: Any) -> dict[str, Any]:
+    async def read_file(self, owner: Owner, params: Any) -> dict[str, Any]:
         params = _only(params, ("id", "path"))
         path = check_path(params.get("path"), "path")
         session = self._find(owner, params.get("id"))
@@ -380,7 +417,7 @@ class Sessions:
             "encoding": "base64",
         }
 
-    async def list_files(self, owner: int, params: Any) -> dict[str, Any]:
+    async def list_files(self, owner: Owner, params: Any) -> dict[str, Any]:
         params = _only(params, ("id", "path"))
         path = params.get("path") or "."
         if path != ".":
@@ -391,7 +428,7 @@ class Sessions:
         entries, truncated = reply.get("entries", []), reply.get("truncated", False)
         return {"path": path, "entries": entries, "truncated": truncated}
 
-    async def remove_file(self, owner: int, params: Any) -> dict[str, Any]:
+    async def remove_file(self, owner: Owner, params: Any) -> dict[str, Any]:
         params = _only(params, ("id", "path"))
         path = check_path(params.get("path"), "path")
         await self._file_request(owner, params.get("id"), {"type": "file.remove", "path": path})
@@ -399,17 +436,17 @@ class Sessions:
 
     # --- looking at sessions -------------------------------------------------------
 
-    async def info(self, owner: int, params: Any) -> dict[str, Any]:
+    async def info(self, owner: Owner, params: Any) -> dict[str, Any]:
         params = _only(params, ("id",))
         return self._find(owner, params.get("id")).describe()
 
-    async def list(self, owner: int, params: Any) -> dict[str, Any]:
+    async def list(self, owner: Owner, params: Any) -> dict[str, Any]:
         _only(params, ())
         sessions = [s for s in self._open.values() if s.owner == owner and s.sandbox]
-        ended = list(self._ended.get(owner, ()))
+        ended = [s for s in self._ended if s.owner == owner][-ENDED_KEPT:]
         return {"sessions": [s.describe() for s in (*sessions, *reversed(ended))]}
 
-    async def close(self, owner: int, params: Any) -> dict[str, Any]:
+    async def close(self, owner: Owner, params: Any) -> dict[str, Any]:
         params = _only(params, ("id",))
         session = self._find(owner, params.get("id"))
         async with session.lock:

@@ -81,8 +81,7 @@ class Workdir:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(STAGING, flags, 0o644, dir_fd=dir_fd)
             try:
-                with os.fdopen(fd, "wb", closefd=False) as stream:
-                    stream.write(content)
+                _write_all(fd, content)
                 if self.owner is not None:
                     os.fchown(fd, self.owner, self.owner)
             finally:
@@ -94,6 +93,28 @@ class Workdir:
                 raise
 
         self._operate("write", path, write)
+
+    def append(self, path: str, content: bytes, max_bytes: int) -> int:
+        """Add ``content`` to the regular file ``path`` if it then holds at most
+        ``max_bytes``; its size after."""
+
+        def append(dir_fd: int, name: str) -> int:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(name, flags, dir_fd=dir_fd)
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise JobError(f"cannot append to {path!r}: not a regular file")
+                if info.st_size + len(content) > max_bytes:
+                    raise JobError(
+                        f"cannot append to {path!r}: over the limit of {max_bytes} bytes"
+                    )
+                _write_all(fd, content)
+                return os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+
+        return self._operate("append to", path, append)
 
     def write_all(self, files: list[dict[str, Any]]) -> None:
         """Write a job's files (``path``, ``content``, ``encoding`` utf-8 or base64)."""
@@ -179,6 +200,12 @@ class Workdir:
         if path in ("", "."):
             raise JobError("cannot remove the working directory itself")
         self._operate("remove", path, remove)
+
+
+def _write_all(fd: int, content: bytes) -> None:
+    view = memoryview(content)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _kind(mode: int) -> str:

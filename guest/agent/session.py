@@ -39,8 +39,11 @@ def _file_request(
     """Carry out one file request; its last reply (a read sends its data before)."""
     files, path = runner.files, str(message["path"])
     if kind == "file.write":
-        files.write(path, base64.b64decode(str(message["content"]), validate=True))
-        return {"type": "done"}
+        content = base64.b64decode(str(message["content"]), validate=True)
+        if message.get("append"):
+            return {"type": "done", "size": files.append(path, content, int(message["max_bytes"]))}
+        files.write(path, content)
+        return {"type": "done", "size": len(content)}
     if kind == "file.read":
         size = 0
         for piece in files.read(path, int(message["max_bytes"]), FILE_CHUNK):

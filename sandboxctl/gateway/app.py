@@ -31,6 +31,7 @@ from sandboxctl.gateway.models import (
     LanguagesResponse,
 )
 from sandboxctl.gateway.runs import GatewayRun
+from sandboxctl.gateway.sessions import session_routes
 from sandboxctl.gateway.streaming import EventStream, serve_websocket
 from sandboxd import __version__
 from sandboxd.errors import (
@@ -44,16 +45,17 @@ from sandboxd.errors import (
 log = logging.getLogger("sandboxd.gateway")
 access_log = logging.getLogger("sandboxd.gateway.access")
 
-PROTECTED = ("/execute",)  # and everything under it; the rest is open
+PROTECTED = ("/execute", "/sessions")  # and everything under them; the rest is open
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
         (400, "invalid request or unsupported language"),
         (401, "missing or unknown API key"),
         (403, "without API keys: a local user who may not use the daemon's socket"),
+        (404, "no session of the caller's has this id"),
         (408, "the request body did not arrive in time"),
         (413, "request body over the size limit"),
-        (429, "over the key's rate or concurrency limit (see Retry-After)"),
+        (429, "over the key's rate or concurrency limit (see Retry-After), or its sessions'"),
         (503, "no sandbox free in time, or the daemon is unreachable"),
     )
 }
@@ -206,8 +208,9 @@ def create_app(
             "`/health`, `/languages` and `/execute` answer as the original codesandbox did; "
             "`/execute` also returns the full result record, streams with "
             "`Accept: text/event-stream`, and has a WebSocket twin at `/execute/ws`. "
-            "With API keys configured, `/execute` needs `Authorization: Bearer KEY` "
-            "or `X-API-Key: KEY`."
+            "`/sessions` keeps a sandbox across calls, with files in and out. "
+            "With API keys configured, `/execute` and `/sessions` need "
+            "`Authorization: Bearer KEY` or `X-API-Key: KEY`."
         ),
     )
     app.add_middleware(
@@ -313,6 +316,8 @@ def create_app(
         """The first message is an ExecuteRequest; then `output` messages come, `stdin`
         messages may go, and a `result` (or `error`) message ends it."""
         await serve_websocket(websocket, client, access, metrics, body_timeout)
+
+    app.include_router(session_routes(client, metrics, ERRORS))
 
     @app.get(
         "/metrics",

@@ -34,7 +34,7 @@ class Metrics:
         )
         self.pool = Gauge(
             "sandboxd_pool_sandboxes",
-            "The daemon's pool, by state (ready, busy)",
+            "The daemon's pool, by state (ready, busy, held by sessions)",
             ["state"],
             registry=self.registry,
         )
@@ -61,7 +61,7 @@ class Metrics:
         """The exposition text, with the pool as the daemon just reported it."""
         self.up.set(1 if health is not None else 0)
         pool = (health or {}).get("pool", {})
-        for state in ("ready", "busy"):
+        for state in ("ready", "busy", "sessions"):
             self.pool.labels(state).set(pool.get(state, 0))
         for kind, count in pool.get("ready_by_kind", {}).items():
             self.ready.labels(kind).set(count)

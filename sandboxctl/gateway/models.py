@@ -100,6 +100,12 @@ class CompileRecord(BaseModel):
     time: float
 
 
+class CellRecord(BaseModel):
+    value: str | None = Field(description="repr of the cell's last expression (null: none)")
+    fresh: bool = Field(description="it ran in a new interpreter")
+    kept: bool = Field(description="the interpreter, and what the cell defined, is kept")
+
+
 class ExecuteResponse(BaseModel):
     """The original's fields first (request_id, success, output, error, execution_time),
     then the full result record."""
@@ -147,6 +153,7 @@ class ExecuteResponse(BaseModel):
     usage: dict[str, float]
     sandbox_id: str
     warm: bool = Field(description="the runtime was already started when the job came")
+    cell: CellRecord | None = Field(default=None, description="a session's Python cell only")
 
 
 class ErrorResponse(BaseModel):
@@ -175,7 +182,8 @@ class PoolStats(BaseModel):
     size: int
     max: int
     ready: int
-    busy: int
+    busy: int = Field(description="running a job")
+    sessions: int = Field(default=0, description="held by sessions")
     starting: int
     waiting: int
     ready_by_kind: dict[str, int] = Field(
@@ -207,3 +215,83 @@ class LanguageDetail(BaseModel):
 class LanguagesResponse(BaseModel):
     languages: list[str] = Field(description="the original's list of names")
     details: list[LanguageDetail]
+
+
+class SessionCreateRequest(BaseModel):
+    """A session: one sandbox kept across calls. Its memory, processes, file size and
+    network are set here for its whole life; each exec has its own time limits."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"language": "python", "ttl": 600, "idle_timeout": 120}]},
+    )
+
+    language: str | None = Field(default=None, description="its execs' default (python)")
+    timeout: float | None = Field(default=None, description="each exec's default wall time")
+    limits: LimitsInput | None = None
+    ttl: float | None = Field(default=None, gt=0, description="seconds it may live at most")
+    idle_timeout: float | None = Field(
+        default=None, gt=0, description="seconds without a call after which it ends"
+    )
+    network: bool | None = None
+
+    def params(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class SessionExecRequest(BaseModel):
+    """A program (or, with ``cell``, a Python cell of the session's interpreter)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"code": "x = 41"}, {"code": "x + 1", "cell": True}]},
+    )
+
+    code: str
+    language: str | None = None
+    timeout: float | None = None
+    stdin: str | None = None
+    args: list[str] | None = None
+    files: list[FileInput] | None = None
+    limits: LimitsInput | None = None
+    cell: bool | None = Field(
+        default=None, description="run in the session's Python interpreter, kept between cells"
+    )
+
+    def params(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class SessionInfo(BaseModel):
+    id: str
+    language: str
+    state: Literal["idle", "busy", "ended"]
+    ended: str | None = Field(description="why it ended")
+    created: float = Field(description="unix seconds")
+    expires: float = Field(description="unix seconds: its time to live is up")
+    idle_timeout: float
+    execs: int
+    network: bool
+    limits: dict[str, float]
+    sandbox_id: str
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionInfo] = Field(description="open ones, then the last that ended")
+
+
+class FileEntry(BaseModel):
+    name: str
+    type: Literal["file", "directory", "link", "other"]
+    size: int
+
+
+class FileListing(BaseModel):
+    path: str
+    entries: list[FileEntry]
+    truncated: bool
+
+
+class FileWritten(BaseModel):
+    path: str
+    size: int

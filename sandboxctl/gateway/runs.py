@@ -11,7 +11,7 @@ from typing import Any
 from sandboxctl.client import AsyncClient, OutputEvent
 from sandboxctl.gateway.models import ExecuteResponse
 from sandboxd.job import check_params
-from sandboxd.protocol import EXECUTE_FIELDS, Status
+from sandboxd.protocol import EXECUTE_FIELDS, Method, Status
 from sandboxd.result import ExecutionResult
 
 # What an HTTP request may carry: the daemon's execute fields but "interactive", which
@@ -20,9 +20,15 @@ HTTP_FIELDS = tuple(name for name in EXECUTE_FIELDS if name != "interactive")
 
 
 class GatewayRun:
-    def __init__(self, request_id: str, params: Any) -> None:
-        """Raises InvalidParams, with the daemon's words, for params it would refuse."""
-        self.language = check_params(params, HTTP_FIELDS).language
+    def __init__(self, request_id: str, params: Any, session: dict[str, Any] | None = None) -> None:
+        """Raises InvalidParams, with the daemon's words, for params it would refuse.
+        ``session``: an exec in this session (its ``id`` and ``on_behalf_of``), whose
+        params the daemon checks."""
+        self.session = session
+        if session is None:
+            self.language = check_params(params, HTTP_FIELDS).language
+        else:
+            self.language = str(params.get("language") or "session")
         self.request_id = request_id
         self.params: dict[str, Any] = params
         self.started = time.monotonic()
@@ -47,7 +53,11 @@ class GatewayRun:
 
     async def complete(self, client: AsyncClient, **extra: Any) -> dict[str, Any]:
         """Run it to the end; the response body."""
-        async with client.open_execution(**self.params, **extra) as execution:
+        async with (
+            client.open_execution(**self.params, **extra)
+            if self.session is None
+            else client.open_call(Method.SESSION_EXEC, {**self.params, **self.session})
+        ) as execution:
             async for event in execution:
                 self.add(event)
         return self.response(execution.result)

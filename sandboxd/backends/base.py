@@ -139,6 +139,7 @@ class Sandbox(abc.ABC):
         self.state = SandboxState.CREATING
         self.finished = trio.Event()  # set once it can serve nothing more
         self.gone = trio.Event()  # set once it is stopped and everything it held released
+        self.session = ""  # the id of the session that holds it, if one does
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.state.value}>"
@@ -317,14 +318,22 @@ class Sandbox(abc.ABC):
             self.kill()
         return JobRun(record, transcript, lost, deadline.cancelled_caught, self.oom_kills(), cpu)
 
-    async def open_session(self) -> None:
-        """Keep the sandbox for a session: its agent serves every request that follows."""
+    async def open_session(self, limits: Limits) -> None:
+        """Keep the sandbox for a session with ``limits``: its agent serves every request
+        that follows."""
         self._expect(SandboxState.RUNNING)
+        self.apply_limits(limits)
         try:
             await self.link.open_session()
         except AgentError:
             self.kill()
             raise
+        await self.size_disk(limits)
+
+    async def size_disk(self, limits: Limits) -> None:
+        """Make the files a session can write fit ``limits`` where they count toward its
+        memory (and could otherwise take what its agent needs)."""
+        return  # a VM's agent is outside its job's cgroup: nothing to do
 
     async def request(
         self, message: dict[str, Any], max_data: int = 0

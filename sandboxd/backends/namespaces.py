@@ -62,6 +62,9 @@ JAIL_ID = 65534  # the uid/gid the program sees: nobody/nogroup
 # program may use all of its own, and the agent still has room to report on it.
 OVERHEAD_PROCESSES = 8
 AGENT_MEMORY = 32 * 1024 * 1024
+# A session's tmpfs mounts, each a share of its memory (one-shot jobs keep theirs larger:
+# their sandbox is gone with them, whatever its files took).
+SESSION_DISK = ((WORKDIR, 0.75), ("/tmp", 0.25))
 
 
 def jail_limits(limits: Limits, cpus: float) -> CgroupLimits:
@@ -82,12 +85,29 @@ class NamespacesSandbox(JailedSandbox):
         self.memory_limit = 0  # of the cgroup, as set for the job (or the session)
 
     def network_pid(self) -> int:
+        return self._agent_pid("give a network")
+
+    def _agent_pid(self, why: str) -> int:
         # The jail's processes (the agent and its program); the outer bubblewrap stays
         # in the host's namespaces.
         inside = sorted(self.cgroup.pids() - {self.child.pid})
         if not inside:
-            raise LaunchError(f"sandbox {self.id} has no process left to give a network")
+            raise LaunchError(f"sandbox {self.id} has no process left to {why}")
         return inside[0]
+
+    async def size_disk(self, limits: Limits) -> None:
+        # Its tmpfs mounts are memory of its cgroup: together no larger than the job's
+        # memory, so that files never take the room the agent has beside it.
+        pid = self._agent_pid("size the disk of")
+        for mount, share in SESSION_DISK:
+            size = int(limits.memory_bytes * share)
+            options = f"remount,nosuid,nodev,size={size}"
+            done = await trio.run_process(
+                ["mount", "-N", str(pid), "-o", options, mount], capture_stderr=True, check=False
+            )
+            if done.returncode != 0:
+                error = done.stderr.decode(errors="replace").strip()
+                raise LaunchError(f"cannot size {mount} of sandbox {self.id}: {error}")
 
     def apply_limits(self, limits: Limits) -> None:
         settings = jail_limits(limits, self.cpus)
