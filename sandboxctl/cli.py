@@ -18,6 +18,7 @@ from sandboxctl.app import EXIT_SERVICE, EXIT_USAGE, App
 from sandboxctl.client import Client
 from sandboxctl.exec_command import exec_command
 from sandboxctl.session_command import session_group
+from sandboxctl.shell_command import shell
 from sandboxd import __version__
 from sandboxd.errors import RequestError, SandboxError
 from sandboxd.protocol import DEFAULT_SOCKET
@@ -121,3 +122,4 @@ def status(app: App, as_json: bool) -> None:
 
 main.add_command(exec_command)
 main.add_command(session_group)
+main.add_command(shell)

@@ -89,14 +89,12 @@ class Kernel:
 class CellRun(StageRun):
     """One cell as a stage: the kernel's process is the stage's until the cell ends."""
 
-    def __init__(
-        self, runner: Runner, kernel: Kernel, code: str, stdin: str, **limits: Any
-    ) -> None:
+    def __init__(self, runner: Runner, kernel: Kernel, code: str, stdin: str, **stage: Any) -> None:
         self.kernel = kernel
         self.cell = to_json({"code": code, "stdin": stdin}).encode() + b"\n"
         self.reply: dict[str, Any] | None = None
         self.cpu_base = 0.0
-        super().__init__(runner, "run", [], stdin=b"", stream_stdin=False, warm=None, **limits)
+        super().__init__(runner, "run", [], stdin=b"", stream_stdin=False, warm=None, **stage)
         os.set_blocking(kernel.replies, False)
         self.poller.register(kernel.replies, select.POLLIN)
 
@@ -165,7 +163,7 @@ def _peak_memory(pid: int) -> int:
 
 
 def run_cell(
-    runner: Runner, python: str, code: str, stdin: str, **limits: Any
+    runner: Runner, python: str, code: str, stdin: str, **stage: Any
 ) -> tuple[StageOutcome, dict[str, Any]]:
     """Run one cell in the session's interpreter (started first if there is none); its
     outcome, and the job result's ``cell``: the value, and whether the interpreter was
@@ -175,8 +173,8 @@ def run_cell(
         kernel = runner.kernel = None
     fresh = kernel is None
     if kernel is None:
-        kernel = runner.kernel = Kernel(python, limits["env"], runner)
-    run = CellRun(runner, kernel, code, stdin, **limits)
+        kernel = runner.kernel = Kernel(python, stage["env"], runner)
+    run = CellRun(runner, kernel, code, stdin, **stage)
     try:
         while run.step():
             pass

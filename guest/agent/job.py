@@ -76,7 +76,7 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
                 "memory_bytes": compiled.memory_bytes,
             }
             return {"status": status, "message": message, **result}
-    run_limits = {
+    run_stage = {
         "env": env,
         "wall_time": float(limits["wall_time"]),
         "cpu_time": float(limits["cpu_time"]),
@@ -85,10 +85,10 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
     if cell is not None:
         from .cells import run_cell
 
-        ran, result["cell"] = run_cell(runner, run_argv[0], cell, stdin.decode(), **run_limits)
+        ran, result["cell"] = run_cell(runner, run_argv[0], cell, stdin.decode(), **run_stage)
     else:
         ran = runner.run(
-            "run", run_argv, stdin=stdin, stream_stdin=stream_stdin, warm=warm, **run_limits
+            "run", run_argv, stdin=stdin, stream_stdin=stream_stdin, warm=warm, **run_stage
         )
     status, message = classify(ran, "run", limits)
     if cell is not None and result["cell"].get("error") and status == "runtime_error":

@@ -103,6 +103,17 @@ def test_an_agent_loop_through_the_cli(daemon, tmp_path):
     assert again.stderr.decode().strip() == f"Error: no session '{session_id}'"
 
 
+def test_the_shell_reads_blocks_as_python_does_and_keeps_what_they_define(daemon, client):
+    typed = "x = 41\ndef f(n):\n    return n + 1\n\nprint(f(x))\nf(x) * 2\nundefined\n"
+    shell = sandboxctl(daemon, "shell", stdin=typed.encode())
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.replace(b">>> ", b"").replace(b"... ", b"") == b"42\n84\n"
+    assert b"NameError: name 'undefined' is not defined" in shell.stderr
+    session_id = shell.stderr.decode().split()[1].rstrip(":")
+    ended = next(s for s in client.sessions() if s["id"] == session_id)
+    assert ended["ended"] == "closed by its owner"
+
+
 # As another local user: every call on the session of uid 0, by its id, and a list.
 OTHER_USER = """
 import json, socket, sys
