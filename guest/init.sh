@@ -33,6 +33,10 @@ if grep -q sandboxd.probe /proc/cmdline; then
     reboot -f
 fi
 
+# The program runs as an unprivileged uid beside the agent, which is root: it may not link
+# to files it does not own, nor make the agent follow its links in sticky directories.
+echo 1 > /proc/sys/fs/protected_hardlinks
+echo 1 > /proc/sys/fs/protected_symlinks
 mount -t ext4 -o ro /dev/vda /lower || fail "cannot mount the root image /dev/vda"
 mount -t tmpfs -o mode=0755 tmpfs /rw || fail "cannot mount the tmpfs"
 mkdir -p /rw/upper /rw/work

@@ -129,11 +129,9 @@ def exec_command(
     sandbox was killed, 141 over the output limit, 125 when the service failed,
     2 when the request was refused.
     """
-    if (code is None) == (source is None):
-        raise click.UsageError("give the program either with -c CODE or as SOURCE (- for stdin)")
+    program = program_of(code, source)
     if stdin_text is not None and stdin_file is not None:
         raise click.UsageError("give --stdin or --stdin-file, not both")
-    program = code if code is not None else source.read()  # type: ignore[union-attr]  # one is set
     stdin = stdin_text if stdin_file is None else stdin_file.read()
     result = app.client.execute(
         language,
@@ -147,6 +145,19 @@ def exec_command(
         on_output=None if as_json else stream_to_terminal,
     )
     finish(result, as_json)
+
+
+def program_of(code: str | None, source: IO[str] | None) -> str:
+    """The program given with -c CODE, or as a SOURCE file; UsageError for both or none."""
+    if source is None:
+        if code is None:
+            raise click.UsageError(
+                "give the program either with -c CODE or as SOURCE (- for stdin)"
+            )
+        return code
+    if code is not None:
+        raise click.UsageError("give the program either with -c CODE or as SOURCE, not both")
+    return source.read()
 
 
 def finish(result: ExecutionResult, as_json: bool) -> None:

@@ -19,7 +19,13 @@ import click
 
 from sandboxctl.app import App
 from sandboxctl.client import Session
-from sandboxctl.exec_command import finish, parse_limits, read_files, stream_to_terminal
+from sandboxctl.exec_command import (
+    finish,
+    parse_limits,
+    program_of,
+    read_files,
+    stream_to_terminal,
+)
 from sandboxd.protocol import Method
 
 LIMIT_OPTION = click.option(
@@ -101,11 +107,8 @@ def exec_in_session(
 ) -> None:
     """Run a program (-c CODE, a SOURCE file, or -) in the session; exits as
     ``sandboxctl exec`` does. A cell's last expression's value is printed after it."""
-    if (code is None) == (source is None):
-        raise click.UsageError("give the program either with -c CODE or as SOURCE (- for stdin)")
-    program = code if code is not None else source.read()  # type: ignore[union-attr]  # one is set
     result = _session(app, session_id).exec(
-        program,
+        program_of(code, source),
         language=language,
         stdin=stdin_text,
         args=list(args) or None,

@@ -30,6 +30,7 @@ StageHandler = Callable[[str], None]  # a stage ("compile", "run") starts
 # bytes per byte), with room to spare. Its result carries no output.
 MAX_AGENT_LINE = 1024 * 1024
 STDIN_SLICE = 65536  # characters of streamed stdin per message to the agent
+FINAL_REPLIES = ("result", "done", "error")  # the last message of the agent's answers
 
 
 class Transcript:
@@ -65,6 +66,8 @@ class AgentLink:
     ) -> None:
         self._buffer = LineBuffer(MAX_AGENT_LINE)
         self._send_lock = trio.Lock()
+        self._sending = False  # a message is on its way (cut off, if a call was cancelled)
+        self._answering = False  # the agent owes the answer to a request sent whole
         if send is not None and receive is not None:
             self.attach(send, receive)
 
@@ -117,10 +120,41 @@ class AgentLink:
 
     async def _send_message(self, message: dict[str, Any]) -> None:
         async with self._send_lock:
+            self._sending = True
             try:
                 await self._send.send_all(encode(message))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise AgentError(f"agent went away: {exc}") from exc
+            self._sending = False
+
+    async def _request(self, message: dict[str, Any]) -> None:
+        """Send a job or a file request: the agent owes its answer from now on."""
+        await self._send_message(message)
+        self._answering = True
+
+    def _answered(self, reply: dict[str, Any]) -> dict[str, Any]:
+        self._answering = False
+        return reply
+
+    @property
+    def owes_answer(self) -> bool:
+        """Whether a request is on its way or not answered yet."""
+        return self._sending or self._answering
+
+    async def settle(self) -> None:
+        """After a call was cancelled: read the rest of the agent's answer to it, so that
+        the next request of a session starts clean. AgentError if it cannot (a message
+        cut off on its way, the agent gone)."""
+        if self._sending:
+            raise AgentError("a message to the agent was cut off")
+        if self._answering:
+            await self._send_message({"type": "cancel"})  # the agent stops what it runs
+        while self._answering:
+            reply = await self._next()
+            if reply is None:
+                raise AgentError("agent exited without answering")
+            if reply["type"] in FINAL_REPLIES:
+                self._answered(reply)
 
     async def run(
         self,
@@ -134,7 +168,7 @@ class AgentLink:
 
         Raises AgentError if the agent breaks the protocol or goes away first.
         """
-        await self._send_message(job)
+        await self._request(job)
         if stdin is None:
             return await self._collect(on_output, transcript, on_stage)
         failure: AgentError | None = None
@@ -161,11 +195,11 @@ class AgentLink:
 
         Raises AgentError if the agent breaks the protocol or goes away first.
         """
-        await self._send_message(message)
+        await self._request(message)
         data = bytearray()
         while (reply := await self._next()) is not None:
-            if reply["type"] in ("done", "error"):
-                return reply, bytes(data)
+            if reply["type"] in FINAL_REPLIES:
+                return self._answered(reply), bytes(data)
             chunk = reply.get("data")
             if reply["type"] != "file.data" or not isinstance(chunk, str):
                 raise AgentError(f"unexpected agent message type {reply['type']!r}")
@@ -196,7 +230,7 @@ class AgentLink:
     ) -> dict[str, Any]:
         while (message := await self._next()) is not None:
             if message["type"] == "result":
-                return message
+                return self._answered(message)
             if message["type"] == "stage":
                 if on_stage is not None and message.get("stage") in ("compile", "run"):
                     on_stage(message["stage"])

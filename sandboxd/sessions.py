@@ -77,13 +77,17 @@ class Session:
     expires: float = math.inf  # on trio's clock: when its time to live is up
     execs: int = 0
     busy: bool = False
+    ending: bool = False  # the reaper ends it once its running call is done
     ended: str = ""  # why, once it has
-    sandbox: Sandbox | None = None
+    sandbox: Sandbox | None = None  # while it holds one
+    sandbox_id: str = ""
     lock: trio.Lock = field(default_factory=trio.Lock)  # one call at a time
     end_now: trio.Event = field(default_factory=trio.Event)
 
     def deadline(self) -> float:
         """On trio's clock: when it ends unless used (idle) before its time to live."""
+        if self.ending or self.sandbox is None:
+            return math.inf  # already on its way out, or not yet in
         if self.busy:
             return self.expires
         return min(self.expires, self.last_used + self.idle_timeout)
@@ -100,7 +104,7 @@ class Session:
             "execs": self.execs,
             "network": self.network,
             "limits": self.limits.to_dict(),
-            "sandbox_id": self.sandbox.id if self.sandbox else "",
+            "sandbox_id": self.sandbox_id,
         }
 
 
@@ -214,7 +218,7 @@ class Sessions:
             session.id,
             owner,
             language.name,
-            session.sandbox.id if session.sandbox else "?",
+            session.sandbox_id,
         )
         self._changed.unpark_all()
         return session.describe()
@@ -231,13 +235,14 @@ class Sessions:
                 attached = egress.attached(sandbox.network_pid()) if egress else None
                 async with attached or contextlib.nullcontext():
                     await sandbox.open_session(session.limits)
-                    session.sandbox = sandbox
+                    session.sandbox, session.sandbox_id = sandbox, sandbox.id
                     sandbox.session = session.id
                     task_status.started()
                     await session.end_now.wait()
         finally:
             if session.sandbox is not None:  # else create() fails, and says why
                 self._retire(session, session.ended or "the daemon stopped")
+            session.sandbox = None  # an ended session, listed a while, holds nothing
 
     def _retire(self, session: Session, why: str) -> None:
         if self._open.pop(session.id, None) is None:
@@ -251,24 +256,26 @@ class Sessions:
 
     async def _end(self, session: Session, why: str) -> None:
         """End ``session`` and wait (a while) until its sandbox is gone."""
+        sandbox = session.sandbox
         self._retire(session, why)
-        if session.sandbox is not None:
+        if sandbox is not None:
             with trio.move_on_after(CLOSE_TIMEOUT):
-                await session.sandbox.gone.wait()
+                await sandbox.gone.wait()
 
     async def _reap(self) -> None:
         """End every session whose idle timeout or time to live is up."""
         while True:
             now = trio.current_time()
             for session in list(self._open.values()):
-                if session.sandbox is None or session.deadline() > now:
+                if session.deadline() > now:
                     continue
                 if now >= session.expires:
                     why = f"its time to live of {session.ttl:g} s was up"
                 else:
                     why = f"idle for {session.idle_timeout:g} s"
+                session.ending = True
                 self._nursery_of().start_soon(self._end_when_free, session, why)
-            deadlines = [s.deadline() for s in self._open.values() if s.sandbox is not None]
+            deadlines = [session.deadline() for session in self._open.values()]
             with trio.move_on_at(min(deadlines, default=math.inf)):
                 await self._changed.park()
 
@@ -305,9 +312,15 @@ class Sessions:
                 raise SessionNotFound(f"no session {session_id!r}", id=session_id)
             session.busy = True
             self._changed.unpark_all()
+            sandbox = session.sandbox
+            assert sandbox is not None
             try:
-                assert session.sandbox is not None
-                yield session, session.sandbox
+                yield session, sandbox
+            except BaseException:
+                # The caller left mid-call (cancelled): the agent may still be answering.
+                if sandbox.link.owes_answer and not await sandbox.settle():
+                    self._retire(session, "its sandbox was lost: a call was cut off")
+                raise
             finally:
                 session.busy = False
                 session.last_used = trio.current_time()

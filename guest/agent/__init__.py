@@ -25,6 +25,8 @@ Wire protocol: one JSON object per line, UTF-8, in both directions.
                                "memory_bytes": n, "processes": n, "output_bytes": n,
                                "file_size_bytes": n}}
     host → agent   {"type": "stdin", "data": "...", "eof": bool}  (during the run, if streamed)
+    host → agent   {"type": "cancel"}  (its caller left: the agent kills the program and
+                                        answers as it does when a limit stops it)
     agent → host   {"type": "stage", "stage": "compile"|"run"}     (as each stage starts)
     agent → host   {"type": "output", "stage": "compile"|"run", "stream": "stdout"|"stderr",
                     "data": "..."}                                   (any number of these)

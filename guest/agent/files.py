@@ -103,8 +103,9 @@ class Workdir:
             fd = os.open(name, flags, dir_fd=dir_fd)
             try:
                 info = os.fstat(fd)
-                if not stat.S_ISREG(info.st_mode):
-                    raise JobError(f"cannot append to {path!r}: not a regular file")
+                why = self._refusal(info)
+                if why:
+                    raise JobError(f"cannot append to {path!r}: {why}")
                 if info.st_size + len(content) > max_bytes:
                     raise JobError(
                         f"cannot append to {path!r}: over the limit of {max_bytes} bytes"
@@ -115,6 +116,16 @@ class Workdir:
                 os.close(fd)
 
         return self._operate("append to", path, append)
+
+    def _refusal(self, info: os.stat_result) -> str:
+        """Why the agent will not read or add to this file: not a regular file, or, where
+        the agent is root (a VM), not the job's (a hard link the program made to a file
+        of root's)."""
+        if not stat.S_ISREG(info.st_mode):
+            return "not a regular file"
+        if self.owner is not None and info.st_uid != self.owner:
+            return "not a file of the job's"
+        return ""
 
     def write_all(self, files: list[dict[str, Any]]) -> None:
         """Write a job's files (``path``, ``content``, ``encoding`` utf-8 or base64)."""
@@ -136,13 +147,11 @@ class Workdir:
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
             fd = os.open(name, flags, dir_fd=dir_fd)
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            why = self._refusal(info)
+            if not why and info.st_size > max_bytes:
+                why = f"{info.st_size} bytes, more than the limit of {max_bytes}"
+            if why:
                 os.close(fd)
-                why = (
-                    "not a regular file"
-                    if not stat.S_ISREG(info.st_mode)
-                    else (f"{info.st_size} bytes, more than the limit of {max_bytes}")
-                )
                 raise JobError(f"cannot read {path!r}: {why}")
             return fd
 

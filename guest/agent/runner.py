@@ -36,6 +36,7 @@ class Runner:
         self.channel: Channel | None = None  # the host's, while serving
         self.warm: WarmRuntime | None = None
         self.kernel: Kernel | None = None  # a session's interpreter for Python cells
+        self.cancelled = False  # the host cancelled the job that runs now
 
     def start_warm(self, spec: dict[str, Any] | None) -> None:
         """(Re)start the warm runtime ``spec`` describes, after each sync: in a VM
@@ -98,16 +99,20 @@ class Runner:
             self.reaper.wait(pid)
             raise JobError(f"cannot limit the warm runtime: {exc.strerror}") from exc
 
-    def take_stdin(self, writer: StdinWriter, read: bool = True) -> bool:
-        """Pass streamed stdin from the host on to the program; whether more may come."""
+    def take_messages(self, writer: StdinWriter, read: bool = True) -> bool:
+        """Take what the host sent during a stage: streamed stdin, passed on to the
+        program, or a ``cancel`` (its caller left: the stage is to stop); whether the
+        channel is still worth listening to."""
         assert self.channel is not None
         for message in self.channel.receive_ready(read):
+            if message.get("type") == "cancel":
+                self.cancelled = True
+                return False
             if message.get("type") != "stdin":
                 raise JobError(f"unexpected message during a run: {message.get('type')!r}")
             writer.feed(str(message.get("data", "")).encode())
             if message.get("eof"):
                 writer.close()
-                return False
         if self.channel.closed:
             writer.close()
             return False

@@ -78,12 +78,13 @@ class StageRun:
             os.set_blocking(fd, False)
             self.poller.register(fd, select.POLLIN)
         self.poller.register(runner.reaper.fd, select.POLLIN)
-        self.taking_stdin = stream_stdin and not channel.closed
-        if self.taking_stdin:
-            self.taking_stdin = runner.take_stdin(self.writer, read=False)  # came with the job
+        # The channel is listened to for streamed stdin, and for a cancel.
+        self.taking_stdin = not channel.closed
+        if stream_stdin and self.taking_stdin:
+            self.taking_stdin = runner.take_messages(self.writer, read=False)  # with the job
         else:
             self.writer.close()
-        self.listening = False  # to the channel, for streamed stdin
+        self.listening = False
         self.deadline = self.start + wall_time
         self.next_cpu_check = self.start
         self.killed_at: float | None = None
@@ -136,7 +137,8 @@ class StageRun:
             self.next_cpu_check = now + max(CPU_CHECK_MIN, left / (os.cpu_count() or 1))
 
     def _listen(self) -> None:
-        """Read the channel (streamed stdin) only while the program's stdin has room."""
+        """Read the channel (streamed stdin, a cancel) only while the program's stdin has
+        room."""
         wanted = self.taking_stdin and not self.writer.full
         if wanted != self.listening:
             if wanted:
@@ -176,7 +178,9 @@ class StageRun:
                 # Whatever the program left running dies with it.
                 runner.kill_all(self.pid)
         elif fd == self.channel.fd and self.listening:
-            self.taking_stdin = runner.take_stdin(self.writer)
+            self.taking_stdin = runner.take_messages(self.writer)
+            if runner.cancelled and self.killed_at is None:
+                self._kill()
         elif self.writer.owns(fd):
             self.writer.write()
         elif self.source_writer is not None and self.source_writer.owns(fd):

@@ -43,6 +43,7 @@ HOST_GRACE = 5.0
 CPU_CHECK_MIN = 0.02  # seconds between looks at a sandbox's CPU time, at least
 JAIL_EXIT_TIMEOUT = 5.0  # for a jail's outer bubblewrap to follow its PID 1
 REQUEST_TIMEOUT = 30.0  # for the agent to answer a session's file request
+SETTLE_TIMEOUT = 5.0  # for the agent to finish answering a call that was cancelled
 
 
 class SandboxState(enum.Enum):
@@ -329,6 +330,20 @@ class Sandbox(abc.ABC):
             self.kill()
             raise
         await self.size_disk(limits)
+
+    async def settle(self) -> bool:
+        """After a session's call was cancelled (its caller left): have the agent stop
+        the program it runs and take the rest of its answer, so the next call starts
+        clean; whether that worked (if not, the sandbox is killed). Shielded."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(SETTLE_TIMEOUT):
+                try:
+                    await self.link.settle()
+                    return True
+                except AgentError as exc:
+                    self.log.warning("cannot settle its agent: %s", exc.message)
+            self.kill()
+        return False
 
     async def size_disk(self, limits: Limits) -> None:
         """Make the files a session can write fit ``limits`` where they count toward its

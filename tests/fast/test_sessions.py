@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from sandboxd import errors
-from sandboxd.protocol import Status
+from sandboxd.protocol import Method, Status
 from tests.fast.stack import local_stack
 
 READ_CSV_WRITE_TOTAL = """
@@ -140,3 +140,43 @@ async def test_cells_share_one_interpreter_and_give_the_last_value(tmp_path):
         assert slow.status is Status.TIMEOUT and not slow.cell.kept
         program = await session.exec("print('a program beside the cells')")
         assert program.ok and program.cell is None
+
+
+async def test_a_session_outlives_a_caller_who_leaves_mid_exec(tmp_path):
+    async with (
+        local_stack(tmp_path, max_sandboxes=4) as stack,
+        await stack.client.session() as session,
+    ):
+        await session.exec("x = 1", cell=True)
+        code = "import time\nprint('started', flush=True)\ntime.sleep(60)"
+        params = {"id": session.id, "code": code}
+        async with stack.client.open_call(Method.SESSION_EXEC, params) as execution:
+            async for event in execution:
+                assert event.data.startswith("started")
+                break  # and leave: the connection closes
+        after = await session.exec("print('next')")
+        assert (after.status, after.stdout) == (Status.OK, "next\n")
+        assert (await session.refresh())["state"] == "idle"
+
+
+async def test_streamed_stdin_reaches_a_program_in_a_session(tmp_path):
+    async with (
+        local_stack(tmp_path, max_sandboxes=4) as stack,
+        await stack.client.session() as session,
+    ):
+        params = {"id": session.id, "code": "print(input()[::-1])", "interactive": True}
+        async with stack.client.open_call(Method.SESSION_EXEC, params) as execution:
+            await execution.send_stdin("olleh\n", eof=True)
+            async for _ in execution:
+                pass
+        assert execution.result.stdout == "hello\n"
+
+
+async def test_a_session_past_its_time_to_live_ends(tmp_path):
+    async with local_stack(tmp_path, max_sandboxes=4) as stack:
+        session = await stack.client.session(ttl=0.3)
+        await trio.sleep(0.8)
+        with pytest.raises(errors.SessionNotFound):
+            await session.exec("print(1)")
+        [listed] = await stack.client.sessions()
+    assert listed["ended"] == "its time to live of 0.3 s was up"

@@ -28,6 +28,7 @@ from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, assert_jobs_outlive_a_broken_snapshot, start_daemon
 from tests.fakes.firecracker_bin import install_fakes
 from tests.host_state import assert_vm_gone, sandbox_cgroups, sandbox_processes, wait_for
+from tests.sandboxd.test_sessions import agent_loop
 
 pytestmark = [
     pytest.mark.vm,
@@ -103,6 +104,11 @@ def test_jobs_run_in_restored_vms_and_leave_nothing(fc_daemon):
     )
     assert (slow.status, slow.stdout) == (Status.TIMEOUT, "start\n")
     assert_firecracker_gone(fc_daemon, slow.sandbox_id)
+
+
+def test_a_session_in_a_vm(fc_daemon):
+    sandbox_id = agent_loop(fc_daemon.client)
+    assert_firecracker_gone(fc_daemon, sandbox_id)
 
 
 def test_each_vm_is_jailed_as_its_own_uid_in_its_cgroup(fc_daemon):

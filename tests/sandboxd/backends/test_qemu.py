@@ -22,6 +22,7 @@ from tests.daemon_process import (
     wait_for_warm,
 )
 from tests.host_state import assert_vm_gone, sandbox_processes
+from tests.sandboxd.test_sessions import agent_loop
 
 pytestmark = [
     pytest.mark.vm,
@@ -192,3 +193,18 @@ def test_vms_restored_from_one_snapshot_run_warm_with_their_own_random_state(vm_
         assert result.ok and result.warm, result
         draws.append(result.stdout.split())
     assert all(first != second for first, second in zip(*draws, strict=True)), draws
+
+
+def test_a_session_in_a_vm(vm_daemon):
+    sandbox_id = agent_loop(vm_daemon.client)
+    assert_qemu_gone(vm_daemon, sandbox_id)
+
+
+def test_a_session_in_a_vm_reads_no_file_a_program_linked_from_root(vm_daemon):
+    link = "import os; os.link('/etc/shadow', 'shadow')"
+    with vm_daemon.client.session() as session:
+        linked = session.exec(link + "\nprint('linked')", timeout=60)
+        # The VM's init forbids it (protected_hardlinks); the agent would refuse it too.
+        assert linked.status is Status.RUNTIME_ERROR and "PermissionError" in linked.stderr
+        session.exec("open('mine.txt', 'w').write('mine')", timeout=60)
+        assert session.read_file("mine.txt") == b"mine"
