@@ -14,7 +14,6 @@ from .limits import Confinement
 from .processes import IGNORED_SIGNALS
 from .protocol import PROTOCOL, Channel
 from .runner import Runner
-from .session import serve_session
 
 TYPE_CHECKING = False  # typing costs every sandbox its import
 if TYPE_CHECKING:
@@ -63,6 +62,8 @@ def serve(channel: Channel, runner: Runner, in_vm: bool = False) -> bool:
     if message is None:
         return False
     if message["type"] == "session":
+        from .session import serve_session  # only sessions pay for its imports
+
         runner.start_warm(None)  # the session's working directory is the caller's
         serve_session(channel, runner)
     else:

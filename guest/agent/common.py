@@ -5,6 +5,8 @@ start together, with re, enum, collections and functools)."""
 
 from __future__ import annotations
 
+import binascii
+
 CHUNK = 65536  # bytes read or written at once
 BASE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -29,3 +31,13 @@ class ignoring:  # named and used as contextlib.suppress is
 
 class JobError(Exception):
     """The job cannot be carried out (bad message, a file that cannot be written)."""
+
+
+# base64 by binascii's C functions: the base64 module imports re, some 12 ms a start.
+def from_base64(text: str) -> bytes:
+    """The bytes of base64 ``text``; ValueError (binascii.Error) if it is not that."""
+    return binascii.a2b_base64(text.encode(), strict_mode=True)
+
+
+def to_base64(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .common import JobError, ignoring
+from .common import JobError, from_base64, ignoring
 
 TYPE_CHECKING = False  # typing costs every sandbox its import
 if TYPE_CHECKING:
@@ -131,9 +131,7 @@ class Workdir:
         """Write a job's files (``path``, ``content``, ``encoding`` utf-8 or base64)."""
         for entry in files:
             if entry.get("encoding") == "base64":
-                import base64
-
-                content = base64.b64decode(entry["content"], validate=True)
+                content = from_base64(str(entry["content"]))
             else:
                 content = str(entry["content"]).encode()
             self.write(str(entry["path"]), content)

@@ -4,9 +4,7 @@ before the next request is read; the files stay."""
 
 from __future__ import annotations
 
-import base64
-
-from .common import JobError
+from .common import JobError, from_base64, to_base64
 from .job import job_result
 
 TYPE_CHECKING = False  # typing costs every sandbox its import
@@ -41,7 +39,7 @@ def _file_request(
     """Carry out one file request; its last reply (a read sends its data before)."""
     files, path = runner.files, str(message["path"])
     if kind == "file.write":
-        content = base64.b64decode(str(message["content"]), validate=True)
+        content = from_base64(str(message["content"]))
         if message.get("append"):
             return {"type": "done", "size": files.append(path, content, int(message["max_bytes"]))}
         files.write(path, content)
@@ -49,7 +47,7 @@ def _file_request(
     if kind == "file.read":
         size = 0
         for piece in files.read(path, int(message["max_bytes"]), FILE_CHUNK):
-            channel.send({"type": "file.data", "data": base64.b64encode(piece).decode()})
+            channel.send({"type": "file.data", "data": to_base64(piece)})
             size += len(piece)
         return {"type": "done", "size": size}
     if kind == "file.list":

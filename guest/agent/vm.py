@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from .common import JobError
+from .common import JobError, from_base64
 from .protocol import Channel
 
 TYPE_CHECKING = False  # typing costs every sandbox its import
@@ -22,11 +22,10 @@ RNDRESEEDCRNG = 0x5207
 def synchronise(message: dict[str, Any]) -> None:
     """A (new) host connection: in a VM, perhaps restored from a snapshot that other VMs
     share, take fresh entropy and the time from the host."""
-    import base64
     import fcntl
     import struct
 
-    entropy = base64.b64decode(message.get("entropy", ""))
+    entropy = from_base64(str(message.get("entropy", "")))
     if entropy:
         with open("/dev/urandom", "wb") as pool:
             fcntl.ioctl(
