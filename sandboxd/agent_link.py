@@ -31,6 +31,7 @@ StageHandler = Callable[[str], None]  # a stage ("compile", "run") starts
 MAX_AGENT_LINE = 1024 * 1024
 STDIN_SLICE = 65536  # characters of streamed stdin per message to the agent
 FINAL_REPLIES = ("result", "done", "error")  # the last message of the agent's answers
+CUT_OFF_TIMEOUT = 5.0  # for a message begun as its run ended to go out whole
 
 
 class Transcript:
@@ -127,6 +128,15 @@ class AgentLink:
                 raise AgentError(f"agent went away: {exc}") from exc
             self._sending = False
 
+    async def _send_whole(self, message: dict[str, Any]) -> None:
+        """Send a message that may be cancelled as the run ends: once begun, it is sent
+        whole (an agent back to reading takes it), or left cut off if that takes longer
+        than the bound (``owes_answer`` then says the link is broken)."""
+        async with self._send_lock:
+            pass  # wait for our turn while cancellable; the send itself is shielded below
+        with trio.CancelScope(shield=True), trio.move_on_after(CUT_OFF_TIMEOUT):
+            await self._send_message(message)
+
     async def _request(self, message: dict[str, Any]) -> None:
         """Send a job or a file request: the agent owes its answer from now on."""
         await self._send_message(message)
@@ -138,7 +148,7 @@ class AgentLink:
 
     @property
     def owes_answer(self) -> bool:
-        """Whether a request is on its way or not answered yet."""
+        """Whether a message is cut off on its way, or a request not answered yet."""
         return self._sending or self._answering
 
     async def settle(self) -> None:
@@ -218,10 +228,10 @@ class AgentLink:
                 for start in range(0, max(len(data), 1), STDIN_SLICE):
                     last = start + STDIN_SLICE >= len(data)
                     piece = data[start : start + STDIN_SLICE]
-                    await self._send_message({"type": "stdin", "data": piece, "eof": eof and last})
+                    await self._send_whole({"type": "stdin", "data": piece, "eof": eof and last})
                 if eof:
                     return
-            await self._send_message({"type": "stdin", "data": "", "eof": True})
+            await self._send_whole({"type": "stdin", "data": "", "eof": True})
         except AgentError:
             pass  # the agent is gone; collecting its output says so
 

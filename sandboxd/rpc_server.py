@@ -54,7 +54,7 @@ from sandboxd.job import unicode_text
 from sandboxd.peers import PeerAccount, PeerTable, SocketLimits
 from sandboxd.protocol import OUTPUT_FIELDS, OUTPUT_NOTIFICATION, Method
 from sandboxd.service import Service
-from sandboxd.sessions import Owner, Sessions
+from sandboxd.sessions import Owner, Reserve, Sessions
 from sandboxd.stdin_stream import StdinChunk, StdinStream
 
 log = logging.getLogger(__name__)
@@ -251,8 +251,10 @@ class RequestContext:
         if self.request_id is not NOID:
             await self.connection.send({"jsonrpc": "2.0", "method": method, "params": params})
 
-    def hold_answer(self, size: int) -> None:
-        """The answer carries ``size`` bytes (a file): its uid holds them until sent."""
+    async def reserve(self, size: int) -> None:
+        """The answer will carry up to ``size`` bytes (a file): once the uid has room,
+        it holds them until the answer is sent."""
+        await self.connection.account.wait_for_output_room()
         self.connection.account.hold_output(size)
         self.output += size
 
@@ -310,8 +312,8 @@ class RpcServer:
                 Method.SESSION_CREATE: self._session_call(sessions.create),
                 Method.SESSION_EXEC: self._session_exec,
                 Method.SESSION_WRITE_FILE: self._session_call(sessions.write_file),
-                Method.SESSION_READ_FILE: self._session_read_file,
-                Method.SESSION_LIST_FILES: self._session_call(sessions.list_files),
+                Method.SESSION_READ_FILE: self._session_answer_call(sessions.read_file),
+                Method.SESSION_LIST_FILES: self._session_answer_call(sessions.list_files),
                 Method.SESSION_REMOVE_FILE: self._session_call(sessions.remove_file),
                 Method.SESSION_INFO: self._session_call(sessions.info),
                 Method.SESSION_LIST: self._session_call(sessions.list),
@@ -373,13 +375,17 @@ class RpcServer:
         async with self._stdin_of(context, params) as stdin:
             return await self.sessions.exec(owner, params, context.relay_output, stdin)
 
-    async def _session_read_file(self, context: RequestContext, **params: Any) -> Any:
-        owner = self._owner(context, params)
-        # A file read is output too: a uid that leaves its answers unread waits here.
-        await context.connection.account.wait_for_output_room()
-        answer = await self.sessions.read_file(owner, params)
-        context.hold_answer(len(answer["content"]))
-        return answer
+    def _session_answer_call(
+        self, method: Callable[[Owner, Any, Reserve], Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
+        """A session method whose answer is large (a file, a listing): it is output too,
+        reserved in the uid's budget before it is made (a uid that leaves its answers
+        unread waits there)."""
+
+        async def call(context: RequestContext, **params: Any) -> Any:
+            return await method(self._owner(context, params), params, context.reserve)
+
+        return call
 
     async def _stdin(self, context: RequestContext, **params: Any) -> Any:
         """``execute.stdin`` sent as a request (with an id); see :func:`_feed_stdin`."""

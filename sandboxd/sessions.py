@@ -24,12 +24,13 @@ import pwd
 import secrets
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from sandboxd.agent_link import MAX_AGENT_LINE
 from sandboxd.backends.base import Sandbox
 from sandboxd.config import SessionsConfig
 from sandboxd.errors import AgentError, InvalidParams, SessionNotFound, TooManySessions
@@ -41,6 +42,8 @@ from sandboxd.service import OutputSink, Service, result_of
 from sandboxd.stdin_stream import StdinStream
 
 log = logging.getLogger(__name__)
+
+Reserve = Callable[[int], Awaitable[None]]  # holds an answer's bytes in the caller's budget
 
 ENDED_KEPT = 8  # per owner: the sessions that ended, listed with why...
 ENDED_REMEMBERED = 256  # ...of the last that ended on the server
@@ -117,6 +120,18 @@ def _seconds(params: Mapping[str, Any], name: str, maximum: float) -> float:
     if value <= 0 or value > maximum:
         raise InvalidParams.field(name, f"expected more than 0 and at most {maximum:g} seconds")
     return float(value)
+
+
+async def _first(*events: trio.Event) -> None:
+    """Wait until one of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)
 
 
 def _uids(users: tuple[str, ...]) -> set[int]:
@@ -238,7 +253,9 @@ class Sessions:
                     session.sandbox, session.sandbox_id = sandbox, sandbox.id
                     sandbox.session = session.id
                     task_status.started()
-                    await session.end_now.wait()
+                    await _first(session.end_now, sandbox.finished)
+                    if not session.end_now.is_set():
+                        self._retire(session, "its sandbox was lost: it died")
         finally:
             if session.sandbox is not None:  # else create() fails, and says why
                 self._retire(session, session.ended or "the daemon stopped")
@@ -321,6 +338,10 @@ class Sessions:
                 if sandbox.link.owes_answer and not await sandbox.settle():
                     self._retire(session, "its sandbox was lost: a call was cut off")
                 raise
+            else:
+                if sandbox.link.owes_answer:  # streamed input cut off as its run ended
+                    sandbox.kill()
+                    self._retire(session, "its sandbox was lost: input to it was cut off")
             finally:
                 session.busy = False
                 session.last_used = trio.current_time()
@@ -328,7 +349,8 @@ class Sessions:
 
     def _job(self, session: Session, params: Any) -> Job:
         params = _only(params, SESSION_EXEC_FIELDS)
-        fixed = [name for name in SESSION_LIMITS if (params.get("limits") or {}).get(name)]
+        limits = params.get("limits")
+        fixed = [n for n in SESSION_LIMITS if isinstance(limits, dict) and limits.get(n)]
         if fixed:
             raise InvalidParams.field(
                 f"limits.{fixed[0]}", "is the session's, set by session.create"
@@ -365,14 +387,23 @@ class Sessions:
         return result.to_dict()
 
     async def _file_request(
-        self, owner: Owner, session_id: Any, message: dict[str, Any]
+        self,
+        owner: Owner,
+        session_id: Any,
+        message: Callable[[Session, Sandbox], dict[str, Any]],
+        reserve: Reserve | None = None,
+        answer_bytes: int = 0,
     ) -> tuple[dict[str, Any], bytes]:
-        """The agent's reply to a file request, and its data; InvalidParams naming the
-        path if the agent could not carry it out."""
+        """The agent's reply to a file request (``message`` makes it, in the session's
+        turn), and its data; InvalidParams naming the path if the agent could not carry
+        it out. An answer of up to ``answer_bytes`` is ``reserve``d first, in the turn:
+        what a caller's requests hold waiting is only their request lines."""
         async with self._using(owner, session_id) as (session, sandbox):
-            max_data = message.get("max_bytes", 0)
+            request = message(session, sandbox)
+            if reserve is not None:
+                await reserve(answer_bytes)
             try:
-                reply, data = await sandbox.request(message, max_data)
+                reply, data = await sandbox.request(request, request.get("max_bytes", 0))
             except AgentError as exc:
                 lost = exc.message
             else:
@@ -390,39 +421,46 @@ class Sessions:
         large file in pieces, each within the request cap)."""
         params = _only(params, ("id", "path", "content", "encoding", "append"))
         path = check_path(params.get("path"), "path")
-        data = decode_content(params, "")
+        unicode_text(params.get("content"), "content")
         append = params.get("append") or False
         if not isinstance(append, bool):
             raise InvalidParams.field("append", "expected true or false")
-        session = self._find(owner, params.get("id"))
-        limit = self._max_file(session.limits)
-        if len(data) > limit:
-            raise InvalidParams.field("content", f"more than the {limit} bytes a file may hold")
-        room = session.sandbox.memory_room() if session.sandbox else None
-        # The agent holds the message (base64) and the file while it writes it, and its
-        # files share the session's memory: it must not be left without any.
-        if room is not None and WRITE_MEMORY_FACTOR * len(data) + WRITE_MEMORY_SPARE > room:
-            raise InvalidParams.field(
-                "content",
-                f"the session's memory is full: {max(room, 0) // 2**20} MiB free, and its "
-                "files count toward it; remove some first",
-            )
-        message = {
-            "type": "file.write",
-            "path": path,
-            "content": base64.b64encode(data).decode(),
-            "append": append,
-            "max_bytes": limit,
-        }
-        reply, _ = await self._file_request(owner, session.id, message)
-        return {"path": path, "size": reply.get("size", len(data))}
 
-    async def read_file(self, owner: Owner, params: Any) -> dict[str, Any]:
+        def message(session: Session, sandbox: Sandbox) -> dict[str, Any]:
+            data = decode_content(params, "")  # in the session's turn: one copy at a time
+            limit = self._max_file(session.limits)
+            if len(data) > limit:
+                raise InvalidParams.field("content", f"more than the {limit} bytes a file may hold")
+            room = sandbox.memory_room()
+            # The agent holds the message (base64) and the file while it writes it, and
+            # its files share the session's memory: it must not be left without any.
+            if room is not None and WRITE_MEMORY_FACTOR * len(data) + WRITE_MEMORY_SPARE > room:
+                raise InvalidParams.field(
+                    "content",
+                    f"the session's memory is full: {max(room, 0) // 2**20} MiB free, and "
+                    "its files count toward it; remove some first",
+                )
+            content = base64.b64encode(data).decode()
+            return {"type": "file.write", "path": path, "content": content, "append": append,
+                    "max_bytes": limit}  # fmt: skip
+
+        reply, _ = await self._file_request(owner, params.get("id"), message)
+        return {"path": path, "size": reply.get("size", 0)}
+
+    async def read_file(self, owner: Owner, params: Any, reserve: Reserve) -> dict[str, Any]:
+        """A file's content, its size reserved in the caller's output budget (``reserve``)
+        before it is read."""
         params = _only(params, ("id", "path"))
         path = check_path(params.get("path"), "path")
         session = self._find(owner, params.get("id"))
-        message = {"type": "file.read", "path": path, "max_bytes": self._max_file(session.limits)}
-        _, data = await self._file_request(owner, session.id, message)
+        limit = self._max_file(session.limits)
+        _, data = await self._file_request(
+            owner,
+            session.id,
+            lambda session, _: {"type": "file.read", "path": path, "max_bytes": limit},
+            reserve,
+            answer_bytes=4 * limit // 3 + 4,  # in base64
+        )
         return {
             "path": path,
             "size": len(data),
@@ -430,13 +468,17 @@ class Sessions:
             "encoding": "base64",
         }
 
-    async def list_files(self, owner: Owner, params: Any) -> dict[str, Any]:
+    async def list_files(self, owner: Owner, params: Any, reserve: Reserve) -> dict[str, Any]:
         params = _only(params, ("id", "path"))
         path = params.get("path") or "."
         if path != ".":
             path = check_path(path, "path")
         reply, _ = await self._file_request(
-            owner, params.get("id"), {"type": "file.list", "path": path}
+            owner,
+            params.get("id"),
+            lambda session, _: {"type": "file.list", "path": path},
+            reserve,
+            answer_bytes=MAX_AGENT_LINE,  # the most a listing can be
         )
         entries, truncated = reply.get("entries", []), reply.get("truncated", False)
         return {"path": path, "entries": entries, "truncated": truncated}
@@ -444,7 +486,8 @@ class Sessions:
     async def remove_file(self, owner: Owner, params: Any) -> dict[str, Any]:
         params = _only(params, ("id", "path"))
         path = check_path(params.get("path"), "path")
-        await self._file_request(owner, params.get("id"), {"type": "file.remove", "path": path})
+        remove = {"type": "file.remove", "path": path}
+        await self._file_request(owner, params.get("id"), lambda session, _: remove)
         return {"path": path}
 
     # --- looking at sessions -------------------------------------------------------

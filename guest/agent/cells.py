@@ -9,11 +9,12 @@ next cell gets a new interpreter.
 
 from __future__ import annotations
 
+import _signal as signal
 import os
 import select
 from resource import RLIM_INFINITY, RLIMIT_CPU
 
-from .common import ignoring
+from .common import JobError, ignoring
 from .limits import cpu_rlimit, cpu_time_of
 from .processes import confine, spawn
 from .protocol import from_json, to_json
@@ -55,34 +56,51 @@ class Kernel:
             os.close(replies_w)
         os.close(stdin)  # a cell's input comes with its code; its children's stdin is empty
         self.process: Process = (pid, -1, stdout, stderr)
+        os.set_blocking(self.replies, False)
         self.ran = 0  # cells
         self._buffer = b""
 
     def reply(self) -> dict[str, Any] | None:
-        """After the replies pipe polled readable: the reply, once a whole line came."""
+        """After the replies pipe polled readable: the reply, once a whole line came
+        (``{"malformed": True}`` for one that is not the kernel's: the cell's code can
+        write to the pipe too)."""
         with ignoring(BlockingIOError):
             self._buffer += os.read(self.replies, 65536)
         if b"\n" not in self._buffer:
             return None
         line, _, self._buffer = self._buffer.partition(b"\n")
-        reply = from_json(line)
-        return reply if isinstance(reply, dict) else {"ok": False}
+        try:
+            reply = from_json(line)
+        except ValueError:
+            reply = None
+        return reply if isinstance(reply, dict) else {"malformed": True}
 
-    def close(self) -> None:
-        """The interpreter is gone (its stage reaped it): close our ends."""
-        os.close(self.cells)
-        os.close(self.replies)
+    def resume(self) -> None:
+        """Before a cell: let it run again, and drop any reply a cell wrote before."""
+        os.kill(self.process[0], signal.SIGCONT)
+        with ignoring(BlockingIOError):
+            while os.read(self.replies, 65536):
+                pass
+        self._buffer = b""
+
+    def pause(self) -> None:
+        """After a cell: stopped until the next, with every thread a cell started (so
+        nothing of the session runs between its calls, unwatched)."""
+        os.kill(self.process[0], signal.SIGSTOP)
+
+    def close(self, pipes: bool = False) -> None:
+        """The interpreter is gone (its stage reaped it): close our ends of its cells
+        and replies (and, for one reaped outside a stage, of its output)."""
+        for fd in (self.cells, self.replies, *(self.process[2:] if pipes else ())):
+            os.close(fd)
 
     def died(self, runner: Runner) -> bool:
         """Whether it died between cells (killed from outside): then it is reaped, and
         every pipe to it closed."""
         runner.reaper.reap()
-        pid, _, stdout, stderr = self.process
-        if runner.reaper.exits.pop(pid, None) is None:
+        if runner.reaper.exits.pop(self.process[0], None) is None:
             return False
-        for fd in (stdout, stderr):
-            os.close(fd)
-        self.close()
+        self.close(pipes=True)
         return True
 
 
@@ -95,7 +113,6 @@ class CellRun(StageRun):
         self.reply: dict[str, Any] | None = None
         self.cpu_base = 0.0
         super().__init__(runner, "run", [], stdin=b"", stream_stdin=False, warm=None, **stage)
-        os.set_blocking(kernel.replies, False)
         self.poller.register(kernel.replies, select.POLLIN)
 
     def _launch(
@@ -106,6 +123,7 @@ class CellRun(StageRun):
         warm: WarmRuntime | None,
     ) -> Process:
         pid = self.kernel.process[0]
+        self.kernel.resume()
         # RLIMIT_CPU counts the interpreter's whole life: the cell gets its own on top,
         # as a soft limit only (no process may raise its hard limit again); past it,
         # SIGXCPU, and the CPU time the stage's cgroup counts, stop the cell.
@@ -125,7 +143,11 @@ class CellRun(StageRun):
     def _ready(self, fd: int) -> None:
         if fd != self.kernel.replies:
             super()._ready(fd)
-        elif (reply := self.kernel.reply()) is not None:
+        elif (reply := self.kernel.reply()) is None or self.killed_at is not None:
+            return  # (a reply that comes once the interpreter is being killed is void)
+        elif reply.get("malformed"):
+            self._kill()  # not the kernel's: the interpreter cannot be trusted on
+        else:
             self.reply = reply
             for pipe in list(self.pipes):  # what the cell wrote before its reply
                 while pipe in self.pipes and self._read(pipe):
@@ -138,6 +160,7 @@ class CellRun(StageRun):
             return
         self.writer.abandon()
         self.runner.kill_all_but(self.pid)
+        self.kernel.pause()
 
     def finish(self) -> StageOutcome:
         if self.reply is None:
@@ -174,16 +197,23 @@ def run_cell(
     fresh = kernel is None
     if kernel is None:
         kernel = runner.kernel = Kernel(python, stage["env"], runner)
-    run = CellRun(runner, kernel, code, stdin, **stage)
     try:
-        while run.step():
-            pass
-    finally:
-        run.close()
-    outcome = run.finish()
-    kernel.ran += 1
-    if run.reply is None:
+        run = CellRun(runner, kernel, code, stdin, **stage)
+    except JobError:  # it could not be limited: killed and reaped
+        kernel.close(pipes=True)
         runner.kernel = None
+        raise
+    try:
+        try:
+            while run.step():
+                pass
+        finally:
+            run.close()
+        outcome = run.finish()
+    finally:
+        if run.reply is None:  # the interpreter ended with the cell
+            runner.kernel = None
+    kernel.ran += 1
     reply = run.reply or {}
     cell = {"value": reply.get("value"), "fresh": fresh, "kept": run.reply is not None}
     if reply.get("error"):

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAX_ENTRIES = 10000  # of a directory listing
-STAGING = ".sandboxd-write"  # where a file is written before it replaces the old one
+STAGING = ".sandboxd-write-"  # (and a random suffix) where a file is written first
+MAX_LISTING_BYTES = 512 * 1024  # of names in a directory listing, at most
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -76,10 +77,9 @@ class Workdir:
         other file there, is replaced; a directory is not)."""
 
         def write(dir_fd: int, name: str) -> None:
-            with ignoring(FileNotFoundError):
-                os.unlink(STAGING, dir_fd=dir_fd)
+            staging = STAGING + os.urandom(6).hex()  # no name a program could plant first
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(STAGING, flags, 0o644, dir_fd=dir_fd)
+            fd = os.open(staging, flags, 0o644, dir_fd=dir_fd)
             try:
                 _write_all(fd, content)
                 if self.owner is not None:
@@ -87,9 +87,9 @@ class Workdir:
             finally:
                 os.close(fd)
             try:
-                os.rename(STAGING, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                os.rename(staging, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             except OSError:
-                os.unlink(STAGING, dir_fd=dir_fd)
+                os.unlink(staging, dir_fd=dir_fd)
                 raise
 
         self._operate("write", path, write)
@@ -173,16 +173,20 @@ class Workdir:
         def list_dir(dir_fd: int, name: str) -> tuple[list[dict[str, Any]], bool]:
             fd = os.open(name, _DIRECTORY, dir_fd=dir_fd)
             entries: list[dict[str, Any]] = []
+            size = 0
             try:
                 with os.scandir(fd) as scan:
                     for entry in scan:
-                        if entry.name == STAGING:
+                        if entry.name.startswith(STAGING):
                             continue
-                        if len(entries) == MAX_ENTRIES:
+                        # A name that is not UTF-8 is shown with U+FFFD where it is not.
+                        shown = os.fsencode(entry.name).decode(errors="replace")
+                        size += len(shown) + 64
+                        if len(entries) == MAX_ENTRIES or size > MAX_LISTING_BYTES:
                             break
                         info = entry.stat(follow_symlinks=False)
                         kind = _kind(info.st_mode)
-                        entries.append({"name": entry.name, "type": kind, "size": info.st_size})
+                        entries.append({"name": shown, "type": kind, "size": info.st_size})
                     else:
                         return sorted(entries, key=lambda e: e["name"]), False
                 return sorted(entries, key=lambda e: e["name"]), True

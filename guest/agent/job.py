@@ -45,7 +45,7 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
             cell = str(cell)
     except (KeyError, TypeError, AttributeError) as exc:
         raise JobError(f"malformed job message: {exc!r}") from exc
-    runner.cancelled = False
+    runner.cancelled, runner.held_stdin = False, []
     warm = None if cell is not None else runner.take_warm(run_argv, env, files, bool(compile_argv))
     if warm is None:
         runner.files.write_all(files)

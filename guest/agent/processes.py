@@ -131,6 +131,8 @@ class Reaper:
                 _, status, usage = os.wait4(pid, 0)
             except ChildProcessError:
                 self.reap()
+                if pid not in self.exits:
+                    raise JobError(f"process {pid} is not the agent's to wait for") from None
                 continue
             self.exits[pid] = (status, usage)
         return self.exits.pop(pid)

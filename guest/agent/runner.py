@@ -8,6 +8,7 @@ import os
 import resource
 import sys
 
+from .capture import STDIN_BACKLOG
 from .common import JobError, ignoring
 from .files import Workdir
 from .processes import Reaper, kill_group
@@ -24,6 +25,18 @@ if TYPE_CHECKING:
     from .protocol import Channel
 
 
+KILL_PASSES = 20  # at most, over /proc, killing what a cell left
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits to be reaped (killing it changes nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] == b"Z"
+    except OSError:
+        return True
+
+
 class Runner:
     """Runs processes for one job under its limits, reporting output as it comes."""
 
@@ -37,6 +50,7 @@ class Runner:
         self.warm: WarmRuntime | None = None
         self.kernel: Kernel | None = None  # a session's interpreter for Python cells
         self.cancelled = False  # the host cancelled the job that runs now
+        self.held_stdin: list[dict[str, Any]] = []  # streamed while the compile ran
 
     def start_warm(self, spec: dict[str, Any] | None) -> None:
         """(Re)start the warm runtime ``spec`` describes, after each sync: in a VM
@@ -81,13 +95,22 @@ class Runner:
 
     def kill_all_but(self, keep: int) -> None:
         """Kill every process the program started but ``keep`` (a session's interpreter,
-        whose cell ended): when alone in the namespace, all others; else its group's."""
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) in (keep, os.getpid()):
-                continue
-            with ignoring(ProcessLookupError, PermissionError):
-                if self.isolated or os.getpgid(int(entry)) == keep:
-                    os.kill(int(entry), signal.SIGKILL)
+        whose cell ended): when alone in the namespace, all others; else its group's.
+        Again while a pass finds any: one forked as the last pass read /proc is not
+        missed (a pid namespace cannot be fork-bombed past its process limit)."""
+        for _ in range(KILL_PASSES):
+            found = False
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit() or int(entry) in (keep, os.getpid()):
+                    continue
+                pid = int(entry)
+                with ignoring(ProcessLookupError, PermissionError):
+                    if (self.isolated or os.getpgid(pid) == keep) and not _zombie(pid):
+                        os.kill(pid, signal.SIGKILL)
+                        found = True
+            if not found:
+                return
+            self.reaper.reap()  # the orphans among them are ours to reap
 
     def limit_warm(self, pid: int, rlimits: list[tuple[int, tuple[int, int]]]) -> None:
         """Set a warm process's rlimits before its program's first line."""
@@ -99,17 +122,24 @@ class Runner:
             self.reaper.wait(pid)
             raise JobError(f"cannot limit the warm runtime: {exc.strerror}") from exc
 
-    def take_messages(self, writer: StdinWriter, read: bool = True) -> bool:
+    def take_messages(self, writer: StdinWriter, streaming: bool, read: bool = True) -> bool:
         """Take what the host sent during a stage: streamed stdin, passed on to the
-        program, or a ``cancel`` (its caller left: the stage is to stop); whether the
-        channel is still worth listening to."""
+        program (or, in a stage that takes none, a compile, held for the run), or a
+        ``cancel`` (its caller left: the stage is to stop); whether the channel is still
+        worth listening to."""
         assert self.channel is not None
-        for message in self.channel.receive_ready(read):
+        messages = self.channel.receive_ready(read)
+        if streaming:
+            messages, self.held_stdin = [*self.held_stdin, *messages], []
+        for message in messages:
             if message.get("type") == "cancel":
                 self.cancelled = True
                 return False
             if message.get("type") != "stdin":
                 raise JobError(f"unexpected message during a run: {message.get('type')!r}")
+            if not streaming:
+                self.held_stdin.append(message)
+                continue
             writer.feed(str(message.get("data", "")).encode())
             if message.get("eof"):
                 writer.close()
@@ -117,6 +147,11 @@ class Runner:
             writer.close()
             return False
         return True
+
+    @property
+    def holding_stdin(self) -> bool:
+        """Whether as much stdin is held for the run as the agent keeps at most."""
+        return sum(len(str(m.get("data", ""))) for m in self.held_stdin) >= STDIN_BACKLOG
 
     def run(
         self,

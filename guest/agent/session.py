@@ -21,7 +21,7 @@ def serve_session(channel: Channel, runner: Runner) -> None:
     """Answer every request until the host closes the channel."""
     while (message := channel.receive()) is not None:
         kind = message.get("type")
-        if kind == "cancel":  # for a request answered before it came: nothing to do
+        if kind in ("cancel", "stdin"):  # for a job that had ended when they came
             continue
         if kind == "job":
             channel.send(job_result(message, runner))

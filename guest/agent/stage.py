@@ -79,9 +79,10 @@ class StageRun:
             self.poller.register(fd, select.POLLIN)
         self.poller.register(runner.reaper.fd, select.POLLIN)
         # The channel is listened to for streamed stdin, and for a cancel.
+        self.streaming = stream_stdin
         self.taking_stdin = not channel.closed
-        if stream_stdin and self.taking_stdin:
-            self.taking_stdin = runner.take_messages(self.writer, read=False)  # with the job
+        if stream_stdin and self.taking_stdin:  # what came with the job, or in a compile
+            self.taking_stdin = runner.take_messages(self.writer, True, read=False)
         else:
             self.writer.close()
         self.listening = False
@@ -89,6 +90,8 @@ class StageRun:
         self.next_cpu_check = self.start
         self.killed_at: float | None = None
         self.exit_status: tuple[int, resource.struct_rusage] | None = None
+        if runner.cancelled:  # during the stage before
+            self._kill()
 
     def _launch(
         self,
@@ -137,9 +140,8 @@ class StageRun:
             self.next_cpu_check = now + max(CPU_CHECK_MIN, left / (os.cpu_count() or 1))
 
     def _listen(self) -> None:
-        """Read the channel (streamed stdin, a cancel) only while the program's stdin has
-        room."""
-        wanted = self.taking_stdin and not self.writer.full
+        """Read the channel (stdin, a cancel) only while the program's stdin has room."""
+        wanted = self.taking_stdin and not self.writer.full and not self.runner.holding_stdin
         if wanted != self.listening:
             if wanted:
                 self.poller.register(self.channel.fd, select.POLLIN)
@@ -178,7 +180,7 @@ class StageRun:
                 # Whatever the program left running dies with it.
                 runner.kill_all(self.pid)
         elif fd == self.channel.fd and self.listening:
-            self.taking_stdin = runner.take_messages(self.writer)
+            self.taking_stdin = runner.take_messages(self.writer, self.streaming)
             if runner.cancelled and self.killed_at is None:
                 self._kill()
         elif self.writer.owns(fd):

@@ -184,9 +184,10 @@ class Sandbox(abc.ABC):
         """Notice the sandbox ending on its own (a crash, the agent killed)."""
         code = await self.child.wait()
         # A running job finds out through its agent link; a ready sandbox that dies
-        # must leave the pool.
-        if self.state is SandboxState.READY:
-            self.log.warning("died while ready (code %s): %s", code, self.tail.text()[-500:])
+        # must leave the pool, and a session's, between its calls, the session.
+        if self.state is SandboxState.READY or (self.session and not self.finished.is_set()):
+            held = f" by session {self.session}" if self.session else " while ready"
+            self.log.warning("died%s (code %s): %s", held, code, self.tail.text()[-500:])
             self.set_state(SandboxState.FAILED)
 
     @asynccontextmanager

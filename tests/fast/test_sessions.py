@@ -3,6 +3,9 @@ server, service, pool and agent, with local sandboxes (tests/fast/stack.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import trio
 
@@ -180,3 +183,130 @@ async def test_a_session_past_its_time_to_live_ends(tmp_path):
             await session.exec("print(1)")
         [listed] = await stack.client.sessions()
     assert listed["ended"] == "its time to live of 0.3 s was up"
+
+
+# --- attacks on a session's own protocol ---------------------------------------------
+
+FIND_REPLIES = (
+    "import os, re\n"
+    "boot = open('/proc/self/cmdline', 'rb').read().split(b'\\0')[2].decode()\n"
+    "replies = int(re.search(r'main\\((\\d+), (\\d+)\\)', boot).group(2))\n"
+)
+
+
+async def test_a_cell_that_forges_its_reply_confuses_only_itself(tmp_path):
+    async with (
+        local_stack(tmp_path, max_sandboxes=4) as stack,
+        await stack.client.session() as session,
+    ):
+        garbage = await session.exec(
+            FIND_REPLIES + "os.write(replies, b'not json\\n')\n", cell=True
+        )
+        assert not garbage.cell.kept  # the interpreter is not trusted on
+        after = await session.exec("print('fresh')", cell=True)
+        assert (after.stdout, after.cell.fresh) == ("fresh\n", True)
+        forged = await session.exec(
+            FIND_REPLIES + 'os.write(replies, b\'{"ok": true, "value": "forged"}\\n\')\n'
+            "import time; time.sleep(0.3); print('the real end')",
+            cell=True,
+        )
+        assert forged.cell.value == "forged"  # its own words, as a cell's value is
+        await session.write_file("x.txt", "still in step")
+        assert await session.read_file("x.txt") == b"still in step"
+        program = await session.exec("print('a program')")
+        assert (program.status, program.stdout) == (Status.OK, "a program\n")
+
+
+async def test_nothing_of_a_cell_runs_between_calls(tmp_path):
+    async with (
+        local_stack(tmp_path, max_sandboxes=4) as stack,
+        await stack.client.session() as session,
+    ):
+        ticker = (
+            "import threading, time\n"
+            "def tick():\n"
+            "    while True:\n"
+            "        open('ticks', 'a').write('.'); time.sleep(0.02)\n"
+            "threading.Thread(target=tick, daemon=True).start(); time.sleep(0.1)"
+        )
+        assert (await session.exec(ticker, cell=True)).cell.kept
+        before = await session.read_file("ticks")
+        await trio.sleep(0.3)
+        assert await session.read_file("ticks") == before  # stopped between calls
+        await session.exec("import time; time.sleep(0.2)", cell=True)
+        assert len(await session.read_file("ticks")) > len(before)  # and runs in a cell
+
+
+async def test_input_left_unread_by_a_program_does_not_answer_the_next_call(tmp_path):
+    async with (
+        local_stack(tmp_path, max_sandboxes=4) as stack,
+        await stack.client.session() as session,
+    ):
+        await session.write_file("a.txt", "a")
+        params = {"id": session.id, "code": "print('no input read')", "interactive": True}
+        async with stack.client.open_call(Method.SESSION_EXEC, params) as execution:
+            for _ in range(50):
+                await execution.send_stdin("x" * 60000)
+            async for _ in execution:
+                pass
+        assert execution.result.stdout == "no input read\n"
+        assert await session.read_file("a.txt") == b"a"
+        await session.write_file("b.txt", "b")
+        assert await session.read_file("b.txt") == b"b"
+
+
+async def test_names_a_program_made_cannot_break_a_listing_or_a_write(tmp_path):
+    async with (
+        local_stack(tmp_path, max_sandboxes=4) as stack,
+        await stack.client.session() as session,
+    ):
+        made = await session.exec(
+            "import os\n"
+            "open(b'\\xff-not-utf8', 'w').close()\n"
+            "os.mkdir('.sandboxd-write'); os.mkdir('many')\n"
+            "for n in range(4000):\n"
+            "    open(f'many/{n:04}' + 'x' * 200, 'w').close()\n"
+        )
+        assert made.ok, made.stderr
+        names = {entry["name"] for entry in await session.list_files()}
+        assert "\ufffd-not-utf8" in names and ".sandboxd-write" in names
+        many = await stack.client.call(
+            Method.SESSION_LIST_FILES, {"id": session.id, "path": "many"}
+        )
+        assert many["truncated"] and 0 < len(many["entries"]) < 4000
+        await session.write_file("written.txt", "beside a planted staging name")
+        assert await session.read_file("written.txt") == b"beside a planted staging name"
+
+
+async def test_unread_file_answers_wait_for_the_uids_budget(tmp_path):
+    budget = 2 * 2**20
+    settings = {"max_file_bytes": 2**20}
+    async with (
+        local_stack(
+            tmp_path,
+            max_sandboxes=4,
+            sessions=settings,
+            pending_bytes_per_uid=budget,
+            max_request_bytes=budget,
+        ) as stack,
+        await stack.client.session() as session,
+    ):
+        await session.write_file("big.bin", os.urandom(2**20))
+        request = {"jsonrpc": "2.0", "method": "session.read_file", "id": 1}
+        request["params"] = {"id": session.id, "path": "big.bin"}
+        readers = []
+        for _ in range(12):  # each asks for the file and reads nothing
+            sock = trio.socket.socket(trio.socket.AF_UNIX)
+            await sock.connect(str(tmp_path / "sock"))
+            await sock.send(json.dumps(request).encode() + b"\n")
+            readers.append(sock)
+        await trio.sleep(1.5)
+        [account] = stack.server.peers._accounts.values()
+        # What the daemon holds for them: its budget, and one answer at most beyond.
+        assert account.output <= budget + 4 * 2**20 // 3 + 4
+        for sock in readers:
+            sock.close()
+        with trio.fail_after(10):
+            while account.output:
+                await trio.sleep(0.05)
+        assert await session.read_file("big.bin") != b""

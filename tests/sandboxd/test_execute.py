@@ -210,6 +210,21 @@ async def test_interactive_stdin_streams_to_the_program(daemon):
     assert run.result.stdout == "echo zero\necho one\nbye\n"
 
 
+async def test_input_streamed_while_a_program_compiles_reaches_it(daemon):
+    client = AsyncClient(daemon.socket)
+    code = (
+        "use std::io::Read;\n"
+        "fn main() { let mut s = String::new(); std::io::stdin().read_to_string(&mut s)"
+        '.unwrap(); print!("got {}", s); }'
+    )
+    async with client.open_execution("rust", code, interactive=True, timeout=20) as run:
+        await run.send_stdin("sent during the compile\n", eof=True)  # it compiles still
+        async for _ in run:
+            pass
+    assert run.result.compile is not None and run.result.compile.time > 0
+    assert (run.result.status, run.result.stdout) == (Status.OK, "got sent during the compile\n")
+
+
 async def test_stdin_before_its_execute_is_kept_but_bounded(daemon):
     """Input may arrive before its execute is dispatched: kept for a few ids, in order."""
     from sandboxd.errors import InvalidParams

@@ -5,6 +5,8 @@ programs a session runs on the session's own file operations."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -321,3 +323,20 @@ def test_a_cell_that_hits_a_limit_says_its_state_is_lost(client):
         assert (fresh.stdout, fresh.cell.fresh) == ("False\n", True)
         grown = session.exec("b = bytearray(2**30)", cell=True)
         assert grown.status is Status.MEMORY_LIMIT and not grown.cell.kept
+
+
+def test_a_session_whose_sandbox_dies_between_calls_says_so(daemon, client):
+    session = client.session()
+    session.exec("print(1)")
+    sandbox_id = session.refresh()["sandbox_id"]
+    cgroup = next(p for p in sandbox_cgroups(daemon.name) if p.name == sandbox_id)
+    for pid in (cgroup / "cgroup.procs").read_text().split():
+        os.kill(int(pid), signal.SIGKILL)  # from outside, as the OOM killer would
+    assert_session_gone(daemon, sandbox_id)
+    assert wait_for(
+        lambda: session.id not in {s["id"] for s in client.sessions() if not s["ended"]}
+    )
+    listed = next(s for s in client.sessions() if s["id"] == session.id)
+    assert listed["ended"] == "its sandbox was lost: it died"
+    with pytest.raises(errors.SessionNotFound):
+        session.exec("print(2)")
