@@ -6,9 +6,10 @@ result record."""
 from __future__ import annotations
 
 import time
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from sandboxctl.client import AsyncClient, OutputEvent
+from sandboxctl.client import AsyncClient, Execution, OutputEvent
 from sandboxctl.gateway.models import ExecuteResponse
 from sandboxd.job import check_params
 from sandboxd.protocol import EXECUTE_FIELDS, Method, Status
@@ -51,13 +52,15 @@ class GatewayRun:
         }
         return ExecuteResponse.model_validate(body).model_dump(mode="json")
 
+    def open(self, client: AsyncClient, **extra: Any) -> AbstractAsyncContextManager[Execution]:
+        """The call that runs it (``execute``, or ``session.exec`` in its session)."""
+        if self.session is None:
+            return client.open_execution(**self.params, **extra)
+        return client.open_call(Method.SESSION_EXEC, {**self.params, **self.session, **extra})
+
     async def complete(self, client: AsyncClient, **extra: Any) -> dict[str, Any]:
         """Run it to the end; the response body."""
-        async with (
-            client.open_execution(**self.params, **extra)
-            if self.session is None
-            else client.open_call(Method.SESSION_EXEC, {**self.params, **self.session})
-        ) as execution:
+        async with self.open(client, **extra) as execution:
             async for event in execution:
                 self.add(event)
         return self.response(execution.result)

@@ -26,6 +26,7 @@ from sandboxctl.gateway.models import (
     SessionList,
 )
 from sandboxctl.gateway.runs import GatewayRun
+from sandboxctl.gateway.streaming import EventStream
 from sandboxd.protocol import Method
 
 # What the session routes answer besides their own body (the middleware's errors too).
@@ -65,12 +66,16 @@ def session_routes(
 
     @router.post("/{session_id}/exec", response_model=ExecuteResponse)
     async def exec_in_session(request: Request, session_id: str, body: SessionExecRequest) -> Any:
-        """Run a program, or a Python cell, in the session; answered as /execute is."""
+        """Run a program, or a Python cell, in the session; answered as /execute is (a
+        stream of events with `Accept: text/event-stream`)."""
         session = {"id": session_id, "on_behalf_of": request.state.key_id}
         run = GatewayRun(request.state.request_id, body.params(), session)
+        request.state.log.update(session=session_id)
+        if "text/event-stream" in request.headers.get("accept", ""):
+            return EventStream(client, run, metrics, request.state.log)
         answer = await run.complete(client)
         metrics.executed(run.language, answer)
-        request.state.log.update(session=session_id, result=answer["status"])
+        request.state.log.update(result=answer["status"])
         return JSONResponse(answer)
 
     @router.get("/{session_id}/files", response_model=FileListing)

@@ -66,7 +66,7 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async with self.client.open_execution(**self.run.params) as execution:
+            async with self.run.open(self.client) as execution:
                 first = await anext(execution, None)  # errors before output: plain JSON
                 await send(
                     {
@@ -135,7 +135,7 @@ async def serve_websocket(
         ending: dict[str, Any] | None = None  # stays None if the client leaves
         with access.admit(websocket.state.key_id):
             async with (
-                client.open_execution(**run.params, interactive=True) as execution,
+                run.open(client, interactive=True) as execution,
                 trio.open_nursery() as nursery,
             ):
                 nursery.start_soon(_forward_stdin, websocket, execution, nursery.cancel_scope)

@@ -340,3 +340,27 @@ def test_a_session_whose_sandbox_dies_between_calls_says_so(daemon, client):
     assert listed["ended"] == "its sandbox was lost: it died"
     with pytest.raises(errors.SessionNotFound):
         session.exec("print(2)")
+
+
+def test_a_sessions_memory_and_processes_hold_for_the_whole_session(client):
+    limits = {"memory_bytes": 96 * 2**20, "processes": 16}
+    with client.session(limits=limits) as session:
+        assert {k: session.info["limits"][k] for k in limits} == limits
+        spawn = (
+            "import subprocess\n"
+            "started = []\n"
+            "try:\n"
+            "    for _ in range(64):\n"
+            "        started.append(subprocess.Popen(['sleep', '30']))\n"
+            "except OSError as exc:\n"
+            "    print('refused after', len(started), type(exc).__name__)\n"
+        )
+        spawned = session.exec(spawn)
+        assert spawned.stdout.startswith("refused after"), spawned.stdout
+        assert int(spawned.stdout.split()[2]) < 16
+        grown = session.exec("b = b'x' * (200 * 2**20)")
+        assert grown.status is Status.MEMORY_LIMIT
+        # A session's interpreter holds the same limits as its programs.
+        cell = session.exec("held = b'x' * (200 * 2**20)", cell=True)
+        assert cell.status is Status.MEMORY_LIMIT and not cell.cell.kept
+        assert session.exec("print('after')").stdout == "after\n"

@@ -7,6 +7,7 @@ import pytest
 
 from tests.daemon_process import start_gateway
 from tests.sandboxctl.gateway.conftest import KEYS
+from tests.sandboxctl.gateway.test_streaming import SSE, parse_sse
 from tests.sandboxd.test_sessions import DRAW_PNG, expected_png
 
 
@@ -27,6 +28,11 @@ def test_an_agent_loop_over_http(http):
     assert http.post(f"{base}/exec", json={"code": "x = 41", "cell": True}).json()["success"]
     cell = http.post(f"{base}/exec", json={"code": "print(x + 1)\nx + 1", "cell": True}).json()
     assert (cell["stdout"], cell["cell"]["value"], cell["cell"]["kept"]) == ("42\n", "42", True)
+    streamed = {"code": "print(x, flush=True)", "cell": True}
+    with http.stream("POST", f"{base}/exec", json=streamed, headers=SSE) as answer:
+        *outputs, (last, result) = parse_sse("".join(answer.iter_text()))
+    assert [e["data"] for _, e in outputs] == ["41\n"] and last == "result"
+    assert result["success"] and result["cell"]["kept"]
     names = {e["name"] for e in http.get(f"{base}/files").json()["entries"]}
     assert {"data", "plot.png", "main.py"} <= names
     assert http.get(f"{base}/files", params={"path": "data"}).json()["entries"][0]["name"] == (
@@ -34,7 +40,7 @@ def test_an_agent_loop_over_http(http):
     )
     assert http.delete(f"{base}/files/data").status_code == 200
     assert http.get(f"{base}/files/data/scale.csv").status_code == 400
-    assert http.get(base).json()["execs"] == 3
+    assert http.get(base).json()["execs"] == 4
     assert session["id"] in {s["id"] for s in http.get("/sessions").json()["sessions"]}
     closed = http.delete(base).json()
     assert (closed["state"], closed["ended"]) == ("ended", "closed by its owner")
