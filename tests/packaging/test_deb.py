@@ -59,6 +59,7 @@ def test_the_package_holds_the_commands_units_config_and_docs(deb):
         "./usr/bin/sandboxd",
         "./usr/bin/sandboxctl",
         "./usr/bin/sandboxd-gateway",
+        "./usr/bin/sandboxd-mcp",
         "./lib/systemd/system/sandboxd.service",
         "./lib/systemd/system/sandboxd.socket",
         "./lib/systemd/system/sandboxd-gateway.service",
@@ -186,6 +187,8 @@ def test_installs_on_bare_debian_and_runs_jobs_from_cli_and_gateway(deb, tmp_pat
         folder, name = module.rsplit("/", 1)
         assert list((lib / folder / "__pycache__").glob(f"{name}.cpython-*.pyc")), module
     assert in_root("sandboxd", "--version").strip() == "sandboxd, version 0.1.0"
+    # The MCP server's SDK came with the package, and imports there.
+    assert in_root("sandboxd-mcp", "--version").strip() == "sandboxd-mcp, version 0.1.0"
     (root / "etc/sandboxd/test.toml").write_text(
         '[daemon]\nname = "sbxdeb"\n[pool]\nsize = 1\n'
         f'[backend]\nname = "namespaces"\nuid_base = {600_000 + os.getpid() % 1000 * 64}\n'
