@@ -20,14 +20,20 @@ PYTEST_ARGS ?=
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-.PHONY: deps apt-deps
-deps: apt-deps $(BIN)/sandboxd ## Install the Debian packages (root) and the Python venv
+.PHONY: deps apt-deps test-clients
+deps: apt-deps $(BIN)/sandboxd test-clients ## Install the Debian packages (root), the Python venv and the test clients
 apt-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+# The real clients the tests drive (tests/clients: the npm piston-client), pinned by the
+# lock file; Debian's npm if the machine has none.
+test-clients:
+	@command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+	npm ci --prefix tests/clients --no-audit --no-fund --silent
 
 # Bytecode of the tree, as a package install has it: with PYTHONDONTWRITEBYTECODE (or a
 # tree its users cannot write) every sandboxctl would compile its modules again.

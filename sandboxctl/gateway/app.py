@@ -30,6 +30,7 @@ from sandboxctl.gateway.models import (
     HealthResponse,
     LanguagesResponse,
 )
+from sandboxctl.gateway.piston import piston_routes
 from sandboxctl.gateway.runs import GatewayRun
 from sandboxctl.gateway.sessions import session_routes
 from sandboxctl.gateway.streaming import EventStream, serve_websocket
@@ -45,7 +46,7 @@ from sandboxd.errors import (
 log = logging.getLogger("sandboxd.gateway")
 access_log = logging.getLogger("sandboxd.gateway.access")
 
-PROTECTED = ("/execute", "/sessions")  # and everything under them; the rest is open
+PROTECTED = ("/execute", "/sessions", "/api/v2")  # and everything under them
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
@@ -318,6 +319,7 @@ def create_app(
         await serve_websocket(websocket, client, access, metrics, body_timeout)
 
     app.include_router(session_routes(client, metrics, ERRORS))
+    app.include_router(piston_routes(client, answers, metrics, ERRORS))
 
     @app.get(
         "/metrics",

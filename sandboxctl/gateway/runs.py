@@ -38,6 +38,10 @@ class GatewayRun:
     def add(self, event: OutputEvent) -> None:
         self._chunks.setdefault(event.stage, []).append(event.data)
 
+    def output(self, stage: str) -> str:
+        """What the stage wrote, stdout and stderr in the order it wrote them."""
+        return "".join(self._chunks.get(stage, []))
+
     def response(self, result: ExecutionResult) -> dict[str, Any]:
         """The ExecuteResponse body, checked against its model (what /openapi.json shows)."""
         # A failed compile has nothing but the compiler to show; otherwise the program.
@@ -45,7 +49,7 @@ class GatewayRun:
         body = {
             "request_id": self.request_id,
             "success": result.ok,
-            "output": "".join(self._chunks[stage]),
+            "output": self.output(stage),
             "error": None if result.ok else result.message,
             "execution_time": round(time.monotonic() - self.started, 6),
             **result.to_dict(),

@@ -1,0 +1,119 @@
+"""Piston's v2 API, driven by the npm piston-client (tests/clients, installed by
+``make deps``) as a judge or bot written against Piston drives it, and by raw requests
+for what that client cannot send."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+CLIENTS = Path(__file__).parents[2] / "clients"
+
+
+def piston_client(gateway, *calls: dict) -> list[dict]:
+    """The answers piston-client gets for ``calls`` (runtimes, or execute)."""
+    if shutil.which("node") is None or not (CLIENTS / "node_modules/piston-client").is_dir():
+        pytest.fail("the npm test clients are missing: run make deps")
+    done = subprocess.run(
+        ["node", str(CLIENTS / "piston_calls.mjs"), gateway.url, json.dumps(list(calls))],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def execute(language: str, code: str, **options) -> dict:
+    return {"method": "execute", "language": language, "code": code, "options": options}
+
+
+def test_piston_client_runs_every_language(gateway):
+    runtimes, python, typescript, rust = piston_client(
+        gateway,
+        {"method": "runtimes"},
+        # piston-client sends args ["1", "2", "3"] unless told otherwise.
+        execute("python", "import sys; print(sys.argv[1:], input())", stdin="in"),
+        execute("typescript", "console.log(Deno.args.join(','))", args=["a", "b"]),
+        execute("rust", 'fn main() { println!("rs"); eprintln!("err"); std::process::exit(2) }'),
+    )
+    languages = {runtime["language"]: runtime for runtime in runtimes}
+    assert set(languages) == {"python", "typescript", "rust"}
+    assert languages["typescript"]["runtime"] == "deno" and "py" in languages["python"]["aliases"]
+    assert python["language"] == "python" and python["version"] == languages["python"]["version"]
+    assert python["run"]["stdout"] == "['1', '2', '3'] in\n"
+    assert (python["run"]["code"], python["run"]["status"], python["run"]["signal"]) == (
+        0,
+        None,
+        None,
+    )
+    assert "compile" not in python
+    assert typescript["run"]["output"] == "a,b\n"
+    assert rust["compile"]["code"] == 0 and rust["compile"]["status"] is None
+    run = rust["run"]
+    assert (run["stdout"], run["stderr"], run["code"], run["status"]) == ("rs\n", "err\n", 2, "RE")
+    assert run["message"] == "Exited with error status 2"
+    assert run["wall_time"] >= 0 and run["memory"] > 0
+
+
+def test_piston_client_sees_compile_errors_timeouts_and_signals(gateway):
+    broken, slow, killed, flood = piston_client(
+        gateway,
+        execute("rust", "fn main() { let x: u8 = 300; }"),
+        execute("python", "while True: pass", runTimeout=1000),
+        execute("python", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"),
+        execute("python", "print('x' * 10**8)"),
+    )
+    # A compile that failed: Piston answers it as the run too.
+    assert broken["compile"]["status"] == "RE" and "error" in broken["compile"]["stderr"]
+    assert broken["run"] == broken["compile"]
+    assert (slow["run"]["status"], slow["run"]["signal"]) == ("TO", "SIGKILL")
+    assert slow["run"]["message"] == "wall time limit of 1 s exceeded"
+    assert (killed["run"]["status"], killed["run"]["signal"]) == ("SG", "SIGTERM")
+    assert (flood["run"]["status"], flood["run"]["signal"]) == ("OL", "SIGKILL")
+
+
+def test_what_piston_refuses_is_refused_in_its_words(http):
+    def post(body: object) -> httpx.Response:
+        return http.post("/api/v2/execute", json=body)
+
+    hello = {"language": "python", "version": "*", "files": [{"content": "print(1)"}]}
+    assert post(hello).json()["run"]["stdout"] == "1\n"
+    for body, message in (
+        ({**hello, "language": None}, "language is required as a string"),
+        ({**hello, "version": 3}, "version is required as a string"),
+        ({**hello, "files": "x"}, "files is required as an array"),
+        ({**hello, "files": [{"content": 1}]}, "files[0].content is required as a string"),
+        ({**hello, "language": "go"}, "go-* runtime is unknown"),
+        ({**hello, "version": "2.7"}, "python-2.7 runtime is unknown"),
+        ({**hello, "run_timeout": "1"}, "If specified, run_timeout must be a number"),
+        (
+            {**hello, "run_timeout": 10**9},
+            "run_timeout cannot exceed the configured limit of 300000",
+        ),
+    ):
+        answer = post(body)
+        assert (answer.status_code, answer.json()) == (400, {"message": message}), body
+    plain = http.post(
+        "/api/v2/execute", content=b"language=python", headers={"content-type": "text/plain"}
+    )
+    assert plain.status_code == 415
+    assert plain.json() == {"message": "requests must be of type application/json"}
+    encoded = {
+        **hello,
+        "files": [
+            {"name": "main.py", "content": "print(open('data.txt').read())"},
+            {"name": "data.txt", "content": "6869", "encoding": "hex"},
+        ],
+    }
+    assert post(encoded).json()["run"]["stdout"] == "hi\n"
+
+
+def test_the_piston_api_takes_the_gateways_keys(keyed_gateway):
+    hello = {"language": "python", "version": "*", "files": [{"content": "print(1)"}]}
+    assert httpx.post(f"{keyed_gateway.url}/api/v2/execute", json=hello).status_code == 401
