@@ -30,7 +30,8 @@ from sandboxctl.gateway.models import (
     HealthResponse,
     LanguagesResponse,
 )
-from sandboxctl.gateway.piston import piston_routes
+from sandboxctl.gateway.piston import piston_routes, piston_runtimes
+from sandboxctl.gateway.piston_connect import serve_piston_socket
 from sandboxctl.gateway.runs import GatewayRun
 from sandboxctl.gateway.sessions import session_routes
 from sandboxctl.gateway.streaming import EventStream, serve_websocket
@@ -320,6 +321,11 @@ def create_app(
 
     app.include_router(session_routes(client, metrics, ERRORS))
     app.include_router(piston_routes(client, answers, metrics, ERRORS))
+
+    @app.websocket("/api/v2/connect")
+    async def piston_connect(websocket: WebSocket) -> None:
+        """Piston's interactive execution, in its messages and close codes."""
+        await serve_piston_socket(websocket, client, access, partial(piston_runtimes, answers))
 
     @app.get(
         "/metrics",

@@ -201,6 +201,21 @@ class PistonRuntime(BaseModel):
     runtime: str | None = None
 
 
+async def piston_runtimes(answers: DaemonAnswers) -> list[dict[str, Any]]:
+    """The daemon's languages as Piston's runtimes (with whether each compiles)."""
+    details = (await answers.languages())["details"]
+    return [
+        {
+            "language": entry["name"],
+            "version": entry["version"],
+            "aliases": entry["aliases"],
+            **({"runtime": RUNTIMES[entry["name"]]} if entry["name"] in RUNTIMES else {}),
+            "compiled": entry["compiled"],  # ours (GET /runtimes leaves it out)
+        }
+        for entry in details
+    ]
+
+
 def piston_routes(
     client: AsyncClient, answers: DaemonAnswers, metrics: Metrics, errors: dict[int | str, Any]
 ) -> APIRouter:
@@ -215,16 +230,7 @@ def piston_routes(
     )
 
     async def runtimes() -> list[dict[str, Any]]:
-        details = (await answers.languages())["details"]
-        return [
-            {
-                "language": entry["name"],
-                "version": entry["version"],
-                "aliases": entry["aliases"],
-                **({"runtime": RUNTIMES[entry["name"]]} if entry["name"] in RUNTIMES else {}),
-            }
-            for entry in details
-        ]
+        return await piston_runtimes(answers)
 
     @router.get("/runtimes", response_model=list[PistonRuntime], response_model_exclude_none=True)
     async def list_runtimes() -> list[dict[str, Any]]:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
+
+from tests.sandboxctl.gateway.ws_client import WebSocketClosed, connect
 
 CLIENTS = Path(__file__).parents[2] / "clients"
 
@@ -117,3 +120,71 @@ def test_what_piston_refuses_is_refused_in_its_words(http):
 def test_the_piston_api_takes_the_gateways_keys(keyed_gateway):
     hello = {"language": "python", "version": "*", "files": [{"content": "print(1)"}]}
     assert httpx.post(f"{keyed_gateway.url}/api/v2/execute", json=hello).status_code == 401
+
+
+async def piston_socket(gateway, *sent: dict, wait: float = 0.0) -> tuple[list[dict], int]:
+    """What Piston's WebSocket answers to ``sent`` (after ``wait``): its messages and the
+    close code."""
+    url = gateway.url.replace("http://", "ws://") + "/api/v2/connect"
+    received = []
+    async with connect(url) as ws:
+        await trio.sleep(wait)
+        for message in sent:
+            await ws.send(message)
+        with trio.fail_after(60):
+            try:
+                while True:
+                    received.append(await ws.receive())
+            except WebSocketClosed as closed:
+                return received, closed.code
+    raise AssertionError("not closed")
+
+
+INIT = {"type": "init", "language": "python", "version": "*"}
+
+
+async def test_the_piston_websocket_runs_an_interactive_program(gateway):
+    code = "name = input()\nprint('hello', name)\nimport sys; print('bye', file=sys.stderr)"
+    init = {**INIT, "files": [{"content": code}]}
+    messages, closed = await piston_socket(
+        gateway, init, {"type": "data", "stream": "stdin", "data": "piston\n"}
+    )
+    assert closed == 4999
+    runtime, stage, *data, exit_ = messages
+    assert (runtime["type"], runtime["language"]) == ("runtime", "python")
+    assert stage == {"type": "stage", "stage": "run"}
+    out = "".join(m["data"] for m in data if m["stream"] == "stdout")
+    err = "".join(m["data"] for m in data if m["stream"] == "stderr")
+    assert (out, err) == ("hello piston\n", "bye\n")
+    assert exit_ == {"type": "exit", "stage": "run", "code": 0, "signal": None}
+
+
+async def test_the_piston_websocket_compiles_then_runs(gateway):
+    init = {**INIT, "language": "rust", "files": [{"content": 'fn main() { println!("rs") }'}]}
+    messages, closed = await piston_socket(gateway, init)
+    kinds = [(m["type"], m.get("stage")) for m in messages if m["type"] != "data"]
+    assert kinds == [
+        ("runtime", None), ("stage", "compile"), ("exit", "compile"),
+        ("stage", "run"), ("exit", "run"),
+    ]  # fmt: skip
+    assert closed == 4999
+
+
+async def test_the_piston_websocket_closes_with_pistons_codes(gateway):
+    slow = {**INIT, "files": [{"content": "import time; time.sleep(30)"}]}
+    signalled, closed = await piston_socket(gateway, slow, {"type": "signal", "signal": "SIGTERM"})
+    assert closed == 4999 and signalled[-1] == {
+        "type": "exit", "stage": "run", "code": None, "signal": "SIGKILL",
+    }  # fmt: skip
+    for sent, code in (
+        ([{"type": "data", "stream": "stdin", "data": "x"}], 4003),
+        ([slow, {"type": "data", "stream": "stdout", "data": "x"}], 4004),
+        ([slow, {"type": "signal", "signal": "SIGNOPE"}], 4005),
+        ([slow, slow], 4000),
+    ):
+        assert (await piston_socket(gateway, *sent))[1] == code, sent
+    refused, closed = await piston_socket(gateway, {**INIT, "language": "go", "files": []})
+    assert closed == 4002 and refused == [
+        {"type": "error", "message": "files is required as an array"}
+    ]
+    assert (await piston_socket(gateway, wait=1.5))[1] == 4001
