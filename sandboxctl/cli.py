@@ -14,14 +14,13 @@ from typing import Any
 
 import click
 
-from sandboxctl.app import EXIT_SERVICE, EXIT_USAGE, App
+from sandboxctl.app import EXIT_SERVICE, EXIT_USAGE, App, socket_option
 from sandboxctl.client import Client
 from sandboxctl.exec_command import exec_command
 from sandboxctl.session_command import session_group
 from sandboxctl.shell_command import shell
 from sandboxd import __version__
 from sandboxd.errors import RequestError, SandboxError
-from sandboxd.protocol import DEFAULT_SOCKET
 
 
 class _Group(click.Group):
@@ -38,13 +37,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-@click.option(
-    "--socket",
-    "socket_path",
-    envvar="SANDBOXD_SOCKET",
-    show_envvar=True,
-    help=f"The daemon's socket [default: {DEFAULT_SOCKET}]",
-)
+@socket_option
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.version_option(__version__, prog_name="sandboxctl")
 @click.pass_context

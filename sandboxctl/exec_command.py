@@ -59,6 +59,16 @@ def parse_limits(pairs: tuple[str, ...]) -> dict[str, float] | None:
     return limits or None
 
 
+# --limit NAME=VALUE, repeatable, as every command that runs code takes it (parse_limits).
+limit_option = click.option(
+    "--limit",
+    "limits",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Any limit, e.g. memory_bytes=268435456 (repeatable; see docs/api.md).",
+)
+
+
 def read_files(specs: tuple[str, ...]) -> list[dict[str, str]] | None:
     files = []
     for spec in specs:
@@ -98,13 +108,7 @@ def read_files(specs: tuple[str, ...]) -> list[dict[str, str]] | None:
     help="Put a local file into the working directory (repeatable).",
 )
 @click.option("-t", "--timeout", type=float, help="Wall-time limit in seconds.")
-@click.option(
-    "--limit",
-    "limits",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="Any limit, e.g. memory_bytes=268435456 (repeatable; see docs/api.md).",
-)
+@limit_option
 @click.option("--network", is_flag=True, help="Egress to what the server allows ([network] allow).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result record as JSON.")
 @click.pass_obj

@@ -26,10 +26,11 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 
+from sandboxctl.app import socket_option
 from sandboxctl.client import Client, Session
 from sandboxd import __version__
 from sandboxd.errors import SandboxError
-from sandboxd.protocol import DEFAULT_SOCKET, Method
+from sandboxd.protocol import Method
 from sandboxd.result import ExecutionResult
 
 T = TypeVar("T")
@@ -240,13 +241,7 @@ def build_server(client: Client) -> MCPServer:
 
 
 @click.command()
-@click.option(
-    "--socket",
-    "socket_path",
-    envvar="SANDBOXD_SOCKET",
-    show_envvar=True,
-    help=f"The daemon's socket [default: {DEFAULT_SOCKET}]",
-)
+@socket_option
 @click.version_option(__version__, prog_name="sandboxd-mcp")
 def main(socket_path: str | None) -> None:
     """sandboxd's tools for an MCP host, over stdio (an MCP host starts this)."""

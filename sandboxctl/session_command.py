@@ -21,20 +21,13 @@ from sandboxctl.app import App
 from sandboxctl.client import Session
 from sandboxctl.exec_command import (
     finish,
+    limit_option,
     parse_limits,
     program_of,
     read_files,
     stream_to_terminal,
 )
 from sandboxd.protocol import Method
-
-LIMIT_OPTION = click.option(
-    "--limit",
-    "limits",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="A limit, e.g. memory_bytes=268435456 (repeatable; see docs/api.md).",
-)
 
 
 def _session(app: App, session_id: str) -> Session:
@@ -50,7 +43,7 @@ def session_group() -> None:
 @click.option("-l", "--language", default="python", show_default=True)
 @click.option("--ttl", type=float, help="Seconds the session may live at most.")
 @click.option("--idle-timeout", type=float, help="Seconds without a command before it ends.")
-@LIMIT_OPTION
+@limit_option
 @click.option("--network", is_flag=True, help="Egress to what the server allows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the session's info as JSON.")
 @click.pass_obj
@@ -85,7 +78,7 @@ def create(
     "-f", "--file", "files", multiple=True, metavar="LOCAL[:PATH]", help="Put a file first."
 )
 @click.option("-t", "--timeout", type=float, help="Wall-time limit in seconds.")
-@LIMIT_OPTION
+@limit_option
 @click.option(
     "--cell", is_flag=True, help="Run it as a Python cell: what it defines stays for the next."
 )

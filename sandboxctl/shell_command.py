@@ -14,7 +14,7 @@ import click
 
 from sandboxctl.app import App
 from sandboxctl.client import Session
-from sandboxctl.exec_command import parse_limits, stream_to_terminal
+from sandboxctl.exec_command import limit_option, parse_limits, stream_to_terminal
 from sandboxd.protocol import Status
 
 
@@ -45,9 +45,7 @@ def read_cell(read: Callable[[str], str] = input) -> str | None:
 
 @click.command("shell")
 @click.option("--session", "session_id", help="Use this open session (left open at the end).")
-@click.option(
-    "--limit", "limits", multiple=True, metavar="NAME=VALUE", help="A new session's limit."
-)
+@limit_option
 @click.pass_obj
 def shell(app: App, session_id: str | None, limits: tuple[str, ...]) -> None:
     """Python at a prompt, in a session whose interpreter keeps what each input defines."""

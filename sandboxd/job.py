@@ -114,7 +114,7 @@ def _text(params: Mapping[str, Any], name: str, *, required: bool) -> str:
     return unicode_text(value, name)
 
 
-def _flag(params: Mapping[str, Any], name: str) -> bool:
+def flag(params: Mapping[str, Any], name: str) -> bool:
     value = params.get(name)
     if value is None:  # as for every optional field: null is the same as leaving it out
         return False
@@ -216,24 +216,31 @@ class CheckedParams:
     cell: bool
 
 
-def check_params(params: Any, fields: tuple[str, ...] = EXECUTE_FIELDS) -> CheckedParams:
-    """Every check of ``execute``'s params that needs neither the languages nor the
-    server's limits; InvalidParams naming the field and why. The HTTP gateway runs it
-    too, with its own ``fields``, so both edges refuse an input in the same words."""
+def only_fields(params: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    """``params`` if it is an object of no other fields than ``fields``; InvalidParams
+    naming the first unknown one otherwise."""
     if not isinstance(params, dict):
         raise InvalidParams.field("params", "expected an object")
     unknown = sorted(set(params) - set(fields))
     if unknown:
         raise InvalidParams.field(unknown[0], f"unknown field (known: {', '.join(fields)})")
+    return params
+
+
+def check_params(params: Any, fields: tuple[str, ...] = EXECUTE_FIELDS) -> CheckedParams:
+    """Every check of ``execute``'s params that needs neither the languages nor the
+    server's limits; InvalidParams naming the field and why. The HTTP gateway runs it
+    too, with its own ``fields``, so both edges refuse an input in the same words."""
+    params = only_fields(params, fields)
     checked = CheckedParams(
         language=_text(params, "language", required=True),
         code=_text(params, "code", required=True),
         stdin=_text(params, "stdin", required=False),
         args=_args(params.get("args")),
         files=_files(params.get("files")),
-        interactive=_flag(params, "interactive"),
-        network=_flag(params, "network"),
-        cell=_flag(params, "cell"),
+        interactive=flag(params, "interactive"),
+        network=flag(params, "network"),
+        cell=flag(params, "cell"),
     )
     if checked.cell and (checked.args or checked.interactive):
         raise InvalidParams.field("cell", "a cell takes no args and no interactive stdin")

@@ -34,7 +34,15 @@ from sandboxd.agent_link import MAX_AGENT_LINE
 from sandboxd.backends.base import Sandbox
 from sandboxd.config import SessionsConfig
 from sandboxd.errors import AgentError, InvalidParams, SessionNotFound, TooManySessions
-from sandboxd.job import Job, check_path, decode_content, parse_job, unicode_text
+from sandboxd.job import (
+    Job,
+    check_path,
+    decode_content,
+    flag,
+    only_fields,
+    parse_job,
+    unicode_text,
+)
 from sandboxd.languages import Language
 from sandboxd.limits import Limits, resolve_limits
 from sandboxd.protocol import SESSION_CREATE_FIELDS, SESSION_EXEC_FIELDS, SESSION_LIMITS
@@ -79,13 +87,17 @@ class Session:
     last_used: float = field(default_factory=trio.current_time)
     expires: float = math.inf  # on trio's clock: when its time to live is up
     execs: int = 0
-    busy: bool = False
     ending: bool = False  # the reaper ends it once its running call is done
     ended: str = ""  # why, once it has
     sandbox: Sandbox | None = None  # while it holds one
     sandbox_id: str = ""
     lock: trio.Lock = field(default_factory=trio.Lock)  # one call at a time
     end_now: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def busy(self) -> bool:
+        """A call is running (or the session is being ended, once its call is done)."""
+        return self.lock.locked()
 
     def deadline(self) -> float:
         """On trio's clock: when it ends unless used (idle) before its time to live."""
@@ -122,6 +134,12 @@ def _seconds(params: Mapping[str, Any], name: str, maximum: float) -> float:
     return float(value)
 
 
+def _not_found(session_id: str) -> SessionNotFound:
+    """The one answer for an id that is not the caller's: never existed, ended, or
+    somebody else's."""
+    return SessionNotFound(f"no session {session_id!r}", id=session_id)
+
+
 async def _first(*events: trio.Event) -> None:
     """Wait until one of ``events`` is set."""
     async with trio.open_nursery() as nursery:
@@ -141,15 +159,6 @@ def _uids(users: tuple[str, ...]) -> set[int]:
         with contextlib.suppress(KeyError):
             found.add(pwd.getpwnam(name).pw_uid)
     return found
-
-
-def _only(params: Any, fields: tuple[str, ...]) -> dict[str, Any]:
-    if not isinstance(params, dict):
-        raise InvalidParams.field("params", "expected an object")
-    unknown = sorted(set(params) - set(fields))
-    if unknown:
-        raise InvalidParams.field(unknown[0], f"unknown field (known: {', '.join(fields)})")
-    return params
 
 
 class Sessions:
@@ -189,14 +198,12 @@ class Sessions:
         return Owner(uid, on_behalf_of)
 
     async def create(self, owner: Owner, params: Any) -> dict[str, Any]:
-        params = _only(params, SESSION_CREATE_FIELDS)
+        params = only_fields(params, SESSION_CREATE_FIELDS)
         language = self.service.languages_table.resolve(
             unicode_text(params.get("language", "python"), "language")
         )
         limits = resolve_limits(params.get("limits"), params.get("timeout"), self.service.limits)
-        network = params.get("network") or False
-        if not isinstance(network, bool):
-            raise InvalidParams.field("network", "expected true or false")
+        network = flag(params, "network")
         egress = self.service.egress_for(network)
         mine = sum(1 for session in self._open.values() if session.owner == owner)
         if mine >= self.settings.max_per_owner:
@@ -223,8 +230,7 @@ class Sessions:
         session.expires = trio.current_time() + session.ttl
         self._open[session.id] = session  # counted while its sandbox is on the way
         try:
-            assert self._nursery is not None, "run() first"
-            await self._nursery.start(self._hold, session, egress)
+            await self._nursery_of().start(self._hold, session, egress)
         except BaseException:
             self._open.pop(session.id, None)
             raise
@@ -265,7 +271,6 @@ class Sessions:
         if self._open.pop(session.id, None) is None:
             return
         session.ended = why
-        session.busy = False
         session.end_now.set()
         self._ended.append(session)
         log.info("session %s of %s ended: %s", session.id, session.owner, why)
@@ -317,38 +322,36 @@ class Sessions:
             raise InvalidParams.field("id", "expected a session id")
         session = self._open.get(session_id)
         if session is None or session.owner != owner or session.sandbox is None:
-            raise SessionNotFound(f"no session {session_id!r}", id=session_id)
+            raise _not_found(session_id)
         return session
 
     @contextlib.asynccontextmanager
     async def _using(self, owner: Owner, session_id: Any) -> Any:
         """The session, its sandbox for this call only (calls wait their turn)."""
         session = self._find(owner, session_id)
-        async with session.lock:
-            if session.ended:
-                raise SessionNotFound(f"no session {session_id!r}", id=session_id)
-            session.busy = True
-            self._changed.unpark_all()
-            sandbox = session.sandbox
-            assert sandbox is not None
-            try:
-                yield session, sandbox
-            except BaseException:
-                # The caller left mid-call (cancelled): the agent may still be answering.
-                if sandbox.link.owes_answer and not await sandbox.settle():
-                    self._retire(session, "its sandbox was lost: a call was cut off")
-                raise
-            else:
+        try:
+            async with session.lock:
+                if session.ended:
+                    raise _not_found(session_id)
+                self._changed.unpark_all()  # busy: no idle timeout runs
+                sandbox = session.sandbox
+                assert sandbox is not None
+                try:
+                    yield session, sandbox
+                except BaseException:
+                    # The caller left mid-call (cancelled): the agent may still answer.
+                    if sandbox.link.owes_answer and not await sandbox.settle():
+                        self._retire(session, "its sandbox was lost: a call was cut off")
+                    raise
                 if sandbox.link.owes_answer:  # streamed input cut off as its run ended
                     sandbox.kill()
                     self._retire(session, "its sandbox was lost: input to it was cut off")
-            finally:
-                session.busy = False
-                session.last_used = trio.current_time()
-                self._changed.unpark_all()
+        finally:
+            session.last_used = trio.current_time()
+            self._changed.unpark_all()  # idle from now (the lock is free)
 
     def _job(self, session: Session, params: Any) -> Job:
-        params = _only(params, SESSION_EXEC_FIELDS)
+        params = only_fields(params, SESSION_EXEC_FIELDS)
         limits = params.get("limits")
         fixed = [n for n in SESSION_LIMITS if isinstance(limits, dict) and limits.get(n)]
         if fixed:
@@ -419,12 +422,10 @@ class Sessions:
     async def write_file(self, owner: Owner, params: Any) -> dict[str, Any]:
         """Create or replace a file (or, with ``append``, add to one: a client sends a
         large file in pieces, each within the request cap)."""
-        params = _only(params, ("id", "path", "content", "encoding", "append"))
+        params = only_fields(params, ("id", "path", "content", "encoding", "append"))
         path = check_path(params.get("path"), "path")
         unicode_text(params.get("content"), "content")
-        append = params.get("append") or False
-        if not isinstance(append, bool):
-            raise InvalidParams.field("append", "expected true or false")
+        append = flag(params, "append")
 
         def message(session: Session, sandbox: Sandbox) -> dict[str, Any]:
             data = decode_content(params, "")  # in the session's turn: one copy at a time
@@ -450,7 +451,7 @@ class Sessions:
     async def read_file(self, owner: Owner, params: Any, reserve: Reserve) -> dict[str, Any]:
         """A file's content, its size reserved in the caller's output budget (``reserve``)
         before it is read."""
-        params = _only(params, ("id", "path"))
+        params = only_fields(params, ("id", "path"))
         path = check_path(params.get("path"), "path")
         session = self._find(owner, params.get("id"))
         limit = self._max_file(session.limits)
@@ -469,7 +470,7 @@ class Sessions:
         }
 
     async def list_files(self, owner: Owner, params: Any, reserve: Reserve) -> dict[str, Any]:
-        params = _only(params, ("id", "path"))
+        params = only_fields(params, ("id", "path"))
         path = params.get("path") or "."
         if path != ".":
             path = check_path(path, "path")
@@ -484,7 +485,7 @@ class Sessions:
         return {"path": path, "entries": entries, "truncated": truncated}
 
     async def remove_file(self, owner: Owner, params: Any) -> dict[str, Any]:
-        params = _only(params, ("id", "path"))
+        params = only_fields(params, ("id", "path"))
         path = check_path(params.get("path"), "path")
         remove = {"type": "file.remove", "path": path}
         await self._file_request(owner, params.get("id"), lambda session, _: remove)
@@ -493,17 +494,17 @@ class Sessions:
     # --- looking at sessions -------------------------------------------------------
 
     async def info(self, owner: Owner, params: Any) -> dict[str, Any]:
-        params = _only(params, ("id",))
+        params = only_fields(params, ("id",))
         return self._find(owner, params.get("id")).describe()
 
     async def list(self, owner: Owner, params: Any) -> dict[str, Any]:
-        _only(params, ())
+        only_fields(params, ())
         sessions = [s for s in self._open.values() if s.owner == owner and s.sandbox]
         ended = [s for s in self._ended if s.owner == owner][-ENDED_KEPT:]
         return {"sessions": [s.describe() for s in (*sessions, *reversed(ended))]}
 
     async def close(self, owner: Owner, params: Any) -> dict[str, Any]:
-        params = _only(params, ("id",))
+        params = only_fields(params, ("id",))
         session = self._find(owner, params.get("id"))
         async with session.lock:
             await self._end(session, "closed by its owner")

@@ -57,7 +57,6 @@ class Kernel:
         os.close(stdin)  # a cell's input comes with its code; its children's stdin is empty
         self.process: Process = (pid, -1, stdout, stderr)
         os.set_blocking(self.replies, False)
-        self.ran = 0  # cells
         self._buffer = b""
 
     def reply(self) -> dict[str, Any] | None:
@@ -204,16 +203,10 @@ def run_cell(
         runner.kernel = None
         raise
     try:
-        try:
-            while run.step():
-                pass
-        finally:
-            run.close()
-        outcome = run.finish()
+        outcome = run.complete()
     finally:
         if run.reply is None:  # the interpreter ended with the cell
             runner.kernel = None
-    kernel.ran += 1
     reply = run.reply or {}
     cell = {"value": reply.get("value"), "fresh": fresh, "kept": run.reply is not None}
     if reply.get("error"):

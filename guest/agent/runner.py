@@ -168,7 +168,7 @@ class Runner:
     ) -> StageOutcome:
         """Run one stage: ``argv`` started now, or the ``warm`` process that waits for
         its source (written to the FIFO once its limits are set)."""
-        run = StageRun(
+        return StageRun(
             self,
             stage,
             argv,
@@ -179,10 +179,4 @@ class Runner:
             cpu_time=cpu_time,
             limits=limits,
             warm=warm,
-        )
-        try:
-            while run.step():
-                pass
-        finally:
-            run.close()
-        return run.finish()
+        ).complete()

@@ -28,8 +28,8 @@ DRAIN_GRACE = 2.0
 
 
 class StageRun:
-    """Started by its constructor; :meth:`step` until it returns False, then
-    :meth:`close` (whatever happened) and :meth:`finish` for the outcome."""
+    """Started by its constructor, run by :meth:`complete` (:meth:`step` until it
+    returns False, :meth:`close` whatever happened, :meth:`finish` for the outcome)."""
 
     def __init__(
         self,
@@ -219,6 +219,14 @@ class StageRun:
         if self.exit_status is None:
             self.runner.kill_all(self.pid)
             self.exit_status = self.runner.reaper.wait(self.pid)
+
+    def complete(self) -> StageOutcome:
+        try:
+            while self.step():
+                pass
+        finally:
+            self.close()
+        return self.finish()
 
     def settle(self) -> StageOutcome:
         """The outcome of the closed stage but for how its process ended."""

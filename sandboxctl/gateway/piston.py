@@ -229,13 +229,10 @@ def piston_routes(
         responses={code: errors[code] for code in (401, 403, 408, 413, 429, 503)},
     )
 
-    async def runtimes() -> list[dict[str, Any]]:
-        return await piston_runtimes(answers)
-
     @router.get("/runtimes", response_model=list[PistonRuntime], response_model_exclude_none=True)
     async def list_runtimes() -> list[dict[str, Any]]:
         """The languages, as Piston lists its runtimes."""
-        return await runtimes()
+        return await piston_runtimes(answers)
 
     @router.post("/execute", responses=refusals)
     async def execute(request: Request) -> JSONResponse:
@@ -247,7 +244,7 @@ def piston_routes(
             # JSON as text/plain, so a body that is JSON is taken whatever its type.
             return JSONResponse({"message": "requests must be of type application/json"}, 415)
         try:
-            params, runtime = execute_params(body, await runtimes())
+            params, runtime = execute_params(body, await piston_runtimes(answers))
             run = GatewayRun(request.state.request_id, params)
             record = await run.complete(client)
         except PistonError as exc:
