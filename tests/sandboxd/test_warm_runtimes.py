@@ -193,11 +193,17 @@ def test_a_warm_runtime_that_died_waiting_gives_a_cold_start(make_daemon):
     daemon = make_daemon(pool={"size": 1})
     client = daemon.client
     wait_for_warm(client, "python")
-    waiting = [
-        pid
-        for pid, cmd in sandbox_processes(daemon.uid_base).items()
-        if cmd == "python3 main.py" and waiting_for_source(pid)
-    ]
+
+    def runtimes_waiting() -> list[int]:
+        return [
+            pid
+            for pid, cmd in sandbox_processes(daemon.uid_base).items()
+            if cmd == "python3 main.py" and waiting_for_source(pid)
+        ]
+
+    # The sandbox is ready once its runtime is started; it opens its FIFO a little later.
+    wait_for(runtimes_waiting)
+    waiting = runtimes_waiting()
     assert len(waiting) == 1
     os.kill(waiting[0], signal.SIGKILL)
     result = client.execute("python", "import sys; print(sys.argv)")
