@@ -22,15 +22,25 @@ for module in $(cat /modules.order); do
 done
 vsock_port=52  # the agent's, when the VM has vsock: sandboxd.agent_port=N overrides it
 vsock_peer=""  # sandboxd.vsock_privileged: the host is a kernel that anyone can dial from
+net=""  # sandboxd.net=ADDRESS/PREFIX,GATEWAY: the VM has a NIC (sandboxd.host.vm_network)
 for word in $(cat /proc/cmdline); do
     case "$word" in
         sandboxd.agent_port=*) vsock_port="${word#*=}" ;;
         sandboxd.vsock_privileged) vsock_peer="--vsock-privileged-peer" ;;
+        sandboxd.net=*) net="${word#*=}" ;;
     esac
 done
 if grep -q sandboxd.probe /proc/cmdline; then
     echo "sandboxd-probe-ok"
     reboot -f
+fi
+
+# The same address in every VM, so that each clone of the snapshot has it already: the
+# host routes it out only for a job that asks, and the agent keeps it from the others.
+ip link set lo up
+if [ -n "$net" ]; then
+    ip addr add "${net%,*}" dev eth0 && ip link set eth0 up \
+        && ip route add default via "${net#*,}" || fail "cannot set up eth0 ($net)"
 fi
 
 # The program runs as an unprivileged uid beside the agent, which is root: it may not link

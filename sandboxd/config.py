@@ -112,6 +112,7 @@ class NetworkConfig:
     allow: tuple[str, ...] = _setting((), env=("SANDBOXD_NETWORK_ALLOW",), check="networks")
     uplink_netns: str = _setting("")  # where egress leaves: "" is the host's own namespace
     subnet: str = _setting("10.213.0.0/16", check="subnet")  # a /30 of it per sandbox
+    max_connections: int = _setting(256, check="positive")  # open at once, per sandbox
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,13 @@ def egress_of(config: Config) -> Egress | None:
     if not config.network.allow:
         return None
     network = config.network
-    return Egress(config.daemon.name, network.allow, network.uplink_netns, network.subnet)
+    return Egress(
+        config.daemon.name,
+        network.allow,
+        network.uplink_netns,
+        network.subnet,
+        max_connections=network.max_connections,
+    )
 
 
 async def clean_up_after(config: Config, keep_socket: bool = False) -> list[str]:

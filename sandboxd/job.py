@@ -75,6 +75,7 @@ class Job:
             "env": dict(self.language.env),
             "stdin": self.stdin,
             "stdin_stream": self.interactive,
+            "network": self.network,
             "limits": self.limits.to_dict(),
         }
 

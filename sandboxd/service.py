@@ -181,7 +181,7 @@ class Service:
         async with self.pool.sandbox(job.language.name) as sandbox:
             queued = trio.current_time() - start
             async with (
-                egress.attached(sandbox.network_pid()) if egress else contextlib.nullcontext()
+                egress.attached(sandbox.network_namespace()) if egress else contextlib.nullcontext()
             ):
                 run = await sandbox.run(
                     job.agent_message(), job.limits, on_output, stdin if job.interactive else None

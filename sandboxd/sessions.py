@@ -253,7 +253,7 @@ class Sessions:
             # A plain sandbox: its agent would drop a warm runtime (the session's files
             # are the caller's from the start), so none is taken from those who warm.
             async with pool.sandbox("") as sandbox:
-                attached = egress.attached(sandbox.network_pid()) if egress else None
+                attached = egress.attached(sandbox.network_namespace()) if egress else None
                 async with attached or contextlib.nullcontext():
                     await sandbox.open_session(session.limits)
                     session.sandbox, session.sandbox_id = sandbox, sandbox.id
@@ -367,7 +367,7 @@ class Sessions:
         limits = dataclasses.replace(
             job.limits, **{name: getattr(session.limits, name) for name in SESSION_LIMITS}
         )
-        return dataclasses.replace(job, limits=limits)
+        return dataclasses.replace(job, limits=limits, network=session.network)
 
     async def exec(
         self, owner: Owner, params: Any, on_output: OutputSink, stdin: StdinStream | None = None

@@ -40,12 +40,14 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
         env = {**BASE_ENV, **{str(k): str(v) for k, v in job.get("env", {}).items()}}
         stdin = str(job.get("stdin") or "").encode()
         stream_stdin = bool(job.get("stdin_stream"))
+        network = bool(job.get("network"))
         cell = job["run"].get("cell")  # a session's Python cell: its code
         if cell is not None:
             cell = str(cell)
     except (KeyError, TypeError, AttributeError) as exc:
         raise JobError(f"malformed job message: {exc!r}") from exc
     runner.cancelled, runner.held_stdin = False, []
+    runner.confinement.give_network(network)
     warm = None if cell is not None else runner.take_warm(run_argv, env, files, bool(compile_argv))
     if warm is None:
         runner.files.write_all(files)

@@ -11,11 +11,22 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+CLONE_NEWNET = 0x40000000
+SIOCSIFFLAGS = 0x8914
+IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
+
+
 class Confinement:
     """Where the program runs beyond its rlimits. In a jail the host holds the cgroup and
     the uid, so there is nothing more to do here."""
 
     owner: int | None = None  # the uid the agent gives the files it writes (None: its own)
+    # Whether the next processes start in a network namespace of their own, with only
+    # lo: in a jail the host gives its namespace a link only for a job that asks.
+    isolate_network = False
+
+    def give_network(self, network: bool) -> None:
+        """Whether the job (or the session) to come asked for the network."""
 
     def prepare(self, workdir: str, limits: dict[str, Any]) -> None:
         """Before a stage: set the stage's limits."""
@@ -42,6 +53,26 @@ class VmConfinement(Confinement):
 
     def __init__(self, memory_reserve: int) -> None:
         self.memory_reserve = memory_reserve
+        # A VM with a NIC (sandboxd.host.vm_network) keeps it from a job that did not
+        # ask: its processes get a namespace of their own (warm runtimes too).
+        self.has_nic = os.path.exists("/sys/class/net/eth0")
+        self.isolate_network = self.has_nic
+        if self.has_nic:
+            import ctypes
+            import fcntl
+            import socket
+            import struct
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            lo_up = struct.pack("16sh", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING)
+
+            def isolate() -> None:
+                if libc.unshare(CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                    fcntl.ioctl(probe, SIOCSIFFLAGS, lo_up)
+
+            self._isolate = isolate
         if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
             os.makedirs("/sys/fs/cgroup", exist_ok=True)
             _mount("cgroup2", "/sys/fs/cgroup", "cgroup2")
@@ -65,9 +96,14 @@ class VmConfinement(Confinement):
                 with open(path, "w") as control:
                     control.write(str(value))
 
+    def give_network(self, network: bool) -> None:
+        self.isolate_network = self.has_nic and not network
+
     def enter(self) -> None:
         with open(os.path.join(self.CGROUP, "cgroup.procs"), "w") as procs:
             procs.write(str(os.getpid()))
+        if self.isolate_network:
+            self._isolate()
         os.setgroups([])
         os.setresgid(self.UID, self.UID, self.UID)
         os.setresuid(self.UID, self.UID, self.UID)

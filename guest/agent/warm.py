@@ -49,6 +49,8 @@ class WarmRuntime:
             raise JobError(f"refusing warm source path {self.source!r}")
         self.workdir = workdir
         self.reaper = reaper
+        self.confinement = confinement
+        self.isolated = confinement.isolate_network  # as it started
         self.path = os.path.join(workdir.path, self.source)
         os.mkfifo(self.path, 0o644)
         # Open for reading and writing: the runtime's open never blocks, and what the
@@ -63,6 +65,8 @@ class WarmRuntime:
         """Whether a job that runs ``argv`` with ``env`` and ``files`` can take it."""
         if argv != self.argv or env != self.env:
             return False
+        if self.confinement.isolate_network != self.isolated:
+            return False  # it started in (or out of) a network namespace of its own
         self.reaper.reap()
         if self.process[0] in self.reaper.exits:
             return False  # it died waiting (the log of the next job will not say why)

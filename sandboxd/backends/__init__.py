@@ -163,4 +163,5 @@ def _vm_options(config: Config, image: Image, kernel: GuestKernel, ramdisk: byte
         cpus=config.backend.vm_cpus,
         agent_port=config.backend.agent_port,
         snapshot=config.backend.snapshot,
+        network=bool(config.network.allow),
     )

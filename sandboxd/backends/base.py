@@ -240,8 +240,8 @@ class Sandbox(abc.ABC):
             ) from failure
         self.set_state(SandboxState.STOPPED)
 
-    def network_pid(self) -> int:
-        """A process in the sandbox's own network namespace, where its egress link goes
+    def network_namespace(self) -> str:
+        """The file of the sandbox's own network namespace, where its egress link goes
         (only for backends whose ``has_network`` is true)."""
         raise SandboxStateError(f"{type(self).__name__} has no network namespace for egress")
 
@@ -414,7 +414,7 @@ class JailedSandbox(Sandbox):
 class Backend(abc.ABC):
     name: ClassVar[str]
     isolation: ClassVar[str]
-    has_network: ClassVar[bool] = False  # can its sandboxes get egress (sandboxd.host.network)?
+    has_network: bool = False  # can its sandboxes get egress (sandboxd.host.network)?
     shares_host_kernel: ClassVar[bool] = False  # weaker than a VM: the daemon warns
 
     @abc.abstractmethod

@@ -84,8 +84,8 @@ class NamespacesSandbox(JailedSandbox):
         self.cpus = cpus
         self.memory_limit = 0  # of the cgroup, as set for the job (or the session)
 
-    def network_pid(self) -> int:
-        return self._agent_pid("give a network")
+    def network_namespace(self) -> str:
+        return f"/proc/{self._agent_pid('give a network')}/ns/net"
 
     def _agent_pid(self, why: str) -> int:
         # The jail's processes (the agent and its program); the outer bubblewrap stays

@@ -8,7 +8,8 @@ whose other end is in the uplink namespace — the host's own, or a named one �
 nftables tables forward the sandbox's packets only to the allowed networks (masqueraded
 behind the uplink's address), refuse everything else — the uplink host itself (before
 any port forwarding could send it on), private, link-local and metadata ranges unless
-allowed by name, other sandboxes, every network not listed — and let in only replies.
+allowed by name, other sandboxes, every network not listed, a sandbox's connections
+beyond ``[network] max_connections`` at once — and let in only replies.
 The veth goes with the job. pyroute2 makes every link, address and route; ``nft``
 loads the rules.
 """
@@ -48,8 +49,16 @@ ALWAYS_REFUSED = [
 
 
 class Egress:
-    def __init__(self, instance: str, allow: Sequence[str], uplink_netns: str, subnet: str) -> None:
+    def __init__(
+        self,
+        instance: str,
+        allow: Sequence[str],
+        uplink_netns: str,
+        subnet: str,
+        max_connections: int = 256,
+    ) -> None:
         self.allow = [ipaddress.IPv4Network(net) for net in allow]  # checked as IPv4
+        self.max_connections = max_connections  # per sandbox, open at once
         self.uplink_netns = uplink_netns  # "" = the host's own namespace
         self.subnet = ipaddress.IPv4Network(subnet)  # checked as IPv4
         tag = hashlib.sha256(instance.encode()).hexdigest()[:5]
@@ -63,7 +72,10 @@ class Egress:
     def describe(self) -> str:
         where = f"namespace {self.uplink_netns}" if self.uplink_netns else "the host"
         nets = ", ".join(str(net) for net in self.allow)
-        return f"on request, through {where}, to {nets} only"
+        return (
+            f"on request, through {where}, to {nets} only, "
+            f"{self.max_connections} connections at once per sandbox"
+        )
 
     # -- the uplink namespace ------------------------------------------------------------
 
@@ -73,15 +85,8 @@ class Egress:
         return NetNS(self.uplink_netns) if self.uplink_netns else IPRoute()
 
     def _in_uplink(self, argv: list[str], stdin: str = "") -> str:
-        if self.uplink_netns:
-            argv = ["nsenter", f"--net={netns.NETNS_RUN_DIR}/{self.uplink_netns}", *argv]
-        try:
-            done = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
-        except OSError as exc:
-            raise LaunchError(f"cannot run {argv[0]} (apt install nftables): {exc}") from exc
-        if done.returncode != 0:
-            raise LaunchError(f"{argv[0]} failed: {done.stderr.strip()}", argv=argv)
-        return done.stdout
+        where = f"{netns.NETNS_RUN_DIR}/{self.uplink_netns}" if self.uplink_netns else None
+        return run_in_netns(where, argv, stdin)
 
     def _ruleset(self, forwarding_was_on: bool) -> str:
         links = f'"{self.prefix}*"'
@@ -101,6 +106,7 @@ table inet {self.table} {{
     set allowed {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {allowed} }} }}
     set refused {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {refused} }} }}
     set explicit {{ type ipv4_addr; flags interval; auto-merge; {explicit_elements} }}
+    set connections {{ type ipv4_addr; size 65535; flags dynamic; }}
     chain prerouting {{
         type filter hook prerouting priority raw; policy accept;
         iifname {links} fib daddr type {{ local, broadcast, multicast, anycast }} drop \
@@ -116,6 +122,8 @@ table inet {self.table} {{
         iifname {links} ct state invalid drop
         iifname {links} ip saddr != {self.subnet} drop
         iifname {links} ip daddr @refused ip daddr != @explicit drop
+        iifname {links} ct state new add @connections {{ ip saddr ct count over \
+            {self.max_connections} }} drop comment "a sandbox's connections at once"
         iifname {links} ip daddr @allowed accept
         iifname {links} drop
         oifname {links} ct state established,related accept
@@ -176,8 +184,9 @@ table ip {self.table}_nat {{
     # -- one sandbox ---------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def attached(self, pid: int) -> AsyncIterator[str]:
-        """``eth0`` in the network namespace of process ``pid`` (in the sandbox) for the
+    async def attached(self, namespace: str) -> AsyncIterator[str]:
+        """``eth0`` in the sandbox's network namespace (the path of its file: a jail's
+        ``/proc/<pid>/ns/net``, a VM's router, sandboxd.host.vm_network) for the
         duration; the sandbox's address. Netlink and namespace work runs in a thread:
         the daemon serves others meanwhile."""
         count = self._link_count
@@ -188,7 +197,7 @@ table ip {self.table}_nat {{
         self._busy.add(index)
         self._next = index + 1
         try:
-            yield await trio.to_thread.run_sync(self._attach, index, pid)
+            yield await trio.to_thread.run_sync(self._attach, index, namespace)
         finally:
             if self._releases is not None:
                 self._releases.start_soon(self._release, index)  # off the job's path
@@ -216,17 +225,17 @@ table ip {self.table}_nat {{
         first = self.subnet.network_address + 4 * index
         return first + 1, first + 2
 
-    def _attach(self, index: int, pid: int) -> str:
+    def _attach(self, index: int, namespace: str) -> str:
         gateway, address = self._addresses(index)
         host_side, guest_side = f"{self.prefix}{index}", f"{self.prefix}{index}g"
         with self._uplink() as ip:
             ip.link("add", ifname=host_side, kind="veth", peer={"ifname": guest_side})
             host_index = ip.link_lookup(ifname=host_side)[0]
             guest_index = ip.link_lookup(ifname=guest_side)[0]
-            ip.link("set", index=guest_index, net_ns_pid=pid)
+            ip.link("set", index=guest_index, net_ns_fd=namespace)
             ip.addr("add", index=host_index, address=str(gateway), prefixlen=30)
             ip.link("set", index=host_index, state="up")
-        with NetNS(f"/proc/{pid}/ns/net") as sandbox:
+        with NetNS(namespace) as sandbox:
             link = sandbox.link_lookup(ifname=guest_side)[0]
             sandbox.link("set", index=link, ifname=GUEST_INTERFACE)
             sandbox.addr("add", index=link, address=str(address), prefixlen=30)
@@ -249,3 +258,18 @@ table ip {self.table}_nat {{
                     table.entry("del", tuple_orig=entry.tuple_orig)
         except Exception as exc:
             log.warning("cannot forget the connections of %s: %s", address, exc)
+
+
+def run_in_netns(namespace: str | None, argv: list[str], stdin: str = "") -> str:
+    """Run ``argv`` in the network namespace whose file is ``namespace`` (None: the
+    host's) to its end; its output, LaunchError if it failed."""
+    command = argv[0]
+    if namespace is not None:
+        argv = ["nsenter", f"--net={namespace}", *argv]
+    try:
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise LaunchError(f"cannot run {command} (apt install nftables): {exc}") from exc
+    if done.returncode != 0:
+        raise LaunchError(f"{command} failed: {done.stderr.strip()}", argv=argv)
+    return done.stdout

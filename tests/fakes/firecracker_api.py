@@ -26,6 +26,11 @@ micro-http):
   /vsock time (its path must be free), a guest reboot ends the process (exit 0);
 - a VM's start (boot or snapshot load) opens ``/dev/kvm`` in the jail, the node the jailer
   made: on a mount with ``nodev`` it fails as Firecracker's does;
+- network interfaces: the TAP is opened at PUT time (and again by a snapshot load, under
+  ``network_overrides``) through the jail's ``/dev/net/tun`` in the network namespace the
+  process runs in, with Firecracker's flags (IFF_TAP, IFF_NO_PI, IFF_VNET_HDR; a TAP
+  only root could make, or another process holds, fails as on Firecracker); the guest
+  gets a virtio-net device on that very TAP, with ``guest_mac``;
 - the command line: Firecracker's flags (``--api-sock``, default /run/firecracker.socket,
   ``--id``, ``--config-file``, ``--no-api``, ``--log-path``, ``--level``, ``--metrics-path``,
   ``--http-api-max-payload-size``, ...), ``--version`` printing ``Firecracker v1.16.1``, exit
@@ -43,10 +48,11 @@ Deviations:
   level (Info: the start, each API request with its body, each answer) to stdout, or to
   the log path once one is configured, but not its other modules' lines;
 - DELETE (PCI hotplug preview, not in the spec) is answered as an unknown method;
-- not supported, answered with a 400 ``fake firecracker: ...`` fault: network interfaces (so
-  MMDS configs naming interfaces fail as on Firecracker), vhost-user drives, pmem, memory
-  hotplug, drive PATCHes that swap the backing file, Uffd snapshot memory; a balloon is
-  accepted and reported, but the guest gets no balloon device;
+- not supported, answered with a 400 ``fake firecracker: ...`` fault: MMDS on an interface
+  (configs naming unknown interfaces fail as on Firecracker), interface PATCHes, vhost-user
+  drives, pmem, memory hotplug, drive PATCHes that swap the backing file, Uffd snapshot
+  memory; a balloon is accepted and reported, but the guest gets no balloon device, and
+  interfaces' rate limiters are accepted and not enforced;
 - snapshots: QEMU's vhost-user-vsock cannot migrate, so no guest state is saved. PUT
   /snapshot/create (VM Paused) writes the snapshot file as JSON (``"fake_firecracker_snapshot":
   1``, the VM's configuration) and the memory file: the kernel and initrd the VM booted from,
@@ -63,11 +69,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import fcntl
 import json
 import os
 import queue
 import shutil
 import socket
+import struct
 import sys
 import threading
 import time
@@ -80,7 +88,7 @@ import jsonschema
 import yaml
 
 from tests.fakes import firecracker_vmm
-from tests.fakes.firecracker_vmm import Drive, Microvm, VmSpec, Vsock
+from tests.fakes.firecracker_vmm import Drive, Microvm, Nic, VmSpec, Vsock
 
 VERSION = "1.16.1"
 SNAPSHOT_VERSION = "10.0.0"
@@ -427,6 +435,15 @@ BOOT_PATH = {
 }  # fmt: skip
 
 
+class TapError(Exception):
+    """Firecracker's TapError, by its text."""
+
+
+IFACE_NAME_MAX_LEN = 16
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
 def _unsupported(what: str) -> ApiError:
     return ApiError(f"fake firecracker: {what} are not supported")
 
@@ -507,6 +524,8 @@ class Resources:
     serial: dict[str, Any] | None = None
     cpu_config: dict[str, Any] | None = None
     mmds_config: dict[str, Any] | None = None
+    network_interfaces: list[dict[str, Any]] = field(default_factory=list)
+    taps: dict[str, Opened] = field(default_factory=dict)  # iface_id: its open TAP
 
 
 LOG_LEVELS = ("Off", "Error", "Warning", "Info", "Debug", "Trace")
@@ -610,7 +629,7 @@ class Vmm:
             "machine-config": res.machine,
             "metrics": res.metrics,
             "mmds-config": res.mmds_config,
-            "network-interfaces": [],
+            "network-interfaces": res.network_interfaces,
             "vsock": res.vsock,
             "entropy": res.entropy,
         }
@@ -673,8 +692,42 @@ class Vmm:
         drives.insert(0 if config["is_root_device"] else position, config)
         self.res.drives = drives
 
-    def _InsertNetworkDevice(self, _body: dict[str, Any]) -> None:
-        raise _unsupported("network interfaces")
+    def _InsertNetworkDevice(self, body: dict[str, Any]) -> None:
+        iface_id, mac = body["iface_id"], body.get("guest_mac")
+        others = [i for i in self.res.network_interfaces if i["iface_id"] != iface_id]
+        if mac is not None and any(i.get("guest_mac") == mac for i in others):
+            raise ApiError(f"The MAC address is already in use: {mac}")
+        old = self.res.taps.pop(iface_id, None)
+        if old is not None:
+            old.close()
+        try:
+            self.res.taps[iface_id] = self._open_tap(body["host_dev_name"])
+        except TapError as exc:
+            raise ApiError(
+                f"Could not create the network device: Open tap device failed: {exc}"
+            ) from None
+        self.res.network_interfaces = [*others, body]
+
+    def _open_tap(self, name: str) -> Opened:
+        """Tap::open_named, through the jail's /dev/net/tun."""
+        try:
+            fd = os.open(self.fs.host("/dev/net/tun"), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise TapError(f"Couldn't open /dev/net/tun: {os_error_text(exc)}") from None
+        if len(name.encode()) >= IFACE_NAME_MAX_LEN:
+            os.close(fd)
+            raise TapError("Invalid interface name")
+        try:
+            request = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            fcntl.ioctl(fd, TUNSETIFF, request)
+        except OSError as exc:
+            os.close(fd)
+            raise TapError(
+                f"Error while creating ifreq structure: {os_error_text(exc)}. Invalid TUN/TAP "
+                f"Backend provided by {name}. Check our documentation on setting up the network "
+                "devices."
+            ) from None
+        return Opened(fd, self.fs.host("/dev/net/tun"))
 
     def _InsertPmemDevice(self, _body: dict[str, Any]) -> None:
         raise _unsupported("pmem devices")
@@ -770,11 +823,13 @@ class Vmm:
                 "MMDS config error: The list of network interface IDs that allow forwarding "
                 "MMDS requests is empty."
             )
-        # No network interface can exist here.
-        raise ApiError(
-            "MMDS config error: The list of network interface IDs provided contains at least "
-            "one ID that does not correspond to any existing network interface."
-        )
+        known = {i["iface_id"] for i in self.res.network_interfaces}
+        if not set(body["network_interfaces"]) <= known:
+            raise ApiError(
+                "MMDS config error: The list of network interface IDs provided contains at "
+                "least one ID that does not correspond to any existing network interface."
+            )
+        raise _unsupported("MMDS on network interfaces")
 
     # MMDS data store: any time.
 
@@ -841,7 +896,14 @@ class Vmm:
             vsock=res.vsock_device,
             entropy=res.entropy is not None,
             serial_out=serial_out,
-            pass_fds=[*fds, *(f.fd for f in res.drive_files.values())],
+            nics=[
+                Nic(res.taps[i["iface_id"]].fd, i.get("guest_mac")) for i in res.network_interfaces
+            ],
+            pass_fds=[
+                *fds,
+                *(f.fd for f in res.drive_files.values()),
+                *(f.fd for f in res.taps.values()),
+            ],
         )
 
     def _boot(self, spec: VmSpec, paused: bool) -> None:
@@ -904,7 +966,7 @@ class Vmm:
             raise ApiError("fake firecracker: changing a drive's backing file is not supported")
 
     def _UpdateNetworkInterface(self, _body: dict[str, Any]) -> None:
-        raise _unsupported("network interfaces")
+        raise _unsupported("network interface updates")
 
     def _CreateSnapshot(self, body: dict[str, Any]) -> None:
         assert self.vm is not None
@@ -947,6 +1009,7 @@ class Vmm:
             "vsock": res.vsock,
             "entropy": res.entropy,
             "balloon": res.balloon,
+            "network-interfaces": res.network_interfaces,
         }
         Path(self.fs.host(snapshot_path)).write_text(json.dumps(snapshot))
 
@@ -1000,6 +1063,17 @@ class Vmm:
             writable = not drive["is_read_only"]
             res.drive_files[drive["drive_id"]] = self._open(drive["path_on_host"], writable)
         res.drives = snapshot["drives"]
+        # The TAPs must exist under the same names (or those of network_overrides).
+        overrides = {o["iface_id"]: o["host_dev_name"] for o in body.get("network_overrides", [])}
+        for interface in snapshot["network-interfaces"]:
+            interface = {**interface}
+            name = overrides.get(interface["iface_id"], interface["host_dev_name"])
+            interface["host_dev_name"] = name
+            try:
+                res.taps[interface["iface_id"]] = self._open_tap(name)
+            except TapError as exc:
+                raise ValueError(f"Open tap device failed: {exc}") from None
+            res.network_interfaces.append(interface)
         if snapshot["vsock"] is not None:
             vsock = dict(snapshot["vsock"])
             if "vsock_override" in body:

@@ -71,6 +71,12 @@ class Drive:
     cache_type: str  # "Unsafe" | "Writeback"
 
 
+@dataclass(frozen=True)
+class Nic:
+    tap_fd: int  # the TAP Firecracker opened at PUT time
+    mac: str | None  # else the guest's own
+
+
 @dataclass
 class Vsock:
     guest_cid: int
@@ -92,6 +98,7 @@ class VmSpec:
     vsock: Vsock | None = None
     entropy: bool = False
     serial_out: Path | None = None  # PUT /serial's file; else this process's stdout
+    nics: list[Nic] = field(default_factory=list)
     pass_fds: list[int] = field(default_factory=list)
 
 
@@ -218,6 +225,10 @@ class Microvm:
                 "-device",
                 f"virtio-blk-device,drive=drive{index}",
             ]
+        for index, nic in enumerate(spec.nics):
+            mac = f",mac={nic.mac}" if nic.mac else ""
+            argv += ["-netdev", f"tap,id=net{index},fd={nic.tap_fd}"]
+            argv += ["-device", f"virtio-net-device,netdev=net{index}{mac}"]
         if spec.entropy:
             argv += ["-object", "rng-random,id=rng,filename=/dev/urandom"]
             argv += ["-device", "virtio-rng-device,rng=rng"]

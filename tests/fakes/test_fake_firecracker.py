@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pyroute2 import NetNS, netns
 
 from sandboxd.backends.agent_bundle import agent_bundle
 from sandboxd.backends.vm import initramfs
@@ -209,8 +210,9 @@ def test_responses_are_micro_http_s(firecracker):
         ("PUT", "/machine-config", {"vcpu_count": 33, "mem_size_mib": 128},
          "Machine config error: The number of vCPUs must be greater than 0, less than 32 and "
          "must be 1 or an even number if SMT is enabled."),
-        ("PUT", "/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": "tap0"},
-         "fake firecracker: network interfaces are not supported"),
+        ("PUT", "/network-interfaces/eth0",
+         {"iface_id": "eth0", "host_dev_name": "a123456789abcdef"},
+         "Could not create the network device: Open tap device failed: Invalid interface name"),
     ],
 )  # fmt: skip
 def test_requests_are_checked_like_firecracker(firecracker, method, path, body, message):
@@ -424,6 +426,46 @@ def test_the_jailer_builds_firecracker_s_jail(jail: Jail):
 
 
 @needs_root
+def test_network_interfaces_open_a_tap_of_the_jail_s_namespace_as_firecracker_does(jail: Jail):
+    # The TAPs live in a namespace this test makes (the jailer's --netns), as the backend's
+    # do: one that the jail's uid owns, which it may open, and one that it does not.
+    namespace = f"fakefc-net-{uuid.uuid4().hex[:8]}"
+    netns.create(namespace)
+    try:
+        with NetNS(namespace) as ns:
+            ns.link("add", ifname="tap0", kind="tuntap", mode="tap", uid=JAIL_UID)
+            ns.link("add", ifname="roots", kind="tuntap", mode="tap", uid=0)
+        api = jail.start("net-vm", "--netns", f"{netns.NETNS_RUN_DIR}/{namespace}")
+        mac = "02:00:00:00:00:01"
+        body = {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": mac}
+        assert api.call("PUT", "/network-interfaces/eth0", body)[0] == 204
+        status, config = api.call("GET", "/vm/config")
+        assert (status, config["network-interfaces"]) == (200, [body])
+        # The MAC of another interface; a TAP the uid may not attach; one that is missing
+        # (only root could make it); one taken by another interface.
+        assert (
+            api.fault(
+                "PUT",
+                "/network-interfaces/eth1",
+                {**body, "iface_id": "eth1", "host_dev_name": "x"},
+            )
+            == f"The MAC address is already in use: {mac}"
+        )
+        refused = "Could not create the network device: Open tap device failed: "
+        for name, why in (("roots", "Operation not permitted (os error 1)"),
+                          ("gone", "Operation not permitted (os error 1)"),
+                          ("tap0", "Device or resource busy (os error 16)")):  # fmt: skip
+            assert api.fault(
+                "PUT", "/network-interfaces/eth1", {"iface_id": "eth1", "host_dev_name": name}
+            ) == (
+                f"{refused}Error while creating ifreq structure: {why}. Invalid TUN/TAP Backend "
+                f"provided by {name}. Check our documentation on setting up the network devices."
+            )
+    finally:
+        jail.cleanup()
+        netns.remove(namespace)
+
+
 def test_the_jailer_refuses_a_used_jail_and_bad_ids(jail: Jail):
     jail.start("vm-2")
     jail.processes[-1].kill()

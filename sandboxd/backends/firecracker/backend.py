@@ -41,6 +41,8 @@ from sandboxd.backends.vm.snapshots import SnapshotBackend, VmOptions, VmSandbox
 from sandboxd.errors import LaunchError
 from sandboxd.host.cgroups import Cgroup
 from sandboxd.host.process import ChildProcess, spawn
+from sandboxd.host.vm_network import GUEST_MAC, TAP, VmNetwork, guest_cmdline
+from sandboxd.host.vm_network import remove_leftovers as remove_vm_networks
 
 if TYPE_CHECKING:
     from sandboxd.config import Config
@@ -92,7 +94,8 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         self.state_dir = state_dir
         # The jailer's --chroot-base-dir: on the image store's filesystem, for hard links.
         self.jail_base = jail_base(state_dir, options.instance)
-        self.netns = netns_name(options.instance)
+        self.netns = netns_name(options.instance)  # where VMs without a NIC run
+        self.has_network = options.network
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()
@@ -188,7 +191,9 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
                 os.close(fd)
         return saved
 
-    def _jailer_argv(self, sandbox_id: str, uid: int, cgroup: Cgroup) -> list[str]:
+    def _jailer_argv(
+        self, sandbox_id: str, uid: int, cgroup: Cgroup, network: VmNetwork | None
+    ) -> list[str]:
         assert self.cgroups is not None
         limits = cgroup.limit_values(
             memory_bytes=self.memory + VMM_OVERHEAD, processes=64, cpus=self.cpus
@@ -201,7 +206,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
             "--chroot-base-dir", str(self.jail_base),
             "--cgroup-version", str(self.cgroups.version),
             "--parent-cgroup", self.instance,
-            "--netns", f"{netns.NETNS_RUN_DIR}/{self.netns}",
+            "--netns", network.path if network else f"{netns.NETNS_RUN_DIR}/{self.netns}",
             *(arg for value in limits for arg in ("--cgroup", value)),
             # The jail is writable by the VM's uid: a VMM a guest broke into may write no
             # more than a snapshot's memory file.
@@ -227,7 +232,8 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
                 ) from exc
 
     async def _configure(self, sandbox: FirecrackerSandbox, restore: Path | None) -> None:
-        """Boot the VM, or load the snapshot into it and resume."""
+        """Boot the VM, or load the snapshot into it and resume (its TAP has the same name
+        in every VM's namespace: the snapshot's interface needs no override)."""
         api = sandbox.api
         if restore is not None:
             await api.put(
@@ -245,7 +251,10 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
                 "kernel_image_path": "/vmlinux",
                 "initrd_path": "/initramfs.img",
                 # reboot=k: a guest reboot ends Firecracker (a power-off only halts it).
-                "boot_args": kernel_cmdline(agent_port=self.agent_port, extra="reboot=k"),
+                "boot_args": kernel_cmdline(
+                    agent_port=self.agent_port,
+                    extra="reboot=k" + (f" {guest_cmdline()}" if self.has_network else ""),
+                ),
             },
         )
         await api.put(
@@ -260,6 +269,9 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         await api.put(
             "/machine-config", {"vcpu_count": self.cpus, "mem_size_mib": self.memory >> 20}
         )
+        if sandbox.network is not None:
+            interface = {"iface_id": "eth0", "host_dev_name": TAP, "guest_mac": GUEST_MAC}
+            await api.put("/network-interfaces/eth0", interface)
         await api.put("/vsock", {"guest_cid": GUEST_CID, "uds_path": f"/{VSOCK_SOCKET}"})
         await api.put("/entropy", {})
         await api.put("/actions", {"action_type": "InstanceStart"})
@@ -279,15 +291,21 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         jail = self.jail_base / self.firecracker.name / sandbox_id
         chroot = jail / "root"
         cgroup = self.cgroups.sandbox(self.instance, sandbox_id)
+        uid = self.uid_base + slot
+        # Its TAP stays in its namespace, its uid's: Firecracker opens it by name.
+        network = VmNetwork(self.instance, slot) if self.has_network else None
         try:
             chroot.mkdir(parents=True)
             self._furnish(chroot, restore)
-            argv = self._jailer_argv(sandbox_id, self.uid_base + slot, cgroup)
+            if network is not None:
+                await trio.to_thread.run_sync(network.open, uid)
+            argv = self._jailer_argv(sandbox_id, uid, cgroup, network)
             child = spawn(argv, stdout=True, stderr=True)
             async with AsyncExitStack() as stack:
                 stack.push_async_callback(child.aclose)
                 link = AgentLink()
                 sandbox = FirecrackerSandbox(sandbox_id, link, child, cgroup, chroot)
+                sandbox.network = network
                 stack.push_async_callback(sandbox.api.aclose)
 
                 async def start() -> None:
@@ -305,6 +323,8 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         finally:
             await cgroup.destroy()
             shutil.rmtree(jail, ignore_errors=True)
+            if network is not None:
+                network.close()
 
 
 def _reported_version(said: str, name: str) -> str | None:
@@ -417,8 +437,8 @@ def netns_name(instance: str) -> str:
 
 
 def _remove_files(state_dir: Path, instance: str) -> list[str]:
-    """Remove the jails and the network namespace of ``instance``; what was there."""
-    found = []
+    """Remove the jails and the network namespaces of ``instance``; what was there."""
+    found = remove_vm_networks(instance)
     jails = jail_base(state_dir, instance)
     if jails.exists():
         shutil.rmtree(jails, ignore_errors=True)

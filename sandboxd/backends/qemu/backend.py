@@ -21,8 +21,8 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,8 @@ from sandboxd.errors import LaunchError
 from sandboxd.host.cgroups import Cgroup, CgroupLimits
 from sandboxd.host.jail import BWRAP, data_fd
 from sandboxd.host.process import ChildProcess
+from sandboxd.host.vm_network import GUEST_MAC, VmNetwork, guest_cmdline
+from sandboxd.host.vm_network import remove_leftovers as remove_vm_networks
 from sandboxd.images import Image
 
 if TYPE_CHECKING:
@@ -64,10 +66,13 @@ class VmLayout:
     hz: int
     agent_port: int  # where the agent listens when its VM has vsock
     vsock_privileged: bool = False  # vhost-vsock: the agent takes only root's connections
+    network: bool = False  # a NIC on a TAP of the VM's own (sandboxd.host.vm_network)
 
     def kernel_cmdline(self, extra: str = "") -> str:
         if self.vsock_privileged:
             extra += " sandboxd.vsock_privileged"
+        if self.network:
+            extra += f" {guest_cmdline()}"
         return kernel_cmdline(
             agent_port=self.agent_port, emulated=self.accel == "tcg", hz=self.hz, extra=extra
         )
@@ -94,11 +99,12 @@ class VmLayout:
         channel: Sequence[str] = (),
         qmp_fd: int | None = None,
         *,
+        tap_fd: int | None = None,
         incoming: bool = False,
         probe: bool = False,
     ) -> list[str]:
         """QEMU's command line (paths as in the jail), with the agent ``channel``'s
-        devices; a probe needs no channels."""
+        devices and the NIC on ``tap_fd``; a probe needs neither."""
         machine = "microvm,pit=on,pic=on,rtc=on" if self.accel == "tcg" else "microvm"
         accel = f"tcg,tb-size={TCG_CACHE_MIB}" if self.accel == "tcg" else "kvm"
         argv = [
@@ -116,6 +122,11 @@ class VmLayout:
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]  # fmt: skip
         argv += channel
+        if tap_fd is not None:
+            argv += [
+                "-netdev", f"tap,id=net,fd={tap_fd}",
+                "-device", f"virtio-net-device,netdev=net,mac={GUEST_MAC}",
+            ]  # fmt: skip
         if qmp_fd is not None:
             argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control"]
         if incoming:
@@ -161,7 +172,9 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
             hz=int(options.image.manifest["vm"].get("hz", 250)),
             agent_port=options.agent_port,
             vsock_privileged=channel[0] == "vsock",
+            network=options.network,
         )
+        self.has_network = options.network
         self.channel_kind, self.channel_why = channel  # see vm_channel.choose_channel
         self.groups = [grp.getgrnam("kvm").gr_gid] if accel == "kvm" and _has_group("kvm") else []
 
@@ -225,27 +238,40 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         warm: WarmRuntime | None = None,
     ) -> AsyncIterator[QemuSandbox]:
         """A running VM, cold-booted or restored from ``restore``, with a ready agent."""
+        network = VmNetwork(self.instance, slot) if self.layout.network else None
         # A VM's vsock CID, like its uid, is unique on the host.
         channel = open_channel(self.channel_kind, self.uid_base + slot, self.layout.agent_port)
         qmp_host, qmp_vm = socket.socketpair()
-        # QEMU gets its ends (and the initramfs) as file descriptors; the jail owns them.
-        initramfs_fd = data_fd(self.ramdisk, "sandboxd-initramfs")
-        qemu = self.layout.qemu_argv(channel.qemu_args(), qmp_vm.fileno(), incoming=bool(restore))
-        argv = [*self.layout.jail_argv(initramfs_fd), "--", *qemu]
-        fds = [*channel.hand_over(), qmp_vm.detach(), initramfs_fd]
-        limits: CgroupLimits = {
-            "memory_bytes": self.layout.memory + QEMU_OVERHEAD,
-            "processes": 256,
-            "cpus": self.layout.cpus,
-        }
-        jail = self.jail(
-            slot, argv, limits=limits, pass_fds=fds, groups=self.groups, stdout=True, stderr=True
-        )
-        with channel, qmp_host:
+        with channel, qmp_host, _removed(network):
+            tap_fd = await trio.to_thread.run_sync(network.open) if network else None
+            # QEMU gets its ends (the initramfs, its TAP) as file descriptors; the jail
+            # owns them.
+            initramfs_fd = data_fd(self.ramdisk, "sandboxd-initramfs")
+            qemu = self.layout.qemu_argv(
+                channel.qemu_args(), qmp_vm.fileno(), tap_fd=tap_fd, incoming=bool(restore)
+            )
+            argv = [*self.layout.jail_argv(initramfs_fd), "--", *qemu]
+            fds = [*channel.hand_over(), qmp_vm.detach(), initramfs_fd]
+            fds += [tap_fd] if tap_fd is not None else []
+            limits: CgroupLimits = {
+                "memory_bytes": self.layout.memory + QEMU_OVERHEAD,
+                "processes": 256,
+                "cpus": self.layout.cpus,
+            }
+            jail = self.jail(
+                slot,
+                argv,
+                limits=limits,
+                pass_fds=fds,
+                groups=self.groups,
+                stdout=True,
+                stderr=True,
+            )
             async with jail as (child, cgroup):
                 link = AgentLink()
                 qmp = QMPClient(_stream(qmp_host))
                 sandbox = QemuSandbox(cgroup.name, link, child, cgroup, qmp)
+                sandbox.network = network
 
                 async def start() -> None:
                     await qmp.start()
@@ -276,14 +302,25 @@ def work_dir(run_dir: Path, instance: str) -> Path:
 
 
 def _remove_files(run_dir: Path, instance: str) -> list[str]:
-    """Remove the VM files of ``instance``; what was there."""
+    """Remove the VM files and network namespaces of ``instance``; what was there."""
+    found = remove_vm_networks(instance)
     path = work_dir(run_dir, instance)
     if not path.exists():
-        return []
+        return found
     shutil.rmtree(path, ignore_errors=True)
     if not any(path.parent.iterdir()):
         path.parent.rmdir()
-    return [f"the VM files {path}"]
+    return [*found, f"the VM files {path}"]
+
+
+@contextmanager
+def _removed(network: VmNetwork | None) -> Iterator[None]:
+    """The VM's network namespace removed on the way out (after its QEMU is gone)."""
+    try:
+        yield
+    finally:
+        if network is not None:
+            network.close()
 
 
 async def _migrate(qmp: QMPClient, command: str, uri: str) -> None:

@@ -25,6 +25,7 @@ from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox
 from sandboxd.backends.vm.kernel import GuestKernel
 from sandboxd.errors import LaunchError, SandboxError
 from sandboxd.host.sharing import sharing
+from sandboxd.host.vm_network import VmNetwork
 from sandboxd.images import Image
 from sandboxd.limits import Limits
 
@@ -37,6 +38,13 @@ RESTORE_ATTEMPTS = 3  # failed restores in a row before VMs stop trying
 class VmSandbox(JailedSandbox):
     """A VM in a jail: its VMM's stdout is the guest's serial console, and the job's
     limits are enforced inside it by the agent (VmConfinement)."""
+
+    network: VmNetwork | None = None  # its NIC's namespace, where the VM has one
+
+    def network_namespace(self) -> str:
+        if self.network is None:
+            return super().network_namespace()
+        return self.network.path
 
     def log_streams(self) -> list[trio.abc.ReceiveStream]:
         return [s for s in (self.child.stdout, self.child.stderr) if s is not None]
@@ -59,6 +67,7 @@ class VmOptions:
     cpus: int  # of each VM
     agent_port: int
     snapshot: bool  # restore pool VMs from a snapshot
+    network: bool = False  # VMs have a NIC, for the jobs that ask ([network] allow)
 
 
 VmT = TypeVar("VmT", bound=VmSandbox)

@@ -1,0 +1,166 @@
+"""A VM's own network namespace: the TAP its VMM is given, and the router between that
+TAP and the egress link of a job that asks for the network.
+
+Every VM sees one and the same network (the constants below), so a snapshot taken with
+its NIC restores in any clone unchanged. What is a sandbox's own is on the host side: a
+network namespace made for its VM only, holding the TAP (the gateway's address) and,
+for a job that asks, the veth that sandboxd.host.network moves in (``eth0``, with the
+sandbox's /30 of ``[network] subnet``, routed to the uplink). Inside, the guest's
+address is masqueraded behind the veth's, so the uplink's rules see a VM as they see a
+namespaces sandbox, and the namespace forwards only from the TAP to the veth, and
+replies back. A VM whose job did not ask has its TAP and nothing behind it: no route
+out, whatever it holds. There is no bridge that VMs share, so no VM can reach another's
+link, and each namespace has its own connection tracking, gone with the VM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import ipaddress
+import os
+import struct
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from pyroute2 import NetNS, netns
+
+from sandboxd.errors import LaunchError
+from sandboxd.host.network import GUEST_INTERFACE, run_in_netns
+
+GUEST = ipaddress.IPv4Interface("10.0.2.2/30")  # the guest's eth0 in every VM
+GATEWAY = ipaddress.IPv4Interface("10.0.2.1/30")  # the TAP's end, in every VM's namespace
+GUEST_MAC = "02:73:62:00:00:02"  # locally administered; the same in every clone
+TAP_MAC = "02:73:62:00:00:01"  # what the guest's neighbour cache holds for its gateway
+TAP = "tap0"
+TUNSETIFF = 0x400454CA
+TUNSETOWNER = 0x400454CC
+TUNSETPERSIST = 0x400454CB
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+CLONE_NEWNET = 0x40000000  # os.CLONE_NEWNET and os.setns come with Python 3.12
+T = TypeVar("T")
+
+RULES = f"""
+table inet sandboxd_vm {{
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname "{TAP}" drop comment "the guest reaches nothing of its router"
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        iifname "{TAP}" oifname "{GUEST_INTERFACE}" ip saddr {GUEST.ip} accept
+        iifname "{GUEST_INTERFACE}" oifname "{TAP}" ct state established,related accept
+    }}
+}}
+table ip sandboxd_vm_nat {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "{GUEST_INTERFACE}" masquerade
+    }}
+}}
+"""
+
+
+def guest_cmdline() -> str:
+    """The kernel argument that tells the VM's init its network (guest/init.sh)."""
+    return f"sandboxd.net={GUEST},{GATEWAY.ip}"
+
+
+def namespace_prefix(instance: str) -> str:
+    # A dot, which no instance's name holds: no other instance's namespace starts so.
+    return f"sandboxd-{instance}.vm"
+
+
+class VmNetwork:
+    """The network namespace of the VM in ``slot``, made by :meth:`open`, removed by
+    :meth:`close` (with the TAP, the veth and every connection in it)."""
+
+    def __init__(self, instance: str, slot: int) -> None:
+        self.name = f"{namespace_prefix(instance)}{slot}"
+        self.path = f"{netns.NETNS_RUN_DIR}/{self.name}"  # for Egress.attached
+
+    def open(self, owner: int | None = None) -> int | None:
+        """Make the namespace with its TAP and router. Without ``owner``, the TAP's file
+        descriptor for the VMM to be given (the TAP lives while a process holds it);
+        with it, a TAP that stays and that ``owner``'s VMM opens by name itself."""
+        self.close()  # what a crashed daemon left in this slot
+        netns.create(self.name)
+        try:
+            fd = _in_namespace(self.path, lambda: _open_tap(owner))
+            with NetNS(self.path) as ns:
+                for name in ("lo", TAP):
+                    link = ns.link_lookup(ifname=name)[0]
+                    if name == TAP:
+                        ns.link("set", index=link, address=TAP_MAC)
+                        ns.addr(
+                            "add",
+                            index=link,
+                            address=str(GATEWAY.ip),
+                            prefixlen=GATEWAY.network.prefixlen,
+                        )
+                    ns.link("set", index=link, state="up")
+            run_in_netns(self.path, ["nft", "-f", "-"], RULES)
+        except BaseException:
+            self.close()
+            raise
+        return fd
+
+    def close(self) -> None:
+        if self.name in netns.listnetns():
+            netns.remove(self.name)
+
+
+def remove_leftovers(instance: str) -> list[str]:
+    """Remove the VM network namespaces a dead daemon of ``instance`` left; what was."""
+    found = [name for name in netns.listnetns() if name.startswith(namespace_prefix(instance))]
+    for name in found:
+        netns.remove(name)
+    return [f"the VM network namespace {name}" for name in found]
+
+
+def _open_tap(owner: int | None) -> int | None:
+    """In the VM's namespace: its TAP made, and its forwarding on (a namespace's own)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", TAP.encode(), IFF_TAP | IFF_NO_PI))
+        if owner is not None:
+            fcntl.ioctl(fd, TUNSETOWNER, owner)
+            fcntl.ioctl(fd, TUNSETPERSIST, 1)
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as forwarding:
+            forwarding.write("1")
+    except BaseException:
+        os.close(fd)
+        raise
+    if owner is None:
+        return fd
+    os.close(fd)
+    return None
+
+
+def _in_namespace(path: str, work: Callable[[], T]) -> T:
+    """``work()`` done by a thread of its own that entered the network namespace at
+    ``path``: a TAP is made in the namespace of whoever opens /dev/net/tun, and only that
+    thread leaves the daemon's namespace (it ends with the work)."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(path) as namespace:
+                if libc.setns(namespace.fileno(), CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {path}")
+            outcome.append(work())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="sandboxd-netns")
+    thread.start()
+    thread.join()
+    if failure:
+        if isinstance(failure[0], OSError):
+            raise LaunchError(f"cannot make the VM's TAP: {failure[0]}") from failure[0]
+        raise failure[0]
+    return outcome[0]

@@ -1,0 +1,140 @@
+"""Egress for VMs, with the qemu backend (software emulation here) and the firecracker
+backend (against the fake, whose QEMU guest gets the TAP Firecracker opened): each VM's
+NIC is a TAP in a network namespace of the VM's own, routed out only for a job that
+asks, under the policy namespaces sandboxes have. The world outside is
+tests.network_world's: namespaces this test makes, routed nowhere else."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from collections.abc import Iterator
+
+import pytest
+from pyroute2 import netns
+
+from sandboxd.host.network import Egress
+from sandboxd.host.vm_network import GATEWAY
+from tests.conftest import IS_ROOT
+from tests.daemon_process import Daemon, start_daemon
+from tests.fakes.firecracker_bin import install_fakes
+from tests.host_state import wait_for
+from tests.network_world import (
+    ALLOWED,
+    METADATA,
+    REFUSED,
+    SUBNET,
+    UPLINK_ADDRESS,
+    nft_ruleset,
+    outside_world,
+    probe,
+    sandbox_addresses,
+    sandbox_connections,
+    uplink_links,
+)
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(not IS_ROOT, reason="needs root: QEMU, network namespaces"),
+    pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables"),
+]
+
+JOB = {"timeout": 60}
+ROUTER = str(GATEWAY.ip)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[str]:
+    with outside_world() as uplink:
+        yield uplink
+
+
+@pytest.fixture(scope="module", params=["qemu", "firecracker"])
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The backend section of a daemon with this backend."""
+    if request.param == "qemu":
+        return {"name": "qemu"}
+    firecracker, jailer = install_fakes(tmp_path_factory.mktemp("fake-bin"))
+    return {"name": "firecracker", "firecracker_bin": str(firecracker), "jailer_bin": str(jailer)}
+
+
+def vm_settings(uplink: str, backend: dict, **more: object) -> dict[str, dict[str, object]]:
+    return {
+        "pool": {"size": 1, "max_sandboxes": 4, "start_timeout": 120, "queue_timeout": 120},
+        "backend": {**backend, "vm_memory": 512 * 2**20, **more},
+        "network": {"allow": [f"{ALLOWED}/32"], "uplink_netns": uplink},
+    }
+
+
+@pytest.fixture(scope="module")
+def vm_daemon(tmp_path_factory: pytest.TempPathFactory, world: str, backend) -> Iterator[Daemon]:
+    daemon = start_daemon(tmp_path_factory.mktemp("vm-network"), **vm_settings(world, backend))
+    yield daemon
+    assert daemon.stop() == 0, daemon.log()
+
+
+def vm_namespaces(daemon: Daemon) -> list[str]:
+    return [name for name in netns.listnetns() if name.startswith(f"sandboxd-{daemon.name}.")]
+
+
+def test_pool_vms_restore_a_snapshot_that_has_the_nic(vm_daemon):
+    status = vm_daemon.client.status()
+    assert status["backend"]["snapshot"].startswith("pool VMs restore a snapshot"), status
+    assert "to 198.51.100.1/32 only" in status["network"]
+    result = vm_daemon.client.execute("python", "print('restored')", **JOB)
+    assert result.stdout == "restored\n", result.stderr
+    assert "restore failed" not in vm_daemon.log()
+
+
+def test_a_vm_reaches_the_allowed_destination_and_nothing_else(vm_daemon, world):
+    # Another VM with the network, running meanwhile: its address must be out of reach.
+    with vm_daemon.client.session("python", network=True) as other:
+        (neighbour,) = sandbox_addresses(world)
+        addresses = (ALLOWED, REFUSED, UPLINK_ADDRESS, METADATA, neighbour, ROUTER)
+        seen = probe(vm_daemon, *addresses, connect=5, **JOB)
+        # The session's own calls have its network.
+        listed = other.exec("import socket; print(socket.if_nameindex())", **JOB)
+        assert listed.stdout == "[(1, 'lo'), (2, 'eth0')]\n", listed.stderr
+    assert seen == {
+        ALLOWED: f"hello from {ALLOWED}",
+        REFUSED: "TimeoutError",  # on a network that is not allowed
+        UPLINK_ADDRESS: "TimeoutError",  # the uplink host itself
+        METADATA: "TimeoutError",  # link-local
+        neighbour: "TimeoutError",  # another sandbox
+        ROUTER: "TimeoutError",  # the VM's own namespace, the TAP's end
+    }
+    # Their links went with them, and so did their connections.
+    assert wait_for(lambda: uplink_links(world) == ["lo", "wan"], timeout=10), uplink_links(world)
+    assert wait_for(lambda: not sandbox_connections(world), timeout=10)
+
+
+def test_without_asking_a_vm_job_sees_no_interface_but_lo(vm_daemon):
+    listed = vm_daemon.client.execute(
+        "python", "import socket; print(socket.if_nameindex())", **JOB
+    )
+    assert listed.stdout == "[(1, 'lo')]\n", listed.stderr
+    assert listed.warm  # the warm runtime waited out of the network too
+    assert probe(vm_daemon, ALLOWED, network=False, **JOB) == {ALLOWED: "OSError"}
+    # ... while a job that asks gets eth0, up with the address every VM has.
+    asked = vm_daemon.client.execute(
+        "python", "import socket; print(socket.if_nameindex())", network=True, **JOB
+    )
+    assert asked.stdout == "[(1, 'lo'), (2, 'eth0')]\n", asked.stderr
+
+
+def test_a_killed_daemon_leaves_no_namespace_link_or_rule_after_cleanup(tmp_path, world, backend):
+    daemon = start_daemon(tmp_path, **vm_settings(world, backend, snapshot=False))
+    try:
+        daemon.client.session("python", network=True)  # its VM is attached when killed
+        assert vm_namespaces(daemon) and sandbox_addresses(world)
+    finally:
+        daemon.stop(signal.SIGKILL)
+    cleaned = daemon.clean_up()
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert "network namespace" in cleaned.stdout, cleaned.stdout
+    assert vm_namespaces(daemon) == []
+    assert uplink_links(world) == ["lo", "wan"]
+    # (the module's daemon keeps its own tables there)
+    assert f"table inet {Egress(daemon.name, [], world, str(SUBNET)).table} " not in nft_ruleset(
+        world
+    )
