@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pyroute2 import netns
 
 from sandboxctl.client import Client
 from sandboxd.errors import ConfigError
@@ -25,14 +26,16 @@ needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: real jails and 
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_test_daemon_leaves_cgroups() -> Iterator[None]:
-    """After the whole run: no cgroup of any daemon the tests started is left on the host
-    (a test that kills one must clean up after it, as systemd's ExecStopPost does)."""
+def no_test_daemon_leaves_cgroups_or_namespaces() -> Iterator[None]:
+    """After the whole run: no cgroup and no network namespace of any daemon the tests
+    started is left on the host (a test that kills one must clean up after it, as
+    systemd's ExecStopPost does)."""
     yield
     if IS_ROOT:
         roots = set(CgroupLayout.detect().roots.values())
         left = sorted(str(p) for root in roots for p in root.glob(f"{INSTANCE_PREFIX}*"))
-        assert not left, f"test daemons left cgroups: {left}"
+        left += [n for n in netns.listnetns() if n.startswith(f"sandboxd-{INSTANCE_PREFIX}")]
+        assert not left, f"test daemons left cgroups or network namespaces: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@ else, so that no packet of theirs can reach a real network.
 
 ``uplink`` is where the daemon's egress leaves (as the host's own namespace would in
 production); beyond it, ``outside`` holds servers on an allowed address, on refused
-ones and on private ones. Neither routes anywhere else.
+ones and on private ones (a line on port 8080, and on port 8000 an HTTP server whose
+``/page.html`` is PAGE). Neither routes anywhere else.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import ipaddress
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,6 +26,7 @@ PRIVATE, NAMED_PRIVATE = "10.88.0.1", "10.77.0.1"  # refused unless allowed by n
 UPLINK_ADDRESS, OUTSIDE_ADDRESS = "192.0.2.1", "192.0.2.2"
 METADATA = "169.254.169.254"  # link-local
 SUBNET = ipaddress.ip_network("10.213.0.0/16")  # the sandboxes' addresses (the default)
+PAGE = "<!doctype html><title>outside</title><p>a page from outside\n"
 SERVER = """
 import socket, sys, threading
 listener = socket.create_server(("0.0.0.0", 8080))
@@ -70,6 +73,10 @@ def outside_world() -> Iterator[str]:
     for name in (uplink, outside):
         netns.create(name)
     servers = []
+    pages = tempfile.TemporaryDirectory(prefix="sandboxd-test-pages-")
+    with open(os.path.join(pages.name, "page.html"), "w") as page:
+        page.write(PAGE)
+    http = [sys.executable, "-m", "http.server", "8000", "--directory", pages.name]
     try:
         with NetNS(uplink) as up:
             up.link("add", ifname="wan", kind="veth", peer={"ifname": "lan"})
@@ -81,12 +88,13 @@ def outside_world() -> Iterator[str]:
             _link(out, "lo")
             addresses = (OUTSIDE_ADDRESS, ALLOWED, REFUSED, PRIVATE, NAMED_PRIVATE)
             _link(out, "lan", *(f"{a}/{24 if a == OUTSIDE_ADDRESS else 32}" for a in addresses))
-        for name in (uplink, outside):
-            servers.append(
-                subprocess.Popen(
-                    ["nsenter", f"--net={netns.NETNS_RUN_DIR}/{name}", sys.executable, "-c", SERVER]
-                )
-            )
+        commands = [
+            (uplink, [sys.executable, "-c", SERVER]),
+            (outside, [sys.executable, "-c", SERVER]),
+        ]
+        for name, command in [*commands, (outside, http)]:
+            in_it = ["nsenter", f"--net={netns.NETNS_RUN_DIR}/{name}"]
+            servers.append(subprocess.Popen([*in_it, *command], stderr=subprocess.DEVNULL))
         yield uplink
     finally:
         for server in servers:
@@ -94,6 +102,7 @@ def outside_world() -> Iterator[str]:
             server.wait()
         for name in (uplink, outside):
             netns.remove(name)
+        pages.cleanup()
 
 
 def probe(

@@ -22,6 +22,7 @@ from tests.host_state import wait_for
 from tests.network_world import (
     ALLOWED,
     METADATA,
+    PAGE,
     REFUSED,
     SUBNET,
     UPLINK_ADDRESS,
@@ -41,6 +42,11 @@ pytestmark = [
 
 JOB = {"timeout": 60}
 ROUTER = str(GATEWAY.ip)
+FETCH = f"""
+import sys, urllib.request
+page = urllib.request.urlopen("http://{ALLOWED}:8000/page.html", timeout=20)
+sys.stdout.write(page.read().decode())
+"""
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +109,8 @@ def test_a_vm_reaches_the_allowed_destination_and_nothing_else(vm_daemon, world)
         neighbour: "TimeoutError",  # another sandbox
         ROUTER: "TimeoutError",  # the VM's own namespace, the TAP's end
     }
+    page = vm_daemon.client.execute("python", FETCH, network=True, **JOB)
+    assert page.stdout == PAGE, page.stderr
     # Their links went with them, and so did their connections.
     assert wait_for(lambda: uplink_links(world) == ["lo", "wan"], timeout=10), uplink_links(world)
     assert wait_for(lambda: not sandbox_connections(world), timeout=10)
