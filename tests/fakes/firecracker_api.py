@@ -56,8 +56,9 @@ Deviations:
 - snapshots: QEMU's vhost-user-vsock cannot migrate, so no guest state is saved. PUT
   /snapshot/create (VM Paused) writes the snapshot file as JSON (``"fake_firecracker_snapshot":
   1``, the VM's configuration) and the memory file: the kernel and initrd the VM booted from,
-  then zeros (sparse) up to ``mem_size_mib``. PUT /snapshot/load (fresh process) checks both
-  files, that the snapshot is one of these, and that the drives exist at the same jail paths,
+  then zeros, written, up to ``mem_size_mib`` (the guest's size, and its cost in page
+  cache). PUT /snapshot/load (fresh process) checks both files, that the snapshot is one
+  of these, and that the drives exist at the same jail paths,
   applies ``vsock_override``, binds the vsock socket (path must be free) and boots the saved
   configuration afresh, Paused unless ``resume_vm``: the guest's vsock connections are gone
   and its listeners come back, as after a real restore, but the guest starts from init. As
@@ -583,6 +584,7 @@ class Vmm:
         self.restored = False
         self._restored_files: dict[str, Opened] = {}  # a restored VM's kernel and initrd
         self.on_exit: Callable[[int], None] = lambda code: None
+        self.console_noise = 0  # bytes of console output at each start (main's knob)
 
     @property
     def started(self) -> bool:
@@ -915,6 +917,8 @@ class Vmm:
             raise ApiError(
                 f"Start microvm error: Cannot open /dev/kvm: {os_error_text(exc)}"
             ) from None
+        if self.console_noise and spec.serial_out is None:
+            _write_console_noise(self.console_noise)
         vm = Microvm(spec, self.on_exit)
         try:
             vm.start(paused=paused)
@@ -997,7 +1001,10 @@ class Vmm:
                 with open(path, "rb") as src:
                     shutil.copyfileobj(src, mem, 1 << 20)
                 layout[name] = {"offset": offset, "size": mem.tell() - offset}
-            mem.truncate(max(mem.tell(), res.machine["mem_size_mib"] << 20))
+            # The guest's whole memory, really written: its size and its page cache.
+            zeros = bytes(1 << 20)
+            while mem.tell() < res.machine["mem_size_mib"] << 20:
+                mem.write(zeros[: (res.machine["mem_size_mib"] << 20) - mem.tell()])
         snapshot = {
             SNAPSHOT_MARKER: 1,
             "snapshot_version": SNAPSHOT_VERSION,
@@ -1101,6 +1108,18 @@ class Vmm:
         if self.vm is not None:
             self.vm.stop()
         firecracker_vmm.close_listener(self.res.vsock_device if self.vm is None else None)
+
+
+def _write_console_noise(size: int) -> None:
+    """``size`` bytes of kernel-like console lines on stdout, written as the serial console
+    writes: blocking while nobody reads, so the VM's start waits for its reader."""
+    line = b"[    0.000000] fake console: a guest that logs its whole boot here\n"
+    written = 0
+    while written < size:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(1, view) :]
+        written += len(line)
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:
@@ -1382,7 +1401,10 @@ def configure_from_file(firecracker: Firecracker, text: str) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, console_noise: int = 0) -> int:
+    """The fake's command line; ``console_noise`` bytes of console lines written to stdout
+    as each VM starts, as a guest whose kernel logs its boot there does (a test's knob:
+    ``install_fakes``)."""
     program = sys.argv[0]
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -1421,6 +1443,7 @@ def main(argv: list[str] | None = None) -> int:
     payload_limit = int(args.get("http-api-max-payload-size", HTTP_MAX_PAYLOAD_SIZE))
     mmds_limit = int(args.get("mmds-size-limit", payload_limit))
     vmm = Vmm(instance_id, fs, mmds_limit, logger)
+    vmm.console_noise = console_noise
     firecracker = Firecracker(vmm)
     for flag, action in (("log-path", "ConfigureLogger"), ("metrics-path", "ConfigureMetrics")):
         if flag in args:

@@ -20,19 +20,23 @@ import sys
 sys.path.insert(0, {root!r})
 from tests.fakes.{module} import main
 
-sys.exit(main())
+sys.exit(main({options}))
 """
 
 
-def install_fakes(directory: Path) -> tuple[Path, Path]:
-    """Write the ``firecracker`` and ``jailer`` launchers into ``directory``; their paths."""
+def install_fakes(directory: Path, console_noise: int = 0) -> tuple[Path, Path]:
+    """Write the ``firecracker`` and ``jailer`` launchers into ``directory``; their paths.
+    With ``console_noise``, the fake Firecracker writes so many bytes of console lines to
+    its stdout as each VM starts (a guest that logs its boot there)."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, module in (("firecracker", "firecracker_api"), ("jailer", "jailer")):
         path = directory / name
-        path.write_text(
-            _LAUNCHER.format(python=sys.executable, name=name, module=module, root=str(REPO_ROOT))
+        options = f"console_noise={console_noise}" if name == "firecracker" else ""
+        launcher = _LAUNCHER.format(
+            python=sys.executable, name=name, module=module, root=str(REPO_ROOT), options=options
         )
+        path.write_text(launcher)
         path.chmod(0o755)
         paths.append(path)
     return paths[0], paths[1]

@@ -5,6 +5,7 @@ guest for real under QEMU, so jobs really run in VMs made through that interface
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -104,6 +105,26 @@ def test_jobs_run_in_restored_vms_and_leave_nothing(fc_daemon):
     )
     assert (slow.status, slow.stdout) == (Status.TIMEOUT, "start\n")
     assert_firecracker_gone(fc_daemon, slow.sandbox_id)
+
+
+def test_vms_boot_with_firecracker_s_default_arguments_that_save_boot_time(fc_daemon):
+    # Firecracker's defaults (replaced by any boot_args) skip probing the i8042 controller's
+    # extra ports and bouncing DMA through swiotlb; a reboot ends the VMM.
+    shown = fc_daemon.client.execute("python", "print(open('/proc/cmdline').read().split())")
+    words = set(ast.literal_eval(shown.stdout))
+    assert {"reboot=k", "i8042.noaux", "i8042.nomux", "i8042.dumbkbd", "swiotlb=noforce"} <= words
+
+
+def test_a_vmm_that_floods_its_stdout_while_a_vm_starts_still_starts(tmp_path):
+    # Its serial console (a guest that logs its whole boot) and its logger share stdout:
+    # here far more than a pipe holds, written before the VM answers its InstanceStart.
+    noisy = install_fakes(tmp_path / "bin", console_noise=4 << 20)
+    daemon = start_daemon(tmp_path, **settings(noisy, snapshot=False))
+    try:
+        result = daemon.client.execute("python", "print('heard')", timeout=60)
+        assert (result.status, result.stdout) == (Status.OK, "heard\n"), result.stderr
+    finally:
+        assert daemon.stop() == 0, daemon.log()
 
 
 def test_a_session_in_a_vm(fc_daemon):
