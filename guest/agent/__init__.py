@@ -21,6 +21,9 @@ Wire protocol: one JSON object per line, UTF-8, in both directions.
                     "env":    {"NAME": "value"},
                     "stdin":  "...",
                     "stdin_stream": false,    (true: stdin stays open for "stdin" messages)
+                    "network": false,         (true: the job asked for the network; in a VM
+                                               with a NIC, the others' processes run in a
+                                               network namespace of their own, only lo)
                     "limits": {"wall_time": s, "cpu_time": s, "compile_time": s,
                                "memory_bytes": n, "processes": n, "output_bytes": n,
                                "file_size_bytes": n}}
