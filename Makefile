@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 .PHONY: help
 help: ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 .PHONY: deps apt-deps test-clients
 deps: apt-deps $(BIN)/sandboxd test-clients ## Install the Debian packages (root), the Python venv and the test clients
@@ -50,10 +50,14 @@ $(BIN)/sandboxd: pyproject.toml
 	$(BYTECODE)
 	@touch $@
 
-.PHONY: build image
+.PHONY: build image build-rootfs download-kernel setup-env
 build: deps image ## Install everything and build the sandbox image
 image: $(BIN)/sandboxd ## Build the sandbox image (cached by its recipe: a no-op when unchanged)
 	$(BIN)/sandboxd image build
+# The original's names for parts of what the image holds.
+build-rootfs: image ## The sandboxes' root tree (with the runtimes): part of the image
+download-kernel: image ## The VMs' kernel (fetched with apt): part of the image
+setup-env: image ## Kernel and root tree: the image
 
 .PHONY: run run-dev
 run: build ## Run the daemon in the foreground
@@ -61,11 +65,27 @@ run: build ## Run the daemon in the foreground
 run-dev: build ## Run the daemon in the foreground with debug logging
 	SANDBOXD_LOG_LEVEL=debug $(BIN)/sandboxd run --socket $(SOCKET) --pool-size 1
 
-.PHONY: test test-fast
+.PHONY: test test-fast test-api dev
 test: build ## Run the whole test suite (root: real jails, cgroups and namespaces)
 	$(BIN)/pytest $(PYTEST_ARGS)
 test-fast: $(BIN)/sandboxd ## The request path's logic with local sandboxes: seconds, no root, no image
 	$(BIN)/pytest tests/fast $(PYTEST_ARGS)
+API_URL     ?= http://localhost:8000
+test-api: $(BIN)/sandboxd ## The README's curl examples against a running gateway (API_URL), checked
+	$(BIN)/python -m tests.readme_api $(API_URL)
+dev: ## Clean, build and test: the development cycle
+	$(MAKE) clean
+	$(MAKE) test
+
+# The guest agent alone, on this terminal: one JSON message per line in and out (the
+# protocol is in guest/agent/__init__.py). Unjailed, so as root it runs as nobody.
+AGENT_WORKDIR ?= /tmp/sandboxd-agent
+AS_NOBODY   = $(if $(filter 0,$(shell id -u)),setpriv --reuid=nobody --regid=nogroup --clear-groups,)
+.PHONY: run-agent
+run-agent: ## The guest agent standalone on stdin/stdout, for debugging (AGENT_WORKDIR)
+	@install -d -m 0777 $(AGENT_WORKDIR)
+	@echo 'agent: one job per run, e.g.: {"type": "job", "files": [{"path": "main.py", "content": "print(2+2)"}], "run": {"argv": ["python3", "main.py"]}, "limits": {"wall_time": 5, "cpu_time": 5, "compile_time": 5, "memory_bytes": 268435456, "processes": 16, "output_bytes": 65536, "file_size_bytes": 1048576}}' >&2
+	@cd $(AGENT_WORKDIR) && PYTHONPATH=$(CURDIR) $(AS_NOBODY) $(PYTHON) -m guest.agent --workdir $(AGENT_WORKDIR)
 
 .PHONY: bench bench-quick
 bench: build ## The benchmark of record (bench/results/), then gateway, network and VM figures (root)
@@ -99,7 +119,7 @@ lint: $(BIN)/sandboxd ## Lint (ruff) and type-check (mypy) without changing anyt
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-.PHONY: quickstart install start stop status
+.PHONY: quickstart install install-service setup-network start stop status
 quickstart: build install start ## Install everything and start the service
 	@$(BIN)/sandboxctl --socket $(SOCKET) health
 	@echo "try: sandboxctl exec -l python -c 'print(2+2)'"
@@ -115,12 +135,29 @@ install: $(BIN)/sandboxd ## Put the commands on PATH, add the sandboxd group and
 	ln -sf $(CURDIR)/$(BIN)/sandboxd /usr/local/bin/sandboxd
 	ln -sf $(CURDIR)/$(BIN)/sandboxd-gateway /usr/local/bin/sandboxd-gateway
 
+# DESTDIR: only write the units there (a staging tree), enable nothing.
+UNIT_DIR    = $(DESTDIR)/etc/systemd/system
+install-service: ## Install the systemd units of this checkout's daemon and gateway, enabled
+	install -d $(UNIT_DIR)
+	sed 's|@SANDBOXD@|$(CURDIR)/$(BIN)/sandboxd|g' contrib/sandboxd.service > $(UNIT_DIR)/sandboxd.service
+	sed 's|@GATEWAY@|$(CURDIR)/$(BIN)/sandboxd-gateway|' contrib/sandboxd-gateway.service > $(UNIT_DIR)/sandboxd-gateway.service
+	install -m 0644 contrib/sandboxd.socket $(UNIT_DIR)/sandboxd.socket
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	  systemctl daemon-reload && systemctl enable sandboxd.socket sandboxd sandboxd-gateway; \
+	else echo "units written to $(UNIT_DIR); systemd is not running here (or DESTDIR is set): nothing enabled"; fi
+
+# sandboxd makes its links, namespaces and nftables rules itself, per job that asks:
+# unlike the original, there is no bridge to set up. This checks what that needs.
+setup-network: ## Check what network on request needs (nftables, /dev/net/tun) and show the config it takes
+	@command -v nft >/dev/null || { echo "nftables is missing: make apt-deps"; exit 1; }
+	@test -c /dev/net/tun || { echo "/dev/net/tun is missing (VMs' TAPs): modprobe tun"; exit 1; }
+	@echo "nftables and /dev/net/tun: ok. sandboxd makes each job's link and rules itself (no bridge)."
+	@echo "Sandboxes get a network only where /etc/sandboxd/sandboxd.toml lists where it may go:"
+	@sed -n '/^\[network\]/,/^\[/p' contrib/sandboxd.toml | sed '$$d'
+
 start: ## Start the daemon and the gateway (systemd when it runs, else in the background)
 	@if [ -d /run/systemd/system ]; then \
-	  sed 's|@SANDBOXD@|$(CURDIR)/$(BIN)/sandboxd|g' contrib/sandboxd.service > /etc/systemd/system/sandboxd.service; \
-	  sed 's|@GATEWAY@|$(CURDIR)/$(BIN)/sandboxd-gateway|' contrib/sandboxd-gateway.service > /etc/systemd/system/sandboxd-gateway.service; \
-	  install -m 0644 contrib/sandboxd.socket /etc/systemd/system/sandboxd.socket; \
-	  systemctl daemon-reload && systemctl enable --now sandboxd.socket sandboxd sandboxd-gateway; \
+	  $(MAKE) --no-print-directory install-service && systemctl start sandboxd.socket sandboxd sandboxd-gateway; \
 	else \
 	  if $(BIN)/sandboxctl --socket $(SOCKET) health >/dev/null 2>&1; then echo "sandboxd is already running"; \
 	  else echo "no systemd here: starting sandboxd in the background (log: $(LOG))"; \
