@@ -6,7 +6,8 @@ SHELL       := /bin/bash
 PYTHON      ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV        := .venv
 BIN         := $(VENV)/bin
-APT_PACKAGES := bubblewrap mmdebstrap uidmap e2fsprogs python3-venv curl lz4 qemu-system-x86 nftables
+APT_PACKAGES := bubblewrap mmdebstrap uidmap e2fsprogs python3-venv curl lz4 qemu-system-x86 nftables \
+                dpkg-dev binutils lintian
 SOCKET      ?= /run/sandboxd.sock
 LOG         ?= /var/log/sandboxd.log
 GATEWAY_LOG ?= /var/log/sandboxd-gateway.log
