@@ -17,21 +17,27 @@ loads the rules.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import ipaddress
 import logging
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 import trio
-from pyroute2 import Conntrack, IPRoute, NetNS, netns
+from pyroute2 import Conntrack, IPRoute, netns
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from sandboxd.errors import LaunchError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000  # os.CLONE_NEWNET and os.setns come with Python 3.12
+_libc = ctypes.CDLL(None, use_errno=True)
 GUEST_INTERFACE = "eth0"
 FORWARDING_OURS = "forwarding is on for sandboxes only"  # and off again when we stop
 # Refused even when an allowed network covers them (allow 0.0.0.0/0 for "the internet"),
@@ -79,14 +85,16 @@ class Egress:
 
     # -- the uplink namespace ------------------------------------------------------------
 
-    def _uplink(self) -> IPRoute | NetNS:
-        if self.uplink_netns and self.uplink_netns not in netns.listnetns():
+    def _uplink(self) -> str | None:
+        """The uplink namespace's file (None: the daemon's own namespace)."""
+        if not self.uplink_netns:
+            return None
+        if self.uplink_netns not in netns.listnetns():
             raise LaunchError(f"network.uplink_netns: no network namespace {self.uplink_netns!r}")
-        return NetNS(self.uplink_netns) if self.uplink_netns else IPRoute()
+        return f"{netns.NETNS_RUN_DIR}/{self.uplink_netns}"
 
     def _in_uplink(self, argv: list[str], stdin: str = "") -> str:
-        where = f"{netns.NETNS_RUN_DIR}/{self.uplink_netns}" if self.uplink_netns else None
-        return run_in_netns(where, argv, stdin)
+        return run_in_netns(self._uplink(), argv, stdin)
 
     def _ruleset(self, forwarding_was_on: bool) -> str:
         links = f'"{self.prefix}*"'
@@ -141,7 +149,10 @@ table ip {self.table}_nat {{
 
     def _check_subnet_is_free(self) -> None:
         """Another daemon's or the host's addresses in our subnet would take its traffic."""
-        with self._uplink() as ip:
+        in_netns(self._uplink(), self._check_addresses)
+
+    def _check_addresses(self) -> None:
+        with IPRoute() as ip:
             for address in ip.get_addr(family=socket.AF_INET):
                 name = address.get_attr("IFA_LABEL") or ""
                 network = ipaddress.ip_interface(
@@ -169,10 +180,12 @@ table ip {self.table}_nat {{
     def stop(self) -> None:
         """Remove this daemon's rules and links from the uplink (also a crashed one's),
         and turn forwarding off again if it was this daemon that turned it on."""
-        with self._uplink() as ip:
-            for link in ip.get_links():
-                if (link.get_attr("IFLA_IFNAME") or "").startswith(self.prefix):
-                    ip.link("del", index=link["index"])
+        try:
+            uplink = self._uplink()
+        except LaunchError as exc:  # and with it, all this daemon had put there
+            log.warning("%s: nothing of this daemon's to remove there", exc)
+            return
+        in_netns(uplink, lambda: _remove_links(self.prefix))
         with contextlib.suppress(LaunchError):  # no rules loaded
             rules = self._in_uplink(["nft", "list", "chain", "inet", self.table, "forward"])
             if FORWARDING_OURS in rules:
@@ -228,36 +241,82 @@ table ip {self.table}_nat {{
     def _attach(self, index: int, namespace: str) -> str:
         gateway, address = self._addresses(index)
         host_side, guest_side = f"{self.prefix}{index}", f"{self.prefix}{index}g"
-        with self._uplink() as ip:
-            ip.link("add", ifname=host_side, kind="veth", peer={"ifname": guest_side})
-            host_index = ip.link_lookup(ifname=host_side)[0]
-            guest_index = ip.link_lookup(ifname=guest_side)[0]
-            ip.link("set", index=guest_index, net_ns_fd=namespace)
-            ip.addr("add", index=host_index, address=str(gateway), prefixlen=30)
-            ip.link("set", index=host_index, state="up")
-        with NetNS(namespace) as sandbox:
-            link = sandbox.link_lookup(ifname=guest_side)[0]
-            sandbox.link("set", index=link, ifname=GUEST_INTERFACE)
-            sandbox.addr("add", index=link, address=str(address), prefixlen=30)
-            sandbox.link("set", index=link, state="up")
-            sandbox.route("add", dst="0.0.0.0/0", gateway=str(gateway))
+
+        def in_uplink() -> None:
+            with IPRoute() as ip:
+                ip.link("add", ifname=host_side, kind="veth", peer={"ifname": guest_side})
+                host_index = ip.link_lookup(ifname=host_side)[0]
+                guest_index = ip.link_lookup(ifname=guest_side)[0]
+                ip.link("set", index=guest_index, net_ns_fd=namespace)
+                ip.addr("add", index=host_index, address=str(gateway), prefixlen=30)
+                ip.link("set", index=host_index, state="up")
+
+        def in_sandbox() -> None:
+            with IPRoute() as sandbox:
+                link = sandbox.link_lookup(ifname=guest_side)[0]
+                sandbox.link("set", index=link, ifname=GUEST_INTERFACE)
+                sandbox.addr("add", index=link, address=str(address), prefixlen=30)
+                sandbox.link("set", index=link, state="up")
+                sandbox.route("add", dst="0.0.0.0/0", gateway=str(gateway))
+
+        in_netns(self._uplink(), in_uplink)
+        in_netns(namespace, in_sandbox)
         return str(address)
 
     def _detach(self, index: int) -> None:
         """The host side goes (the guest side too, with it or with its namespace), and
         so do the address's connection-tracking entries: replies to a connection of
         this job must never reach the next job given the address."""
-        with contextlib.suppress(Exception), self._uplink() as ip:
-            for found in ip.link_lookup(ifname=f"{self.prefix}{index}"):
-                ip.link("del", index=found)
         address = str(self._addresses(index)[1])
-        try:
-            with Conntrack(netns=self.uplink_netns or None) as table:
+
+        def in_uplink() -> None:
+            with contextlib.suppress(Exception), IPRoute() as ip:  # gone with its namespace
+                for found in ip.link_lookup(ifname=f"{self.prefix}{index}"):
+                    ip.link("del", index=found)
+            with Conntrack() as table:
                 mine = NFCTAttrTuple(saddr=address)
                 for entry in list(table.dump_entries(tuple_orig=mine)):
                     table.entry("del", tuple_orig=entry.tuple_orig)
+
+        try:
+            in_netns(self._uplink(), in_uplink)
         except Exception as exc:
             log.warning("cannot forget the connections of %s: %s", address, exc)
+
+
+def _remove_links(prefix: str) -> None:
+    with IPRoute() as ip:
+        for link in ip.get_links():
+            if (link.get_attr("IFLA_IFNAME") or "").startswith(prefix):
+                ip.link("del", index=link["index"])
+
+
+def in_netns(namespace: str | None, work: Callable[[], T]) -> T:
+    """``work()`` done in the network namespace whose file is ``namespace`` (None: the
+    daemon's own), by a thread of its own that entered it: the netlink sockets, TAPs and
+    /proc/sys/net files it opens are that namespace's, and only that thread leaves the
+    daemon's namespace (it ends with the work). Not pyroute2's NetNS: it forks the
+    daemon, and the child of a process with threads can hang on a lock one of them held."""
+    if namespace is None:
+        return work()
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with open(namespace) as entered:
+                if _libc.setns(entered.fileno(), CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"cannot enter {namespace}")
+            outcome.append(work())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=f"sandboxd-netns {namespace}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 def run_in_netns(namespace: str | None, argv: list[str], stdin: str = "") -> str:

@@ -15,19 +15,15 @@ link, and each namespace has its own connection tracking, gone with the VM.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import ipaddress
 import os
 import struct
-import threading
-from collections.abc import Callable
-from typing import TypeVar
 
-from pyroute2 import NetNS, netns
+from pyroute2 import IPRoute, netns
 
 from sandboxd.errors import LaunchError
-from sandboxd.host.network import GUEST_INTERFACE, run_in_netns
+from sandboxd.host.network import GUEST_INTERFACE, in_netns, run_in_netns
 
 GUEST = ipaddress.IPv4Interface("10.0.2.2/30")  # the guest's eth0 in every VM
 GATEWAY = ipaddress.IPv4Interface("10.0.2.1/30")  # the TAP's end, in every VM's namespace
@@ -39,8 +35,6 @@ TUNSETOWNER = 0x400454CC
 TUNSETPERSIST = 0x400454CB
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
-CLONE_NEWNET = 0x40000000  # os.CLONE_NEWNET and os.setns come with Python 3.12
-T = TypeVar("T")
 
 RULES = f"""
 table inet sandboxd_vm {{
@@ -88,19 +82,7 @@ class VmNetwork:
         self.close()  # what a crashed daemon left in this slot
         netns.create(self.name)
         try:
-            fd = _in_namespace(self.path, lambda: _open_tap(owner))
-            with NetNS(self.path) as ns:
-                for name in ("lo", TAP):
-                    link = ns.link_lookup(ifname=name)[0]
-                    if name == TAP:
-                        ns.link("set", index=link, address=TAP_MAC)
-                        ns.addr(
-                            "add",
-                            index=link,
-                            address=str(GATEWAY.ip),
-                            prefixlen=GATEWAY.network.prefixlen,
-                        )
-                    ns.link("set", index=link, state="up")
+            fd = in_netns(self.path, lambda: _furnish(owner))
             run_in_netns(self.path, ["nft", "-f", "-"], RULES)
         except BaseException:
             self.close()
@@ -120,14 +102,31 @@ def remove_leftovers(instance: str) -> list[str]:
     return [f"the VM network namespace {name}" for name in found]
 
 
-def _open_tap(owner: int | None) -> int | None:
-    """In the VM's namespace: its TAP made, and its forwarding on (a namespace's own)."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+def _furnish(owner: int | None) -> int | None:
+    """In the VM's namespace: its TAP made and up with the gateway's address, lo up, and
+    forwarding on (a namespace's own); the TAP's file descriptor, or None if it stays
+    for ``owner`` (see VmNetwork.open)."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LaunchError(f"cannot make the VM's TAP: {exc}") from exc
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", TAP.encode(), IFF_TAP | IFF_NO_PI))
         if owner is not None:
             fcntl.ioctl(fd, TUNSETOWNER, owner)
             fcntl.ioctl(fd, TUNSETPERSIST, 1)
+        with IPRoute() as ns:
+            for name in ("lo", TAP):
+                link = ns.link_lookup(ifname=name)[0]
+                if name == TAP:
+                    ns.link("set", index=link, address=TAP_MAC)
+                    ns.addr(
+                        "add",
+                        index=link,
+                        address=str(GATEWAY.ip),
+                        prefixlen=GATEWAY.network.prefixlen,
+                    )
+                ns.link("set", index=link, state="up")
         with open("/proc/sys/net/ipv4/ip_forward", "w") as forwarding:
             forwarding.write("1")
     except BaseException:
@@ -137,30 +136,3 @@ def _open_tap(owner: int | None) -> int | None:
         return fd
     os.close(fd)
     return None
-
-
-def _in_namespace(path: str, work: Callable[[], T]) -> T:
-    """``work()`` done by a thread of its own that entered the network namespace at
-    ``path``: a TAP is made in the namespace of whoever opens /dev/net/tun, and only that
-    thread leaves the daemon's namespace (it ends with the work)."""
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            with open(path) as namespace:
-                if libc.setns(namespace.fileno(), CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {path}")
-            outcome.append(work())
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="sandboxd-netns")
-    thread.start()
-    thread.join()
-    if failure:
-        if isinstance(failure[0], OSError):
-            raise LaunchError(f"cannot make the VM's TAP: {failure[0]}") from failure[0]
-        raise failure[0]
-    return outcome[0]

@@ -9,8 +9,8 @@ with the namespaces backend and the host's built image.
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path

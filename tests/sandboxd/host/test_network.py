@@ -8,6 +8,7 @@ anywhere else, so no packet can reach a real network.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 from pyroute2 import netns
 
 from sandboxctl import cli
-from sandboxd.errors import InvalidParams
+from sandboxd.errors import InvalidParams, SandboxError
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, start_daemon, start_gateway
 from tests.host_state import wait_for
@@ -128,6 +129,24 @@ def test_without_asking_a_sandbox_has_no_network(net_daemon):
 def test_network_is_refused_where_the_server_allows_none(client):
     with pytest.raises(InvalidParams, match=r"network.*\[network\] allow is empty"):
         client.execute("python", "print(1)", network=True)
+
+
+def test_an_uplink_namespace_gone_fails_network_jobs_and_the_daemon_still_stops(tmp_path):
+    # pyroute2's NetNS would make it again, from a fork of the daemon's threads that can
+    # hang for ever: the daemon enters namespaces by a thread of its own, and only those
+    # that exist.
+    uplink = f"sbxgone{os.getpid() % 100000}"
+    netns.create(uplink)
+    network = {"allow": [f"{ALLOWED}/32"], "uplink_netns": uplink}
+    daemon = start_daemon(tmp_path, pool={"size": 1}, network=network)
+    try:
+        netns.remove(uplink)
+        with pytest.raises(SandboxError, match=f"no network namespace '{uplink}'"):
+            daemon.client.execute("python", "print(1)", network=True)
+        assert daemon.client.execute("python", "print(1)").stdout == "1\n"
+    finally:
+        assert daemon.stop(timeout=30) == 0, daemon.log()
+    assert uplink not in netns.listnetns()
 
 
 def test_stopping_removes_the_rules_and_links(tmp_path, world):
