@@ -6,8 +6,9 @@ SHELL       := /bin/bash
 PYTHON      ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV        := .venv
 BIN         := $(VENV)/bin
-APT_PACKAGES := bubblewrap mmdebstrap uidmap e2fsprogs python3-venv curl lz4 qemu-system-x86 nftables \
-                dpkg-dev binutils lintian
+APT_PACKAGES := bubblewrap mmdebstrap uidmap e2fsprogs python3-venv curl lz4 qemu-system-x86 nftables
+# What make deb and make docker-build use, and the tests that check what they make.
+BUILD_PACKAGES := dpkg-dev binutils lintian podman runc
 SOCKET      ?= /run/sandboxd.sock
 LOG         ?= /var/log/sandboxd.log
 GATEWAY_LOG ?= /var/log/sandboxd-gateway.log
@@ -24,7 +25,7 @@ help: ## List the targets
 .PHONY: deps apt-deps test-clients
 deps: apt-deps $(BIN)/sandboxd test-clients ## Install the Debian packages (root), the Python venv and the test clients
 apt-deps:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(APT_PACKAGES) $(BUILD_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -107,9 +108,11 @@ soak: build ## A soak with faults: 10,000 mixed jobs at concurrency 16 through s
 	$(BIN)/pip install -q $(EDITABLE) -e '.[test,bench]'
 	SOAK_JOBS=$${SOAK_JOBS:-10000} SOAK_CONCURRENCY=$${SOAK_CONCURRENCY:-16} $(BIN)/python -m bench.soak
 
-.PHONY: deb
+.PHONY: deb docker-build
 deb: $(BIN)/sandboxd ## Build the Debian package into dist/ (then: sudo apt install ./dist/sandboxd_*.deb)
 	packaging/build-deb dist $(BIN)/python
+docker-build: deb ## The container image localhost/sandboxd (podman or docker), from Debian packages only
+	contrib/container/build $$(ls -t dist/sandboxd_*_amd64.deb | head -1)
 
 .PHONY: fmt lint
 fmt: $(BIN)/sandboxd ## Format the code

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 ORIGINAL_TARGETS = (
     "help", "deps", "build", "run", "run-dev", "test", "test-api", "dev", "fmt", "status",
     "clean", "quickstart", "install-service", "setup-network", "setup-env", "build-rootfs",
-    "download-kernel", "run-agent",
+    "download-kernel", "run-agent", "docker-build",
 )  # fmt: skip
 JOB = {
     "type": "job",
