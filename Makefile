@@ -7,8 +7,8 @@ PYTHON      ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo
 VENV        := .venv
 BIN         := $(VENV)/bin
 APT_PACKAGES := bubblewrap mmdebstrap uidmap e2fsprogs python3-venv curl lz4 qemu-system-x86 nftables
-# What make deb and make docker-build use, and the tests that check what they make.
-BUILD_PACKAGES := dpkg-dev binutils lintian podman runc
+# What make deb and make docker-build use, and the tools the tests check with (a browser).
+BUILD_PACKAGES := dpkg-dev binutils lintian podman runc chromium
 SOCKET      ?= /run/sandboxd.sock
 LOG         ?= /var/log/sandboxd.log
 GATEWAY_LOG ?= /var/log/sandboxd-gateway.log

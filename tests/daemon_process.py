@@ -16,6 +16,7 @@ from pathlib import Path
 from sandboxctl.client import Client
 from sandboxd.backends.vm.snapshots import RESTORE_ATTEMPTS
 from sandboxd.errors import DaemonUnavailable
+from sandboxd.host.network import in_netns
 
 
 @dataclass
@@ -165,10 +166,12 @@ def start_gateway(
     *,
     extra_args: list[str] = (),
     listener: socket.socket | None = None,
+    netns: str | None = None,
     **gateway: object,
 ) -> Gateway:
     """Start ``sandboxd-gateway`` on a free loopback port, or as systemd's socket
-    activation would on ``listener``; wait until it answers."""
+    activation would on ``listener``, in the network namespace whose file is ``netns``
+    (None: ours); wait until it answers."""
     port = listener.getsockname()[1] if listener is not None else free_port()
     config = write_config(
         tmp_path / "gateway.toml",
@@ -179,26 +182,32 @@ def start_gateway(
     )
     log_file = tmp_path / "gateway.log"
     argv = ["-m", "sandboxctl.gateway", "--config", str(config), *extra_args]
+    enter = ["nsenter", f"--net={netns}"] if netns else []
     if listener is None:
-        process = launch([sys.executable, *argv], log_file)
+        process = launch([*enter, sys.executable, *argv], log_file)
     else:
         fd = str(listener.fileno())
-        process = launch([sys.executable, "-c", ACTIVATE, fd, *argv], log_file, [listener.fileno()])
+        argv = [*enter, sys.executable, "-c", ACTIVATE, fd, *argv]
+        process = launch(argv, log_file, [listener.fileno()])
     running = Gateway(process, f"http://127.0.0.1:{port}", log_file)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"gateway exited with {process.returncode}:\n{running.log()}")
         try:  # an HTTP answer: a socket held for it accepts before the gateway serves
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
-                probe.sendall(b"GET /health HTTP/1.0\r\n\r\n")
-                if probe.recv(16).startswith(b"HTTP/"):
-                    return running
+            if in_netns(netns, lambda: _answers_http(port)):
+                return running
         except OSError:
             pass
         time.sleep(0.05)
     process.kill()
     raise RuntimeError(f"gateway did not come up:\n{running.log()}")
+
+
+def _answers_http(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+        probe.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        return probe.recv(16).startswith(b"HTTP/")
 
 
 def _toml(value: object) -> str:

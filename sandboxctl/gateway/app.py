@@ -15,6 +15,7 @@ import trio
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,6 +33,7 @@ from sandboxctl.gateway.models import (
 )
 from sandboxctl.gateway.piston import piston_routes, piston_runtimes
 from sandboxctl.gateway.piston_connect import serve_piston_socket
+from sandboxctl.gateway.playground import playground_routes
 from sandboxctl.gateway.runs import GatewayRun
 from sandboxctl.gateway.sessions import session_routes
 from sandboxctl.gateway.streaming import EventStream, serve_websocket
@@ -202,7 +204,9 @@ def create_app(
 ) -> FastAPI:
     metrics = Metrics()
     answers = DaemonAnswers(client)
-    app = FastAPI(
+    # /docs and /redoc with their assets from the package: they work on a host without
+    # internet access, and no third party learns who opens them.
+    app = FastAPIOffline(
         title="sandboxd",
         version=__version__,
         description=(
@@ -320,6 +324,7 @@ def create_app(
         await serve_websocket(websocket, client, access, metrics, body_timeout)
 
     app.include_router(session_routes(client, metrics, ERRORS))
+    app.include_router(playground_routes())
     app.include_router(piston_routes(client, answers, metrics, ERRORS))
 
     @app.websocket("/api/v2/connect")
