@@ -4,6 +4,7 @@ for what that client cannot send."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from pyston import File, PystonClient
+from pyston.exceptions import ExecutionError
 
 from tests.sandboxctl.gateway.ws_client import WebSocketClosed, connect
 
@@ -188,3 +191,38 @@ async def test_the_piston_websocket_closes_with_pistons_codes(gateway):
         {"type": "error", "message": "files is required as an array"}
     ]
     assert (await piston_socket(gateway, wait=1.5))[1] == 4001
+
+
+# The client is from 2021: it uses aiohttp's deprecated verify_ssl, and its __del__
+# schedules a close on a loop that has ended.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_the_python_client_aiopyston_runs_every_language_and_is_told_of_errors(gateway):
+    async def calls() -> dict:
+        client = PystonClient(base_url=f"{gateway.url}/api/v2/")  # its calls end with "/"
+        try:
+            answers = {"languages": await client.languages()}
+            for name, language, code, options in (
+                ("python", "python", "print(input()[::-1])", {"stdin": "abc"}),
+                ("typescript", "typescript", "console.log(6 * 7)", {}),
+                ("rust", "rust", 'fn main() { println!("rs") }', {}),
+                ("broken", "rust", "fn main() { let x: u8 = ; }", {}),
+                ("slow", "python", "while True: pass", {"run_timeout": 1000}),
+            ):
+                answers[name] = (await client.execute(language, [File(code)], **options)).raw_json
+            try:
+                await client.execute("cobol", [File("DISPLAY 'x'.")])
+            except ExecutionError as exc:
+                answers["refused"] = str(exc)
+            return answers
+        finally:
+            await client.close_session()
+
+    answers = asyncio.run(calls())
+    assert answers["languages"] == {"python", "typescript", "rust"}
+    assert answers["python"]["run"]["stdout"] == "cba\n"
+    assert answers["typescript"]["run"]["output"] == "42\n"
+    assert (answers["rust"]["compile"]["code"], answers["rust"]["run"]["stdout"]) == (0, "rs\n")
+    assert answers["broken"]["compile"]["code"] != 0 and "broken" not in answers["broken"]
+    assert answers["slow"]["run"]["status"] == "TO"
+    assert "cobol" in answers["refused"]
