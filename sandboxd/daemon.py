@@ -11,6 +11,7 @@ timeout, cancels them.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from sandboxd.backends import choose_backend, remove_leftovers
 from sandboxd.config import Config
 from sandboxd.errors import ConfigError
 from sandboxd.host.network import Egress
+from sandboxd.host.vm_network import GUEST as VM_GUEST
 from sandboxd.images import Image, ImageStore
 from sandboxd.instances import registered
 from sandboxd.job import warm_runtimes
@@ -146,6 +148,11 @@ def egress_of(config: Config) -> Egress | None:
     if not config.network.allow:
         return None
     network = config.network
+    if ipaddress.IPv4Network(network.subnet).overlaps(VM_GUEST.network):
+        raise ConfigError(
+            f"{config.source}: network.subnet {network.subnet} holds {VM_GUEST.network}, the "
+            "network every VM sees inside its own namespace: choose one without it"
+        )
     return Egress(
         config.daemon.name,
         network.allow,

@@ -164,4 +164,5 @@ def _vm_options(config: Config, image: Image, kernel: GuestKernel, ramdisk: byte
         agent_port=config.backend.agent_port,
         snapshot=config.backend.snapshot,
         network=bool(config.network.allow),
+        max_connections=config.network.max_connections,
     )

@@ -168,7 +168,8 @@ table ip {self.table}_nat {{
         return self._in_uplink(["sysctl", "-n", "net.ipv4.ip_forward"]).strip() == "1"
 
     def start(self) -> None:
-        """This daemon's rules (anew) and forwarding on in the uplink namespace."""
+        """This daemon's rules (anew) and forwarding on in the uplink namespace, and no
+        connection of a crashed daemon's sandboxes tracked there any more."""
         self.stop()
         self._check_subnet_is_free()
         was_on = self._forwarding()
@@ -186,6 +187,9 @@ table ip {self.table}_nat {{
             log.warning("%s: nothing of this daemon's to remove there", exc)
             return
         in_netns(uplink, lambda: _remove_links(self.prefix))
+        # A crashed daemon's sandboxes' connections: replies to them must not reach the
+        # next sandboxes given their addresses.
+        in_netns(uplink, lambda: _forget_connections(self.subnet))
         with contextlib.suppress(LaunchError):  # no rules loaded
             rules = self._in_uplink(["nft", "list", "chain", "inet", self.table, "forward"])
             if FORWARDING_OURS in rules:
@@ -229,8 +233,9 @@ table ip {self.table}_nat {{
 
     async def _release(self, index: int) -> None:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._detach, index)
-        self._busy.discard(index)  # only now may another job get the address
+            forgotten = await trio.to_thread.run_sync(self._detach, index)
+        if forgotten:
+            self._busy.discard(index)  # only now may another job get the address
 
     def _addresses(self, index: int) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
         """The uplink's and the sandbox's address on the ``index``-th /30 of the subnet
@@ -263,10 +268,11 @@ table ip {self.table}_nat {{
         in_netns(namespace, in_sandbox)
         return str(address)
 
-    def _detach(self, index: int) -> None:
+    def _detach(self, index: int) -> bool:
         """The host side goes (the guest side too, with it or with its namespace), and
         so do the address's connection-tracking entries: replies to a connection of
-        this job must never reach the next job given the address."""
+        this job must never reach the next job given the address. Whether they did
+        (else the address is not given out again)."""
         address = str(self._addresses(index)[1])
 
         def in_uplink() -> None:
@@ -281,7 +287,21 @@ table ip {self.table}_nat {{
         try:
             in_netns(self._uplink(), in_uplink)
         except Exception as exc:
-            log.warning("cannot forget the connections of %s: %s", address, exc)
+            log.warning(
+                "cannot forget the connections of %s (not given out again): %s", address, exc
+            )
+            return False
+        return True
+
+
+def _forget_connections(sources: ipaddress.IPv4Network) -> None:
+    """Drop the tracked connections from addresses in ``sources``, here (all of them are
+    read: for a daemon's start and stop, not for each job)."""
+    with Conntrack() as table:
+        for entry in list(table.dump_entries()):
+            source = entry.tuple_orig.saddr
+            if source and ipaddress.ip_address(source) in sources:
+                table.entry("del", tuple_orig=entry.tuple_orig)
 
 
 def _remove_links(prefix: str) -> None:
@@ -299,19 +319,44 @@ def in_netns(namespace: str | None, work: Callable[[], T]) -> T:
     daemon, and the child of a process with threads can hang on a lock one of them held."""
     if namespace is None:
         return work()
+
+    def entered() -> T:
+        with open(namespace) as entering:
+            if _libc.setns(entering.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"cannot enter {namespace}")
+        return work()
+
+    return _on_a_thread_of_its_own(entered)
+
+
+def create_netns(name: str) -> str:
+    """A new network namespace, named ``name`` as ``ip netns add`` would (by a thread of
+    its own that made it: pyroute2's netns.create forks the daemon); its file."""
+
+    def make() -> None:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"cannot make the network namespace {name}")
+        netns.attach(name, "thread-self")  # bound as iproute2 binds it, from this thread
+
+    try:
+        _on_a_thread_of_its_own(make)
+    except OSError as exc:
+        raise LaunchError(f"cannot make the network namespace {name}: {exc}") from exc
+    return f"{netns.NETNS_RUN_DIR}/{name}"
+
+
+def _on_a_thread_of_its_own(work: Callable[[], T]) -> T:
+    """``work()`` on a new thread, which ends with it (and takes its namespaces along)."""
     outcome: list[T] = []
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            with open(namespace) as entered:
-                if _libc.setns(entered.fileno(), CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"cannot enter {namespace}")
             outcome.append(work())
         except BaseException as exc:
             failure.append(exc)
 
-    thread = threading.Thread(target=run, name=f"sandboxd-netns {namespace}")
+    thread = threading.Thread(target=run, name="sandboxd-netns")
     thread.start()
     thread.join()
     if failure:

@@ -23,7 +23,7 @@ import struct
 from pyroute2 import IPRoute, netns
 
 from sandboxd.errors import LaunchError
-from sandboxd.host.network import GUEST_INTERFACE, in_netns, run_in_netns
+from sandboxd.host.network import GUEST_INTERFACE, create_netns, in_netns, run_in_netns
 
 GUEST = ipaddress.IPv4Interface("10.0.2.2/30")  # the guest's eth0 in every VM
 GATEWAY = ipaddress.IPv4Interface("10.0.2.1/30")  # the TAP's end, in every VM's namespace
@@ -36,7 +36,14 @@ TUNSETPERSIST = 0x400454CB
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 
-RULES = f"""
+
+def router_rules(max_connections: int, vmm_uid: int | None) -> str:
+    """The VM's namespace's nftables rules: forwarding from the guest's address only,
+    replies back, masqueraded out; its connections capped here already (each is tracked
+    here before the uplink refuses or lets it through); nothing of the namespace's own
+    for the guest, nor for a VMM that runs in it (Firecracker, as ``vmm_uid``)."""
+    vmm = f'meta skuid {vmm_uid} drop comment "a VMM a guest broke into"' if vmm_uid else ""
+    return f"""
 table inet sandboxd_vm {{
     chain input {{
         type filter hook input priority filter; policy accept;
@@ -44,8 +51,15 @@ table inet sandboxd_vm {{
     }}
     chain forward {{
         type filter hook forward priority filter; policy drop;
+        ct state invalid drop
+        iifname "{TAP}" oifname "{GUEST_INTERFACE}" ct state new ct count over {max_connections} \
+            drop comment "the guest's connections at once"
         iifname "{TAP}" oifname "{GUEST_INTERFACE}" ip saddr {GUEST.ip} accept
         iifname "{GUEST_INTERFACE}" oifname "{TAP}" ct state established,related accept
+    }}
+    chain output {{
+        type filter hook output priority filter; policy accept;
+        {vmm}
     }}
 }}
 table ip sandboxd_vm_nat {{
@@ -71,20 +85,24 @@ class VmNetwork:
     """The network namespace of the VM in ``slot``, made by :meth:`open`, removed by
     :meth:`close` (with the TAP, the veth and every connection in it)."""
 
-    def __init__(self, instance: str, slot: int) -> None:
+    def __init__(self, instance: str, slot: int, max_connections: int) -> None:
         self.name = f"{namespace_prefix(instance)}{slot}"
         self.path = f"{netns.NETNS_RUN_DIR}/{self.name}"  # for Egress.attached
+        self.max_connections = max_connections  # the guest's at once ([network])
 
     def open(self, owner: int | None = None) -> int | None:
         """Make the namespace with its TAP and router. Without ``owner``, the TAP's file
         descriptor for the VMM to be given (the TAP lives while a process holds it);
         with it, a TAP that stays and that ``owner``'s VMM opens by name itself."""
         self.close()  # what a crashed daemon left in this slot
-        netns.create(self.name)
+        create_netns(self.name)
+        fd = None
         try:
             fd = in_netns(self.path, lambda: _furnish(owner))
-            run_in_netns(self.path, ["nft", "-f", "-"], RULES)
+            run_in_netns(self.path, ["nft", "-f", "-"], router_rules(self.max_connections, owner))
         except BaseException:
+            if fd is not None:
+                os.close(fd)
             self.close()
             raise
         return fd

@@ -40,6 +40,7 @@ from sandboxd.backends.vm.kernel import kernel_cmdline
 from sandboxd.backends.vm.snapshots import SnapshotBackend, VmOptions, VmSandbox
 from sandboxd.errors import LaunchError
 from sandboxd.host.cgroups import Cgroup
+from sandboxd.host.network import create_netns
 from sandboxd.host.process import ChildProcess, spawn
 from sandboxd.host.vm_network import GUEST_MAC, TAP, VmNetwork, guest_cmdline
 from sandboxd.host.vm_network import remove_leftovers as remove_vm_networks
@@ -153,7 +154,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         await super().start()  # cgroups: leftovers swept, the instance's prepared
         _remove_files(self.state_dir, self.instance)  # a crashed daemon's
         self.jail_base.mkdir(parents=True, mode=0o755)
-        netns.create(self.netns)
+        create_netns(self.netns)
         # What every cold boot links into its jail: the initramfs, and the kernel (a
         # KERNEL_PATH may be on another filesystem than the jails).
         initramfs = self.jail_base / "initramfs.img"
@@ -303,7 +304,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         cgroup = self.cgroups.sandbox(self.instance, sandbox_id)
         uid = self.uid_base + slot
         # Its TAP stays in its namespace, its uid's: Firecracker opens it by name.
-        network = VmNetwork(self.instance, slot) if self.has_network else None
+        network = VmNetwork(self.instance, slot, self.max_connections) if self.has_network else None
         try:
             chroot.mkdir(parents=True)
             self._furnish(chroot, restore)

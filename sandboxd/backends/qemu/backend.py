@@ -238,20 +238,27 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         warm: WarmRuntime | None = None,
     ) -> AsyncIterator[QemuSandbox]:
         """A running VM, cold-booted or restored from ``restore``, with a ready agent."""
-        network = VmNetwork(self.instance, slot) if self.layout.network else None
+        network = (
+            VmNetwork(self.instance, slot, self.max_connections) if self.layout.network else None
+        )
         # A VM's vsock CID, like its uid, is unique on the host.
         channel = open_channel(self.channel_kind, self.uid_base + slot, self.layout.agent_port)
         qmp_host, qmp_vm = socket.socketpair()
         with channel, qmp_host, _removed(network):
             tap_fd = await trio.to_thread.run_sync(network.open) if network else None
             # QEMU gets its ends (the initramfs, its TAP) as file descriptors; the jail
-            # owns them.
-            initramfs_fd = data_fd(self.ramdisk, "sandboxd-initramfs")
-            qemu = self.layout.qemu_argv(
-                channel.qemu_args(), qmp_vm.fileno(), tap_fd=tap_fd, incoming=bool(restore)
-            )
+            # owns them (the TAP's, ours until then: an open TAP keeps its namespace).
+            try:
+                initramfs_fd = data_fd(self.ramdisk, "sandboxd-initramfs")
+                qemu = self.layout.qemu_argv(
+                    channel.qemu_args(), qmp_vm.fileno(), tap_fd=tap_fd, incoming=bool(restore)
+                )
+                fds = [*channel.hand_over(), qmp_vm.detach(), initramfs_fd]
+            except BaseException:
+                if tap_fd is not None:
+                    os.close(tap_fd)
+                raise
             argv = [*self.layout.jail_argv(initramfs_fd), "--", *qemu]
-            fds = [*channel.hand_over(), qmp_vm.detach(), initramfs_fd]
             fds += [tap_fd] if tap_fd is not None else []
             limits: CgroupLimits = {
                 "memory_bytes": self.layout.memory + QEMU_OVERHEAD,

@@ -68,6 +68,7 @@ class VmOptions:
     agent_port: int
     snapshot: bool  # restore pool VMs from a snapshot
     network: bool = False  # VMs have a NIC, for the jobs that ask ([network] allow)
+    max_connections: int = 256  # a VM's at once, in its own namespace ([network])
 
 
 VmT = TypeVar("VmT", bound=VmSandbox)
@@ -84,6 +85,7 @@ class SnapshotBackend(JailedBackend, Generic[VmT]):
         self.cpus = options.cpus
         self.agent_port = options.agent_port
         self.use_snapshot = options.snapshot
+        self.max_connections = options.max_connections
         self.snapshot: Path | None = None  # what _save made, while restores work
         self.snapshot_note = "not made yet"
         self.restore_failures = 0  # in a row

@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
-from pyroute2 import netns
+from pyroute2 import Conntrack, IPRoute, netns
 
-from sandboxd.host.network import Egress
+from sandboxd.host.network import Egress, in_netns
 from sandboxd.host.vm_network import GATEWAY
 from tests.conftest import IS_ROOT
-from tests.daemon_process import Daemon, start_daemon
+from tests.daemon_process import Daemon, start_daemon, wait_for_warm
 from tests.fakes.firecracker_bin import install_fakes
 from tests.host_state import wait_for
 from tests.network_world import (
     ALLOWED,
     METADATA,
     PAGE,
+    PROBE,
     REFUSED,
     SUBNET,
     UPLINK_ADDRESS,
@@ -41,6 +44,16 @@ pytestmark = [
 ]
 
 JOB = {"timeout": 60}
+MAX_CONNECTIONS = 8
+# New "connections" to a destination the uplink refuses: each is tracked in the VM's own
+# namespace before the uplink drops it.
+FLOOD = f"""
+import socket
+flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for port in range(2000, 2100):
+    flood.sendto(b"x", ("{REFUSED}", port))
+print("sent")
+"""
 ROUTER = str(GATEWAY.ip)
 FETCH = f"""
 import sys, urllib.request
@@ -68,7 +81,11 @@ def vm_settings(uplink: str, backend: dict, **more: object) -> dict[str, dict[st
     return {
         "pool": {"size": 1, "max_sandboxes": 4, "start_timeout": 120, "queue_timeout": 120},
         "backend": {**backend, "vm_memory": 512 * 2**20, **more},
-        "network": {"allow": [f"{ALLOWED}/32"], "uplink_netns": uplink},
+        "network": {
+            "allow": [f"{ALLOWED}/32"],
+            "uplink_netns": uplink,
+            "max_connections": MAX_CONNECTIONS,
+        },
     }
 
 
@@ -90,6 +107,22 @@ def test_pool_vms_restore_a_snapshot_that_has_the_nic(vm_daemon):
     result = vm_daemon.client.execute("python", "print('restored')", **JOB)
     assert result.stdout == "restored\n", result.stderr
     assert "restore failed" not in vm_daemon.log()
+
+
+def test_without_asking_a_vm_job_sees_no_interface_but_lo(vm_daemon):
+    # (before the tests that open sessions: the pool's one sandbox follows demand)
+    wait_for_warm(vm_daemon.client, "python", timeout=120)
+    listed = vm_daemon.client.execute(
+        "python", "import socket; print(socket.if_nameindex())", **JOB
+    )
+    assert listed.stdout == "[(1, 'lo')]\n", listed.stderr
+    assert listed.warm  # the warm runtime waited out of the network too
+    assert probe(vm_daemon, ALLOWED, network=False, **JOB) == {ALLOWED: "OSError"}
+    # ... while a job that asks gets eth0, up with the address every VM has.
+    asked = vm_daemon.client.execute(
+        "python", "import socket; print(socket.if_nameindex())", network=True, **JOB
+    )
+    assert asked.stdout == "[(1, 'lo'), (2, 'eth0')]\n", asked.stderr
 
 
 def test_a_vm_reaches_the_allowed_destination_and_nothing_else(vm_daemon, world):
@@ -116,18 +149,47 @@ def test_a_vm_reaches_the_allowed_destination_and_nothing_else(vm_daemon, world)
     assert wait_for(lambda: not sandbox_connections(world), timeout=10)
 
 
-def test_without_asking_a_vm_job_sees_no_interface_but_lo(vm_daemon):
-    listed = vm_daemon.client.execute(
-        "python", "import socket; print(socket.if_nameindex())", **JOB
-    )
-    assert listed.stdout == "[(1, 'lo')]\n", listed.stderr
-    assert listed.warm  # the warm runtime waited out of the network too
-    assert probe(vm_daemon, ALLOWED, network=False, **JOB) == {ALLOWED: "OSError"}
-    # ... while a job that asks gets eth0, up with the address every VM has.
-    asked = vm_daemon.client.execute(
-        "python", "import socket; print(socket.if_nameindex())", network=True, **JOB
-    )
-    assert asked.stdout == "[(1, 'lo'), (2, 'eth0')]\n", asked.stderr
+def attached_namespace(daemon: Daemon) -> str:
+    """The file of the one VM namespace that holds an egress link now."""
+
+    def attached() -> bool:
+        with IPRoute() as ip:
+            return bool(ip.link_lookup(ifname="eth0"))
+
+    paths = [f"{netns.NETNS_RUN_DIR}/{name}" for name in vm_namespaces(daemon)]
+    (found,) = [path for path in paths if in_netns(path, attached)]
+    return found
+
+
+def tracked_connections() -> int:
+    with Conntrack() as table:
+        return len(list(table.dump_entries()))
+
+
+def test_a_vm_s_flood_of_new_connections_is_capped_in_its_own_namespace(vm_daemon):
+    with vm_daemon.client.session("python", network=True) as session:
+        namespace = attached_namespace(vm_daemon)
+        flooded = session.exec(FLOOD, **JOB)
+        assert flooded.stdout == "sent\n", flooded.stderr
+        assert 0 < in_netns(namespace, tracked_connections) <= MAX_CONNECTIONS
+
+
+def test_a_vmm_a_guest_broke_into_gets_nothing_out_of_the_vm_s_namespace(vm_daemon, backend):
+    if backend["name"] != "firecracker":
+        pytest.skip("QEMU holds only its TAP's fd, from a namespace of its own")
+    with vm_daemon.client.session("python", network=True):
+        namespace = attached_namespace(vm_daemon)
+        uid = vm_daemon.uid_base + int(namespace.rpartition(".vm")[2])  # the VM's, as its VMM
+        code = PROBE.format(addresses=[ALLOWED], timeout=2)
+
+        def probe_as(*user: str) -> str:
+            argv = ["nsenter", f"--net={namespace}", *user, sys.executable, "-I", "-c", code]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+
+        vmm = ("setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups")
+        assert probe_as(*vmm) == f"{ALLOWED} TimeoutError\n"  # its packets never leave
+        # (as root the same namespace reaches the allowed address: the rule is what stops it)
+        assert probe_as() == f"{ALLOWED} hello from {ALLOWED}\n"
 
 
 def test_a_killed_daemon_leaves_no_namespace_link_or_rule_after_cleanup(tmp_path, world, backend):

@@ -16,10 +16,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from click.testing import CliRunner
-from pyroute2 import netns
+from pyroute2 import Conntrack, netns
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from sandboxctl import cli
 from sandboxd.errors import InvalidParams, SandboxError
+from sandboxd.host.network import in_netns
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, start_daemon, start_gateway
 from tests.host_state import wait_for
@@ -118,6 +120,36 @@ def test_a_sandbox_holds_no_more_connections_at_once_than_allowed(tmp_path, worl
             assert result.stdout.split() == ["open"] * 4 + ["TimeoutError"] * 2, result.stderr
     finally:
         assert daemon.stop() == 0
+
+
+def test_connections_a_crashed_daemon_s_sandboxes_left_are_forgotten_at_start(tmp_path, world):
+    # As a daemon killed mid-job leaves them: tracked, with a sandbox address as source.
+    def plant() -> None:
+        with Conntrack() as table:
+            orig = NFCTAttrTuple(
+                saddr="10.213.0.2", daddr=ALLOWED, proto=17, sport=40000, dport=8080
+            )
+            reply = NFCTAttrTuple(
+                saddr=ALLOWED, daddr="10.213.0.2", proto=17, sport=8080, dport=40000
+            )
+            table.entry("add", timeout=600, tuple_orig=orig, tuple_reply=reply)
+
+    path = f"{netns.NETNS_RUN_DIR}/{world}"
+    in_netns(path, plant)
+    assert sandbox_connections(world) == {"10.213.0.2"}
+    daemon = start_daemon(
+        tmp_path, pool={"size": 1}, network={"allow": [f"{ALLOWED}/32"], "uplink_netns": world}
+    )
+    try:
+        assert sandbox_connections(world) == set()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_subnet_that_holds_the_vms_own_network_is_refused(tmp_path, world):
+    network = {"allow": [f"{ALLOWED}/32"], "uplink_netns": world, "subnet": "10.0.0.0/16"}
+    with pytest.raises(RuntimeError, match=r"network.subnet 10.0.0.0/16 holds 10.0.2.0/30"):
+        start_daemon(tmp_path, pool={"size": 1}, network=network)
 
 
 def test_without_asking_a_sandbox_has_no_network(net_daemon):
