@@ -171,10 +171,16 @@ class Client:
     """Blocking client. ``timeout`` bounds each call (None: wait as long as the job runs)."""
 
     def __init__(
-        self, socket_path: str | Path | None = None, *, timeout: float | None = None
+        self,
+        socket_path: str | Path | None = None,
+        *,
+        timeout: float | None = None,
+        on_behalf_of: str | None = None,
     ) -> None:
         self.socket_path = Path(socket_path) if socket_path else default_socket()
         self.timeout = timeout
+        # A delegate's (the gateway's) caller, whose sessions these are (docs/api.md).
+        self.on_behalf_of = on_behalf_of
 
     def call(
         self,
@@ -182,7 +188,10 @@ class Client:
         params: dict[str, Any] | None = None,
         on_notification: Callable[[dict[str, Any]], None] | None = None,
     ) -> Any:
-        call = _Call(method, params or {})
+        params = params or {}
+        if self.on_behalf_of is not None and method.startswith("session."):
+            params = {**params, "on_behalf_of": self.on_behalf_of}
+        call = _Call(method, params)
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(self.timeout)
             try:

@@ -1,10 +1,12 @@
 """``sandboxd-mcp``: sandboxd as a Model Context Protocol server, on the official ``mcp``
-SDK, over stdio.
+SDK: over stdio, and over streamable HTTP at the gateway's ``/mcp/``.
 
 An MCP host (the app an AI agent runs in) starts it as a subprocess. Its tools run code
 through the daemon's socket, as the user who started it: it is an unprivileged client
 like the CLI, and the sessions it opens are that user's. Those still open when the host
-goes away are closed (else they would wait for their idle timeout).
+goes away are closed (else they would wait for their idle timeout). Behind the gateway
+(``per_caller``) each call acts for the API key of its HTTP request, as the gateway's own
+endpoints do: its sessions are that key's, and its idle timeout ends them.
 
 Tools: ``run_code`` (a fresh sandbox per call), ``list_languages``, and for work that
 spans calls ``open_session``, ``run_in_session`` (a program, or a Python cell whose
@@ -22,7 +24,7 @@ from typing import Literal, TypeVar
 
 import anyio.to_thread
 import click
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 
@@ -108,8 +110,10 @@ def _answer(call: Callable[[], T]) -> T:
         raise ToolError(exc.message) from exc
 
 
-def build_server(client: Client) -> MCPServer:
-    opened: dict[str, Session] = {}
+def build_server(client: Client, *, per_caller: bool = False) -> MCPServer:
+    """The server, whose tools call the daemon with ``client``; with ``per_caller``, for
+    the API key its gateway found for each HTTP request (``key_id`` in its state)."""
+    opened: dict[str, Session] = {}  # over stdio, to close when the host goes
 
     @contextlib.asynccontextmanager
     async def closing_sessions(server: MCPServer) -> AsyncIterator[None]:
@@ -121,14 +125,25 @@ def build_server(client: Client) -> MCPServer:
                     await anyio.to_thread.run_sync(session.close)
 
     server = MCPServer(
-        "sandboxd", instructions=INSTRUCTIONS, version=__version__, lifespan=closing_sessions
+        "sandboxd",
+        instructions=INSTRUCTIONS,
+        version=__version__,
+        lifespan=None if per_caller else closing_sessions,
     )
 
-    def session_of(session_id: str) -> Session:
-        return opened.get(session_id) or Session(client, {"id": session_id})
+    def client_of(ctx: Context) -> Client:
+        """Who calls: the gateway's key for this HTTP request, or whoever started us."""
+        request = ctx.request_context.request if per_caller else None
+        if request is None:
+            return client
+        return Client(client.socket_path, on_behalf_of=request.state.key_id)
+
+    def session_of(ctx: Context, session_id: str) -> Session:
+        return Session(client_of(ctx), {"id": session_id})
 
     @server.tool()
     def run_code(
+        ctx: Context,
         language: str,
         code: str,
         stdin: str | None = None,
@@ -142,7 +157,7 @@ def build_server(client: Client) -> MCPServer:
         seconds. limits: e.g. {"memory_bytes": 268435456}."""
         extra = [{"path": path, "content": text} for path, text in (files or {}).items()]
         result = _answer(
-            lambda: client.execute(
+            lambda: client_of(ctx).execute(
                 language,
                 code,
                 stdin=stdin,
@@ -155,15 +170,16 @@ def build_server(client: Client) -> MCPServer:
         return RunResult.of(result)
 
     @server.tool()
-    def list_languages() -> list[Language]:
+    def list_languages(ctx: Context) -> list[Language]:
         """The languages the service runs, with their versions."""
-        details = _answer(client.languages)["details"]
+        details = _answer(client_of(ctx).languages)["details"]
         return [
             Language(name=d["name"], version=d["version"], aliases=d["aliases"]) for d in details
         ]
 
     @server.tool()
     def open_session(
+        ctx: Context,
         language: str = "python",
         idle_timeout: float | None = None,
         ttl: float | None = None,
@@ -172,9 +188,12 @@ def build_server(client: Client) -> MCPServer:
         """Open a session: one sandbox kept across calls, whose files stay and whose
         Python cells keep their variables. Close it with close_session."""
         session = _answer(
-            lambda: client.session(language, idle_timeout=idle_timeout, ttl=ttl, limits=limits)
+            lambda: client_of(ctx).session(
+                language, idle_timeout=idle_timeout, ttl=ttl, limits=limits
+            )
         )
-        opened[session.id] = session
+        if not per_caller:
+            opened[session.id] = session
         info = session.info
         return SessionInfo(
             session_id=session.id,
@@ -186,6 +205,7 @@ def build_server(client: Client) -> MCPServer:
 
     @server.tool()
     def run_in_session(
+        ctx: Context,
         session_id: str,
         code: str,
         cell: bool = False,
@@ -196,7 +216,7 @@ def build_server(client: Client) -> MCPServer:
         """Run a program in the session (its files are there). cell=true: run it as a
         Python cell of the session's interpreter, which keeps variables, imports and
         functions from one cell to the next; the value of its last expression comes back."""
-        session = session_of(session_id)
+        session = session_of(ctx, session_id)
         result = _answer(
             lambda: session.exec(
                 code, cell=cell or None, language=language, stdin=stdin, timeout=timeout
@@ -206,18 +226,22 @@ def build_server(client: Client) -> MCPServer:
 
     @server.tool()
     def write_file(
-        session_id: str, path: str, content: str, encoding: Literal["utf-8", "base64"] = "utf-8"
+        ctx: Context,
+        session_id: str,
+        path: str,
+        content: str,
+        encoding: Literal["utf-8", "base64"] = "utf-8",
     ) -> FileEntry:
         """Create or replace a file in the session's working directory (a relative path).
         encoding base64 for binary content."""
         data = base64.b64decode(content) if encoding == "base64" else content.encode()
-        _answer(lambda: session_of(session_id).write_file(path, data))
+        _answer(lambda: session_of(ctx, session_id).write_file(path, data))
         return FileEntry(name=path, type="file", size=len(data))
 
     @server.tool()
-    def read_file(session_id: str, path: str) -> FileContent:
+    def read_file(ctx: Context, session_id: str, path: str) -> FileContent:
         """A file of the session: as text if it is UTF-8, else in base64."""
-        data = _answer(lambda: session_of(session_id).read_file(path))
+        data = _answer(lambda: session_of(ctx, session_id).read_file(path))
         try:
             return FileContent(path=path, size=len(data), encoding="utf-8", content=data.decode())
         except UnicodeDecodeError:
@@ -225,16 +249,16 @@ def build_server(client: Client) -> MCPServer:
             return FileContent(path=path, size=len(data), encoding="base64", content=encoded)
 
     @server.tool()
-    def list_files(session_id: str, path: str = ".") -> list[FileEntry]:
+    def list_files(ctx: Context, session_id: str, path: str = ".") -> list[FileEntry]:
         """The entries of a directory of the session (its working directory by default)."""
-        entries = _answer(lambda: session_of(session_id).list_files(path))
+        entries = _answer(lambda: session_of(ctx, session_id).list_files(path))
         return [FileEntry(**entry) for entry in entries]
 
     @server.tool()
-    def close_session(session_id: str) -> str:
+    def close_session(ctx: Context, session_id: str) -> str:
         """End the session: its sandbox, processes and files are gone."""
         opened.pop(session_id, None)
-        _answer(lambda: client.call(Method.SESSION_CLOSE, {"id": session_id}))
+        _answer(lambda: client_of(ctx).call(Method.SESSION_CLOSE, {"id": session_id}))
         return f"session {session_id} closed"
 
     return server

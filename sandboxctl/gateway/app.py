@@ -23,6 +23,7 @@ from sandboxctl.client import AsyncClient
 from sandboxctl.gateway.access import AccessControl
 from sandboxctl.gateway.daemon_answers import DaemonAnswers
 from sandboxctl.gateway.http_errors import error_body
+from sandboxctl.gateway.mcp_endpoint import mcp_endpoint
 from sandboxctl.gateway.metrics import Metrics
 from sandboxctl.gateway.models import (
     ErrorResponse,
@@ -49,7 +50,7 @@ from sandboxd.errors import (
 log = logging.getLogger("sandboxd.gateway")
 access_log = logging.getLogger("sandboxd.gateway.access")
 
-PROTECTED = ("/execute", "/sessions", "/api/v2")  # and everything under them
+PROTECTED = ("/execute", "/sessions", "/api/v2", "/mcp")  # and everything under them
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
@@ -200,10 +201,16 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def create_app(
-    client: AsyncClient, access: AccessControl, *, max_body_bytes: int, body_timeout: float
+    client: AsyncClient,
+    access: AccessControl,
+    *,
+    max_body_bytes: int,
+    body_timeout: float,
+    host: str = "127.0.0.1",
 ) -> FastAPI:
     metrics = Metrics()
     answers = DaemonAnswers(client)
+    mcp_app, mcp_running = mcp_endpoint(client.socket_path, host)
     # /docs and /redoc with their assets from the package: they work on a host without
     # internet access, and no third party learns who opens them.
     app = FastAPIOffline(
@@ -215,9 +222,11 @@ def create_app(
             "`/execute` also returns the full result record, streams with "
             "`Accept: text/event-stream`, and has a WebSocket twin at `/execute/ws`. "
             "`/sessions` keeps a sandbox across calls, with files in and out. "
-            "With API keys configured, `/execute` and `/sessions` need "
+            "`/mcp/` serves the same tools as `sandboxd-mcp` over MCP's streamable HTTP. "
+            "With API keys configured, `/execute`, `/sessions` and `/mcp` need "
             "`Authorization: Bearer KEY` or `X-API-Key: KEY`."
         ),
+        lifespan=mcp_running,
     )
     app.add_middleware(
         GatewayMiddleware,
@@ -325,6 +334,7 @@ def create_app(
 
     app.include_router(session_routes(client, metrics, ERRORS))
     app.include_router(playground_routes())
+    app.mount("/mcp", mcp_app)
     app.include_router(piston_routes(client, answers, metrics, ERRORS))
 
     @app.websocket("/api/v2/connect")

@@ -108,6 +108,7 @@ async def run_gateway(
         access,
         max_body_bytes=gateway.max_body_bytes,
         body_timeout=gateway.body_timeout,
+        host=host,
     )
     hypercorn = HypercornConfig()
     if given is not None:

@@ -1,0 +1,42 @@
+"""``/mcp/``: sandboxd-mcp's tools over the Model Context Protocol's streamable HTTP, for
+MCP hosts that reach a server by URL rather than start it.
+
+The same server as ``sandboxd-mcp`` on stdio (sandboxctl.mcp_server), behind the
+gateway's own access control (``/mcp`` is a protected path: an API key, or on a keyless
+gateway a local user who may use the daemon's socket) and its limits per key. Each call
+acts for its request's key, so the sessions it opens are that key's, as with
+``/sessions``. Stateless, with JSON answers: every MCP request is one HTTP request, and
+no stream stays open to hold a key's concurrency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+
+from sandboxctl.client import Client
+from sandboxctl.mcp_server import build_server
+
+
+def mcp_endpoint(
+    socket_path: Path, host: str
+) -> tuple[Starlette, Callable[[Any], AbstractAsyncContextManager[None]]]:
+    """The ASGI app to mount at ``/mcp`` (on a gateway bound to ``host``), and the
+    lifespan the gateway must run it in (its session manager)."""
+    server = build_server(Client(socket_path), per_caller=True)
+    # On a loopback bind the SDK also refuses foreign Host and Origin headers (DNS
+    # rebinding: a web page the local user opens must not reach it).
+    app = server.streamable_http_app(
+        streamable_http_path="/", stateless_http=True, json_response=True, host=host
+    )
+
+    @asynccontextmanager
+    async def running(_app: Any) -> AsyncIterator[None]:
+        async with server.session_manager.run():
+            yield
+
+    return app, running
