@@ -16,7 +16,7 @@ from pathlib import Path
 from sandboxctl.client import Client
 from sandboxd.backends.vm.snapshots import RESTORE_ATTEMPTS
 from sandboxd.errors import DaemonUnavailable
-from sandboxd.host.network import in_netns
+from sandboxd.host.netns import in_netns
 
 
 @dataclass

@@ -23,7 +23,8 @@ import struct
 from pyroute2 import IPRoute, netns
 
 from sandboxd.errors import LaunchError
-from sandboxd.host.network import GUEST_INTERFACE, create_netns, in_netns, run_in_netns
+from sandboxd.host.netns import create_netns, in_netns, run_in_netns
+from sandboxd.host.network import GUEST_INTERFACE
 
 GUEST = ipaddress.IPv4Interface("10.0.2.2/30")  # the guest's eth0 in every VM
 GATEWAY = ipaddress.IPv4Interface("10.0.2.1/30")  # the TAP's end, in every VM's namespace

@@ -40,7 +40,7 @@ from sandboxd.backends.vm.kernel import kernel_cmdline
 from sandboxd.backends.vm.snapshots import SnapshotBackend, VmOptions, VmSandbox
 from sandboxd.errors import LaunchError
 from sandboxd.host.cgroups import Cgroup
-from sandboxd.host.network import create_netns
+from sandboxd.host.netns import create_netns
 from sandboxd.host.process import ChildProcess, spawn
 from sandboxd.host.vm_network import GUEST_MAC, TAP, VmNetwork, guest_cmdline
 from sandboxd.host.vm_network import remove_leftovers as remove_vm_networks

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import pytest
 from pyroute2 import IPRoute, netns
 
-from sandboxd.host.network import in_netns
+from sandboxd.host.netns import in_netns
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Gateway, start_gateway
 

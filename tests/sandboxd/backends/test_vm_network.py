@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 from pyroute2 import Conntrack, IPRoute, netns
 
-from sandboxd.host.network import Egress, in_netns
+from sandboxd.host.netns import in_netns
+from sandboxd.host.network import Egress
 from sandboxd.host.vm_network import GATEWAY
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, start_daemon, wait_for_warm

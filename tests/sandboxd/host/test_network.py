@@ -21,7 +21,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from sandboxctl import cli
 from sandboxd.errors import InvalidParams, SandboxError
-from sandboxd.host.network import in_netns
+from sandboxd.host.netns import in_netns
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, start_daemon, start_gateway
 from tests.host_state import wait_for
