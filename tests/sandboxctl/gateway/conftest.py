@@ -48,3 +48,15 @@ def keyed_gateway(daemon, tmp_path_factory) -> Iterator[Gateway]:
     )
     yield running
     assert running.stop() == 0, running.log()
+
+
+@pytest.fixture
+def keys_gateway(daemon, tmp_path) -> Iterator[Gateway]:
+    """With API keys (KEYS) and limits no test meets."""
+    keys = tmp_path / "keys"
+    keys.write_text("".join(f"{k}:{v}\n" for k, v in KEYS.items()))
+    running = start_gateway(
+        tmp_path, daemon.socket, api_keys_file=str(keys), rate_per_minute=10_000, rate_burst=1000
+    )
+    yield running
+    assert running.stop() == 0, running.log()

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import httpx
 import httpx2
-import pytest
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.daemon_process import start_gateway
 from tests.sandboxctl.gateway.conftest import KEYS
+from tests.sandboxctl.test_mcp import call
 
 
 @asynccontextmanager
@@ -29,12 +27,6 @@ async def mcp_over_http(url: str, key: str | None = None) -> AsyncIterator[Clien
         yield session
 
 
-async def call(session: ClientSession, tool: str, **arguments: Any) -> dict[str, Any]:
-    result = await session.call_tool(tool, arguments)
-    assert not result.is_error, result.content
-    return result.structured_content
-
-
 async def test_the_tools_run_code_and_sessions_over_http(gateway):
     async with mcp_over_http(gateway.url) as session:
         tools = {tool.name for tool in (await session.list_tools()).tools}
@@ -47,17 +39,6 @@ async def test_the_tools_run_code_and_sessions_over_http(gateway):
         cell = await call(session, "run_in_session", session_id=session_id, code="x + 1", cell=True)
         assert cell["value"] == "42"
         await call(session, "close_session", session_id=session_id)
-
-
-@pytest.fixture
-def keys_gateway(daemon, tmp_path):
-    keys = tmp_path / "keys"
-    keys.write_text("".join(f"{k}:{v}\n" for k, v in KEYS.items()))
-    running = start_gateway(
-        tmp_path, daemon.socket, api_keys_file=str(keys), rate_per_minute=10_000, rate_burst=1000
-    )
-    yield running
-    assert running.stop() == 0, running.log()
 
 
 async def test_it_needs_a_key_and_its_sessions_are_that_key_s(keys_gateway):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 
-from tests.daemon_process import start_gateway
 from tests.sandboxctl.gateway.conftest import KEYS
 from tests.sandboxctl.gateway.test_streaming import SSE, parse_sse
 from tests.sandboxd.test_sessions import DRAW_PNG, expected_png
@@ -47,17 +45,6 @@ def test_an_agent_loop_over_http(http):
     gone = http.post(f"{base}/exec", json={"code": "print(1)"})
     assert gone.status_code == 404
     assert gone.json()["error"] == f"no session '{session['id']}'"
-
-
-@pytest.fixture
-def keys_gateway(daemon, tmp_path):
-    keys = tmp_path / "keys"
-    keys.write_text("".join(f"{k}:{v}\n" for k, v in KEYS.items()))
-    running = start_gateway(
-        tmp_path, daemon.socket, api_keys_file=str(keys), rate_per_minute=10_000, rate_burst=1000
-    )
-    yield running
-    assert running.stop() == 0, running.log()
 
 
 def test_another_key_can_neither_see_nor_use_a_session(keys_gateway):
