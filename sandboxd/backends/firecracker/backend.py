@@ -102,7 +102,6 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         # The jailer's --chroot-base-dir: on the image store's filesystem, for hard links.
         self.jail_base = jail_base(state_dir, options.instance)
         self.netns = netns_name(options.instance)  # where VMs without a NIC run
-        self.has_network = options.network
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()
@@ -304,7 +303,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
         cgroup = self.cgroups.sandbox(self.instance, sandbox_id)
         uid = self.uid_base + slot
         # Its TAP stays in its namespace, its uid's: Firecracker opens it by name.
-        network = VmNetwork(self.instance, slot, self.max_connections) if self.has_network else None
+        network = self.network_of(slot)
         try:
             chroot.mkdir(parents=True)
             self._furnish(chroot, restore)

@@ -174,7 +174,6 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
             vsock_privileged=channel[0] == "vsock",
             network=options.network,
         )
-        self.has_network = options.network
         self.channel_kind, self.channel_why = channel  # see vm_channel.choose_channel
         self.groups = [grp.getgrnam("kvm").gr_gid] if accel == "kvm" and _has_group("kvm") else []
 
@@ -238,9 +237,7 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
         warm: WarmRuntime | None = None,
     ) -> AsyncIterator[QemuSandbox]:
         """A running VM, cold-booted or restored from ``restore``, with a ready agent."""
-        network = (
-            VmNetwork(self.instance, slot, self.max_connections) if self.layout.network else None
-        )
+        network = self.network_of(slot)
         # A VM's vsock CID, like its uid, is unique on the host.
         channel = open_channel(self.channel_kind, self.uid_base + slot, self.layout.agent_port)
         qmp_host, qmp_vm = socket.socketpair()

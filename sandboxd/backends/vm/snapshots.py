@@ -67,8 +67,8 @@ class VmOptions:
     cpus: int  # of each VM
     agent_port: int
     snapshot: bool  # restore pool VMs from a snapshot
-    network: bool = False  # VMs have a NIC, for the jobs that ask ([network] allow)
-    max_connections: int = 256  # a VM's at once, in its own namespace ([network])
+    network: bool  # VMs have a NIC, for the jobs that ask ([network] allow)
+    max_connections: int  # a VM's at once, in its own namespace ([network])
 
 
 VmT = TypeVar("VmT", bound=VmSandbox)
@@ -85,6 +85,7 @@ class SnapshotBackend(JailedBackend, Generic[VmT]):
         self.cpus = options.cpus
         self.agent_port = options.agent_port
         self.use_snapshot = options.snapshot
+        self.has_network = options.network
         self.max_connections = options.max_connections
         self.snapshot: Path | None = None  # what _save made, while restores work
         self.snapshot_note = "not made yet"
@@ -97,6 +98,11 @@ class SnapshotBackend(JailedBackend, Generic[VmT]):
             "kernel": self.kernel.describe(),
             "host": sharing(),
         }
+
+    def network_of(self, slot: int) -> VmNetwork | None:
+        """The network namespace (made by its open()) of the VM in ``slot``, where VMs
+        have a NIC."""
+        return VmNetwork(self.instance, slot, self.max_connections) if self.has_network else None
 
     @abc.abstractmethod
     def _vm(
