@@ -267,16 +267,13 @@ table ip {self.table}_nat {{
         so do the address's connection-tracking entries: replies to a connection of
         this job must never reach the next job given the address. Whether they did
         (else the address is not given out again)."""
-        address = str(self._addresses(index)[1])
+        address = ipaddress.IPv4Network(self._addresses(index)[1])
 
         def in_uplink() -> None:
             with contextlib.suppress(Exception), IPRoute() as ip:  # gone with its namespace
                 for found in ip.link_lookup(ifname=f"{self.prefix}{index}"):
                     ip.link("del", index=found)
-            with Conntrack() as table:
-                mine = NFCTAttrTuple(saddr=address)
-                for entry in list(table.dump_entries(tuple_orig=mine)):
-                    table.entry("del", tuple_orig=entry.tuple_orig)
+            _forget_connections(address)
 
         try:
             in_netns(self._uplink(), in_uplink)
@@ -289,10 +286,12 @@ table ip {self.table}_nat {{
 
 
 def _forget_connections(sources: ipaddress.IPv4Network) -> None:
-    """Drop the tracked connections from addresses in ``sources``, here (all of them are
-    read: for a daemon's start and stop, not for each job)."""
+    """Drop the tracked connections from addresses in ``sources``, here (from one
+    address, a job's: only its own are read)."""
+    only = sources.num_addresses == 1
+    mine = {"tuple_orig": NFCTAttrTuple(saddr=str(sources.network_address))} if only else {}
     with Conntrack() as table:
-        for entry in list(table.dump_entries()):
+        for entry in list(table.dump_entries(**mine)):
             source = entry.tuple_orig.saddr
             if source and ipaddress.ip_address(source) in sources:
                 table.entry("del", tuple_orig=entry.tuple_orig)
