@@ -39,9 +39,12 @@ def sandbox_processes(uid_base: int, count: int = 64) -> dict[int, str]:
 
 
 def waiting_for_source(pid: int) -> bool:
-    """Whether ``pid`` holds a ready sandbox's FIFO that its job's source will come
-    through: the warm runtime waiting on it, or the agent that will write it."""
+    """Whether ``pid`` waits for a ready sandbox's source to come through its FIFO: the
+    warm runtime blocked opening it (a reaper's sandbox, which holds no writer yet) or
+    holding it open (an agent's), or the agent that will write it."""
     try:
+        if Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner":
+            return True  # blocked in open() of a FIFO: only warm runtimes open one
         fds = list(Path(f"/proc/{pid}/fd").iterdir())
         return any(
             os.readlink(fd).startswith(WARM_SOURCES) and stat.S_ISFIFO(fd.stat().st_mode)

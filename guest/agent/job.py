@@ -51,15 +51,7 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
     warm = None if cell is not None else runner.take_warm(run_argv, env, files, bool(compile_argv))
     if warm is None:
         runner.files.write_all(files)
-    result: dict[str, Any] = {
-        "exit_code": None,
-        "signal": None,
-        "truncated": {"stdout": False, "stderr": False},
-        "compile": None,
-        "timings": {"compile": 0.0, "run": 0.0},
-        "usage": {"cpu_time": 0.0, "memory_bytes": 0},
-        "warm": warm is not None,
-    }
+    result = new_result(warm is not None)
     if compile_argv:
         compiled = runner.run(
             "compile",
@@ -96,6 +88,33 @@ def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
     status, message = classify(ran, "run", limits)
     if cell is not None and result["cell"].get("error") and status == "runtime_error":
         message = f"the cell raised {result['cell'].pop('error')}"
+    return run_result(ran, status, message, result=result)
+
+
+def new_result(warm: bool) -> dict[str, Any]:
+    """A job's result record before its stages ran."""
+    return {
+        "exit_code": None,
+        "signal": None,
+        "truncated": {"stdout": False, "stderr": False},
+        "compile": None,
+        "timings": {"compile": 0.0, "run": 0.0},
+        "usage": {"cpu_time": 0.0, "memory_bytes": 0},
+        "warm": warm,
+    }
+
+
+def run_result(
+    ran: StageOutcome,
+    status: str,
+    message: str,
+    warm: bool = False,
+    result: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The record of a job whose run ended as ``ran``, classified ``status`` with
+    ``message`` (after what ``result`` holds of its compile). The daemon makes the
+    record of a job it ran without the agent with this too (sandboxd.backends.direct_run)."""
+    result = new_result(warm) if result is None else result
     record = ran.record()
     result.update(
         exit_code=record["exit_code"],

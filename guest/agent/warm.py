@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .processes import Reaper
 
 
-def _has_coding_cookie(source: bytes) -> bool:
+def has_coding_cookie(source: bytes) -> bool:
     """Whether the first two lines may declare an encoding (PEP 263): CPython then seeks
     in its source file, which a FIFO cannot do."""
     return any(
@@ -74,7 +74,7 @@ class WarmRuntime:
         return (
             len(main) == 1
             and main[0].get("encoding", "utf-8") == "utf-8"
-            and not _has_coding_cookie(str(main[0].get("content", "")).encode())
+            and not has_coding_cookie(str(main[0].get("content", "")).encode())
         )
 
     def take(self, files: list[dict[str, Any]]) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
-from sandboxd.agent_link import AgentLink, OutputHandler, Transcript, WarmRuntime
+from sandboxd.agent_link import AgentLink, OutputHandler, StageHandler, Transcript, WarmRuntime
 from sandboxd.errors import AgentError, InternalError, LaunchError, SandboxError, StartTimeout
 from sandboxd.host.cgroups import Cgroup, CgroupLayout
 from sandboxd.host.jail import jailed
@@ -305,9 +305,8 @@ class Sandbox(abc.ABC):
                 if cpu is not None:
                     nursery.start_soon(cpu.enforce)
                 try:
-                    record = await self.link.run(
-                        job, on_output, transcript, stdin, cpu.stage_started if cpu else None
-                    )
+                    on_stage = cpu.stage_started if cpu else None
+                    record = await self._run_job(job, on_output, transcript, stdin, on_stage)
                 except AgentError as exc:
                     lost = str(exc)
                 nursery.cancel_scope.cancel()
@@ -319,6 +318,17 @@ class Sandbox(abc.ABC):
             self.log.warning("job lost: %s", lost)
             self.kill()
         return JobRun(record, transcript, lost, deadline.cancelled_caught, self.oom_kills(), cpu)
+
+    async def _run_job(
+        self,
+        job: dict[str, Any],
+        on_output: OutputHandler,
+        transcript: Transcript,
+        stdin: StdinStream | None,
+        on_stage: StageHandler | None,
+    ) -> dict[str, Any]:
+        """The job's record, from its agent (AgentError if it breaks or goes away)."""
+        return await self.link.run(job, on_output, transcript, stdin, on_stage)
 
     async def open_session(self, limits: Limits) -> None:
         """Keep the sandbox for a session with ``limits``: its agent serves every request

@@ -16,7 +16,7 @@ import zipfile
 import pytest
 
 from sandboxd.backends.agent_bundle import agent_command
-from sandboxd.backends.namespaces import AGENT, AGENT_MEMORY, OVERHEAD_PROCESSES
+from sandboxd.backends.namespaces import AGENT, AGENT_MEMORY, OVERHEAD_PROCESSES, REAPER
 from sandboxd.host.cgroups import CgroupLayout
 from sandboxd.protocol import Status
 from tests.host_state import mounts, program_processes, sandbox_cgroups, sandbox_processes, wait_for
@@ -95,6 +95,12 @@ EXPECTED = {
 CASES = [(name, language) for name, codes in ATTACKS.items() for language in codes]
 
 AGENT_COMMAND = " ".join(agent_command("/usr/bin/python3", AGENT)) + " "  # as /proc shows it
+
+# A job with arguments goes through the agent; one that fits the warm runtime has the
+# reaper as its jail's PID 1 (sandboxd.backends.direct_run) and the daemon as its agent.
+SUPERVISORS = pytest.mark.parametrize(
+    "args", [[], ["through", "the", "agent"]], ids=["direct", "agent"]
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -274,13 +280,15 @@ def test_typescript_has_no_env_network_or_subprocess_permission(client):
     ], result.stderr
 
 
-def test_the_agent_dying_mid_job_is_reported_as_killed(daemon, client):
-    """A crash of the agent (here: killed from the host) keeps the output so far."""
+@SUPERVISORS
+def test_the_agent_dying_mid_job_is_reported_as_killed(daemon, client, args):
+    """A crash of the jail's PID 1 (the agent, or the reaper; here: killed from the
+    host) keeps the output so far."""
     outcome = {}
 
     def run() -> None:
         outcome["result"] = client.execute(
-            "python", "import time\nprint('before', flush=True)\ntime.sleep(60)"
+            "python", "import time\nprint('before', flush=True)\ntime.sleep(60)", args=args
         )
 
     thread = threading.Thread(target=run)
@@ -296,13 +304,18 @@ def test_the_agent_dying_mid_job_is_reported_as_killed(daemon, client):
     assert_nothing_left(daemon, result.sandbox_id)
 
 
-def test_an_agent_that_stops_responding_is_killed_from_outside(daemon, client):
-    """The host enforces the wall time too: a frozen agent cannot hold a sandbox."""
+@SUPERVISORS
+def test_an_agent_that_stops_responding_is_killed_from_outside(daemon, client, args):
+    """The host enforces the wall time too: a frozen agent (or reaper) cannot hold a
+    sandbox."""
     outcome = {}
 
     def run() -> None:
         outcome["result"] = client.execute(
-            "python", "import time\nprint('before', flush=True)\ntime.sleep(60)", timeout=1
+            "python",
+            "import time\nprint('before', flush=True)\ntime.sleep(60)",
+            timeout=1,
+            args=args,
         )
 
     thread = threading.Thread(target=run)
@@ -320,13 +333,14 @@ def test_an_agent_that_stops_responding_is_killed_from_outside(daemon, client):
 
 
 def busy_agents(daemon) -> list[int]:
-    """Pids of the agents that are running a program (not those waiting in the pool,
-    whose only child, if any, is a warm runtime waiting for its source)."""
+    """Pids of the jails' PID 1s (agents, or reapers) whose program is running (not
+    those waiting in the pool, whose only child, if any, is a warm runtime waiting for
+    its source)."""
     programs = {str(pid) for pid in program_processes(daemon.uid_base)}
     return [
         pid
         for pid, cmd in sandbox_processes(daemon.uid_base).items()
-        if cmd.startswith(AGENT_COMMAND) and programs & set(_children(pid))
+        if cmd.startswith((AGENT_COMMAND, REAPER + " ")) and programs & set(_children(pid))
     ]
 
 
@@ -338,7 +352,10 @@ def _children(pid: int) -> list[str]:
         return []
 
 
-def test_the_program_cannot_reach_the_agents_channel_or_memory(client):
+@SUPERVISORS
+def test_the_program_cannot_reach_the_agents_channel_or_memory(client, args):
+    """Nor the reaper's: its socket to the daemon (which reports the program's exit) is
+    one of its fds, which nobody in the jail may list or open."""
     code = (
         "import os\n"
         "for path, flags in (('/proc/1/fd/0', os.O_RDONLY), ('/proc/1/fd/1', os.O_WRONLY),\n"
@@ -348,10 +365,14 @@ def test_the_program_cannot_reach_the_agents_channel_or_memory(client):
         "        print('opened', path)\n"
         "    except OSError as e:\n"
         "        print('refused', path, e.errno)\n"
+        "try:\n"
+        "    print('listed', os.listdir('/proc/1/fd'))\n"
+        "except OSError as e:\n"
+        "    print('refused /proc/1/fd', e.errno)\n"
     )
-    result = client.execute("python", code)
-    assert "opened" not in result.stdout, result.stdout
-    assert result.stdout.count("refused") == 4
+    result = client.execute("python", code, args=args)
+    assert "opened" not in result.stdout and "listed" not in result.stdout, result.stdout
+    assert result.stdout.count("refused") == 5
 
 
 def test_kernel_interfaces_exploits_start_from_are_refused(client):
@@ -385,9 +406,11 @@ def test_kernel_interfaces_exploits_start_from_are_refused(client):
     assert lines[:-1] == [f"{name} -1 1" for name in names]  # EPERM from the filter
 
 
-def test_signals_to_the_agent_change_nothing(client):
+@SUPERVISORS
+def test_signals_to_the_agent_change_nothing(client, args):
     """The program runs as the agent's uid in the jail: every signal it can name goes to
-    PID 1, which must ignore them all (it kept Python's SIGINT handler once)."""
+    PID 1 (the agent, or the reaper), which must ignore them all (the agent kept
+    Python's SIGINT handler once)."""
     code = (
         "import os, signal\nsent = []\n"
         "for number in range(1, 65):\n"
@@ -396,7 +419,7 @@ def test_signals_to_the_agent_change_nothing(client):
         "print(len(sent), flush=True)\n"
         "import time; time.sleep(0.2)\nprint('alive')"
     )
-    result = client.execute("python", code)
+    result = client.execute("python", code, args=args)
     assert (result.status, result.exit_code) == (Status.OK, 0), result.message
     assert result.stdout.split() == ["64", "alive"]  # each was sent, and none mattered
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from sandboxd.backends.namespaces import REAPER
 from sandboxd.result import ExecutionResult
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, start_daemon, wait_for_warm
@@ -185,6 +186,31 @@ def test_sandboxes_draw_their_own_random_state(warm):
     for position in range(len(seen[0])):
         values = [draw[position] for draw in seen]
         assert len(set(values)) == len(values), values
+
+
+JAIL_PROCESSES = (
+    "import os\n"
+    "for pid in sorted(filter(str.isdigit, os.listdir('/proc')), key=int):\n"
+    "    with open(f'/proc/{pid}/cmdline', 'rb') as cmdline:\n"
+    "        print(pid, cmdline.read().split(b'\\0')[0].decode())\n"
+)
+
+
+def test_a_job_that_fits_its_warm_runtime_runs_without_an_agent(make_daemon):
+    """Its jail's PID 1 is the reaper (guest/reaper.c), and the daemon does the agent's
+    part: the job pays for one interpreter, its own. A job that does not fit (here: it
+    has arguments) has the reaper exec the agent first, and starts cold."""
+    daemon = make_daemon(pool={"size": 1})
+    client = daemon.client
+    wait_for_warm(client, "python")
+    direct = client.execute("python", JAIL_PROCESSES)
+    assert direct.warm, direct
+    assert [line.split()[1] for line in direct.stdout.splitlines()] == [REAPER, "python3"]
+    wait_for_warm(client, "python")
+    through_agent = client.execute("python", JAIL_PROCESSES, args=["x"])
+    assert not through_agent.warm, through_agent
+    lines = through_agent.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == ["/usr/bin/python3", "python3"]
 
 
 def test_a_warm_runtime_that_died_waiting_gives_a_cold_start(make_daemon):

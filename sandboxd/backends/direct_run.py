@@ -1,0 +1,291 @@
+"""A job run without an agent: the namespaces jail's PID 1 is the reaper
+(guest/reaper.c), which started the warm runtime, and the daemon does what the agent
+would for a job that fits that runtime. Such a job costs the jail and the program's own
+interpreter, not a second one for the agent (about 12 ms of CPU per job).
+
+The steps are the agent's (guest/agent/warm.py, stage.py): the runtime's rlimits set
+(from inside the jail, by the reaper), the files written as the job's uid, its source
+put in place of the FIFO last and written to it, stdin fed, output captured up to its cap and streamed, wall
+time watched; the outcome classified and the record made by the agent's own code
+(guest.agent.capture, guest.agent.job), so both paths give the same record. A job that
+does not fit has the reaper exec the agent (:meth:`DirectRuntime.become_agent`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+from guest.agent.capture import Capture, StageOutcome
+from guest.agent.common import CHUNK, JobError
+from guest.agent.files import Workdir
+from guest.agent.job import classify, run_result
+from guest.agent.limits import job_rlimits
+from guest.agent.warm import has_coding_cookie
+from sandboxd.agent_link import OutputHandler, StageHandler, Transcript, WarmRuntime
+from sandboxd.errors import AgentError
+from sandboxd.stdin_stream import StdinStream
+
+# The reaper's records: type, pid, wait status, utime and stime (µs), maxrss (KiB).
+RECORD = struct.Struct("<c3xiiqqq")
+# Its rlimits message: "L" and a count, then each (resource, soft, hard).
+LIMITS, LIMIT = struct.Struct("<c3xi"), struct.Struct("<i4xQQ")
+# Files beside the source a direct job may bring, in all. The daemon writes them, so
+# their memory is charged to its cgroup, not the job's: larger ones go to the agent.
+MAX_FILE_BYTES = 1024 * 1024
+# After the program is killed, how long to wait for pipes a stray process might hold.
+DRAIN_GRACE = 2.0
+_libc = ctypes.CDLL(None)  # setfsuid, setfsgid
+
+
+def fits(job: dict[str, Any], warm: WarmRuntime) -> bool:
+    """Whether ``job`` is what the warm runtime ``warm`` runs as it is: its command
+    without arguments, no compile step, no cell, its source in UTF-8
+    without an encoding cookie (CPython seeks in such a file; a FIFO cannot), and few
+    other files (as WarmRuntime.serves asks in the agent)."""
+    run, files = job["run"], job["files"]
+    if job.get("compile") or "cell" in run:
+        return False
+    if run["argv"] != warm["argv"] or job.get("env") != warm["env"]:
+        return False
+    main = [f for f in files if f["path"] == warm["source"]]
+    others = sum(len(f["content"]) for f in files if f["path"] != warm["source"])
+    return (
+        len(main) == 1
+        and main[0].get("encoding", "utf-8") == "utf-8"
+        and not has_coding_cookie(main[0]["content"].encode())
+        and others <= MAX_FILE_BYTES
+    )
+
+
+class DirectRuntime:
+    """The daemon's end of one jail's reaper and of the warm runtime it started: the
+    control socket and the runtime's stdin, stdout and stderr."""
+
+    def __init__(
+        self,
+        warm: WarmRuntime,
+        control: trio.socket.SocketType,
+        pipes: tuple[int, int, int],
+        jail_pid: Callable[[], int],
+        owner: int,
+        workdir: str,
+    ) -> None:
+        self.warm = warm
+        self.control = control
+        self.stdin, self.stdout, self.stderr = (trio.lowlevel.FdStream(fd) for fd in pipes)
+        self._jail_pid = jail_pid  # the host pid of the jail's PID 1 (the reaper)
+        self.owner = owner  # the host uid of the jail's files
+        self.workdir = workdir  # where they go, in the jail
+        self.pid = 0  # the runtime's host pid, once started
+
+    async def _record(self) -> tuple[bytes, int, float, int]:
+        """The reaper's next record: its type, a wait status, CPU seconds, memory bytes."""
+        data = await self.control.recv(RECORD.size)
+        if len(data) != RECORD.size:
+            raise AgentError("the jail's PID 1 went away")
+        kind, _, status, utime, stime, maxrss = RECORD.unpack(data)
+        return kind, status, (utime + stime) / 1e6, maxrss * 1024
+
+    async def started(self) -> None:
+        """Wait for the reaper to have started the runtime (the sandbox is ready)."""
+        kind, *_ = await self._record()
+        if kind != b"R":
+            raise AgentError(f"the jail's PID 1 sent {kind!r} before it started the runtime")
+        reaper = self._jail_pid()
+        with open(f"/proc/{reaper}/task/{reaper}/children") as children:
+            self.pid = int(children.read().split()[0])
+
+    async def become_agent(self) -> None:
+        """Have the reaper kill the runtime and exec the agent (its channel is the jail's
+        stdin and stdout, as for a jail started with the agent)."""
+        await self.control.send(b"A")
+        self.close()
+
+    def close(self) -> None:
+        self.control.close()
+        for stream in (self.stdin, self.stdout, self.stderr):
+            stream.close()
+
+    async def run(
+        self,
+        job: dict[str, Any],
+        on_output: OutputHandler,
+        transcript: Transcript,
+        stdin: StdinStream | None,
+        on_stage: StageHandler | None,
+        kill_program: Callable[[], None],
+    ) -> dict[str, Any]:
+        """Run a job that :func:`fits` the runtime and that it took (:meth:`take`); its
+        record, as the agent makes it. AgentError if the jail's PID 1 goes away first."""
+        source_name = self.warm["source"]
+        source = next(f for f in job["files"] if f["path"] == source_name)
+        workdir = Workdir(f"/proc/{self._jail_pid()}/root{self.workdir}")
+        staged = f".{source_name}.sandboxd"
+        try:
+            # Written as the job's uid, as the agent writes them: the jail's tmpfs takes
+            # no file of a uid its user namespace does not map (root's, EOVERFLOW).
+            with _acting_as(self.owner):
+                workdir.write_all([f for f in job["files"] if f is not source])
+                workdir.write(staged, source["content"].encode())
+                fifo = self._publish(workdir, staged)
+        except (OSError, JobError) as exc:
+            raise AgentError(f"cannot hand the job to the warm runtime: {exc}") from exc
+        return await self._complete(job, fifo, on_output, transcript, stdin, on_stage, kill_program)
+
+    async def take(self, limits: dict[str, Any]) -> bool:
+        """Have the reaper set the runtime's rlimits for a job that :func:`fits` it (before
+        its program's first line); False if the runtime died waiting (its exit came
+        first: the job then goes to the agent, cold). AgentError if that fails."""
+        rlimits = job_rlimits(limits, float(limits["cpu_time"]))
+        message = LIMITS.pack(b"L", len(rlimits))
+        message += b"".join(LIMIT.pack(which, *values) for which, values in rlimits)
+        await self.control.send(message)
+        kind, error, _, _ = await self._record()
+        if kind == b"X":
+            return False
+        if kind != b"L":
+            raise AgentError(f"the jail's PID 1 answered the rlimits with {kind!r}")
+        if error:
+            raise AgentError(f"cannot limit the warm runtime: {os.strerror(error)}")
+        return True
+
+    def _publish(self, workdir: Workdir, staged: str) -> int:
+        """Put the staged source in place of the FIFO; the FIFO, to write it to."""
+        root = os.open(workdir.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            name = self.warm["source"]
+            fifo = os.open(name, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=root)
+            # The source appears last: a runtime slower than its job opens it at once.
+            os.rename(staged, name, src_dir_fd=root, dst_dir_fd=root)
+        finally:
+            os.close(root)
+        return fifo
+
+    async def _complete(
+        self,
+        job: dict[str, Any],
+        fifo: int,
+        on_output: OutputHandler,
+        transcript: Transcript,
+        stdin: StdinStream | None,
+        on_stage: StageHandler | None,
+        kill_program: Callable[[], None],
+    ) -> dict[str, Any]:
+        limits = job["limits"]
+        outcome = StageOutcome()
+        pending: list[tuple[str, str]] = []
+        cap = int(limits["output_bytes"])
+        outcome.captures = {
+            name: Capture(name, cap, lambda stream, data: pending.append((stream, data)))
+            for name in ("stdout", "stderr")
+        }
+        killed = False
+
+        def kill() -> None:
+            nonlocal killed
+            killed = True
+            kill_program()
+
+        async def relay() -> None:
+            """Pass on what the captures let through, each piece once, in order."""
+            while pending:
+                stream, data = pending.pop(0)
+                transcript.add("run", stream, data)
+                await on_output("run", stream, data)
+
+        async def pump(stream: trio.lowlevel.FdStream, name: str) -> None:
+            while chunk := await stream.receive_some(CHUNK):
+                within = outcome.captures[name].add(chunk)
+                await relay()
+                if not within and not killed:
+                    outcome.output_limited = name
+                    kill()
+            stream.close()
+
+        if on_stage is not None:
+            on_stage("run")
+        start = trio.current_time()
+        failure: AgentError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_feed, trio.lowlevel.FdStream(fifo), source_of(job, self.warm))
+            stdin_data = str(job.get("stdin") or "").encode()
+            nursery.start_soon(_feed, self.stdin, stdin_data, stdin)
+            async with trio.open_nursery() as pipes:
+                pipes.start_soon(pump, self.stdout, "stdout")
+                pipes.start_soon(pump, self.stderr, "stderr")
+                try:
+                    with trio.move_on_at(start + float(limits["wall_time"])) as wall:
+                        status, cpu, memory = await self._exit()
+                    if wall.cancelled_caught:
+                        outcome.timed_out = True
+                        kill()
+                        status, cpu, memory = await self._exit()
+                except AgentError as exc:
+                    failure = exc  # raised below, not through the nurseries (no group)
+                kill_program()  # whatever it left running dies with it
+                pipes.cancel_scope.deadline = trio.current_time() + DRAIN_GRACE
+            nursery.cancel_scope.cancel()  # input nobody read
+        if failure is not None:
+            raise failure
+        for capture in outcome.captures.values():
+            if not capture.truncated:
+                capture.finish()
+        await relay()
+        outcome.wall = trio.current_time() - start
+        outcome.cpu, outcome.memory_bytes = cpu, memory
+        returncode = os.waitstatus_to_exitcode(status)
+        if returncode < 0:
+            outcome.signal = -returncode
+        else:
+            outcome.exit_code = returncode
+        status_name, message = classify(outcome, "run", limits)
+        return {"type": "result", **run_result(outcome, status_name, message, warm=True)}
+
+    async def _exit(self) -> tuple[int, float, int]:
+        kind, status, cpu, memory = await self._record()
+        if kind != b"X":
+            raise AgentError(f"the jail's PID 1 sent {kind!r}, not the runtime's exit")
+        return status, cpu, memory
+
+
+@contextmanager
+def _acting_as(uid: int) -> Iterator[None]:
+    """Touch files as ``uid`` (and its gid) on this thread only: the fs ids, which
+    setfsuid changes for the calling thread alone (the daemon's others stay root)."""
+    _libc.setfsuid(uid)
+    _libc.setfsgid(uid)
+    try:
+        yield
+    finally:
+        _libc.setfsgid(0)
+        _libc.setfsuid(0)
+
+
+def source_of(job: dict[str, Any], warm: WarmRuntime) -> bytes:
+    return next(f for f in job["files"] if f["path"] == warm["source"])["content"].encode()
+
+
+async def _feed(
+    stream: trio.lowlevel.FdStream, data: bytes, more: StdinStream | None = None
+) -> None:
+    """Write ``data`` (and then what the client streams, if ``more``) and close: the
+    program's stdin, or its source through the FIFO."""
+    try:
+        if data:
+            await stream.send_all(data)
+        if more is not None:
+            async for piece, eof in more:
+                await stream.send_all(piece.encode())
+                if eof:
+                    break
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # it closed its end: it wants no more
+    finally:
+        await stream.aclose()
