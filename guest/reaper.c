@@ -4,7 +4,7 @@
  * rlimits, the source, stdin, output and limits (sandboxd/backends/direct_run.py).
  * A job that does not fit has this process become the agent (an exec, keeping PID 1).
  *
- *   reaper CONTROL STDIN STDOUT STDERR SOURCE RUNTIME-ARGV... -- AGENT-ARGV...
+ *   reaper CONTROL STDIN STDOUT STDERR SOURCE N RUNTIME-ARGV[N] AGENT-ARGV...
  *
  * fds: 0/1 the agent's channel and 2 the log, as the agent has them; CONTROL a
  * SOCK_SEQPACKET socket to the daemon; STDIN, STDOUT and STDERR the runtime's pipes.
@@ -30,6 +30,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <sys/syscall.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -60,9 +62,19 @@ struct __attribute__((packed)) record {
 
 static void close_from_3(void)
 {
-	if (close_range(3, ~0U, 0) != 0) /* a kernel before 5.9 */
-		for (int fd = 3; fd < 1024; fd++)
+	if (syscall(SYS_close_range, 3, ~0U, 0) == 0)
+		return;
+	/* A kernel before 5.9: each fd it has, whatever its number. */
+	DIR *fds = opendir("/proc/self/fd");
+	if (fds == NULL)
+		_exit(127); /* nothing may start with an fd of ours */
+	int own = dirfd(fds);
+	for (struct dirent *entry; (entry = readdir(fds)) != NULL;) {
+		int fd = atoi(entry->d_name);
+		if (fd >= 3 && fd != own)
 			close(fd);
+	}
+	closedir(fds);
 }
 
 static void fail(const char *what)
@@ -79,9 +91,9 @@ static void report(char type, pid_t pid, int status, const struct rusage *usage)
 		r.stime_us = usage->ru_stime.tv_sec * 1000000LL + usage->ru_stime.tv_usec;
 		r.maxrss_kb = usage->ru_maxrss;
 	}
-	/* The daemon gone: nothing left to report to, the jail ends with it. */
-	if (send(control, &r, sizeof r, MSG_NOSIGNAL) != sizeof r)
-		_exit(0);
+	/* If the daemon is gone, reading the socket says so next (it may have closed it
+	 * right after asking for the agent: that request is still to be read). */
+	send(control, &r, sizeof r, MSG_NOSIGNAL);
 }
 
 static pid_t start_runtime(char **argv, const int pipes[3], const sigset_t *old_mask)
@@ -110,11 +122,15 @@ static pid_t start_runtime(char **argv, const int pipes[3], const sigset_t *old_
 	_exit(127);
 }
 
-static int set_limits(pid_t pid, const char *limits, size_t size)
+static int set_limits(pid_t pid, const char *message, size_t size)
 {
-	for (size_t at = 0; at + sizeof(struct limit) <= size; at += sizeof(struct limit)) {
+	int32_t count;
+	memcpy(&count, message + 4, sizeof count);
+	if (count < 0 || count > MAX_LIMITS || size != 8 + count * sizeof(struct limit))
+		return EINVAL;
+	for (int32_t i = 0; i < count; i++) {
 		struct limit l;
-		memcpy(&l, limits + at, sizeof l);
+		memcpy(&l, message + 8 + i * sizeof l, sizeof l);
 		struct rlimit value = {.rlim_cur = l.soft, .rlim_max = l.hard};
 		if (prlimit(pid, l.resource, &value, NULL) != 0)
 			return errno;
@@ -138,19 +154,20 @@ static void become_agent(char **agent, const char *source, const sigset_t *old_m
 
 int main(int argc, char **argv)
 {
-	int split = 7;
-	while (split < argc && strcmp(argv[split], "--") != 0)
-		split++;
-	if (split + 1 >= argc) { /* a runtime of one word at least, and an agent */
-		dprintf(2, "usage: reaper CONTROL STDIN STDOUT STDERR SOURCE RUNTIME-ARGV..."
-			   " -- AGENT-ARGV...\n");
+	int words = argc > 6 ? atoi(argv[6]) : 0;
+	if (words < 1 || 7 + words >= argc) { /* a runtime of one word at least, and an agent */
+		dprintf(2, "usage: reaper CONTROL STDIN STDOUT STDERR SOURCE N RUNTIME-ARGV[N]"
+			   " AGENT-ARGV...\n");
 		return 2;
 	}
-	argv[split] = NULL;
+	char **agent = argv + 7 + words;
+	char **runtime = calloc(words + 1, sizeof *runtime); /* its own, NULL-ended */
+	if (runtime == NULL)
+		fail("calloc");
+	memcpy(runtime, argv + 7, words * sizeof *runtime);
 	control = atoi(argv[1]);
 	int pipes[3] = {atoi(argv[2]), atoi(argv[3]), atoi(argv[4])};
 	const char *source = argv[5];
-	char **runtime = argv + 6, **agent = argv + split + 1;
 
 	prctl(PR_SET_DUMPABLE, 0);
 	sigset_t children, old_mask;
@@ -195,7 +212,7 @@ int main(int argc, char **argv)
 			if (message[0] == 'A')
 				become_agent(agent, source, &old_mask);
 			if (message[0] == 'L' && got >= 8)
-				report('L', pid, set_limits(pid, message + 8, (size_t)got - 8), NULL);
+				report('L', pid, set_limits(pid, message, (size_t)got), NULL);
 		}
 	}
 }

@@ -20,7 +20,13 @@ def job_result(job: dict[str, Any], runner: Runner) -> dict[str, Any]:
     try:
         return {"type": "result", **run_job(job, runner)}
     except (JobError, ValueError) as exc:
-        return {"type": "result", "status": "internal_error", "message": f"agent: {exc}"}
+        return failed_result(exc)
+
+
+def failed_result(exc: Exception) -> dict[str, Any]:
+    """The ``result`` message of a job that could not be run (a file that cannot be
+    written): the daemon's own run of a job without the agent answers it alike."""
+    return {"type": "result", "status": "internal_error", "message": f"agent: {exc}"}
 
 
 def run_job(job: dict[str, Any], runner: Runner) -> dict[str, Any]:

@@ -5,9 +5,10 @@ interpreter, not a second one for the agent (about 12 ms of CPU per job).
 
 The steps are the agent's (guest/agent/warm.py, stage.py): the runtime's rlimits set
 (from inside the jail, by the reaper), the files written as the job's uid, its source
-put in place of the FIFO last and written to it, stdin fed, output captured up to its cap and streamed, wall
-time watched; the outcome classified and the record made by the agent's own code
-(guest.agent.capture, guest.agent.job), so both paths give the same record. A job that
+put in place of the FIFO last and written to it, stdin fed, output captured up to its
+cap and streamed, wall time watched; the outcome classified and the record made by the
+agent's own code (guest.agent.capture, guest.agent.job), so both paths give the same
+record. A job that
 does not fit has the reaper exec the agent (:meth:`DirectRuntime.become_agent`).
 """
 
@@ -25,42 +26,43 @@ import trio
 from guest.agent.capture import Capture, StageOutcome
 from guest.agent.common import CHUNK, JobError
 from guest.agent.files import Workdir
-from guest.agent.job import classify, run_result
+from guest.agent.job import classify, failed_result, run_result
 from guest.agent.limits import job_rlimits
 from guest.agent.warm import has_coding_cookie
 from sandboxd.agent_link import OutputHandler, StageHandler, Transcript, WarmRuntime
-from sandboxd.errors import AgentError
+from sandboxd.errors import AgentError, LaunchError
 from sandboxd.stdin_stream import StdinStream
 
 # The reaper's records: type, pid, wait status, utime and stime (µs), maxrss (KiB).
 RECORD = struct.Struct("<c3xiiqqq")
 # Its rlimits message: "L" and a count, then each (resource, soft, hard).
 LIMITS, LIMIT = struct.Struct("<c3xi"), struct.Struct("<i4xQQ")
-# Files beside the source a direct job may bring, in all. The daemon writes them, so
-# their memory is charged to its cgroup, not the job's: larger ones go to the agent.
+# A direct job's files, its source included, in all. The daemon writes them (and the
+# source through the FIFO), so their memory is charged to its cgroup, not the job's:
+# a job with more goes to the agent.
 MAX_FILE_BYTES = 1024 * 1024
 # After the program is killed, how long to wait for pipes a stray process might hold.
 DRAIN_GRACE = 2.0
+HANDOFF_TIMEOUT = 5.0  # for the reaper to exec the agent
 _libc = ctypes.CDLL(None)  # setfsuid, setfsgid
 
 
 def fits(job: dict[str, Any], warm: WarmRuntime) -> bool:
     """Whether ``job`` is what the warm runtime ``warm`` runs as it is: its command
-    without arguments, no compile step, no cell, its source in UTF-8
-    without an encoding cookie (CPython seeks in such a file; a FIFO cannot), and few
-    other files (as WarmRuntime.serves asks in the agent)."""
+    without arguments, no compile step, no cell, its source in UTF-8 without an
+    encoding cookie (CPython seeks in such a file; a FIFO cannot), as WarmRuntime.serves
+    asks in the agent; and its files no larger than MAX_FILE_BYTES in all."""
     run, files = job["run"], job["files"]
     if job.get("compile") or "cell" in run:
         return False
     if run["argv"] != warm["argv"] or job.get("env") != warm["env"]:
         return False
     main = [f for f in files if f["path"] == warm["source"]]
-    others = sum(len(f["content"]) for f in files if f["path"] != warm["source"])
     return (
         len(main) == 1
         and main[0].get("encoding", "utf-8") == "utf-8"
         and not has_coding_cookie(main[0]["content"].encode())
-        and others <= MAX_FILE_BYTES
+        and sum(len(f["content"]) for f in files) <= MAX_FILE_BYTES
     )
 
 
@@ -83,30 +85,45 @@ class DirectRuntime:
         self._jail_pid = jail_pid  # the host pid of the jail's PID 1 (the reaper)
         self.owner = owner  # the host uid of the jail's files
         self.workdir = workdir  # where they go, in the jail
-        self.pid = 0  # the runtime's host pid, once started
 
     async def _record(self) -> tuple[bytes, int, float, int]:
         """The reaper's next record: its type, a wait status, CPU seconds, memory bytes."""
-        data = await self.control.recv(RECORD.size)
+        try:
+            data = await self.control.recv(RECORD.size)
+        except OSError as exc:
+            raise AgentError(f"the jail's PID 1 went away: {exc}") from exc
         if len(data) != RECORD.size:
             raise AgentError("the jail's PID 1 went away")
         kind, _, status, utime, stime, maxrss = RECORD.unpack(data)
         return kind, status, (utime + stime) / 1e6, maxrss * 1024
+
+    async def _send(self, message: bytes) -> None:
+        try:
+            await self.control.send(message)
+        except OSError as exc:
+            raise AgentError(f"the jail's PID 1 went away: {exc}") from exc
 
     async def started(self) -> None:
         """Wait for the reaper to have started the runtime (the sandbox is ready)."""
         kind, *_ = await self._record()
         if kind != b"R":
             raise AgentError(f"the jail's PID 1 sent {kind!r} before it started the runtime")
-        reaper = self._jail_pid()
-        with open(f"/proc/{reaper}/task/{reaper}/children") as children:
-            self.pid = int(children.read().split()[0])
 
     async def become_agent(self) -> None:
         """Have the reaper kill the runtime and exec the agent (its channel is the jail's
         stdin and stdout, as for a jail started with the agent)."""
-        await self.control.send(b"A")
-        self.close()
+        try:
+            await self._send(b"A")
+            # Until its exec closes its end, reading what it sent before (an answer to
+            # rlimits that came after an exit): a socket closed with unread data resets
+            # its peer, whose next read would then fail before it reads "A".
+            with trio.move_on_after(HANDOFF_TIMEOUT):
+                while await self.control.recv(RECORD.size):
+                    pass
+        except OSError as exc:
+            raise AgentError(f"the jail's PID 1 went away: {exc}") from exc
+        finally:
+            self.close()
 
     def close(self) -> None:
         self.control.close()
@@ -126,7 +143,10 @@ class DirectRuntime:
         record, as the agent makes it. AgentError if the jail's PID 1 goes away first."""
         source_name = self.warm["source"]
         source = next(f for f in job["files"] if f["path"] == source_name)
-        workdir = Workdir(f"/proc/{self._jail_pid()}/root{self.workdir}")
+        try:
+            workdir = Workdir(f"/proc/{self._jail_pid()}/root{self.workdir}")
+        except LaunchError as exc:
+            raise AgentError(exc.message) from exc
         staged = f".{source_name}.sandboxd"
         try:
             # Written as the job's uid, as the agent writes them: the jail's tmpfs takes
@@ -136,7 +156,7 @@ class DirectRuntime:
                 workdir.write(staged, source["content"].encode())
                 fifo = self._publish(workdir, staged)
         except (OSError, JobError) as exc:
-            raise AgentError(f"cannot hand the job to the warm runtime: {exc}") from exc
+            return failed_result(exc)  # as the agent answers a file it cannot write
         return await self._complete(job, fifo, on_output, transcript, stdin, on_stage, kill_program)
 
     async def take(self, limits: dict[str, Any]) -> bool:
@@ -146,7 +166,7 @@ class DirectRuntime:
         rlimits = job_rlimits(limits, float(limits["cpu_time"]))
         message = LIMITS.pack(b"L", len(rlimits))
         message += b"".join(LIMIT.pack(which, *values) for which, values in rlimits)
-        await self.control.send(message)
+        await self._send(message)
         kind, error, _, _ = await self._record()
         if kind == b"X":
             return False
@@ -162,8 +182,12 @@ class DirectRuntime:
         try:
             name = self.warm["source"]
             fifo = os.open(name, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=root)
-            # The source appears last: a runtime slower than its job opens it at once.
-            os.rename(staged, name, src_dir_fd=root, dst_dir_fd=root)
+            try:
+                # The source appears last: a runtime slower than its job opens it at once.
+                os.rename(staged, name, src_dir_fd=root, dst_dir_fd=root)
+            except OSError:
+                os.close(fifo)
+                raise
         finally:
             os.close(root)
         return fifo
@@ -186,6 +210,7 @@ class DirectRuntime:
             name: Capture(name, cap, lambda stream, data: pending.append((stream, data)))
             for name in ("stdout", "stderr")
         }
+        source = trio.lowlevel.FdStream(fifo)
         killed = False
 
         def kill() -> None:
@@ -202,11 +227,10 @@ class DirectRuntime:
 
         async def pump(stream: trio.lowlevel.FdStream, name: str) -> None:
             while chunk := await stream.receive_some(CHUNK):
-                within = outcome.captures[name].add(chunk)
-                await relay()
-                if not within and not killed:
+                if not outcome.captures[name].add(chunk) and not killed:
                     outcome.output_limited = name
                     kill()
+                await relay()
             stream.close()
 
         if on_stage is not None:
@@ -214,7 +238,7 @@ class DirectRuntime:
         start = trio.current_time()
         failure: AgentError | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_feed, trio.lowlevel.FdStream(fifo), source_of(job, self.warm))
+            nursery.start_soon(_feed, source, source_of(job, self.warm))
             stdin_data = str(job.get("stdin") or "").encode()
             nursery.start_soon(_feed, self.stdin, stdin_data, stdin)
             async with trio.open_nursery() as pipes:
@@ -229,8 +253,11 @@ class DirectRuntime:
                         status, cpu, memory = await self._exit()
                 except AgentError as exc:
                     failure = exc  # raised below, not through the nurseries (no group)
-                kill_program()  # whatever it left running dies with it
-                pipes.cancel_scope.deadline = trio.current_time() + DRAIN_GRACE
+                kill_program()  # whatever it left running dies with it, and its pipes close
+                # What is in them is read to the end, but after a kill a process that
+                # could not be reached may hold them (as the agent waits, stage.py).
+                if killed:
+                    pipes.cancel_scope.deadline = trio.current_time() + DRAIN_GRACE
             nursery.cancel_scope.cancel()  # input nobody read
         if failure is not None:
             raise failure

@@ -34,7 +34,7 @@ from sandboxd.agent_link import AgentLink, OutputHandler, StageHandler, Transcri
 from sandboxd.backends.agent_bundle import agent_command
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox
 from sandboxd.backends.direct_run import DirectRuntime, fits
-from sandboxd.errors import LaunchError
+from sandboxd.errors import AgentError, LaunchError
 from sandboxd.host import seccomp
 from sandboxd.host.cgroups import Cgroup, CgroupLimits
 from sandboxd.host.jail import BWRAP, data_fd
@@ -67,6 +67,7 @@ with zipfile.ZipFile(out, "w") as compiled:
 sys.stdout.buffer.write(out.getvalue())
 """
 REAPER = f"{GUEST_DIR}/reaper"  # a warm sandbox's PID 1 (guest/reaper.c)
+AGENT_START_TIMEOUT = 30.0  # for the agent a reaper became to say hello
 # Run by the image's sh: the reaper's source on stdin, the program on stdout.
 COMPILE_REAPER = "cc -O2 -o /tmp/reaper -x c - && cat /tmp/reaper"
 WORKDIR = "/work"
@@ -115,7 +116,11 @@ class NamespacesSandbox(JailedSandbox):
         return await super()._run_job(job, on_output, transcript, stdin, on_stage)
 
     async def open_session(self, limits: Limits) -> None:
-        await self._agent()
+        try:
+            await self._agent()
+        except AgentError:
+            self.kill()
+            raise
         await super().open_session(limits)
 
     async def _agent(self) -> None:
@@ -123,7 +128,11 @@ class NamespacesSandbox(JailedSandbox):
         direct, self.direct = self.direct, None
         if direct is not None:
             await direct.become_agent()
-            await self.link.handshake()
+            try:
+                with trio.fail_after(AGENT_START_TIMEOUT):
+                    await self.link.handshake()
+            except trio.TooSlowError:
+                raise AgentError(f"agent not ready within {AGENT_START_TIMEOUT:g} s") from None
 
     def network_namespace(self) -> str:
         return f"/proc/{self._agent_pid('give a network')}/ns/net"
@@ -313,12 +322,17 @@ class NamespacesBackend(JailedBackend):
     async def open_sandbox(
         self, slot: int, start_timeout: float, warm: WarmRuntime | None = None
     ) -> AsyncIterator[Sandbox]:
-        fds = [data_fd(self.agent, "sandboxd-agent")]
-        seccomp_fd = None
-        if seccomp.supported():
-            seccomp_fd = data_fd(seccomp.filter_program(), "sandboxd-seccomp")
-            fds.append(seccomp_fd)
         reaper = ReaperJail(warm, self.reaper) if warm is not None and self.reaper else None
+        try:
+            fds = [data_fd(self.agent, "sandboxd-agent")]
+            seccomp_fd = None
+            if seccomp.supported():
+                seccomp_fd = data_fd(seccomp.filter_program(), "sandboxd-seccomp")
+                fds.append(seccomp_fd)
+        except BaseException:
+            if reaper:
+                reaper.abandon()
+            raise
         argv = self.argv(fds[0], seccomp_fd, reaper)
         jail = self.jail(
             slot,
@@ -374,7 +388,8 @@ class ReaperJail:
     def command(self) -> list[str]:
         """The reaper's command line, up to the agent's command that follows it."""
         ends = map(str, self.jail_ends[1:])  # its socket, the runtime's stdin/out/err
-        return [REAPER, *ends, self.warm["source"], *self.warm["argv"], "--"]
+        runtime = self.warm["argv"]
+        return [REAPER, *ends, self.warm["source"], str(len(runtime)), *runtime]
 
     def runtime(self, jail_pid: Callable[[], int], owner: int) -> DirectRuntime:
         """The daemon's end, which from now on owns the socket and the pipes."""
@@ -388,6 +403,12 @@ class ReaperJail:
         )
         self.runtime_made = runtime
         return runtime
+
+    def abandon(self) -> None:
+        """No jail is made: close both ends."""
+        for fd in self.jail_ends:
+            os.close(fd)
+        self.close()
 
     def close(self) -> None:
         """Close the daemon's ends (the jail's were handed over with the jail)."""
