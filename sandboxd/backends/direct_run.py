@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -85,6 +86,7 @@ class DirectRuntime:
         self._jail_pid = jail_pid  # the host pid of the jail's PID 1 (the reaper)
         self.owner = owner  # the host uid of the jail's files
         self.workdir = workdir  # where they go, in the jail
+        self.rlimits: list[tuple[int, tuple[int, int]]] = []  # the runtime's, as set
 
     async def _record(self) -> tuple[bytes, int, float, int]:
         """The reaper's next record: its type, a wait status, CPU seconds, memory bytes."""
@@ -103,11 +105,15 @@ class DirectRuntime:
         except OSError as exc:
             raise AgentError(f"the jail's PID 1 went away: {exc}") from exc
 
-    async def started(self) -> None:
-        """Wait for the reaper to have started the runtime (the sandbox is ready)."""
+    async def started(self, limits: dict[str, Any]) -> None:
+        """Wait for the reaper to have started the runtime, and give it the rlimits of a
+        job with ``limits`` (the defaults): a job with those then waits for no answer
+        of the reaper's before its source goes in (the sandbox is ready)."""
         kind, *_ = await self._record()
         if kind != b"R":
             raise AgentError(f"the jail's PID 1 sent {kind!r} before it started the runtime")
+        if not await self._limit(job_rlimits(limits, float(limits["cpu_time"]))):
+            raise AgentError("the warm runtime died as it started")
 
     async def become_agent(self) -> None:
         """Have the reaper kill the runtime and exec the agent (its channel is the jail's
@@ -160,10 +166,18 @@ class DirectRuntime:
         return await self._complete(job, fifo, on_output, transcript, stdin, on_stage, kill_program)
 
     async def take(self, limits: dict[str, Any]) -> bool:
-        """Have the reaper set the runtime's rlimits for a job that :func:`fits` it (before
-        its program's first line); False if the runtime died waiting (its exit came
-        first: the job then goes to the agent, cold). AgentError if that fails."""
+        """Have the runtime's rlimits be those of a job that :func:`fits` it (before its
+        program's first line); False if the runtime died waiting (its exit came first:
+        the job then goes to the agent, cold). AgentError if that fails."""
         rlimits = job_rlimits(limits, float(limits["cpu_time"]))
+        if rlimits != self.rlimits:
+            return await self._limit(rlimits)
+        pending = select.poll()  # an exit the reaper reported while the runtime waited
+        pending.register(self.control.fileno(), select.POLLIN)
+        return not pending.poll(0) or await self._limit(rlimits)
+
+    async def _limit(self, rlimits: list[tuple[int, tuple[int, int]]]) -> bool:
+        """Have the reaper set the runtime's ``rlimits``; False if its exit came first."""
         message = LIMITS.pack(b"L", len(rlimits))
         message += b"".join(LIMIT.pack(which, *values) for which, values in rlimits)
         await self._send(message)
@@ -174,6 +188,7 @@ class DirectRuntime:
             raise AgentError(f"the jail's PID 1 answered the rlimits with {kind!r}")
         if error:
             raise AgentError(f"cannot limit the warm runtime: {os.strerror(error)}")
+        self.rlimits = rlimits
         return True
 
     def _publish(self, workdir: Workdir, staged: str) -> int:

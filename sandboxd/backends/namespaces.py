@@ -351,7 +351,7 @@ class NamespacesBackend(JailedBackend):
                 start: Callable[[], Awaitable[object]] = partial(link.handshake, warm)
                 if reaper:
                     sandbox.direct = reaper.runtime(sandbox.jail_pid, self.uid_base + slot)
-                    start = sandbox.direct.started
+                    start = partial(sandbox.direct.started, self.default_limits.to_dict())
                 async with sandbox.serving(start, argv, start_timeout):
                     yield sandbox
         finally:

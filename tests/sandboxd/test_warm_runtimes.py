@@ -154,6 +154,18 @@ def test_every_program_behaves_the_same_warm_and_cold(warm, cold):
         assert (warm_result.warm, cold_result.warm) == (name not in COLD, False), name
 
 
+def test_a_jobs_own_limits_hold_from_its_first_line_warm_as_cold(make_daemon, cold):
+    """A ready runtime already has the rlimits of a job with the default limits; one
+    with limits of its own has them set before its first line too."""
+    daemon = make_daemon()
+    limits = {"cpu_time": 3, "file_size_bytes": 123456, "processes": 17}
+    code = PYTHON["limits_before_the_first_line"]
+    warm_result, cold_result = run_both(daemon, cold, "python", code, limits=limits)
+    assert fields(warm_result) == fields(cold_result)
+    assert warm_result.warm
+    assert "(3, 4), (123456, 123456), (17, 17)" in warm_result.stdout
+
+
 def test_a_job_with_arguments_starts_cold_with_them(warm, cold):
     language, daemon = warm
     code = {"python": "import sys; print(sys.argv)", "typescript": "console.log(Deno.args)"}
