@@ -147,76 +147,10 @@ class DirectRuntime:
     ) -> dict[str, Any]:
         """Run a job that :func:`fits` the runtime and that it took (:meth:`take`); its
         record, as the agent makes it. AgentError if the jail's PID 1 goes away first."""
-        source_name = self.warm["source"]
-        source = next(f for f in job["files"] if f["path"] == source_name)
         try:
-            workdir = Workdir(f"/proc/{self._jail_pid()}/root{self.workdir}")
-        except LaunchError as exc:
-            raise AgentError(exc.message) from exc
-        staged = f".{source_name}.sandboxd"
-        try:
-            # Written as the job's uid, as the agent writes them: the jail's tmpfs takes
-            # no file of a uid its user namespace does not map (root's, EOVERFLOW).
-            with _acting_as(self.owner):
-                workdir.write_all([f for f in job["files"] if f is not source])
-                workdir.write(staged, source["content"].encode())
-                fifo = self._publish(workdir, staged)
+            fifo = self._hand_over(job)
         except (OSError, JobError) as exc:
             return failed_result(exc)  # as the agent answers a file it cannot write
-        return await self._complete(job, fifo, on_output, transcript, stdin, on_stage, kill_program)
-
-    async def take(self, limits: dict[str, Any]) -> bool:
-        """Have the runtime's rlimits be those of a job that :func:`fits` it (before its
-        program's first line); False if the runtime died waiting (its exit came first:
-        the job then goes to the agent, cold). AgentError if that fails."""
-        rlimits = job_rlimits(limits, float(limits["cpu_time"]))
-        if rlimits != self.rlimits:
-            return await self._limit(rlimits)
-        pending = select.poll()  # an exit the reaper reported while the runtime waited
-        pending.register(self.control.fileno(), select.POLLIN)
-        return not pending.poll(0) or await self._limit(rlimits)
-
-    async def _limit(self, rlimits: list[tuple[int, tuple[int, int]]]) -> bool:
-        """Have the reaper set the runtime's ``rlimits``; False if its exit came first."""
-        message = LIMITS.pack(b"L", len(rlimits))
-        message += b"".join(LIMIT.pack(which, *values) for which, values in rlimits)
-        await self._send(message)
-        kind, error, _, _ = await self._record()
-        if kind == b"X":
-            return False
-        if kind != b"L":
-            raise AgentError(f"the jail's PID 1 answered the rlimits with {kind!r}")
-        if error:
-            raise AgentError(f"cannot limit the warm runtime: {os.strerror(error)}")
-        self.rlimits = rlimits
-        return True
-
-    def _publish(self, workdir: Workdir, staged: str) -> int:
-        """Put the staged source in place of the FIFO; the FIFO, to write it to."""
-        root = os.open(workdir.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            name = self.warm["source"]
-            fifo = os.open(name, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=root)
-            try:
-                # The source appears last: a runtime slower than its job opens it at once.
-                os.rename(staged, name, src_dir_fd=root, dst_dir_fd=root)
-            except OSError:
-                os.close(fifo)
-                raise
-        finally:
-            os.close(root)
-        return fifo
-
-    async def _complete(
-        self,
-        job: dict[str, Any],
-        fifo: int,
-        on_output: OutputHandler,
-        transcript: Transcript,
-        stdin: StdinStream | None,
-        on_stage: StageHandler | None,
-        kill_program: Callable[[], None],
-    ) -> dict[str, Any]:
         limits = job["limits"]
         outcome = StageOutcome()
         pending: list[tuple[str, str]] = []
@@ -289,6 +223,65 @@ class DirectRuntime:
             outcome.exit_code = returncode
         status_name, message = classify(outcome, "run", limits)
         return {"type": "result", **run_result(outcome, status_name, message, warm=True)}
+
+    async def take(self, limits: dict[str, Any]) -> bool:
+        """Have the runtime's rlimits be those of a job that :func:`fits` it (before its
+        program's first line); False if the runtime died waiting (its exit came first:
+        the job then goes to the agent, cold). AgentError if that fails."""
+        rlimits = job_rlimits(limits, float(limits["cpu_time"]))
+        if rlimits != self.rlimits:
+            return await self._limit(rlimits)
+        pending = select.poll()  # an exit the reaper reported while the runtime waited
+        pending.register(self.control.fileno(), select.POLLIN)
+        return not pending.poll(0) or await self._limit(rlimits)
+
+    async def _limit(self, rlimits: list[tuple[int, tuple[int, int]]]) -> bool:
+        """Have the reaper set the runtime's ``rlimits``; False if its exit came first."""
+        message = LIMITS.pack(b"L", len(rlimits))
+        message += b"".join(LIMIT.pack(which, *values) for which, values in rlimits)
+        await self._send(message)
+        kind, error, _, _ = await self._record()
+        if kind == b"X":
+            return False
+        if kind != b"L":
+            raise AgentError(f"the jail's PID 1 answered the rlimits with {kind!r}")
+        if error:
+            raise AgentError(f"cannot limit the warm runtime: {os.strerror(error)}")
+        self.rlimits = rlimits
+        return True
+
+    def _publish(self, workdir: Workdir, staged: str) -> int:
+        """Put the staged source in place of the FIFO; the FIFO, to write it to."""
+        root = os.open(workdir.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            name = self.warm["source"]
+            fifo = os.open(name, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=root)
+            try:
+                # The source appears last: a runtime slower than its job opens it at once.
+                os.rename(staged, name, src_dir_fd=root, dst_dir_fd=root)
+            except OSError:
+                os.close(fifo)
+                raise
+        finally:
+            os.close(root)
+        return fifo
+
+    def _hand_over(self, job: dict[str, Any]) -> int:
+        """Write the job's files, then its source in place of the FIFO; the FIFO, to
+        write the source to."""
+        source_name = self.warm["source"]
+        source = next(f for f in job["files"] if f["path"] == source_name)
+        try:
+            workdir = Workdir(f"/proc/{self._jail_pid()}/root{self.workdir}")
+        except LaunchError as exc:
+            raise AgentError(exc.message) from exc
+        staged = f".{source_name}.sandboxd"
+        # Written as the job's uid, as the agent writes them: the jail's tmpfs takes no
+        # file of a uid its user namespace does not map (root's, EOVERFLOW).
+        with _acting_as(self.owner):
+            workdir.write_all([f for f in job["files"] if f is not source])
+            workdir.write(staged, source["content"].encode())
+            return self._publish(workdir, staged)
 
     async def _exit(self) -> tuple[int, float, int]:
         kind, status, cpu, memory = await self._record()
