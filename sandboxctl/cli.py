@@ -100,7 +100,8 @@ def status(app: App, as_json: bool) -> None:
     click.echo(f"sandboxd {answer['version']}, up {answer['uptime']:.0f} s")
     click.echo(f"backend:  {backend['name']} — {backend['isolation']}")
     click.echo(f"          {backend['reason']}")
-    for detail in ("kernel", "channel", "snapshot", "host", "cgroups"):  # what VM backends add
+    # What the VM backends add, and how the namespaces backend runs warm jobs.
+    for detail in ("kernel", "channel", "snapshot", "host", "cgroups", "warm_jobs"):
         if backend.get(detail):
             click.echo(f"          {detail}: {backend[detail]}")
     click.echo(

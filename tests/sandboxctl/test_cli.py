@@ -117,6 +117,7 @@ def test_health_languages_status(run):
     assert json.loads(languages.stdout)["languages"] == ["python", "typescript", "rust"]
     status = run("status")
     assert "namespaces" in status.stdout and "weaker than a VM" in status.stdout
+    assert "warm_jobs: direct: the daemon runs a job that fits a warm runtime" in status.stdout
 
 
 def test_daemon_not_running_is_one_line_and_exit_125(tmp_path):
