@@ -103,6 +103,9 @@ class GatewayConfig:
     concurrent_per_key: int = _setting(16, check="positive")
     max_body_bytes: int = _setting(4 * 1024 * 1024, kind="size", check="positive")
     body_timeout: float = _setting(10.0, check="positive")  # a request body, to arrive whole
+    # After SIGTERM: how long /ready says "draining" while the gateway still serves, so a
+    # load balancer moves new work elsewhere first (a few of its check intervals).
+    drain_seconds: float = _setting(0.0, check="non_negative")
 
 
 @dataclass(frozen=True)

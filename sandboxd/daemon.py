@@ -32,13 +32,12 @@ from sandboxd.languages import LanguageTable
 from sandboxd.listen_socket import open_listener, remove_stale_socket
 from sandboxd.peers import SocketLimits
 from sandboxd.pool import Pool
+from sandboxd.protocol import DRAIN_TIMEOUT
 from sandboxd.rpc_server import RpcServer
 from sandboxd.service import Service
 from sandboxd.sessions import Sessions
 
 log = logging.getLogger(__name__)
-
-DRAIN_TIMEOUT = 30.0
 
 
 def instance_lock(config: Config) -> AbstractContextManager[None]:

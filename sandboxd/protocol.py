@@ -69,3 +69,5 @@ STREAMS = ("stdout", "stderr")
 STAGES = ("compile", "run")
 
 AGENT_PROTOCOL = 2  # the version of the agent protocol, in its hello
+# Told to stop, the daemon (and the gateway) answer what they accepted within this long.
+DRAIN_TIMEOUT = 30.0

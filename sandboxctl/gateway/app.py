@@ -31,6 +31,7 @@ from sandboxctl.gateway.models import (
     ExecuteResponse,
     HealthResponse,
     LanguagesResponse,
+    ReadyResponse,
 )
 from sandboxctl.gateway.piston import piston_routes, piston_runtimes
 from sandboxctl.gateway.piston_connect import serve_piston_socket
@@ -287,6 +288,36 @@ def create_app(
         return JSONResponse(
             body.model_dump(exclude_none=True), 200 if body.status == "healthy" else 503
         )
+
+    app.state.draining = False  # set by the server once it is told to stop
+
+    @app.get(
+        "/ready",
+        response_model=ReadyResponse,
+        response_model_exclude_none=True,
+        responses={503: {"model": ReadyResponse, "description": "takes no new work now"}},
+    )
+    async def ready() -> JSONResponse:
+        """Whether this node takes new work (a load balancer's health check): not while
+        it drains, nor while its daemon cannot run code; with its ready sandboxes and
+        free slots."""
+        if app.state.draining:
+            body = ReadyResponse(ready=False, reason="draining: finishing what it has")
+            return JSONResponse(body.model_dump(exclude_none=True), 503)
+        try:
+            answer = await answers.health()
+        except DaemonUnavailable as exc:
+            body = ReadyResponse(ready=False, reason=exc.message)
+            return JSONResponse(body.model_dump(exclude_none=True), 503)
+        pool = answer.get("pool", {})
+        healthy = answer.get("status") == "healthy"
+        body = ReadyResponse(
+            ready=healthy,
+            ready_sandboxes=pool.get("ready", 0),
+            free_slots=max(0, pool.get("max", 0) - pool.get("busy", 0) - pool.get("sessions", 0)),
+            reason=None if healthy else answer.get("reason"),
+        )
+        return JSONResponse(body.model_dump(exclude_none=True), 200 if healthy else 503)
 
     @app.get("/languages", response_model=LanguagesResponse, responses={503: ERRORS[503]})
     async def languages() -> dict[str, Any]:

@@ -204,6 +204,17 @@ class HealthResponse(BaseModel):
     reason: str | None = Field(default=None, description="why it is unhealthy")
 
 
+class ReadyResponse(BaseModel):
+    """Whether this node takes new work now, and how much, for a load balancer."""
+
+    ready: bool
+    ready_sandboxes: int = Field(default=0, description="started and waiting for a job")
+    free_slots: int = Field(
+        default=0, description="jobs it could run at once beside those it runs (max less busy)"
+    )
+    reason: str | None = Field(default=None, description="why it is not ready")
+
+
 class LanguageDetail(BaseModel):
     name: str
     version: str

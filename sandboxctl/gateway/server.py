@@ -27,6 +27,7 @@ from sandboxd import __version__
 from sandboxd.config import Config, load_config
 from sandboxd.errors import ConfigError, SandboxError
 from sandboxd.listen_socket import systemd_socket
+from sandboxd.protocol import DRAIN_TIMEOUT
 
 log = logging.getLogger("sandboxd.gateway")
 
@@ -116,17 +117,24 @@ async def run_gateway(
     else:
         hypercorn.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hypercorn.accesslog = None  # we write our own structured line per request
-    hypercorn.graceful_timeout = 5
+    # Once stopping, what was accepted is answered, as the daemon answers it.
+    hypercorn.graceful_timeout = DRAIN_TIMEOUT
     # What one connection may have queued for the app: a few messages, none larger than
     # a request body (a WebSocket's stdin is held back by its socket beyond that).
     hypercorn.websocket_max_message_size = gateway.max_body_bytes
     hypercorn.max_app_queue_size = 4
 
     async def stop_on_signal() -> None:
+        """Stop at SIGTERM or SIGINT: after ``drain_seconds`` of /ready saying so (cut
+        short by a second signal), no new connections, and what was accepted answered."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("%s: stopping", signal.Signals(signum).name)
-                return
+            name = signal.Signals(await signals.__anext__()).name
+            app.state.draining = True
+            if gateway.drain_seconds > 0:
+                log.info("%s: draining for %g s (/ready: 503)", name, gateway.drain_seconds)
+                with trio.move_on_after(gateway.drain_seconds):
+                    await signals.__anext__()
+            log.info("%s: stopping", name)
 
     log.info(
         "sandboxd-gateway %s: http://%s:%d/ -> %s", __version__, host, port, config.daemon.socket
