@@ -7,8 +7,9 @@ PYTHON      ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo
 VENV        := .venv
 BIN         := $(VENV)/bin
 APT_PACKAGES := bubblewrap mmdebstrap uidmap e2fsprogs python3-venv curl lz4 qemu-system-x86 nftables
-# What make deb and make docker-build use, and the tools the tests check with (a browser).
-BUILD_PACKAGES := dpkg-dev binutils lintian podman runc chromium
+# What make deb and make docker-build use, and the tools the tests check with (a browser,
+# HAProxy for contrib/haproxy.cfg).
+BUILD_PACKAGES := dpkg-dev binutils lintian podman runc chromium haproxy
 SOCKET      ?= /run/sandboxd.sock
 LOG         ?= /var/log/sandboxd.log
 GATEWAY_LOG ?= /var/log/sandboxd-gateway.log

@@ -130,6 +130,10 @@ class SessionsConfig:
     # Users who may open sessions on behalf of their own clients, each client an owner of
     # its own (the HTTP gateway, for its API keys); root always may.
     delegates: tuple[str, ...] = _setting(("sandboxd-gateway",))
+    # This host's name among the nodes of a cluster: its session ids start with
+    # "<node>-", so that a load balancer sends each session's calls to the node that
+    # holds it (contrib/haproxy.cfg). "" on a host alone.
+    node: str = _setting("", check="node")
 
     def total(self, max_sandboxes: int) -> int:
         """The sessions the server holds at once: always room for one-shot jobs."""
@@ -220,6 +224,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "name": (
         lambda v: re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", v) is not None,
         "a short lowercase name (letters, digits, - and _)",
+    ),
+    "node": (
+        lambda v: re.fullmatch(r"([a-z0-9][a-z0-9-]{0,31})?", v) is not None,
+        'a short lowercase name of letters, digits and -, or "" (no cluster)',
     ),
 }
 

@@ -218,8 +218,9 @@ class Sessions:
                 "sessions.max_total): try again later",
                 maximum=self.max_total,
             )
+        node = self.settings.node
         session = Session(
-            id=secrets.token_hex(12),
+            id=f"{node}-{secrets.token_hex(12)}" if node else secrets.token_hex(12),
             owner=owner,
             language=language,
             limits=limits,

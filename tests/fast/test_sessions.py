@@ -46,6 +46,16 @@ async def test_files_persist_between_execs_and_come_back_byte_for_byte(tmp_path)
     assert listed[0]["id"] == session.id and listed[0]["ended"] == "closed by its owner"
 
 
+async def test_a_nodes_session_ids_start_with_its_name(tmp_path):
+    """So that a balancer in front of several nodes sends a session's calls to its node
+    (contrib/haproxy.cfg)."""
+    async with local_stack(tmp_path, max_sandboxes=4, sessions={"node": "node2"}) as stack:
+        session = await stack.client.session()
+        async with session:
+            assert session.id.startswith("node2-") and len(session.id) == len("node2-") + 24
+            assert (await session.exec("print(1)")).stdout == "1\n"
+
+
 async def test_a_closed_session_is_gone_for_every_call(tmp_path):
     async with local_stack(tmp_path, max_sandboxes=4) as stack:
         session = await stack.client.session()

@@ -67,9 +67,11 @@ def test_the_package_holds_the_commands_units_config_and_docs(deb):
         "./etc/sandboxd/sandboxd.toml",
         "./usr/lib/sandboxd/python/guest/agent/__main__.py",
         "./usr/lib/sandboxd/python/guest/init.sh",
+        "./usr/lib/sandboxd/python/guest/reaper.c",  # built by the image's cc at start
         "./usr/lib/sandboxd/python/sandboxctl/gateway/playground.html",
         "./usr/lib/sandboxd/python/fastapi_offline/static/swagger-ui-bundle.js",
         "./usr/share/doc/sandboxd/README.md",
+        "./usr/share/doc/sandboxd/examples/haproxy.cfg",
         "./var/lib/sandboxd/",
     ):
         assert path in files
