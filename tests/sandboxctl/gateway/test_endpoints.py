@@ -20,7 +20,7 @@ def test_health_has_the_original_fields_and_more(http):
     assert body["version"]
 
 
-def test_health_is_503_when_the_daemon_is_unreachable(tmp_path):
+def test_health_and_ready_are_503_when_the_daemon_is_unreachable(tmp_path):
     gateway = start_gateway(tmp_path, tmp_path / "no-daemon.sock")
     try:
         answer = httpx.get(f"{gateway.url}/health")
@@ -31,6 +31,11 @@ def test_health_is_503_when_the_daemon_is_unreachable(tmp_path):
         execute = httpx.post(f"{gateway.url}/execute", json={"language": "py", "code": ""})
         assert execute.status_code == 503
         assert execute.json()["error"].startswith("Service unavailable: sandboxd is not running")
+        ready = httpx.get(f"{gateway.url}/ready")  # a balancer takes the node out
+        assert ready.status_code == 503
+        assert (
+            ready.json()["ready"] is False and "sandboxd is not running" in ready.json()["reason"]
+        )
     finally:
         gateway.stop()
 

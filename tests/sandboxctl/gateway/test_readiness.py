@@ -24,17 +24,6 @@ def test_ready_says_how_much_work_the_node_takes(http, daemon):
     assert 0 < body["free_slots"] <= pool["max"]
 
 
-def test_a_node_without_its_daemon_is_not_ready(tmp_path):
-    gateway = start_gateway(tmp_path, tmp_path / "no-daemon.sock")
-    try:
-        answer = httpx.get(f"{gateway.url}/ready")
-        assert answer.status_code == 503
-        body = answer.json()
-        assert body["ready"] is False and "sandboxd is not running" in body["reason"]
-    finally:
-        assert gateway.stop() == 0
-
-
 def test_a_draining_node_says_so_serves_on_and_answers_what_it_accepted(daemon, tmp_path):
     gateway = start_gateway(tmp_path, daemon.socket, drain_seconds=3)
     accepted: dict[str, httpx.Response] = {}
