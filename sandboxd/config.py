@@ -133,7 +133,7 @@ class SessionsConfig:
     # This host's name among the nodes of a cluster: its session ids start with
     # "<node>-", so that a load balancer sends each session's calls to the node that
     # holds it (contrib/haproxy.cfg). "" on a host alone.
-    node: str = _setting("", check="node")
+    node: str = _setting("", env=("SANDBOXD_NODE",), check="node")
 
     def total(self, max_sandboxes: int) -> int:
         """The sessions the server holds at once: always room for one-shot jobs."""

@@ -119,6 +119,14 @@ def test_bad_file_names_file_key_and_expectation(tmp_path, text, message):
     assert message in caught.value.message
 
 
+def test_a_nodes_name_from_its_orchestrator_is_checked():
+    """Nomad and Kubernetes give SANDBOXD_NODE the host's name; one a session id cannot
+    start with is refused, naming the variable."""
+    assert load_config(environ={"SANDBOXD_NODE": "worker-3"}).sessions.node == "worker-3"
+    with pytest.raises(ConfigError, match=r"SANDBOXD_NODE: sessions\.node"):
+        load_config(environ={"SANDBOXD_NODE": "ip-10-0-0-3.ec2.internal"})
+
+
 def test_bad_environment_value_names_the_variable():
     with pytest.raises(ConfigError, match=r"environment variable API_PORT: gateway\.api_port"):
         load_config(environ={"API_PORT": "http"})

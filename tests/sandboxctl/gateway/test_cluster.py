@@ -196,6 +196,16 @@ def test_two_nodes_share_the_load_lose_none_when_one_dies_and_keep_sessions(clus
                         f"/sessions/{session}/exec", json={"code": code, "cell": True}
                     )
                     assert cell.status_code == 200 and cell.json()["success"], cell.text
+                    # File calls too: each writes where its session's cells run.
+                    mark = client.put(f"/sessions/{session}/files/mark{round_}", content=b"x")
+                    assert mark.status_code == 200, mark.text
+            marks = [
+                client.post(
+                    f"/sessions/{s}/exec",
+                    json={"code": "import os; sorted(os.listdir())", "cell": True},
+                ).json()["cell"]["value"]
+                for s in sessions
+            ]
             values = [
                 client.post(f"/sessions/{s}/exec", json={"code": "x", "cell": True}).json()["cell"][
                     "value"
@@ -216,6 +226,7 @@ def test_two_nodes_share_the_load_lose_none_when_one_dies_and_keep_sessions(clus
             return {
                 "sessions": sessions,
                 "values": values,
+                "marks": marks,
                 "before": before,
                 "mid": mid,
                 "after": after,
@@ -226,6 +237,7 @@ def test_two_nodes_share_the_load_lose_none_when_one_dies_and_keep_sessions(clus
     seen = in_netns(balancer, work)
     assert {s.split("-")[0] for s in seen["sessions"]} == set(NODES), seen["sessions"]
     assert seen["values"] == [str(index + 20) for index in range(4)]
+    assert all("'mark0', 'mark1', 'mark2'" in listed for listed in seen["marks"]), seen["marks"]
     # Before the kill, both nodes served a share, and every answer was right.
     served = {name: node.jobs() for name, node in nodes.items()}
     for number, answer in seen["before"]:
