@@ -19,12 +19,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from pyroute2 import NetNS, netns
 
 from sandboxd.host.netns import in_netns
 from tests.conftest import needs_root
 from tests.daemon_process import Daemon, Gateway, start_daemon, start_gateway
 from tests.host_state import wait_for
+from tests.sandboxctl.gateway.test_streaming import parse_sse
+from tests.sandboxctl.gateway.ws_client import connect
 
 pytestmark = [
     needs_root,
@@ -292,3 +295,46 @@ def test_a_draining_node_finishes_its_jobs_while_the_balancer_moves_new_work(clu
         slow_ids.add(answer.json()["sandbox_id"])
     assert slow_ids & nodes["node1"].jobs()  # the draining node finished its job
     assert nodes["node1"].gateway.process.wait(30) == 0
+
+
+COUNTING = "import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(0.4)"
+ECHO = "import sys\nprint('echo', sys.stdin.readline().strip(), flush=True)"
+
+
+def test_streams_and_websockets_pass_through_the_balancer(cluster):
+    _, url, balancer, _ = cluster
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def stream() -> tuple[list[tuple[str, dict]], float, float]:
+        """The server-sent events of a counting job, with when the first output came and
+        when the answer ended, from the request on."""
+        with httpx.Client(base_url=url, headers=auth, timeout=60) as client:
+            start = time.monotonic()
+            body = {"language": "python", "code": COUNTING}
+            headers = {"Accept": "text/event-stream"}
+            text, first = "", 0.0
+            with client.stream("POST", "/execute", json=body, headers=headers) as answer:
+                assert answer.status_code == 200
+                for chunk in answer.iter_text():
+                    if not first and "event: output" in text + chunk:
+                        first = time.monotonic() - start
+                    text += chunk
+            return parse_sse(text), first, time.monotonic() - start
+
+    async def websocket() -> list[dict]:
+        ws_url = url.replace("http://", "ws://") + "/execute/ws"
+        async with connect(ws_url, [("authorization", f"Bearer {KEY}")]) as ws:
+            await ws.send({"language": "python", "code": ECHO})
+            await ws.send({"type": "stdin", "data": "through haproxy\n", "eof": True})
+            messages = [await ws.receive()]
+            while messages[-1]["type"] == "output":
+                messages.append(await ws.receive())
+            return messages
+
+    events, first, total = in_netns(balancer, stream)
+    outputs = [data["data"] for name, data in events if name == "output"]
+    assert "".join(outputs) == "0\n1\n2\n" and events[-1][0] == "result"
+    assert first < total - 0.6  # the first line came while the job still ran: streamed
+    messages = in_netns(balancer, lambda: trio.run(websocket))
+    assert messages[-1]["type"] == "result" and messages[-1]["success"] is True
+    assert messages[-1]["output"] == "echo through haproxy\n"
