@@ -117,8 +117,10 @@ async def run_gateway(
     else:
         hypercorn.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hypercorn.accesslog = None  # we write our own structured line per request
-    # Once stopping, what was accepted is answered, as the daemon answers it.
-    hypercorn.graceful_timeout = DRAIN_TIMEOUT
+    # Once stopping, what was accepted is answered: behind a balancer (which a drain is
+    # for) as long as the daemon answers it; alone, briefly. A connection a client holds
+    # open mid-body keeps the gateway up for all of it.
+    hypercorn.graceful_timeout = DRAIN_TIMEOUT if gateway.drain_seconds > 0 else 5
     # What one connection may have queued for the app: a few messages, none larger than
     # a request body (a WebSocket's stdin is held back by its socket beyond that).
     hypercorn.websocket_max_message_size = gateway.max_body_bytes
