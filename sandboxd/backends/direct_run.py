@@ -18,6 +18,7 @@ import ctypes
 import os
 import select
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -86,6 +87,7 @@ class DirectRuntime:
         self._jail_pid = jail_pid  # the host pid of the jail's PID 1 (the reaper)
         self.owner = owner  # the host uid of the jail's files
         self.workdir = workdir  # where they go, in the jail
+        self.root = ""  # that directory as the host reaches it, once the reaper runs
         self.rlimits: list[tuple[int, tuple[int, int]]] = []  # the runtime's, as set
 
     async def _record(self) -> tuple[bytes, int, float, int]:
@@ -112,6 +114,10 @@ class DirectRuntime:
         kind, *_ = await self._record()
         if kind != b"R":
             raise AgentError(f"the jail's PID 1 sent {kind!r} before it started the runtime")
+        try:
+            self.root = f"/proc/{self._jail_pid()}/root{self.workdir}"
+        except LaunchError as exc:
+            raise AgentError(exc.message) from exc
         if not await self._limit(job_rlimits(limits, float(limits["cpu_time"]))):
             raise AgentError("the warm runtime died as it started")
 
@@ -148,12 +154,12 @@ class DirectRuntime:
         """Run a job that :func:`fits` the runtime and that it took (:meth:`take`); its
         record, as the agent makes it. AgentError if the jail's PID 1 goes away first."""
         try:
-            fifo = self._hand_over(job)
+            fifo, source_text = self._hand_over(job)
         except (OSError, JobError) as exc:
             return failed_result(exc)  # as the agent answers a file it cannot write
         limits = job["limits"]
         outcome = StageOutcome()
-        pending: list[tuple[str, str]] = []
+        pending: deque[tuple[str, str]] = deque()
         cap = int(limits["output_bytes"])
         outcome.captures = {
             name: Capture(name, cap, lambda stream, data: pending.append((stream, data)))
@@ -170,7 +176,7 @@ class DirectRuntime:
         async def relay() -> None:
             """Pass on what the captures let through, each piece once, in order."""
             while pending:
-                stream, data = pending.pop(0)
+                stream, data = pending.popleft()
                 transcript.add("run", stream, data)
                 await on_output("run", stream, data)
 
@@ -187,7 +193,7 @@ class DirectRuntime:
         start = trio.current_time()
         failure: AgentError | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_feed, source, source_of(job, self.warm))
+            nursery.start_soon(_feed, source, source_text)
             stdin_data = str(job.get("stdin") or "").encode()
             nursery.start_soon(_feed, self.stdin, stdin_data, stdin)
             async with trio.open_nursery() as pipes:
@@ -266,22 +272,20 @@ class DirectRuntime:
             os.close(root)
         return fifo
 
-    def _hand_over(self, job: dict[str, Any]) -> int:
-        """Write the job's files, then its source in place of the FIFO; the FIFO, to
-        write the source to."""
+    def _hand_over(self, job: dict[str, Any]) -> tuple[int, bytes]:
+        """Write the job's files, then its source in place of the FIFO; the FIFO, and
+        the source to write to it."""
         source_name = self.warm["source"]
         source = next(f for f in job["files"] if f["path"] == source_name)
-        try:
-            workdir = Workdir(f"/proc/{self._jail_pid()}/root{self.workdir}")
-        except LaunchError as exc:
-            raise AgentError(exc.message) from exc
+        content = source["content"].encode()
+        workdir = Workdir(self.root)
         staged = f".{source_name}.sandboxd"
         # Written as the job's uid, as the agent writes them: the jail's tmpfs takes no
         # file of a uid its user namespace does not map (root's, EOVERFLOW).
         with _acting_as(self.owner):
             workdir.write_all([f for f in job["files"] if f is not source])
-            workdir.write(staged, source["content"].encode())
-            return self._publish(workdir, staged)
+            workdir.write(staged, content)
+            return self._publish(workdir, staged), content
 
     async def _exit(self) -> tuple[int, float, int]:
         kind, status, cpu, memory = await self._record()
@@ -301,10 +305,6 @@ def _acting_as(uid: int) -> Iterator[None]:
     finally:
         _libc.setfsgid(0)
         _libc.setfsuid(0)
-
-
-def source_of(job: dict[str, Any], warm: WarmRuntime) -> bytes:
-    return next(f for f in job["files"] if f["path"] == warm["source"])["content"].encode()
 
 
 async def _feed(
