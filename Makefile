@@ -6,7 +6,7 @@ SHELL       := /bin/bash
 PYTHON      ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV        := .venv
 BIN         := $(VENV)/bin
-APT_PACKAGES := bubblewrap mmdebstrap uidmap e2fsprogs python3-venv curl lz4 qemu-system-x86 nftables
+APT_PACKAGES := bubblewrap mmdebstrap uidmap e2fsprogs python3-venv curl lz4 qemu-system-x86 nftables gcc libc6-dev
 # What make deb and make docker-build use, and the tools the tests check with (a browser,
 # HAProxy for contrib/haproxy.cfg).
 BUILD_PACKAGES := dpkg-dev binutils lintian podman runc chromium haproxy
@@ -53,8 +53,15 @@ $(BIN)/sandboxd: pyproject.toml
 	$(BYTECODE)
 	@touch $@
 
+# What the daemon runs as root to start every jail (sandboxd/host/enter_jail.c), built
+# with the host's compiler and Debian's hardening flags.
+LAUNCHER    := sandboxd/host/enter-jail
+$(LAUNCHER): sandboxd/host/enter_jail.c
+	cc $$(dpkg-buildflags --get CFLAGS) $$(dpkg-buildflags --get CPPFLAGS) -Wall -Wextra -Werror \
+	    $$(dpkg-buildflags --get LDFLAGS) -o $@ $<
+
 .PHONY: build image build-rootfs download-kernel setup-env
-build: deps image ## Install everything and build the sandbox image
+build: deps image $(LAUNCHER) ## Install everything and build the sandbox image
 image: $(BIN)/sandboxd ## Build the sandbox image (cached by its recipe: a no-op when unchanged)
 	$(BIN)/sandboxd image build
 # The original's names for parts of what the image holds.
@@ -110,7 +117,7 @@ soak: build ## A soak with faults: 10,000 mixed jobs at concurrency 16 through s
 	SOAK_JOBS=$${SOAK_JOBS:-10000} SOAK_CONCURRENCY=$${SOAK_CONCURRENCY:-16} $(BIN)/python -m bench.soak
 
 .PHONY: deb docker-build
-deb: $(BIN)/sandboxd ## Build the Debian package into dist/ (then: sudo apt install ./dist/sandboxd_*.deb)
+deb: $(BIN)/sandboxd $(LAUNCHER) ## Build the Debian package into dist/ (then: sudo apt install ./dist/sandboxd_*.deb)
 	packaging/build-deb dist $(BIN)/python
 docker-build: deb ## The container image localhost/sandboxd (podman or docker), from Debian packages only
 	contrib/container/build $$(ls -t dist/sandboxd_*_amd64.deb | head -1)

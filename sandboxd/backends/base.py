@@ -20,7 +20,7 @@ import trio
 from sandboxd.agent_link import AgentLink, OutputHandler, StageHandler, Transcript, WarmRuntime
 from sandboxd.errors import AgentError, InternalError, LaunchError, SandboxError, StartTimeout
 from sandboxd.host.cgroups import Cgroup, CgroupLayout
-from sandboxd.host.jail import jailed
+from sandboxd.host.jail import check_launcher, jailed
 from sandboxd.host.process import ChildProcess, LogTail
 from sandboxd.limits import Limits
 from sandboxd.stdin_stream import StdinStream
@@ -473,6 +473,7 @@ class JailedBackend(Backend):
         )
 
     async def start(self) -> None:
+        check_launcher()
         self.cgroups = CgroupLayout.detect()
         found = await self.cgroups.sweep(self.instance)
         if found:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from sandboxd.errors import LaunchError
 from sandboxd.host.cgroups import Cgroup, CgroupLayout, CgroupLimits
@@ -33,24 +34,28 @@ def data_fd(data: bytes, name: str) -> int:
     return fd
 
 
-# Run as root: write "0" (the writer itself) to each cgroup.procs named before "--",
-# then exec the rest.
-JOIN_CGROUP = (
-    'for f do [ "$f" = -- ] && break; echo 0 > "$f" || exit 126; shift; done; shift; exec "$@"'
-)
+# Built beside this module from enter_jail.c by make build and make deb, with the host's
+# compiler (never an image's): the daemon runs it as root.
+ENTER_JAIL = Path(__file__).with_name("enter-jail")
+
+
+def check_launcher() -> None:
+    """LaunchError unless ENTER_JAIL is built. It is trusted as the daemon's own code
+    is: it lives, and is owned, with it."""
+    if not os.access(ENTER_JAIL, os.X_OK):
+        raise LaunchError(
+            f"{ENTER_JAIL} is missing: build it with `make build` (or install the package)"
+        )
 
 
 def entering(cgroup: Cgroup, uid: int, groups: Sequence[int] = ()) -> list[str]:
     """The command prefix that runs the rest in ``cgroup`` as ``uid`` for good (keeping
-    only ``groups``, e.g. the one that may open /dev/kvm). Both steps are programs the
-    child execs, not a pre-exec hook: the daemon then spawns without running Python in
-    the child, which lets it vfork (a fraction of a millisecond of its event loop,
-    against about 5 ms for a fork of the daemon that runs a hook)."""
-    keep = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
-    return [
-        "/bin/sh", "-c", JOIN_CGROUP, "sh", *map(str, cgroup.procs_files()), "--",
-        "setpriv", f"--reuid={uid}", f"--regid={uid}", keep, "--",
-    ]  # fmt: skip
+    only ``groups``, e.g. the one that may open /dev/kvm). A program the child execs,
+    not a pre-exec hook: the daemon then spawns without running Python in the child,
+    which lets it vfork (a fraction of a millisecond of its event loop, against about
+    5 ms for a fork of the daemon that runs a hook)."""
+    kept = ",".join(map(str, groups)) or "-"
+    return [str(ENTER_JAIL), str(uid), kept, *map(str, cgroup.procs_files()), "--"]
 
 
 @asynccontextmanager

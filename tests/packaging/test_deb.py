@@ -23,6 +23,8 @@ from tests.conftest import IS_ROOT
 from tests.daemon_process import free_port
 
 TOP = Path(__file__).resolve().parents[2]
+# The program the daemon runs as root to start each jail, built by make deb.
+LAUNCHER = "./usr/lib/sandboxd/python/sandboxd/host/enter-jail"
 pytestmark = pytest.mark.slow
 
 
@@ -73,8 +75,11 @@ def test_the_package_holds_the_commands_units_config_and_docs(deb):
         "./usr/share/doc/sandboxd/README.md",
         "./usr/share/doc/sandboxd/examples/haproxy.cfg",
         "./var/lib/sandboxd/",
+        LAUNCHER,
     ):
         assert path in files
+    (launcher,) = [line for line in dpkg_deb("-c", deb).splitlines() if line.endswith(LAUNCHER)]
+    assert launcher.split()[:2] == ["-rwxr-xr-x", "root/root"]  # root runs it: only root writes
 
 
 # lintian's warnings that stay, each for a reason (packaging/README.md says which).
