@@ -85,6 +85,10 @@ class BackendConfig:
     # emulation (slow, but a real VM), and whether pools restore from a snapshot.
     vm_memory: int = _setting(1024 * 1024 * 1024, kind="size", check="positive")
     vm_cpus: int = _setting(1, check="positive")
+    # How fast each VM may read its disk, per second (0: no limit): high enough that a
+    # compiler's start is not slowed, low enough that one VM cannot take the host's disk.
+    vm_disk_bandwidth: int = _setting(256 * 1024 * 1024, kind="size", check="non_negative")
+    vm_disk_iops: int = _setting(8192, check="non_negative")
     allow_tcg: bool = _setting(False, env=("SANDBOXD_ALLOW_TCG",))
     snapshot: bool = _setting(True)
     vm_channel: str = _setting("auto", check="vm_channel")

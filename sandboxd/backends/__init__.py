@@ -20,6 +20,7 @@ from sandboxd.backends.namespaces import NamespacesBackend
 from sandboxd.backends.qemu.backend import QEMU, QemuBackend, kvm_boots
 from sandboxd.backends.vm import initramfs
 from sandboxd.backends.vm.channel import choose_channel
+from sandboxd.backends.vm.disk import DiskRate
 from sandboxd.backends.vm.kernel import GuestKernel, choose_kernel
 from sandboxd.backends.vm.snapshots import VmOptions
 from sandboxd.config import Config
@@ -161,6 +162,7 @@ def _vm_options(config: Config, image: Image, kernel: GuestKernel, ramdisk: byte
         uid_base=config.backend.uid_base,
         memory=config.backend.vm_memory,
         cpus=config.backend.vm_cpus,
+        disk=DiskRate(config.backend.vm_disk_bandwidth, config.backend.vm_disk_iops),
         agent_port=config.backend.agent_port,
         snapshot=config.backend.snapshot,
         network=bool(config.network.allow),

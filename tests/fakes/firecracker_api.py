@@ -53,6 +53,9 @@ Deviations:
   drives, pmem, memory hotplug, drive PATCHes that swap the backing file, Uffd snapshot
   memory; a balloon is accepted and reported, but the guest gets no balloon device, and
   interfaces' rate limiters are accepted and not enforced;
+- a drive's rate limiter is QEMU's throttling at the same rates: its buckets' ``one_time_burst``
+  is not given, and QEMU lets a device burst a little above the rate where Firecracker's
+  bucket starts full (one refill's worth). A limit is a limit on both;
 - snapshots: QEMU's vhost-user-vsock cannot migrate, so no guest state is saved. PUT
   /snapshot/create (VM Paused) writes the snapshot file as JSON (``"fake_firecracker_snapshot":
   1``, the VM's configuration) and the memory file: the kernel and initrd the VM booted from,
@@ -134,6 +137,17 @@ class FatalApiError(ApiError):
 
 def _deserializing(detail: str) -> ApiError:
     return ApiError(f"An error occurred when deserializing the json body of a request: {detail}.")
+
+
+def _rates(limiter: dict[str, Any]) -> tuple[int, int]:
+    """(bytes, ops) per second of a RateLimiter: each bucket's size per refill_time ms; a
+    bucket of size or refill_time 0 is no limit, as in Firecracker's TokenBucket::new."""
+    rates = []
+    for name in ("bandwidth", "ops"):
+        bucket = limiter.get(name) or {}
+        size, refill = bucket.get("size", 0), bucket.get("refill_time", 0)
+        rates.append(size * 1000 // refill if size and refill else 0)
+    return rates[0], rates[1]
 
 
 def os_error_text(error: OSError) -> str:
@@ -882,7 +896,7 @@ class Vmm:
         res = self.res
         drives = [
             Drive(d["drive_id"], res.drive_files[d["drive_id"]].qemu_path, d["is_read_only"],
-                  d["cache_type"])
+                  d["cache_type"], *_rates(d.get("rate_limiter") or {}))
             for d in res.drives
         ]  # fmt: skip
         serial_out = None

@@ -69,6 +69,8 @@ class Drive:
     path: str  # for QEMU: /dev/fd/N of the file opened at PUT time, as Firecracker opens it
     read_only: bool
     cache_type: str  # "Unsafe" | "Writeback"
+    bytes_per_second: int = 0  # its rate limiter's (0: none), as QEMU throttles
+    ops_per_second: int = 0
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,10 @@ class Microvm:
                 f"readonly={'on' if drive.read_only else 'off'}",
                 f"cache={'unsafe' if drive.cache_type == 'Unsafe' else 'writeback'}",
             ]
+            if drive.bytes_per_second:
+                options.append(f"throttling.bps-total={drive.bytes_per_second}")
+            if drive.ops_per_second:
+                options.append(f"throttling.iops-total={drive.ops_per_second}")
             argv += [
                 "-drive",
                 ",".join(options),

@@ -36,6 +36,7 @@ from sandboxd.agent_link import AgentLink, WarmRuntime
 from sandboxd.backends.base import SANDBOX_ID_LENGTH, new_sandbox_id
 from sandboxd.backends.firecracker.api import FirecrackerApi
 from sandboxd.backends.vm.channel import connect_hybrid_vsock
+from sandboxd.backends.vm.disk import DiskRate
 from sandboxd.backends.vm.kernel import kernel_cmdline
 from sandboxd.backends.vm.snapshots import SnapshotBackend, VmOptions, VmSandbox
 from sandboxd.errors import LaunchError
@@ -274,6 +275,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
                 "path_on_host": f"/{ROOT_DISK}",
                 "is_root_device": False,  # the initramfs mounts it
                 "is_read_only": True,
+                **_rate_limiter(self.disk),
             },
         )
         await api.put(
@@ -472,3 +474,14 @@ async def _wait_for_socket(path: Path, child: ChildProcess) -> None:
             continue
         await probe.aclose()
         return
+
+
+def _rate_limiter(disk: DiskRate) -> dict[str, Any]:
+    """The drive body's ``rate_limiter`` for ``disk``: a token bucket per limit, each as
+    big as one second's worth and refilled every second."""
+    buckets = {
+        name: {"size": size, "refill_time": 1000}
+        for name, size in (("bandwidth", disk.bytes), ("ops", disk.ops))
+        if size
+    }
+    return {"rate_limiter": buckets} if buckets else {}

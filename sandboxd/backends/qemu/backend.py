@@ -32,6 +32,7 @@ import trio
 from sandboxd.agent_link import AgentLink, WarmRuntime
 from sandboxd.backends.qemu.qmp import QMPClient
 from sandboxd.backends.vm.channel import open_channel
+from sandboxd.backends.vm.disk import UNLIMITED, DiskRate
 from sandboxd.backends.vm.kernel import GuestKernel, kernel_cmdline
 from sandboxd.backends.vm.snapshots import SnapshotBackend, VmOptions, VmSandbox
 from sandboxd.errors import LaunchError
@@ -67,6 +68,7 @@ class VmLayout:
     agent_port: int  # where the agent listens when its VM has vsock
     vsock_privileged: bool = False  # vhost-vsock: the agent takes only root's connections
     network: bool = False  # a NIC on a TAP of the VM's own (sandboxd.host.vm_network)
+    disk: DiskRate = UNLIMITED  # its root disk's throttling (none for a probe)
 
     def kernel_cmdline(self, extra: str = "") -> str:
         if self.vsock_privileged:
@@ -115,7 +117,8 @@ class VmLayout:
             "-serial", "stdio", "-monitor", "none",
             "-kernel", "/kernel", "-initrd", "/initramfs.img",
             "-append", self.kernel_cmdline("sandboxd.probe" if probe else ""),
-            "-drive", "id=root,file=/vm/rootfs.ext4,format=raw,if=none,readonly=on",
+            "-drive", "id=root,file=/vm/rootfs.ext4,format=raw,if=none,readonly=on"
+            + _throttling(self.disk),
             "-device", "virtio-blk-device,drive=root",
             "-object", "rng-random,id=rng,filename=/dev/urandom",
             "-device", "virtio-rng-device,rng=rng",
@@ -173,6 +176,7 @@ class QemuBackend(SnapshotBackend[QemuSandbox]):
             agent_port=options.agent_port,
             vsock_privileged=channel[0] == "vsock",
             network=options.network,
+            disk=options.disk,
         )
         self.channel_kind, self.channel_why = channel  # see vm_channel.choose_channel
         self.groups = [grp.getgrnam("kvm").gr_gid] if accel == "kvm" and _has_group("kvm") else []
@@ -371,3 +375,12 @@ def kvm_boots(image: Image, kernel: GuestKernel, ramdisk: bytes) -> str | None:
         return None
     lines = (done.stderr or done.stdout).strip().splitlines()
     return f"a KVM guest failed: {lines[-1] if lines else f'exit code {done.returncode}'}"
+
+
+def _throttling(disk: DiskRate) -> str:
+    """QEMU's -drive options for ``disk`` (its block layer throttles the device)."""
+    options = [
+        f",throttling.bps-total={disk.bytes}" if disk.bytes else "",
+        f",throttling.iops-total={disk.ops}" if disk.ops else "",
+    ]
+    return "".join(options)

@@ -22,6 +22,7 @@ import trio
 
 from sandboxd.agent_link import WarmRuntime
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox
+from sandboxd.backends.vm.disk import DiskRate
 from sandboxd.backends.vm.kernel import GuestKernel
 from sandboxd.errors import LaunchError, SandboxError
 from sandboxd.host.sharing import sharing
@@ -65,6 +66,7 @@ class VmOptions:
     uid_base: int
     memory: int  # bytes of each VM
     cpus: int  # of each VM
+    disk: DiskRate  # each VM's root disk, at most
     agent_port: int
     snapshot: bool  # restore pool VMs from a snapshot
     network: bool  # VMs have a NIC, for the jobs that ask ([network] allow)
@@ -83,6 +85,7 @@ class SnapshotBackend(JailedBackend, Generic[VmT]):
         self.ramdisk = options.ramdisk
         self.memory = options.memory
         self.cpus = options.cpus
+        self.disk = options.disk
         self.agent_port = options.agent_port
         self.use_snapshot = options.snapshot
         self.has_network = options.network
@@ -96,6 +99,7 @@ class SnapshotBackend(JailedBackend, Generic[VmT]):
             **super().describe(),
             "snapshot": self.snapshot_note,
             "kernel": self.kernel.describe(),
+            "disk": self.disk.describe(),
             "host": sharing(),
         }
 

@@ -20,7 +20,6 @@ from sandboxd.host.network import Egress
 from sandboxd.host.vm_network import GATEWAY
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, start_daemon, wait_for_warm
-from tests.fakes.firecracker_bin import install_fakes
 from tests.host_state import wait_for
 from tests.network_world import (
     ALLOWED,
@@ -69,19 +68,10 @@ def world() -> Iterator[str]:
         yield uplink
 
 
-@pytest.fixture(scope="module", params=["qemu", "firecracker"])
-def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The backend section of a daemon with this backend."""
-    if request.param == "qemu":
-        return {"name": "qemu"}
-    firecracker, jailer = install_fakes(tmp_path_factory.mktemp("fake-bin"))
-    return {"name": "firecracker", "firecracker_bin": str(firecracker), "jailer_bin": str(jailer)}
-
-
-def vm_settings(uplink: str, backend: dict, **more: object) -> dict[str, dict[str, object]]:
+def vm_settings(uplink: str, vm_backend: dict, **more: object) -> dict[str, dict[str, object]]:
     return {
         "pool": {"size": 1, "max_sandboxes": 4, "start_timeout": 120, "queue_timeout": 120},
-        "backend": {**backend, "vm_memory": 512 * 2**20, **more},
+        "backend": {**vm_backend, "vm_memory": 512 * 2**20, **more},
         "network": {
             "allow": [f"{ALLOWED}/32"],
             "uplink_netns": uplink,
@@ -91,8 +81,8 @@ def vm_settings(uplink: str, backend: dict, **more: object) -> dict[str, dict[st
 
 
 @pytest.fixture(scope="module")
-def vm_daemon(tmp_path_factory: pytest.TempPathFactory, world: str, backend) -> Iterator[Daemon]:
-    daemon = start_daemon(tmp_path_factory.mktemp("vm-network"), **vm_settings(world, backend))
+def vm_daemon(tmp_path_factory: pytest.TempPathFactory, world: str, vm_backend) -> Iterator[Daemon]:
+    daemon = start_daemon(tmp_path_factory.mktemp("vm-network"), **vm_settings(world, vm_backend))
     yield daemon
     assert daemon.stop() == 0, daemon.log()
 
@@ -175,8 +165,8 @@ def test_a_vm_s_flood_of_new_connections_is_capped_in_its_own_namespace(vm_daemo
         assert 0 < in_netns(namespace, tracked_connections) <= MAX_CONNECTIONS
 
 
-def test_a_vmm_a_guest_broke_into_gets_nothing_out_of_the_vm_s_namespace(vm_daemon, backend):
-    if backend["name"] != "firecracker":
+def test_a_vmm_a_guest_broke_into_gets_nothing_out_of_the_vm_s_namespace(vm_daemon, vm_backend):
+    if vm_backend["name"] != "firecracker":
         pytest.skip("QEMU holds only its TAP's fd, from a namespace of its own")
     with vm_daemon.client.session("python", network=True):
         namespace = attached_namespace(vm_daemon)
@@ -193,8 +183,10 @@ def test_a_vmm_a_guest_broke_into_gets_nothing_out_of_the_vm_s_namespace(vm_daem
         assert probe_as() == f"{ALLOWED} hello from {ALLOWED}\n"
 
 
-def test_a_killed_daemon_leaves_no_namespace_link_or_rule_after_cleanup(tmp_path, world, backend):
-    daemon = start_daemon(tmp_path, **vm_settings(world, backend, snapshot=False))
+def test_a_killed_daemon_leaves_no_namespace_link_or_rule_after_cleanup(
+    tmp_path, world, vm_backend
+):
+    daemon = start_daemon(tmp_path, **vm_settings(world, vm_backend, snapshot=False))
     try:
         daemon.client.session("python", network=True)  # its VM is attached when killed
         assert vm_namespaces(daemon) and sandbox_addresses(world)
