@@ -5,7 +5,7 @@
  *
  * GROUPS is the comma-separated supplementary groups to keep, or "-" for none. The
  * daemon runs it as root for every sandbox it starts: one exec instead of sh and
- * setpriv (two), about 1.7 ms of CPU less per sandbox. It is built on the host, with
+ * setpriv (two), about 1.4 ms of CPU less per sandbox. It is built on the host, with
  * the package (make build, make deb), never by an image's compiler: it runs as root.
  *
  * Exit status: 126 when a step before the exec fails, 127 when the exec does, each
