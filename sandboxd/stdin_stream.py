@@ -25,6 +25,7 @@ class StdinStream:
         self._chunks: deque[StdinChunk] = deque()
         self._size = 0
         self._closed = False
+        self.taken = False  # whether a chunk has gone to the program
         self._lot = trio.lowlevel.ParkingLot()  # woken when a chunk comes or goes
 
     def put_nowait(self, data: str, eof: bool) -> None:
@@ -59,6 +60,7 @@ class StdinStream:
                 raise StopAsyncIteration
             await self._lot.park()
         data, eof = self._chunks.popleft()
+        self.taken = True
         self._size -= len(data)
         self.account.release(len(data))
         self._lot.unpark_all()

@@ -15,9 +15,11 @@ does not fit has the reaper exec the agent (:meth:`DirectRuntime.become_agent`).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import select
 import struct
+import termios
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -150,11 +152,13 @@ class DirectRuntime:
         stdin: StdinStream | None,
         on_stage: StageHandler | None,
         kill_program: Callable[[], None],
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
         """Run a job that :func:`fits` the runtime and that it took (:meth:`take`); its
-        record, as the agent makes it. AgentError if the jail's PID 1 goes away first."""
+        record, as the agent makes it. None if the runtime died waiting after all (its
+        exit came once the job had been handed over, the source unread: the job then
+        goes to the agent, cold). AgentError if the jail's PID 1 goes away first."""
         try:
-            fifo, source_text = self._hand_over(job)
+            fifo, unread, source_text = self._hand_over(job)
         except (OSError, JobError) as exc:
             return failed_result(exc)  # as the agent answers a file it cannot write
         limits = job["limits"]
@@ -166,6 +170,7 @@ class DirectRuntime:
             for name in ("stdout", "stderr")
         }
         source = trio.lowlevel.FdStream(fifo)
+        source_fed = False
         killed = False
 
         def kill() -> None:
@@ -188,41 +193,54 @@ class DirectRuntime:
                 await relay()
             stream.close()
 
+        async def feed_source() -> None:
+            nonlocal source_fed
+            await _feed(source, source_text)
+            source_fed = True
+
         if on_stage is not None:
             on_stage("run")
         start = trio.current_time()
         failure: AgentError | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_feed, source, source_text)
-            stdin_data = str(job.get("stdin") or "").encode()
-            nursery.start_soon(_feed, self.stdin, stdin_data, stdin)
-            async with trio.open_nursery() as pipes:
-                pipes.start_soon(pump, self.stdout, "stdout")
-                pipes.start_soon(pump, self.stderr, "stderr")
-                try:
-                    with trio.move_on_at(start + float(limits["wall_time"])) as wall:
-                        status, cpu, memory = await self._exit()
-                    if wall.cancelled_caught:
-                        outcome.timed_out = True
-                        kill()
-                        status, cpu, memory = await self._exit()
-                except AgentError as exc:
-                    failure = exc  # raised below, not through the nurseries (no group)
-                kill_program()  # whatever it left running dies with it, and its pipes close
-                # What is in them is read to the end, but after a kill a process that
-                # could not be reached may hold them (as the agent waits, stage.py).
-                if killed:
-                    pipes.cancel_scope.deadline = trio.current_time() + DRAIN_GRACE
-            nursery.cancel_scope.cancel()  # input nobody read
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed_source)
+                stdin_data = str(job.get("stdin") or "").encode()
+                nursery.start_soon(_feed, self.stdin, stdin_data, stdin)
+                async with trio.open_nursery() as pipes:
+                    pipes.start_soon(pump, self.stdout, "stdout")
+                    pipes.start_soon(pump, self.stderr, "stderr")
+                    try:
+                        with trio.move_on_at(start + float(limits["wall_time"])) as wall:
+                            status, cpu, memory = await self._exit()
+                        if wall.cancelled_caught:
+                            outcome.timed_out = True
+                            kill()
+                            status, cpu, memory = await self._exit()
+                    except AgentError as exc:
+                        failure = exc  # raised below, not through the nurseries (no group)
+                    kill_program()  # whatever it left running dies with it, and its pipes close
+                    # What is in them is read to the end, but after a kill a process that
+                    # could not be reached may hold them (as the agent waits, stage.py).
+                    if killed:
+                        pipes.cancel_scope.deadline = trio.current_time() + DRAIN_GRACE
+                nursery.cancel_scope.cancel()  # input nobody read
+            # Python reads its whole source before the first line runs: if some is
+            # still in the FIFO, the program never ran.
+            never_ran = not source_fed or _buffered(unread) > 0
+        finally:
+            os.close(unread)
         if failure is not None:
             raise failure
+        returncode = os.waitstatus_to_exitcode(status)
+        if never_ran and returncode < 0 and not killed and _untouched(outcome, stdin):
+            return None
         for capture in outcome.captures.values():
             if not capture.truncated:
                 capture.finish()
         await relay()
         outcome.wall = trio.current_time() - start
         outcome.cpu, outcome.memory_bytes = cpu, memory
-        returncode = os.waitstatus_to_exitcode(status)
         if returncode < 0:
             outcome.signal = -returncode
         else:
@@ -256,25 +274,29 @@ class DirectRuntime:
         self.rlimits = rlimits
         return True
 
-    def _publish(self, workdir: Workdir, staged: str) -> int:
-        """Put the staged source in place of the FIFO; the FIFO, to write it to."""
+    def _publish(self, workdir: Workdir, staged: str) -> tuple[int, int]:
+        """Put the staged source in place of the FIFO; the FIFO to write it to, and a
+        reader of it that reads nothing (to see what is left unread in it)."""
         root = os.open(workdir.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        opened: list[int] = []
         try:
             name = self.warm["source"]
-            fifo = os.open(name, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=root)
-            try:
-                # The source appears last: a runtime slower than its job opens it at once.
-                os.rename(staged, name, src_dir_fd=root, dst_dir_fd=root)
-            except OSError:
-                os.close(fifo)
-                raise
+            for mode in (os.O_RDONLY, os.O_RDWR):  # a reader first: it does not block
+                opened.append(os.open(name, mode | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=root))
+            # The source appears last: a runtime slower than its job opens it at once.
+            os.rename(staged, name, src_dir_fd=root, dst_dir_fd=root)
+        except OSError:
+            for fd in opened:
+                os.close(fd)
+            raise
         finally:
             os.close(root)
-        return fifo
+        unread, fifo = opened
+        return fifo, unread
 
-    def _hand_over(self, job: dict[str, Any]) -> tuple[int, bytes]:
-        """Write the job's files, then its source in place of the FIFO; the FIFO, and
-        the source to write to it."""
+    def _hand_over(self, job: dict[str, Any]) -> tuple[int, int, bytes]:
+        """Write the job's files, then its source in place of the FIFO; the FIFO, a
+        reader of it (:meth:`_publish`), and the source to write to it."""
         source_name = self.warm["source"]
         source = next(f for f in job["files"] if f["path"] == source_name)
         content = source["content"].encode()
@@ -285,7 +307,7 @@ class DirectRuntime:
         with _acting_as(self.owner):
             workdir.write_all([f for f in job["files"] if f is not source])
             workdir.write(staged, content)
-            return self._publish(workdir, staged), content
+            return *self._publish(workdir, staged), content
 
     async def _exit(self) -> tuple[int, float, int]:
         kind, status, cpu, memory = await self._record()
@@ -305,6 +327,17 @@ def _acting_as(uid: int) -> Iterator[None]:
     finally:
         _libc.setfsgid(0)
         _libc.setfsuid(0)
+
+
+def _buffered(fd: int) -> int:
+    """How many bytes the pipe ``fd`` holds unread."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def _untouched(outcome: StageOutcome, stdin: StdinStream | None) -> bool:
+    """Whether a run left nothing that running it again would lose or repeat: no
+    output, and no streamed input taken."""
+    return all(c.size == 0 for c in outcome.captures.values()) and not (stdin and stdin.taken)
 
 
 async def _feed(

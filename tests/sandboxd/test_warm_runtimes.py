@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +20,13 @@ from sandboxd.backends.namespaces import REAPER
 from sandboxd.result import ExecutionResult
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, start_daemon, wait_for_warm
-from tests.host_state import program_processes, sandbox_processes, wait_for, waiting_for_source
+from tests.host_state import (
+    WARM_SOURCES,
+    program_processes,
+    sandbox_processes,
+    wait_for,
+    waiting_for_source,
+)
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: real jails and cgroups")
 
@@ -225,25 +233,55 @@ def test_a_job_that_fits_its_warm_runtime_runs_without_an_agent(make_daemon):
     assert [line.split()[1] for line in lines] == ["/usr/bin/python3", "python3"]
 
 
-def test_a_warm_runtime_that_died_waiting_gives_a_cold_start(make_daemon):
-    """Killed from outside while its sandbox waits (the OOM killer, an operator): the
-    next job there starts cold, and nothing of the dead runtime is left."""
-    daemon = make_daemon(pool={"size": 1})
-    client = daemon.client
-    wait_for_warm(client, "python")
+def waiting_runtime(daemon: Daemon) -> int:
+    """The pid of the one warm python runtime of ``daemon``'s pool, once it waits for
+    its source (the sandbox is ready once it started; it opens its FIFO a little later)."""
 
-    def runtimes_waiting() -> list[int]:
+    def waiting() -> list[int]:
         return [
             pid
             for pid, cmd in sandbox_processes(daemon.uid_base).items()
             if cmd == "python3 main.py" and waiting_for_source(pid)
         ]
 
-    # The sandbox is ready once its runtime is started; it opens its FIFO a little later.
-    wait_for(runtimes_waiting)
-    waiting = runtimes_waiting()
-    assert len(waiting) == 1
-    os.kill(waiting[0], signal.SIGKILL)
+    wait_for(waiting)
+    [pid] = waiting()
+    return pid
+
+
+def test_a_warm_runtime_that_died_waiting_gives_a_cold_start(make_daemon):
+    """Killed from outside while its sandbox waits (the OOM killer, an operator): the
+    next job there starts cold, and nothing of the dead runtime is left."""
+    daemon = make_daemon(pool={"size": 1})
+    client = daemon.client
+    wait_for_warm(client, "python")
+    os.kill(waiting_runtime(daemon), signal.SIGKILL)
     result = client.execute("python", "import sys; print(sys.argv)")
+    assert (result.status, result.stdout, result.warm) == ("ok", "['main.py']\n", False)
+    assert wait_for(lambda: not program_processes(daemon.uid_base))
+
+
+def test_a_warm_runtime_killed_as_its_job_came_gives_a_cold_start(make_daemon):
+    """Killed so late that the daemon hands it the job before it hears of the exit
+    (here the reaper, stopped, reports the exit only once the source is in place): the
+    program never ran, since its source was never read, so the job starts cold."""
+    daemon = make_daemon(pool={"size": 1})
+    client = daemon.client
+    wait_for_warm(client, "python")
+    runtime = waiting_runtime(daemon)
+    [reaper] = [
+        pid for pid, cmd in sandbox_processes(daemon.uid_base).items() if cmd.startswith(REAPER)
+    ]
+    source = Path(f"/proc/{reaper}/root{WARM_SOURCES[0]}")
+    with ThreadPoolExecutor(1) as executor:
+        os.kill(reaper, signal.SIGSTOP)
+        try:
+            os.kill(runtime, signal.SIGKILL)
+            job = executor.submit(client.execute, "python", "import sys; print(sys.argv)")
+            # The daemon has written the source in place of the FIFO, and waits.
+            assert wait_for(lambda: source.is_file() or job.done())
+        finally:
+            os.kill(reaper, signal.SIGCONT)
+        result = job.result(timeout=60)
     assert (result.status, result.stdout, result.warm) == ("ok", "['main.py']\n", False)
     assert wait_for(lambda: not program_processes(daemon.uid_base))
