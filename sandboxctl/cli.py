@@ -8,6 +8,7 @@ stderr (the traceback only with ``--debug``) and an exit code a program rarely p
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from typing import Any
@@ -16,15 +17,31 @@ import click
 
 from sandboxctl.app import EXIT_SERVICE, EXIT_USAGE, App, socket_option
 from sandboxctl.client import Client
-from sandboxctl.exec_command import exec_command
-from sandboxctl.session_command import session_group
-from sandboxctl.shell_command import shell
 from sandboxd import __version__
 from sandboxd.errors import RequestError, SandboxError
 
+# The commands that have modules of their own, loaded only when they run (or --help
+# lists them): each start of sandboxctl pays for the command it runs, not the others.
+COMMAND_MODULES = {
+    "exec": ("sandboxctl.exec_command", "exec_command"),
+    "session": ("sandboxctl.session_command", "session_group"),
+    "shell": ("sandboxctl.shell_command", "shell"),
+}
+
 
 class _Group(click.Group):
-    """Turns SandboxError into one line and an exit code, in this one place."""
+    """Turns SandboxError into one line and an exit code, in this one place; finds the
+    commands of COMMAND_MODULES."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *COMMAND_MODULES])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMAND_MODULES:
+            return super().get_command(ctx, cmd_name)
+        module, name = COMMAND_MODULES[cmd_name]
+        command: click.Command = getattr(importlib.import_module(module), name)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -112,8 +129,3 @@ def status(app: App, as_json: bool) -> None:
         click.echo(f"          last launch error: {pool['last_error']}")
     langs = ", ".join(f"{k} {v}" for k, v in image["languages"].items())
     click.echo(f"image:    {image['id']} ({langs})")
-
-
-main.add_command(exec_command)
-main.add_command(session_group)
-main.add_command(shell)

@@ -23,7 +23,6 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sandboxd.errors import DaemonUnavailable, SandboxError, SessionNotFound
@@ -37,11 +36,11 @@ OutputCallback = Callable[[str, str, str], None]  # OUTPUT_FIELDS: (stage, strea
 _ids = itertools.count(1)
 
 
-def default_socket() -> Path:
-    return Path(os.environ.get("SANDBOXD_SOCKET") or DEFAULT_SOCKET)
+def default_socket() -> str:
+    return os.environ.get("SANDBOXD_SOCKET") or DEFAULT_SOCKET
 
 
-def _unavailable(path: Path, exc: OSError) -> DaemonUnavailable:
+def _unavailable(path: str, exc: OSError) -> DaemonUnavailable:
     if isinstance(exc, FileNotFoundError):
         why = f"sandboxd is not running (no socket at {path})"
     elif isinstance(exc, ConnectionRefusedError):
@@ -53,7 +52,7 @@ def _unavailable(path: Path, exc: OSError) -> DaemonUnavailable:
         )
     else:
         why = f"cannot reach sandboxd at {path}: {exc.strerror or exc}"
-    return DaemonUnavailable(why, socket=str(path))
+    return DaemonUnavailable(why, socket=path)
 
 
 def execute_params(
@@ -172,12 +171,12 @@ class Client:
 
     def __init__(
         self,
-        socket_path: str | Path | None = None,
+        socket_path: str | os.PathLike[str] | None = None,
         *,
         timeout: float | None = None,
         on_behalf_of: str | None = None,
     ) -> None:
-        self.socket_path = Path(socket_path) if socket_path else default_socket()
+        self.socket_path = os.fspath(socket_path) if socket_path else default_socket()
         self.timeout = timeout
         # A delegate's (the gateway's) caller, whose sessions these are (docs/api.md).
         self.on_behalf_of = on_behalf_of
@@ -195,7 +194,7 @@ class Client:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(self.timeout)
             try:
-                sock.connect(str(self.socket_path))
+                sock.connect(self.socket_path)
             except OSError as exc:
                 raise _unavailable(self.socket_path, exc) from exc
             # Refused before it arrived whole (too large): the answer says why.
@@ -383,9 +382,12 @@ class AsyncClient:
     """
 
     def __init__(
-        self, socket_path: str | Path | None = None, *, max_connections: int | None = None
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        max_connections: int | None = None,
     ) -> None:
-        self.socket_path = Path(socket_path) if socket_path else default_socket()
+        self.socket_path = os.fspath(socket_path) if socket_path else default_socket()
         self.max_connections = max_connections
         self._limiter: Any = None  # a trio.CapacityLimiter, made once trio runs
 
@@ -397,7 +399,7 @@ class AsyncClient:
             self._limiter = trio.CapacityLimiter(self.max_connections or math.inf)
         async with self._limiter:
             try:
-                stream = await trio.open_unix_socket(str(self.socket_path))
+                stream = await trio.open_unix_socket(self.socket_path)
             except OSError as exc:
                 raise _unavailable(self.socket_path, exc) from exc
             async with stream:

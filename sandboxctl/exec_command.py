@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
-from pathlib import Path
 from typing import IO
 
 import click
@@ -73,14 +73,14 @@ def read_files(specs: tuple[str, ...]) -> list[dict[str, str]] | None:
     files = []
     for spec in specs:
         local, _, dest = spec.partition(":")
-        path = Path(local)
         try:
-            content = path.read_bytes()
+            with open(local, "rb") as file:
+                content = file.read()
         except OSError as exc:
             raise click.BadParameter(f"{local}: {exc.strerror}", param_hint="--file") from None
         files.append(
             {
-                "path": dest or path.name,
+                "path": dest or os.path.basename(local),
                 "content": base64.b64encode(content).decode(),
                 "encoding": "base64",
             }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -23,7 +22,7 @@ from sandboxctl.mcp_server import build_server
 
 
 def mcp_endpoint(
-    socket_path: Path, host: str
+    socket_path: str, host: str
 ) -> tuple[Starlette, Callable[[Any], AbstractAsyncContextManager[None]]]:
     """The ASGI app to mount at ``/mcp`` (on a gateway bound to ``host``), and the
     lifespan the gateway must run it in (its session manager)."""
