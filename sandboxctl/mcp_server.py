@@ -110,9 +110,12 @@ def _answer(call: Callable[[], T]) -> T:
         raise ToolError(exc.message) from exc
 
 
-def build_server(client: Client, *, per_caller: bool = False) -> MCPServer:
+def build_server(
+    client: Client, *, per_caller: bool = False, spend: Callable[[str], None] | None = None
+) -> MCPServer:
     """The server, whose tools call the daemon with ``client``; with ``per_caller``, for
-    the API key its gateway found for each HTTP request (``key_id`` in its state)."""
+    the API key its gateway found for each HTTP request (``key_id`` in its state), and
+    ``spend`` takes one of that key's tokens for each tool call that runs a program."""
     opened: dict[str, Session] = {}  # over stdio, to close when the host goes
 
     @contextlib.asynccontextmanager
@@ -141,6 +144,14 @@ def build_server(client: Client, *, per_caller: bool = False) -> MCPServer:
     def session_of(ctx: Context, session_id: str) -> Session:
         return Session(client_of(ctx), {"id": session_id})
 
+    def running(ctx: Context) -> Client:
+        """client_of, for a call that runs a program: paid for first with one of its
+        key's tokens on a gateway (RateLimited if it is over its rate)."""
+        request = ctx.request_context.request if per_caller else None
+        if request is not None and spend is not None:
+            spend(request.state.key_id)
+        return client_of(ctx)
+
     @server.tool()
     def run_code(
         ctx: Context,
@@ -157,7 +168,7 @@ def build_server(client: Client, *, per_caller: bool = False) -> MCPServer:
         seconds. limits: e.g. {"memory_bytes": 268435456}."""
         extra = [{"path": path, "content": text} for path, text in (files or {}).items()]
         result = _answer(
-            lambda: client_of(ctx).execute(
+            lambda: running(ctx).execute(
                 language,
                 code,
                 stdin=stdin,
@@ -216,9 +227,8 @@ def build_server(client: Client, *, per_caller: bool = False) -> MCPServer:
         """Run a program in the session (its files are there). cell=true: run it as a
         Python cell of the session's interpreter, which keeps variables, imports and
         functions from one cell to the next; the value of its last expression comes back."""
-        session = session_of(ctx, session_id)
         result = _answer(
-            lambda: session.exec(
+            lambda: Session(running(ctx), {"id": session_id}).exec(
                 code, cell=cell or None, language=language, stdin=stdin, timeout=timeout
             )
         )

@@ -1,5 +1,5 @@
-"""Who may call the gateway, and how often: API keys, a token bucket per key for the
-request rate, and a cap on each key's executions running at once.
+"""Who may call the gateway, and how often: API keys, a token bucket per key for its
+rate of executions, and a cap on each key's requests running at once.
 
 Keys come from a file of ``key-id:key`` lines (``#`` comments). Logs and metrics only
 ever name the key id. Without a key file the gateway serves loopback only, and the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -62,6 +63,8 @@ class AccessControl:
     concurrent: int
     local_users: SocketUsers | None = None  # who those are (needed without keys)
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    # The buckets are also used from the worker threads the MCP server's tools run in.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def required(self) -> bool:
@@ -113,16 +116,34 @@ class AccessControl:
         return bucket
 
     @contextmanager
-    def admit(self, key_id: str) -> Iterator[None]:
-        """Hold one of the key's execution slots; RateLimited (with retry_after) if it is
-        over its rate or already has its maximum running."""
-        bucket = self._bucket(key_id, time.monotonic())
-        if bucket.running >= self.concurrent:
-            raise RateLimited(
-                f"too many executions at once for this key (at most {self.concurrent})",
-                retry_after=1,
-                reason="concurrency",
-            )
+    def admit(self, key_id: str, *, executes: bool) -> Iterator[None]:
+        """Hold one of the key's request slots, and for a request that ``executes`` one
+        of its tokens too; RateLimited (with retry_after) if it already has its maximum
+        running, or is over its rate."""
+        with self._lock:
+            bucket = self._bucket(key_id, time.monotonic())
+            if bucket.running >= self.concurrent:
+                raise RateLimited(
+                    f"too many requests at once for this key (at most {self.concurrent})",
+                    retry_after=1,
+                    reason="concurrency",
+                )
+            if executes:
+                self._spend(bucket)
+            bucket.running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                bucket.running -= 1
+
+    def spend(self, key_id: str) -> None:
+        """Take one of the key's tokens for an execution that its request's slot holds
+        already (an MCP tool call); RateLimited if it is over its rate."""
+        with self._lock:
+            self._spend(self._bucket(key_id, time.monotonic()))
+
+    def _spend(self, bucket: _Bucket) -> None:
         if bucket.tokens < 1:
             wait = math.ceil((1 - bucket.tokens) * 60 / self.rate_per_minute)
             raise RateLimited(
@@ -131,8 +152,3 @@ class AccessControl:
                 reason="rate",
             )
         bucket.tokens -= 1
-        bucket.running += 1
-        try:
-            yield
-        finally:
-            bucket.running -= 1

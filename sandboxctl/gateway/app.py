@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from functools import partial
@@ -52,6 +53,9 @@ log = logging.getLogger("sandboxd.gateway")
 access_log = logging.getLogger("sandboxd.gateway.access")
 
 PROTECTED = ("/execute", "/sessions", "/api/v2", "/mcp")  # and everything under them
+# The HTTP requests that run a program, each paid for with one of its key's tokens (the
+# WebSockets pay when their execution starts, MCP's tool calls when they run one).
+EXECUTIONS = re.compile(r"/execute|/api/v2/execute|/sessions/[^/]+/exec")
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
@@ -109,8 +113,9 @@ class GatewayMiddleware:
             try:
                 self._check_access(scope, state)
                 # A WebSocket's execution is admitted once its request has come.
+                executes = scope.get("method") == "POST" and EXECUTIONS.fullmatch(scope["path"])
                 with (
-                    self.access.admit(state["key_id"])
+                    self.access.admit(state["key_id"], executes=bool(executes))
                     if state["key_id"] and scope["type"] == "http"
                     else contextlib.nullcontext()
                 ):
@@ -211,7 +216,7 @@ def create_app(
 ) -> FastAPI:
     metrics = Metrics()
     answers = DaemonAnswers(client)
-    mcp_app, mcp_running = mcp_endpoint(client.socket_path, host)
+    mcp_app, mcp_running = mcp_endpoint(client.socket_path, host, access.spend)
     # /docs and /redoc with their assets from the package: they work on a host without
     # internet access, and no third party learns who opens them.
     app = FastAPIOffline(

@@ -74,7 +74,7 @@ async def serve_piston_socket(
         run = GatewayRun(websocket.state.request_id, params)
         state = _State()
         compiled = bool(runtime["compiled"])
-        with access.admit(websocket.state.key_id):
+        with access.admit(websocket.state.key_id, executes=True):
             async with run.open(client, interactive=True) as execution, trio.open_nursery() as n:
                 n.start_soon(_take_messages, websocket, execution, n.cancel_scope, state)
                 await _relay(websocket, execution, compiled)

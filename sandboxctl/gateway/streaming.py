@@ -133,7 +133,7 @@ async def serve_websocket(
         run = GatewayRun(request_id, first)
         websocket.state.log.update(language=run.language)
         ending: dict[str, Any] | None = None  # stays None if the client leaves
-        with access.admit(websocket.state.key_id):
+        with access.admit(websocket.state.key_id, executes=True):
             async with (
                 run.open(client, interactive=True) as execution,
                 trio.open_nursery() as nursery,

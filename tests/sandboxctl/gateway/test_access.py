@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import httpx
 import pytest
 import trio
 
+from tests.daemon_process import Gateway, start_gateway
 from tests.host_state import wait_for
 from tests.sandboxctl.gateway.conftest import KEYS
+from tests.sandboxctl.gateway.test_mcp_http import mcp_over_http
+from tests.sandboxctl.test_mcp import call
 
 HELLO = {"language": "python", "code": "print('hi')"}
+DAVE = "dave-key-0123456789abcdef"
 
 
 def test_without_a_key_execute_is_401_and_health_stays_open(keyed_gateway):
@@ -54,8 +59,6 @@ def test_rate_limit_is_429_with_retry_after(keyed_gateway):
 
 
 async def test_concurrency_limit_per_key(keyed_gateway, daemon, tmp_path):
-    from tests.daemon_process import start_gateway
-
     keys = tmp_path / "keys"
     keys.write_text(f"carol:{'c' * 20}\n")
     gateway = start_gateway(tmp_path, daemon.socket, api_keys_file=str(keys), concurrent_per_key=2)
@@ -75,10 +78,56 @@ async def test_concurrency_limit_per_key(keyed_gateway, daemon, tmp_path):
                 await trio.sleep(0.5)
                 third = await client.post("/execute", json=slow)
         assert third.status_code == 429
-        assert third.json()["error"].startswith("too many executions at once")
+        assert third.json()["error"].startswith("too many requests at once")
         assert codes == [200, 200]
     finally:
         gateway.stop()
+
+
+@pytest.fixture
+def sparse_gateway(daemon, tmp_path) -> Iterator[Gateway]:
+    """With one key (dave's), whose executions come 2 in a burst, then 1 a minute."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"dave:{DAVE}\n")
+    gateway = start_gateway(
+        tmp_path, daemon.socket, api_keys_file=str(keys), rate_per_minute=1, rate_burst=2
+    )
+    yield gateway
+    gateway.stop()
+
+
+def test_only_what_runs_a_program_spends_the_rate(sparse_gateway):
+    """An agent opens a session, puts files in, lists them: none of that is an execution
+    (docs/http.md), so the key's two executions are still there to run."""
+    with httpx.Client(base_url=sparse_gateway.url, headers={"X-API-Key": DAVE}, timeout=60) as http:
+        created = http.post("/sessions", json={"language": "python"})
+        assert created.status_code == 201, created.text
+        base = f"/sessions/{created.json()['id']}"
+        for number in range(4):
+            assert http.put(f"{base}/files/{number}.txt", content=b"x").status_code == 200
+        assert len(http.get(f"{base}/files").json()["entries"]) >= 4
+        ran = http.post(f"{base}/exec", json={"code": "print(open('3.txt').read())"})
+        assert ran.json()["stdout"] == "x\n", ran.text
+        assert http.post("/execute", json=HELLO).status_code == 200
+        refused = http.post("/execute", json=HELLO)
+        assert refused.status_code == 429
+        assert refused.json()["error"].startswith("rate limit of 1 executions per minute")
+        assert http.delete(base).status_code == 200
+
+
+async def test_over_mcp_only_the_tool_calls_that_run_code_spend_the_rate(sparse_gateway):
+    """The SDK's client sends several requests per session (initialize, its notification,
+    tools/list): they take none of the key's executions, run_code does."""
+    async with mcp_over_http(sparse_gateway.url, DAVE) as session:
+        assert "run_code" in {tool.name for tool in (await session.list_tools()).tools}
+        for _ in range(2):
+            ran = await call(session, "run_code", language="python", code="print(1)")
+            assert ran["stdout"] == "1\n"
+        refused = await session.call_tool("run_code", {"language": "python", "code": "1"})
+        assert refused.is_error
+        assert "rate limit of 1 executions per minute" in refused.content[0].text
+        languages = await call(session, "list_languages")  # not an execution
+        assert languages
 
 
 def run_gateway_command(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
