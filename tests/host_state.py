@@ -74,6 +74,16 @@ def sandbox_cgroups(name: str) -> list[Path]:
     ]
 
 
+def cpu_cgroup(pid: int, layout: CgroupLayout) -> str:
+    """The cgroup of ``pid`` in the CPU controller's hierarchy (v2: the one hierarchy)."""
+    controller = "cpu" if layout.version == 1 else ""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return path
+    raise AssertionError(f"{pid} is in no {controller or 'v2'} cgroup")
+
+
 def mounts() -> list[str]:
     return Path("/proc/self/mountinfo").read_text().splitlines()
 

@@ -194,6 +194,13 @@ class Cgroup:
                 (self.dirs[name.split(".")[0]] / name).write_text(setting)
                 self._written[name] = setting
 
+    def adopt_cpu(self, pid: int) -> None:
+        """Move ``pid`` (a kernel thread that works for the sandbox's VM) into this
+        cgroup's CPU controller, whose limit then holds its CPU time too (on v1 only that
+        one: a jailer makes no more than the controllers it sets limits in, and a kernel
+        thread has no memory and no children to count). OSError if the kernel refuses."""
+        (self.dirs["cpu"] / "cgroup.procs").write_text(str(pid))
+
     def procs_files(self) -> list[Path]:
         """Where a process writes itself to join this cgroup (each hierarchy's)."""
         return [path / "cgroup.procs" for path in sorted(set(self.dirs.values()))]

@@ -25,7 +25,9 @@ micro-http):
   Paused, files (kernel, initrd, drives) opened at PUT time, the vsock socket bound at PUT
   /vsock time (its path must be free), a guest reboot ends the process (exit 0);
 - a VM's start (boot or snapshot load) opens ``/dev/kvm`` in the jail, the node the jailer
-  made: on a mount with ``nodev`` it fails as Firecracker's does;
+  made: on a mount with ``nodev`` it fails as Firecracker's does; through it the VM is made
+  in KVM with its irqchip and PIT, as Firecracker makes it (firecracker_vmm.kvm_vm), so
+  the host has the VM's ``kvm-pit/<pid>`` kernel thread until the process ends;
 - network interfaces: the TAP is opened at PUT time (and again by a snapshot load, under
   ``network_overrides``) through the jail's ``/dev/net/tun`` in the network namespace the
   process runs in, with Firecracker's flags (IFF_TAP, IFF_NO_PI, IFF_VNET_HDR; a TAP
@@ -595,6 +597,7 @@ class Vmm:
         self.metrics_file: int | None = None
         self.mmds: Any = None
         self.vm: Microvm | None = None
+        self.kvm_vm: int | None = None  # the VM's fd in KVM, once it started
         self.restored = False
         self._restored_files: dict[str, Opened] = {}  # a restored VM's kernel and initrd
         self.on_exit: Callable[[int], None] = lambda code: None
@@ -926,11 +929,19 @@ class Vmm:
         # Firecracker opens /dev/kvm in its jail (the node the jailer made) to build the
         # VM: a jail on a mount with nodev cannot, and the start fails here.
         try:
-            os.close(os.open(self.fs.host("/dev/kvm"), os.O_RDWR | os.O_CLOEXEC))
+            kvm = os.open(self.fs.host("/dev/kvm"), os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise ApiError(
                 f"Start microvm error: Cannot open /dev/kvm: {os_error_text(exc)}"
             ) from None
+        try:
+            self.kvm_vm = firecracker_vmm.kvm_vm(kvm)
+        except OSError as exc:
+            raise ApiError(
+                f"Start microvm error: Cannot create the VM: {os_error_text(exc)}"
+            ) from None
+        finally:
+            os.close(kvm)
         if self.console_noise and spec.serial_out is None:
             _write_console_noise(self.console_noise)
         vm = Microvm(spec, self.on_exit)
@@ -1121,6 +1132,8 @@ class Vmm:
         """Stop the guest and release what the process holds."""
         if self.vm is not None:
             self.vm.stop()
+        if self.kvm_vm is not None:
+            os.close(self.kvm_vm)
         firecracker_vmm.close_listener(self.res.vsock_device if self.vm is None else None)
 
 

@@ -12,12 +12,16 @@ Faithful to Firecracker (as its users see it):
   to ``<uds_path>_<P>`` (tests/fakes/vhost_user_vsock.py, served in a thread of this process);
 - a guest reboot (reset) ends the process with exit code 0; a guest power-off does not: the
   VM stays halted until the process is killed;
-- pause and resume stop and continue the vCPUs (QMP ``stop``/``cont``).
+- pause and resume stop and continue the vCPUs (QMP ``stop``/``cont``);
+- the host's side of KVM: the VM is built as Firecracker builds it on x86_64, with an
+  in-kernel irqchip and PIT (:func:`kvm_vm`), so the host has the VM's ``kvm-pit/<pid>``
+  kernel thread as long as the process lives.
 
 Deviations, all of them forced by running on QEMU without KVM:
 
 - QEMU is a child process (killed with this process: PR_SET_PDEATHSIG), started from the
-  VMM thread; guest memory is a shared memfd (vhost-user needs it);
+  VMM thread; guest memory is a shared memfd (vhost-user needs it). The KVM VM runs no
+  vCPU and has no memory: the guest runs in QEMU;
 - the kernel command line gets ``tsc_early_khz=`` and ``lpj=`` for the host's clock: TCG guests
   hang calibrating their clocks without them. Firecracker's users never pass these;
 - snapshots cannot hold the guest's state (QEMU's vhost-user-vsock cannot migrate), so a
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -35,6 +40,7 @@ import queue
 import re
 import signal
 import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Callable
@@ -50,6 +56,27 @@ QEMU = "qemu-system-x86_64"
 QMP_TIMEOUT = 30.0
 _PR_SET_PDEATHSIG = 1
 _LINUX_HZ = 250  # the guest kernel's CONFIG_HZ, for lpj
+
+
+# KVM's ioctls on /dev/kvm and on a VM (linux/kvm.h), and Firecracker's PIT flags.
+KVM_CREATE_VM = 0xAE01
+KVM_CREATE_IRQCHIP = 0xAE60
+KVM_CREATE_PIT2 = 0x4040AE77  # _IOW(KVMIO, 0x77, struct kvm_pit_config): 64 bytes
+KVM_PIT_SPEAKER_DUMMY = 1
+
+
+def kvm_vm(kvm: int) -> int:
+    """A KVM VM made through ``kvm`` (an fd of /dev/kvm) as Firecracker makes one on
+    x86_64 (Vm::new, then setup_irqchip: the irqchip, and the PIT with a dummy speaker);
+    its fd. KVM starts the PIT's kernel thread, ``kvm-pit/<our pid>``, at once."""
+    vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+    try:
+        fcntl.ioctl(vm, KVM_CREATE_IRQCHIP)
+        fcntl.ioctl(vm, KVM_CREATE_PIT2, struct.pack("<I60x", KVM_PIT_SPEAKER_DUMMY))
+    except OSError:
+        os.close(vm)
+        raise
+    return vm
 
 
 def tcg_clock_args() -> list[str]:

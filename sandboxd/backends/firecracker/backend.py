@@ -41,6 +41,7 @@ from sandboxd.backends.vm.kernel import kernel_cmdline
 from sandboxd.backends.vm.snapshots import SnapshotBackend, VmOptions, VmSandbox
 from sandboxd.errors import LaunchError
 from sandboxd.host.cgroups import Cgroup
+from sandboxd.host.kernel_threads import kvm_pit_thread
 from sandboxd.host.netns import create_netns
 from sandboxd.host.process import ChildProcess, spawn
 from sandboxd.host.vm_network import GUEST_MAC, TAP, VmNetwork, guest_cmdline
@@ -323,6 +324,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
                 async def start() -> None:
                     await _wait_for_socket(chroot / API_SOCKET, child)
                     await self._configure(sandbox, restore)
+                    _adopt_pit(child.pid, sandbox)
                     stream = await connect_hybrid_vsock(
                         chroot / VSOCK_SOCKET, self.agent_port, lambda: not child.exited()
                     )
@@ -459,6 +461,18 @@ def _remove_files(state_dir: Path, instance: str) -> list[str]:
         netns.remove(netns_name(instance))
         found.append(f"the network namespace {netns_name(instance)}")
     return found
+
+
+def _adopt_pit(vmm: int, sandbox: FirecrackerSandbox) -> None:
+    """Move the VM's PIT thread, which KVM started as Firecracker built the VM, into the
+    VM's cgroup (on aarch64 there is no PIT, and nothing to move)."""
+    thread = kvm_pit_thread(vmm)
+    if thread is None:
+        return
+    try:
+        sandbox.cgroup.adopt_cpu(thread)
+    except OSError as exc:
+        sandbox.log.warning("kvm-pit/%d stays outside the VM's cgroup: %s", vmm, exc)
 
 
 async def _wait_for_socket(path: Path, child: ChildProcess) -> None:

@@ -22,13 +22,20 @@ from sandboxctl import cli
 from sandboxd.backends.firecracker.backend import FirecrackerBackend
 from sandboxd.errors import LaunchError
 from sandboxd.host.cgroups import CgroupLayout
+from sandboxd.host.kernel_threads import kvm_pit_thread
 from sandboxd.host.sharing import sharing
 from sandboxd.images import ImageStore
 from sandboxd.protocol import Status
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, assert_jobs_outlive_a_broken_snapshot, start_daemon
 from tests.fakes.firecracker_bin import install_fakes
-from tests.host_state import assert_vm_gone, sandbox_cgroups, sandbox_processes, wait_for
+from tests.host_state import (
+    assert_vm_gone,
+    cpu_cgroup,
+    sandbox_cgroups,
+    sandbox_processes,
+    wait_for,
+)
 from tests.sandboxd.test_sessions import agent_loop
 
 pytestmark = [
@@ -144,6 +151,22 @@ def test_each_vm_is_jailed_as_its_own_uid_in_its_cgroup(fc_daemon):
     # In the daemon's empty network namespace.
     vmm = int((root / "firecracker.pid").read_text())
     assert os.readlink(f"/proc/{vmm}/ns/net") != os.readlink("/proc/self/ns/net")
+
+
+def test_each_vm_s_pit_thread_counts_its_cpu_in_the_vm_s_cgroup(fc_daemon):
+    """KVM's kvm-pit/<pid> kernel thread of a VM (the fake builds its VM in KVM as
+    Firecracker does) is moved into the VM's cgroup, where its CPU is limited and counted
+    (Firecracker's production host setup); it is gone with the VM."""
+    assert wait_for(lambda: len(jails(fc_daemon)) == 1, timeout=120)  # the pool's VM
+    (sandbox_id,) = jails(fc_daemon)
+    root = STATE_DIR / "jails" / fc_daemon.name / "firecracker" / sandbox_id / "root"
+    vmm = int((root / "firecracker.pid").read_text())
+    thread = kvm_pit_thread(vmm)
+    assert thread is not None
+    assert cpu_cgroup(thread, CgroupLayout.detect()) == f"/{fc_daemon.name}/{sandbox_id}"
+    fc_daemon.client.execute("python", "print(1)")  # takes the VM; it goes after the job
+    assert_firecracker_gone(fc_daemon, sandbox_id)
+    assert not Path(f"/proc/{thread}").exists()
 
 
 def test_links_a_vmm_plants_in_its_jail_are_not_followed_when_the_jail_goes(
