@@ -3,6 +3,7 @@ cgroup name and uid range, so tests and benchmarks never touch an installed serv
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ from sandboxctl.client import Client
 from sandboxd.backends.vm.snapshots import RESTORE_ATTEMPTS
 from sandboxd.errors import DaemonUnavailable
 from sandboxd.host.netns import in_netns
+
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -69,12 +72,25 @@ def write_config(path: Path, settings: dict[str, dict[str, object]]) -> Path:
 def launch(
     argv: list[str], log_file: Path, pass_fds: list[int] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start a service of ours with its output in ``log_file`` and none of our SANDBOXD_*."""
+    """Start a service of ours with its output in ``log_file`` and none of our SANDBOXD_*.
+    It gets SIGTERM (and cleans up after itself) if we die first: a pytest killed in the
+    middle leaves no daemon running as root with its jails."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")}
     with log_file.open("wb") as log:
         return subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds or ()
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=pass_fds or (),
+            preexec_fn=_terminate_with_parent,
         )
+
+
+def _terminate_with_parent() -> None:
+    # The signal comes when the thread that started the child ends: tests start services
+    # from the main thread.
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 # How systemd starts a daemon from sandboxd.socket: the listening socket as fd 3,

@@ -3,6 +3,7 @@ stopped, or it crashes and starts again."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -67,6 +69,42 @@ def test_after_the_daemon_stops_nothing_of_it_remains(make_daemon):
     assert not (daemon.run_dir / daemon.name).exists()
     assert list(daemon.run_dir.iterdir()) == []
     assert "stopped; everything removed" in daemon.log()
+
+
+# Starts a daemon for a test, says which, and waits to be killed (a pytest killed mid-run).
+STARTER = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from tests.daemon_process import start_daemon\n"
+    "daemon = start_daemon(Path(sys.argv[1]))\n"
+    "print(daemon.process.pid, daemon.name, daemon.uid_base, flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def test_a_daemon_started_for_tests_ends_and_cleans_up_when_its_tests_are_killed(tmp_path):
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    with starter:
+        assert starter.stdout is not None
+        pid, name, uid_base = starter.stdout.readline().split()
+        assert sandbox_cgroups(name)
+        starter.kill()
+    # Its parent gone, it is this machine's PID 1's to reap, and it may stay a zombie.
+    assert wait_for(lambda: int(pid) not in alive_processes(), timeout=60)
+    assert not sandbox_cgroups(name)
+    assert sandbox_processes(int(uid_base)) == {}
+    assert "stopped; everything removed" in (tmp_path / "daemon.log").read_text()
+
+
+def alive_processes() -> set[int]:
+    alive = set()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError):
+            if entry.name.isdigit() and (entry / "stat").read_text().split(") ")[1][0] != "Z":
+                alive.add(int(entry.name))
+    return alive
 
 
 def test_a_crashed_daemons_leftovers_are_removed_at_the_next_start(make_daemon, tmp_path):
