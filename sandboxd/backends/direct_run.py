@@ -14,6 +14,7 @@ does not fit has the reaper exec the agent (:meth:`DirectRuntime.become_agent`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -169,8 +170,13 @@ class DirectRuntime:
             name: Capture(name, cap, lambda stream, data: pending.append((stream, data)))
             for name in ("stdout", "stderr")
         }
-        source = trio.lowlevel.FdStream(fifo)
-        source_fed = False
+        # The source goes into the FIFO now, before any other task of the daemon's runs
+        # (the pool's next sandbox, whose start holds the event loop for a millisecond
+        # or two): only what the pipe cannot take yet is left to a task.
+        fed = _write_now(fifo, source_text)
+        source_fed = fed == len(source_text)
+        if source_fed:
+            os.close(fifo)  # the runtime reads it to its end
         killed = False
 
         def kill() -> None:
@@ -195,7 +201,7 @@ class DirectRuntime:
 
         async def feed_source() -> None:
             nonlocal source_fed
-            await _feed(source, source_text)
+            await _feed(trio.lowlevel.FdStream(fifo), source_text[fed:])
             source_fed = True
 
         if on_stage is not None:
@@ -204,7 +210,8 @@ class DirectRuntime:
         failure: AgentError | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(feed_source)
+                if not source_fed:
+                    nursery.start_soon(feed_source)
                 stdin_data = str(job.get("stdin") or "").encode()
                 nursery.start_soon(_feed, self.stdin, stdin_data, stdin)
                 async with trio.open_nursery() as pipes:
@@ -327,6 +334,15 @@ def _acting_as(uid: int) -> Iterator[None]:
     finally:
         _libc.setfsgid(0)
         _libc.setfsuid(0)
+
+
+def _write_now(fd: int, data: bytes) -> int:
+    """Write what the non-blocking pipe ``fd`` takes of ``data`` at once; how much."""
+    written = 0
+    with contextlib.suppress(BlockingIOError):
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    return written
 
 
 def _buffered(fd: int) -> int:
