@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # cpuacct counts CPU time (v2's cpu.stat has it in every cgroup).
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 CPU_PERIOD_US = 100_000
+KTHREAD_MOVE_ATTEMPTS = 25  # 2 ms apart: a kernel thread just made has run by then
 
 
 class CgroupLimits(TypedDict):
@@ -194,12 +195,22 @@ class Cgroup:
                 (self.dirs[name.split(".")[0]] / name).write_text(setting)
                 self._written[name] = setting
 
-    def adopt_cpu(self, pid: int) -> None:
+    async def adopt_cpu(self, pid: int) -> None:
         """Move ``pid`` (a kernel thread that works for the sandbox's VM) into this
         cgroup's CPU controller, whose limit then holds its CPU time too (on v1 only that
         one: a jailer makes no more than the controllers it sets limits in, and a kernel
         thread has no memory and no children to count). OSError if the kernel refuses."""
-        (self.dirs["cpu"] / "cgroup.procs").write_text(str(pid))
+        procs = self.dirs["cpu"] / "cgroup.procs"
+        for attempt in range(KTHREAD_MOVE_ATTEMPTS):
+            try:
+                procs.write_text(str(pid))
+                return
+            except OSError as exc:
+                # A new kernel thread may not move until it has first run (the kernel's
+                # no_cgroup_migration, which it clears then): EINVAL until it has.
+                if exc.errno != errno.EINVAL or attempt == KTHREAD_MOVE_ATTEMPTS - 1:
+                    raise
+            await trio.sleep(0.002)
 
     def procs_files(self) -> list[Path]:
         """Where a process writes itself to join this cgroup (each hierarchy's)."""

@@ -324,7 +324,7 @@ class FirecrackerBackend(SnapshotBackend[FirecrackerSandbox]):
                 async def start() -> None:
                     await _wait_for_socket(chroot / API_SOCKET, child)
                     await self._configure(sandbox, restore)
-                    _adopt_pit(child.pid, sandbox)
+                    await _adopt_pit(child.pid, sandbox)
                     stream = await connect_hybrid_vsock(
                         chroot / VSOCK_SOCKET, self.agent_port, lambda: not child.exited()
                     )
@@ -463,14 +463,14 @@ def _remove_files(state_dir: Path, instance: str) -> list[str]:
     return found
 
 
-def _adopt_pit(vmm: int, sandbox: FirecrackerSandbox) -> None:
+async def _adopt_pit(vmm: int, sandbox: FirecrackerSandbox) -> None:
     """Move the VM's PIT thread, which KVM started as Firecracker built the VM, into the
     VM's cgroup (on aarch64 there is no PIT, and nothing to move)."""
     thread = kvm_pit_thread(vmm)
     if thread is None:
         return
     try:
-        sandbox.cgroup.adopt_cpu(thread)
+        await sandbox.cgroup.adopt_cpu(thread)
     except OSError as exc:
         sandbox.log.warning("kvm-pit/%d stays outside the VM's cgroup: %s", vmm, exc)
 

@@ -81,7 +81,7 @@ async def test_the_pit_thread_moves_into_the_cpu_of_a_sandbox_s_cgroup():
     try:
         thread = kvm_pit_thread(os.getpid())
         assert thread is not None
-        cgroup.adopt_cpu(thread)
+        await cgroup.adopt_cpu(thread)
         assert cpu_cgroup(thread, layout).endswith(f"/{NAME}/vm")
     finally:
         os.close(vm)  # the VM, and its thread with it, ends: the cgroup can go
