@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import select
@@ -49,6 +50,7 @@ MAX_FILE_BYTES = 1024 * 1024
 # After the program is killed, how long to wait for pipes a stray process might hold.
 DRAIN_GRACE = 2.0
 HANDOFF_TIMEOUT = 5.0  # for the reaper to exec the agent
+PUBLISH_POLL = 0.001  # seconds between looks for a runtime that is not at its FIFO yet
 _libc = ctypes.CDLL(None)  # setfsuid, setfsgid
 
 
@@ -156,12 +158,22 @@ class DirectRuntime:
     ) -> dict[str, Any] | None:
         """Run a job that :func:`fits` the runtime and that it took (:meth:`take`); its
         record, as the agent makes it. None if the runtime died waiting after all (its
-        exit came once the job had been handed over, the source unread: the job then
-        goes to the agent, cold). AgentError if the jail's PID 1 goes away first."""
+        exit came before it read the job's source: the job then goes to the agent,
+        cold). AgentError if the jail's PID 1 goes away first."""
         try:
-            fifo, unread, source_text = self._hand_over(job)
+            workdir, staged, source_text = self._write_files(job)
+            while (published := self._publish(workdir, staged)) is None:
+                # The runtime is not at its FIFO: still starting (it gets there), or
+                # dead (its exit is coming).
+                if self._exit_reported():
+                    self._unpublish(workdir, staged)
+                    return None
+                await trio.sleep(PUBLISH_POLL)
         except (OSError, JobError) as exc:
             return failed_result(exc)  # as the agent answers a file it cannot write
+        fifo, unread = published
+        if on_stage is not None:
+            on_stage("run")
         limits = job["limits"]
         outcome = StageOutcome()
         pending: deque[tuple[str, str]] = deque()
@@ -204,8 +216,6 @@ class DirectRuntime:
             await _feed(trio.lowlevel.FdStream(fifo), source_text[fed:])
             source_fed = True
 
-        if on_stage is not None:
-            on_stage("run")
         start = trio.current_time()
         failure: AgentError | None = None
         try:
@@ -232,8 +242,9 @@ class DirectRuntime:
                     if killed:
                         pipes.cancel_scope.deadline = trio.current_time() + DRAIN_GRACE
                 nursery.cancel_scope.cancel()  # input nobody read
-            # Python reads its whole source before the first line runs: if some is
-            # still in the FIFO, the program never ran.
+            # The runtime waited on its FIFO (see _publish), and Python reads its whole
+            # source before the first line runs: if some is still in the FIFO, the
+            # program never ran.
             never_ran = not source_fed or _buffered(unread) > 0
         finally:
             os.close(unread)
@@ -262,9 +273,14 @@ class DirectRuntime:
         rlimits = job_rlimits(limits, float(limits["cpu_time"]))
         if rlimits != self.rlimits:
             return await self._limit(rlimits)
-        pending = select.poll()  # an exit the reaper reported while the runtime waited
+        return not self._exit_reported() or await self._limit(rlimits)
+
+    def _exit_reported(self) -> bool:
+        """Whether the reaper has sent something not read yet: the runtime's exit, once
+        it is waiting."""
+        pending = select.poll()
         pending.register(self.control.fileno(), select.POLLIN)
-        return not pending.poll(0) or await self._limit(rlimits)
+        return bool(pending.poll(0))
 
     async def _limit(self, rlimits: list[tuple[int, tuple[int, int]]]) -> bool:
         """Have the reaper set the runtime's ``rlimits``; False if its exit came first."""
@@ -281,29 +297,39 @@ class DirectRuntime:
         self.rlimits = rlimits
         return True
 
-    def _publish(self, workdir: Workdir, staged: str) -> tuple[int, int]:
-        """Put the staged source in place of the FIFO; the FIFO to write it to, and a
-        reader of it that reads nothing (to see what is left unread in it)."""
-        root = os.open(workdir.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        opened: list[int] = []
-        try:
-            name = self.warm["source"]
-            for mode in (os.O_RDONLY, os.O_RDWR):  # a reader first: it does not block
-                opened.append(os.open(name, mode | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=root))
-            # The source appears last: a runtime slower than its job opens it at once.
-            os.rename(staged, name, src_dir_fd=root, dst_dir_fd=root)
-        except OSError:
-            for fd in opened:
-                os.close(fd)
-            raise
-        finally:
-            os.close(root)
-        unread, fifo = opened
+    def _publish(self, workdir: Workdir, staged: str) -> tuple[int, int] | None:
+        """Once the runtime waits on its FIFO, put the staged source in its place; the
+        FIFO to write the source to, and a reader of it that reads nothing (to see what
+        is left unread in it). None while no process has the FIFO open: a non-blocking
+        writer can open a FIFO only then, and the runtime, blocked opening it, already
+        holds the FIFO, not the file that replaces it (so it reads its source from us)."""
+        with _acting_as(self.owner):
+            root = os.open(workdir.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            opened: list[int] = []
+            try:
+                name = self.warm["source"]
+                for mode in (os.O_WRONLY, os.O_RDONLY):
+                    opened.append(os.open(name, mode | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=root))
+                os.rename(staged, name, src_dir_fd=root, dst_dir_fd=root)
+            except OSError as exc:
+                for fd in opened:
+                    os.close(fd)
+                if exc.errno == errno.ENXIO and not opened:
+                    return None  # no reader yet
+                raise
+            finally:
+                os.close(root)
+        fifo, unread = opened
         return fifo, unread
 
-    def _hand_over(self, job: dict[str, Any]) -> tuple[int, int, bytes]:
-        """Write the job's files, then its source in place of the FIFO; the FIFO, a
-        reader of it (:meth:`_publish`), and the source to write to it."""
+    def _unpublish(self, workdir: Workdir, staged: str) -> None:
+        """Remove the staged source of a job that goes to the agent instead."""
+        with _acting_as(self.owner), contextlib.suppress(OSError):
+            os.unlink(os.path.join(workdir.path, staged))
+
+    def _write_files(self, job: dict[str, Any]) -> tuple[Workdir, str, bytes]:
+        """Write the job's files, its source beside the FIFO (:meth:`_publish` puts it
+        in place); the working directory, where the source is, and the source."""
         source_name = self.warm["source"]
         source = next(f for f in job["files"] if f["path"] == source_name)
         content = source["content"].encode()
@@ -314,7 +340,7 @@ class DirectRuntime:
         with _acting_as(self.owner):
             workdir.write_all([f for f in job["files"] if f is not source])
             workdir.write(staged, content)
-            return *self._publish(workdir, staged), content
+        return workdir, staged, content
 
     async def _exit(self) -> tuple[int, float, int]:
         kind, status, cpu, memory = await self._record()

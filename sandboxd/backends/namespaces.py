@@ -109,11 +109,12 @@ class NamespacesSandbox(JailedSandbox):
     ) -> dict[str, Any]:
         direct = self.direct
         if direct is not None and fits(job, direct.warm) and await direct.take(job["limits"]):
+            self.direct = None
             kill = self.kill_program
             record = await direct.run(job, on_output, transcript, stdin, on_stage, kill)
             if record is not None:
-                self.direct = None
                 return record
+            self.direct = direct  # it died waiting: the reaper becomes the agent
         await self._agent()
         return await super()._run_job(job, on_output, transcript, stdin, on_stage)
 

@@ -233,6 +233,18 @@ def test_a_job_that_fits_its_warm_runtime_runs_without_an_agent(make_daemon):
     assert [line.split()[1] for line in lines] == ["/usr/bin/python3", "python3"]
 
 
+LISTING = "import os, sys; print(sys.argv, sorted(os.listdir('.')))"
+
+
+def test_a_program_that_ran_and_died_silently_is_reported_not_run_again(make_daemon):
+    """A warm program killed by a signal without a word (here, its own SIGKILL) did
+    run: its record says so, and it is not run a second time, cold."""
+    daemon = make_daemon(pool={"size": 1})
+    wait_for_warm(daemon.client, "python")
+    result = daemon.client.execute("python", "import os, signal; os.kill(os.getpid(), 9)")
+    assert (result.signal, result.warm, result.stdout, result.stderr) == (9, True, "", "")
+
+
 def waiting_runtime(daemon: Daemon) -> int:
     """The pid of the one warm python runtime of ``daemon``'s pool, once it waits for
     its source (the sandbox is ready once it started; it opens its FIFO a little later)."""
@@ -262,9 +274,9 @@ def test_a_warm_runtime_that_died_waiting_gives_a_cold_start(make_daemon):
 
 
 def test_a_warm_runtime_killed_as_its_job_came_gives_a_cold_start(make_daemon):
-    """Killed so late that the daemon hands it the job before it hears of the exit
-    (here the reaper, stopped, reports the exit only once the source is in place): the
-    program never ran, since its source was never read, so the job starts cold."""
+    """Killed so late that the daemon has written the job's files before it hears of
+    the exit (here the reaper, stopped, reports it only then): the program never ran,
+    so the job starts cold, and nothing of the warm attempt is left in its directory."""
     daemon = make_daemon(pool={"size": 1})
     client = daemon.client
     wait_for_warm(client, "python")
@@ -272,16 +284,17 @@ def test_a_warm_runtime_killed_as_its_job_came_gives_a_cold_start(make_daemon):
     [reaper] = [
         pid for pid, cmd in sandbox_processes(daemon.uid_base).items() if cmd.startswith(REAPER)
     ]
-    source = Path(f"/proc/{reaper}/root{WARM_SOURCES[0]}")
+    directory, name = WARM_SOURCES[0].rsplit("/", 1)
+    staged = Path(f"/proc/{reaper}/root{directory}/.{name}.sandboxd")
     with ThreadPoolExecutor(1) as executor:
         os.kill(reaper, signal.SIGSTOP)
         try:
             os.kill(runtime, signal.SIGKILL)
-            job = executor.submit(client.execute, "python", "import sys; print(sys.argv)")
-            # The daemon has written the source in place of the FIFO, and waits.
-            assert wait_for(lambda: source.is_file() or job.done())
+            job = executor.submit(client.execute, "python", LISTING)
+            # The daemon has written the job's files, and waits for the runtime.
+            assert wait_for(lambda: staged.is_file() or job.done())
         finally:
             os.kill(reaper, signal.SIGCONT)
         result = job.result(timeout=60)
-    assert (result.status, result.stdout, result.warm) == ("ok", "['main.py']\n", False)
+    assert (result.status, result.stdout, result.warm) == ("ok", "['main.py'] ['main.py']\n", False)
     assert wait_for(lambda: not program_processes(daemon.uid_base))
