@@ -12,9 +12,10 @@ KTHREADD = 2  # the parent of every kernel thread
 PF_KTHREAD = 0x00200000  # in /proc/<pid>/stat's flags
 
 
-def kernel_thread(name: str) -> int | None:
-    """The pid of the kernel thread called ``name``, if there is one; never a process's:
-    a program may give itself any name, but not kthreadd for a parent nor PF_KTHREAD."""
+def kernel_threads(name: str) -> list[int]:
+    """The pids of the kernel threads called ``name``; never a process's: a program may
+    give itself any name, but not kthreadd for a parent nor PF_KTHREAD."""
+    found = []
     for pid in _kthreadd_children():
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
@@ -24,14 +25,16 @@ def kernel_thread(name: str) -> int | None:
         # After the name: state, ppid, pgrp, session, tty, tpgid, flags, ...
         fields = stat[stat.rindex(")") + 2 :].split()
         if comm == name and int(fields[1]) == KTHREADD and int(fields[6]) & PF_KTHREAD:
-            return int(pid)
-    return None
+            found.append(int(pid))
+    return found
 
 
-def kvm_pit_thread(vmm_pid: int) -> int | None:
-    """KVM's PIT thread of the VM that the process ``vmm_pid`` made, named for that pid as
-    the process sees it (its host pid: the VMMs here run in the host's pid namespace)."""
-    return kernel_thread(f"kvm-pit/{vmm_pid}")
+def kvm_pit_threads(vmm_pid: int) -> list[int]:
+    """The kernel threads named as KVM names the PIT thread of a VM that the process
+    ``vmm_pid`` made: for that pid as the process sees it (its host pid: the VMMs here
+    run in the host's pid namespace). A KVM user in another pid namespace may have the
+    same pid there, and its thread the same name."""
+    return kernel_threads(f"kvm-pit/{vmm_pid}")
 
 
 def _kthreadd_children() -> list[str]:

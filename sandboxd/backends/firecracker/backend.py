@@ -41,7 +41,7 @@ from sandboxd.backends.vm.kernel import kernel_cmdline
 from sandboxd.backends.vm.snapshots import SnapshotBackend, VmOptions, VmSandbox
 from sandboxd.errors import LaunchError
 from sandboxd.host.cgroups import Cgroup
-from sandboxd.host.kernel_threads import kvm_pit_thread
+from sandboxd.host.kernel_threads import kvm_pit_threads
 from sandboxd.host.netns import create_netns
 from sandboxd.host.process import ChildProcess, spawn
 from sandboxd.host.vm_network import GUEST_MAC, TAP, VmNetwork, guest_cmdline
@@ -465,10 +465,16 @@ def _remove_files(state_dir: Path, instance: str) -> list[str]:
 
 async def _adopt_pit(vmm: int, sandbox: FirecrackerSandbox) -> None:
     """Move the VM's PIT thread, which KVM started as Firecracker built the VM, into the
-    VM's cgroup (on aarch64 there is no PIT, and nothing to move)."""
-    thread = kvm_pit_thread(vmm)
-    if thread is None:
+    VM's cgroup (on aarch64 there is no PIT, and nothing to move). The search reads every
+    kernel thread's stat: a worker thread's work, off the event loop."""
+    threads = await trio.to_thread.run_sync(kvm_pit_threads, vmm)
+    if len(threads) > 1:
+        sandbox.log.warning(
+            "kvm-pit/%d: %d kernel threads have that name, none moved", vmm, len(threads)
+        )
+    if len(threads) != 1:
         return
+    (thread,) = threads
     try:
         await sandbox.cgroup.adopt_cpu(thread)
     except OSError as exc:

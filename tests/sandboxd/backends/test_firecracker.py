@@ -22,7 +22,7 @@ from sandboxctl import cli
 from sandboxd.backends.firecracker.backend import FirecrackerBackend
 from sandboxd.errors import LaunchError
 from sandboxd.host.cgroups import CgroupLayout
-from sandboxd.host.kernel_threads import kvm_pit_thread
+from sandboxd.host.kernel_threads import kvm_pit_threads
 from sandboxd.host.sharing import sharing
 from sandboxd.images import ImageStore
 from sandboxd.protocol import Status
@@ -161,8 +161,7 @@ def test_each_vm_s_pit_thread_counts_its_cpu_in_the_vm_s_cgroup(fc_daemon):
     (sandbox_id,) = jails(fc_daemon)
     root = STATE_DIR / "jails" / fc_daemon.name / "firecracker" / sandbox_id / "root"
     vmm = int((root / "firecracker.pid").read_text())
-    thread = kvm_pit_thread(vmm)
-    assert thread is not None
+    (thread,) = kvm_pit_threads(vmm)
     assert cpu_cgroup(thread, CgroupLayout.detect()) == f"/{fc_daemon.name}/{sandbox_id}"
     fc_daemon.client.execute("python", "print(1)")  # takes the VM; it goes after the job
     assert_firecracker_gone(fc_daemon, sandbox_id)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sandboxd.host.cgroups import CgroupLayout
-from sandboxd.host.kernel_threads import kvm_pit_thread
+from sandboxd.host.kernel_threads import kvm_pit_threads
 from tests.conftest import needs_root
 from tests.fakes.firecracker_vmm import kvm_vm
 from tests.host_state import cpu_cgroup, wait_for
@@ -60,11 +60,11 @@ def impostor() -> Iterator[int]:
 
 
 def test_the_pit_thread_is_the_kernel_s_not_a_process_named_so(impostor):
-    assert kvm_pit_thread(os.getpid()) is None  # no VM yet: the impostor is no answer
+    assert kvm_pit_threads(os.getpid()) == []  # no VM yet: the impostor is no answer
     made = make_vm()
     try:
-        thread = kvm_pit_thread(os.getpid())
-        assert thread is not None and thread != impostor
+        (thread,) = kvm_pit_threads(os.getpid())
+        assert thread != impostor
         assert Path(f"/proc/{thread}/comm").read_text() == f"kvm-pit/{os.getpid()}\n"
     finally:
         os.close(made)
@@ -79,8 +79,7 @@ async def test_the_pit_thread_moves_into_the_cpu_of_a_sandbox_s_cgroup():
     cgroup = layout.sandbox(NAME, "vm")
     cgroup.create()
     try:
-        thread = kvm_pit_thread(os.getpid())
-        assert thread is not None
+        (thread,) = kvm_pit_threads(os.getpid())
         await cgroup.adopt_cpu(thread)
         assert cpu_cgroup(thread, layout).endswith(f"/{NAME}/vm")
     finally:
