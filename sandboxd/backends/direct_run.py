@@ -25,6 +25,7 @@ import termios
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -50,7 +51,6 @@ MAX_FILE_BYTES = 1024 * 1024
 # After the program is killed, how long to wait for pipes a stray process might hold.
 DRAIN_GRACE = 2.0
 HANDOFF_TIMEOUT = 5.0  # for the reaper to exec the agent
-PUBLISH_POLL = 0.001  # seconds between looks for a runtime that is not at its FIFO yet
 _libc = ctypes.CDLL(None)  # setfsuid, setfsgid
 
 
@@ -162,16 +162,13 @@ class DirectRuntime:
         cold). AgentError if the jail's PID 1 goes away first."""
         try:
             workdir, staged, source_text = self._write_files(job)
-            while (published := self._publish(workdir, staged)) is None:
-                # The runtime is not at its FIFO: still starting (it gets there), or
-                # dead (its exit is coming).
-                if self._exit_reported():
-                    self._unpublish(workdir, staged)
-                    return None
-                await trio.sleep(PUBLISH_POLL)
+            published = self._publish(workdir, staged)
         except (OSError, JobError) as exc:
             return failed_result(exc)  # as the agent answers a file it cannot write
-        fifo, unread = published
+        if published is None:
+            self._unpublish(workdir, staged)
+            return None
+        fifo, unread, at_fifo = published
         if on_stage is not None:
             on_stage("run")
         limits = job["limits"]
@@ -242,10 +239,10 @@ class DirectRuntime:
                     if killed:
                         pipes.cancel_scope.deadline = trio.current_time() + DRAIN_GRACE
                 nursery.cancel_scope.cancel()  # input nobody read
-            # The runtime waited on its FIFO (see _publish), and Python reads its whole
-            # source before the first line runs: if some is still in the FIFO, the
-            # program never ran.
-            never_ran = not source_fed or _buffered(unread) > 0
+            # A runtime that waited on its FIFO reads its source from it (see _publish),
+            # and Python reads all of it before the first line runs: if some is still
+            # in the FIFO, the program never ran.
+            never_ran = at_fifo and (not source_fed or _buffered(unread) > 0)
         finally:
             os.close(unread)
         if failure is not None:
@@ -297,30 +294,59 @@ class DirectRuntime:
         self.rlimits = rlimits
         return True
 
-    def _publish(self, workdir: Workdir, staged: str) -> tuple[int, int] | None:
-        """Once the runtime waits on its FIFO, put the staged source in its place; the
-        FIFO to write the source to, and a reader of it that reads nothing (to see what
-        is left unread in it). None while no process has the FIFO open: a non-blocking
-        writer can open a FIFO only then, and the runtime, blocked opening it, already
-        holds the FIFO, not the file that replaces it (so it reads its source from us)."""
+    def _publish(self, workdir: Workdir, staged: str) -> tuple[int, int, bool] | None:
+        """Put the staged source in place of the FIFO; the FIFO to write the source to,
+        a reader of it that reads nothing (to see what is left unread in it), and
+        whether the runtime was waiting on the FIFO. If it was, it holds the FIFO, not
+        the file that replaces it, and reads its source from us; one still starting
+        opens the FIFO or that file, whichever is there then. None if the runtime is
+        dead (it died waiting; its exit is on its way)."""
         with _acting_as(self.owner):
             root = os.open(workdir.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
             opened: list[int] = []
             try:
                 name = self.warm["source"]
-                for mode in (os.O_WRONLY, os.O_RDONLY):
-                    opened.append(os.open(name, mode | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=root))
+                flags = os.O_NONBLOCK | os.O_NOFOLLOW
+                at_fifo = True
+                try:
+                    # A non-blocking writer opens a FIFO only while a reader has it: the
+                    # runtime, blocked opening it.
+                    opened.append(os.open(name, os.O_WRONLY | flags, dir_fd=root))
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:
+                        raise
+                    if not self._runtime_alive():
+                        return None
+                    at_fifo = False
+                    opened.append(os.open(name, os.O_RDWR | flags, dir_fd=root))
+                opened.append(os.open(name, os.O_RDONLY | flags, dir_fd=root))
+                # The source appears last: a runtime slower than its job opens it at once.
                 os.rename(staged, name, src_dir_fd=root, dst_dir_fd=root)
-            except OSError as exc:
+            except OSError:
                 for fd in opened:
                     os.close(fd)
-                if exc.errno == errno.ENXIO and not opened:
-                    return None  # no reader yet
                 raise
             finally:
                 os.close(root)
         fifo, unread = opened
-        return fifo, unread
+        return fifo, unread, at_fifo
+
+    def _runtime_alive(self) -> bool:
+        """Whether the runtime (the jail's PID 1's child) lives, not yet reaped or a
+        zombie. True if that cannot be known (a kernel without /proc's children)."""
+        try:
+            reaper = self._jail_pid()
+        except LaunchError:
+            return False  # the whole jail is gone
+        try:
+            children = Path(f"/proc/{reaper}/task/{reaper}/children").read_text().split()
+        except OSError:
+            return True
+        for child in children:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{child}/stat").read_text().rsplit(") ", 1)[1][0] != "Z":
+                    return True
+        return False
 
     def _unpublish(self, workdir: Workdir, staged: str) -> None:
         """Remove the staged source of a job that goes to the agent instead."""

@@ -275,8 +275,9 @@ def test_a_warm_runtime_that_died_waiting_gives_a_cold_start(make_daemon):
 
 def test_a_warm_runtime_killed_as_its_job_came_gives_a_cold_start(make_daemon):
     """Killed so late that the daemon has written the job's files before it hears of
-    the exit (here the reaper, stopped, reports it only then): the program never ran,
-    so the job starts cold, and nothing of the warm attempt is left in its directory."""
+    the exit (here the reaper, stopped, reports it only later): it finds the runtime
+    dead, the program never ran, so the job starts cold, and nothing of the warm
+    attempt is left in its directory."""
     daemon = make_daemon(pool={"size": 1})
     client = daemon.client
     wait_for_warm(client, "python")
@@ -284,17 +285,19 @@ def test_a_warm_runtime_killed_as_its_job_came_gives_a_cold_start(make_daemon):
     [reaper] = [
         pid for pid, cmd in sandbox_processes(daemon.uid_base).items() if cmd.startswith(REAPER)
     ]
-    directory, name = WARM_SOURCES[0].rsplit("/", 1)
-    staged = Path(f"/proc/{reaper}/root{directory}/.{name}.sandboxd")
+    directory = WARM_SOURCES[0].rsplit("/", 1)[0]
+    data = Path(f"/proc/{reaper}/root{directory}/data.txt")
     with ThreadPoolExecutor(1) as executor:
         os.kill(reaper, signal.SIGSTOP)
         try:
             os.kill(runtime, signal.SIGKILL)
-            job = executor.submit(client.execute, "python", LISTING)
-            # The daemon has written the job's files, and waits for the runtime.
-            assert wait_for(lambda: staged.is_file() or job.done())
+            files = [{"path": "data.txt", "content": "x"}]
+            job = executor.submit(client.execute, "python", LISTING, files=files)
+            # The daemon has written the job's files: next it meets the dead runtime.
+            assert wait_for(lambda: data.is_file() or job.done())
         finally:
             os.kill(reaper, signal.SIGCONT)
         result = job.result(timeout=60)
-    assert (result.status, result.stdout, result.warm) == ("ok", "['main.py'] ['main.py']\n", False)
+    listed = "['main.py'] ['data.txt', 'main.py']\n"
+    assert (result.status, result.stdout, result.warm) == ("ok", listed, False)
     assert wait_for(lambda: not program_processes(daemon.uid_base))
