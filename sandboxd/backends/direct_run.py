@@ -25,7 +25,6 @@ import termios
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -38,6 +37,7 @@ from guest.agent.limits import job_rlimits
 from guest.agent.warm import has_coding_cookie
 from sandboxd.agent_link import OutputHandler, StageHandler, Transcript, WarmRuntime
 from sandboxd.errors import AgentError, LaunchError
+from sandboxd.host import proc
 from sandboxd.stdin_stream import StdinStream
 
 # The reaper's records: type, pid, wait status, utime and stime (µs), maxrss (KiB).
@@ -338,15 +338,10 @@ class DirectRuntime:
             reaper = self._jail_pid()
         except LaunchError:
             return False  # the whole jail is gone
-        try:
-            children = Path(f"/proc/{reaper}/task/{reaper}/children").read_text().split()
-        except OSError:
+        children = proc.children(reaper)
+        if children is None:
             return True
-        for child in children:
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{child}/stat").read_text().rsplit(") ", 1)[1][0] != "Z":
-                    return True
-        return False
+        return any((info := proc.stat(child)) and info.state != "Z" for child in children)
 
     def _unpublish(self, workdir: Workdir, staged: str) -> None:
         """Remove the staged source of a job that goes to the agent instead."""

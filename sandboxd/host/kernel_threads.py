@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sandboxd.host import proc
+
 KTHREADD = 2  # the parent of every kernel thread
 PF_KTHREAD = 0x00200000  # in /proc/<pid>/stat's flags
 
@@ -17,15 +19,9 @@ def kernel_threads(name: str) -> list[int]:
     give itself any name, but not kthreadd for a parent nor PF_KTHREAD."""
     found = []
     for pid in _kthreadd_children():
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue  # it ended meanwhile
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        # After the name: state, ppid, pgrp, session, tty, tpgid, flags, ...
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if comm == name and int(fields[1]) == KTHREADD and int(fields[6]) & PF_KTHREAD:
-            found.append(int(pid))
+        info = proc.stat(pid)  # None: it ended meanwhile
+        if info and info.comm == name and info.ppid == KTHREADD and info.flags & PF_KTHREAD:
+            found.append(pid)
     return found
 
 
@@ -37,8 +33,8 @@ def kvm_pit_threads(vmm_pid: int) -> list[int]:
     return kernel_threads(f"kvm-pit/{vmm_pid}")
 
 
-def _kthreadd_children() -> list[str]:
-    try:
-        return Path(f"/proc/{KTHREADD}/task/{KTHREADD}/children").read_text().split()
-    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: every process, then
-        return [entry.name for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+def _kthreadd_children() -> list[int]:
+    found = proc.children(KTHREADD)
+    if found is None:  # a kernel without CONFIG_PROC_CHILDREN: every process, then
+        return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return found
