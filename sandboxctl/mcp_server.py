@@ -134,12 +134,15 @@ def build_server(
         lifespan=None if per_caller else closing_sessions,
     )
 
+    def key_of(ctx: Context) -> str | None:
+        """The gateway's key for this HTTP request; None over stdio."""
+        request = ctx.request_context.request if per_caller else None
+        return None if request is None else request.state.key_id
+
     def client_of(ctx: Context) -> Client:
         """Who calls: the gateway's key for this HTTP request, or whoever started us."""
-        request = ctx.request_context.request if per_caller else None
-        if request is None:
-            return client
-        return Client(client.socket_path, on_behalf_of=request.state.key_id)
+        key = key_of(ctx)
+        return client if key is None else Client(client.socket_path, on_behalf_of=key)
 
     def session_of(ctx: Context, session_id: str) -> Session:
         return Session(client_of(ctx), {"id": session_id})
@@ -147,9 +150,9 @@ def build_server(
     def running(ctx: Context) -> Client:
         """client_of, for a call that runs a program: paid for first with one of its
         key's tokens on a gateway (RateLimited if it is over its rate)."""
-        request = ctx.request_context.request if per_caller else None
-        if request is not None and spend is not None:
-            spend(request.state.key_id)
+        key = key_of(ctx)
+        if key is not None and spend is not None:
+            spend(key)
         return client_of(ctx)
 
     @server.tool()
