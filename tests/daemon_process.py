@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,11 @@ def launch(
     argv: list[str], log_file: Path, pass_fds: list[int] | None = None
 ) -> subprocess.Popen[bytes]:
     """Start a service of ours with its output in ``log_file`` and none of our SANDBOXD_*.
-    It gets SIGTERM (and cleans up after itself) if we die first: a pytest killed in the
-    middle leaves no daemon running as root with its jails."""
+    Started from the main thread, it gets SIGTERM (and cleans up after itself) if we die
+    first: a pytest killed in the middle leaves no daemon running as root with its
+    jails. The kernel sends that signal when the starting *thread* ends, so one started
+    from another thread (the soak restarts its services from its faults' thread) goes
+    without."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_")}
     with log_file.open("wb") as log:
         return subprocess.Popen(
@@ -83,13 +87,15 @@ def launch(
             stderr=subprocess.STDOUT,
             env=env,
             pass_fds=pass_fds or (),
-            preexec_fn=_terminate_with_parent,
+            preexec_fn=(
+                _terminate_with_parent
+                if threading.current_thread() is threading.main_thread()
+                else None
+            ),
         )
 
 
 def _terminate_with_parent() -> None:
-    # The signal comes when the thread that started the child ends: tests start services
-    # from the main thread.
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
