@@ -16,6 +16,7 @@ from sandboxd.host import jail
 from sandboxd.host.cgroups import CgroupLayout
 from sandboxd.host.jail import ENTER_JAIL, check_launcher, entering
 from tests.conftest import needs_root
+from tests.elf import needs_loader
 
 pytestmark = needs_root
 
@@ -123,3 +124,9 @@ def test_a_daemon_without_the_launcher_says_how_to_build_it(monkeypatch, tmp_pat
     monkeypatch.setattr(jail, "ENTER_JAIL", tmp_path / "enter-jail")
     with pytest.raises(LaunchError, match="missing: build it with `make build`"):
         check_launcher()
+
+
+def test_it_starts_without_a_dynamic_loader():
+    """Every sandbox's start execs it: linked statically, it skips ld.so's work (about a
+    quarter of that exec), as make build and the package build it."""
+    assert not needs_loader(ENTER_JAIL.read_bytes())
