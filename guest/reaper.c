@@ -11,10 +11,12 @@
  * To the daemon, records "<c3xiiqqq" (type, pid, wait status, utime us, stime us,
  * maxrss KiB): 'R' once the runtime started (pid in the jail), 'X' when it ended.
  * From the daemon: "L" then "<c3xi" and count "<i4xQQ" (resource, soft, hard) sets the
- * runtime's rlimits and answers an 'L' record (its status: 0 or an errno), as the agent
- * sets a warm runtime's (the daemon may lack CAP_SYS_RESOURCE over the jail's uid);
- * "A" kills the runtime and everything else and execs the agent. The daemon closing its
- * end ends the jail.
+ * runtime's rlimits, as the agent sets a warm runtime's (the daemon may lack
+ * CAP_SYS_RESOURCE over the jail's uid), and answers an 'L' record whose status is 0
+ * or an errno. The first message, queued before the jail starts, is the rlimits the
+ * runtime starts with: they are set before the 'R' record, whose status is theirs, so a
+ * sandbox is ready without a round trip. "A" kills the runtime and everything else and
+ * execs the agent. The daemon closing its end ends the jail.
  *
  * Built by the image's own cc when the backend starts; C because an interpreter here
  * is the cost this exists to save. Signals a program sends PID 1 are dropped by the
@@ -180,11 +182,20 @@ int main(int argc, char **argv)
 	if (mkfifo(source, 0644) != 0)
 		fail("mkfifo");
 	unsetenv("PWD"); /* bubblewrap's --chdir sets it; the agent gives programs none */
+	char first[8 + MAX_LIMITS * sizeof(struct limit)];
+	ssize_t size = recv(control, first, sizeof first, 0);
+	if (size <= 0)
+		return 0; /* the daemon is gone */
+	if (first[0] != 'L' || size < 8) {
+		errno = EPROTO;
+		fail("the first message is not the runtime's rlimits");
+	}
 
 	pid_t pid = start_runtime(runtime, pipes, &old_mask);
 	for (int fd = 0; fd < 3; fd++)
 		close(pipes[fd]);
-	report('R', pid, 0, NULL);
+	/* Set before the daemon hears of the runtime: it feeds no source until then. */
+	report('R', pid, set_limits(pid, first, (size_t)size), NULL);
 
 	struct pollfd fds[2] = {{.fd = exits, .events = POLLIN}, {.fd = control, .events = POLLIN}};
 	for (;;) {

@@ -20,6 +20,7 @@ import errno
 import fcntl
 import os
 import select
+import socket
 import struct
 import termios
 from collections import deque
@@ -54,6 +55,25 @@ HANDOFF_TIMEOUT = 5.0  # for the reaper to exec the agent
 _libc = ctypes.CDLL(None)  # setfsuid, setfsgid
 
 
+RLimits = list[tuple[int, tuple[int, int]]]  # (resource, (soft, hard)), as job_rlimits
+
+
+def first_rlimits(limits: dict[str, Any]) -> RLimits:
+    """The rlimits of a job with ``limits``: a warm runtime's, until a job sets its own."""
+    return job_rlimits(limits, float(limits["cpu_time"]))
+
+
+def queue_first_rlimits(control: socket.socket, rlimits: RLimits) -> None:
+    """Queue ``rlimits`` to a reaper not started yet, on the daemon's end of its socket:
+    its first message, which it applies to the runtime before it reports it started."""
+    control.send(_limits_message(rlimits))
+
+
+def _limits_message(rlimits: RLimits) -> bytes:
+    message = LIMITS.pack(b"L", len(rlimits))
+    return message + b"".join(LIMIT.pack(which, *values) for which, values in rlimits)
+
+
 def fits(job: dict[str, Any], warm: WarmRuntime) -> bool:
     """Whether ``job`` is what the warm runtime ``warm`` runs as it is: its command
     without arguments, no compile step, no cell, its source in UTF-8 without an
@@ -85,7 +105,10 @@ class DirectRuntime:
         jail_pid: Callable[[], int],
         owner: int,
         workdir: str,
+        rlimits: RLimits,
     ) -> None:
+        """``rlimits``: what the runtime starts with, queued to the reaper
+        (:func:`queue_first_rlimits`)."""
         self.warm = warm
         self.control = control
         self.stdin, self.stdout, self.stderr = (trio.lowlevel.FdStream(fd) for fd in pipes)
@@ -93,7 +116,7 @@ class DirectRuntime:
         self.owner = owner  # the host uid of the jail's files
         self.workdir = workdir  # where they go, in the jail
         self.root = ""  # that directory as the host reaches it, once the reaper runs
-        self.rlimits: list[tuple[int, tuple[int, int]]] = []  # the runtime's, as set
+        self.rlimits = rlimits  # the runtime's, as set
 
     async def _record(self) -> tuple[bytes, int, float, int]:
         """The reaper's next record: its type, a wait status, CPU seconds, memory bytes."""
@@ -112,19 +135,19 @@ class DirectRuntime:
         except OSError as exc:
             raise AgentError(f"the jail's PID 1 went away: {exc}") from exc
 
-    async def started(self, limits: dict[str, Any]) -> None:
-        """Wait for the reaper to have started the runtime, and give it the rlimits of a
-        job with ``limits`` (the defaults): a job with those then waits for no answer
-        of the reaper's before its source goes in (the sandbox is ready)."""
-        kind, *_ = await self._record()
+    async def started(self) -> None:
+        """Wait for the reaper to have started the runtime with the rlimits queued for
+        it (:func:`first_rlimits`): a job with those then waits for no answer of the
+        reaper's before its source goes in (the sandbox is ready)."""
+        kind, error, _, _ = await self._record()
         if kind != b"R":
             raise AgentError(f"the jail's PID 1 sent {kind!r} before it started the runtime")
+        if error:
+            raise AgentError(f"cannot limit the warm runtime: {os.strerror(error)}")
         try:
             self.root = f"/proc/{self._jail_pid()}/root{self.workdir}"
         except LaunchError as exc:
             raise AgentError(exc.message) from exc
-        if not await self._limit(job_rlimits(limits, float(limits["cpu_time"]))):
-            raise AgentError("the warm runtime died as it started")
 
     async def become_agent(self) -> None:
         """Have the reaper kill the runtime and exec the agent (its channel is the jail's
@@ -267,7 +290,7 @@ class DirectRuntime:
         """Have the runtime's rlimits be those of a job that :func:`fits` it (before its
         program's first line); False if the runtime died waiting (its exit came first:
         the job then goes to the agent, cold). AgentError if that fails."""
-        rlimits = job_rlimits(limits, float(limits["cpu_time"]))
+        rlimits = first_rlimits(limits)
         if rlimits != self.rlimits:
             return await self._limit(rlimits)
         return not self._exit_reported() or await self._limit(rlimits)
@@ -279,11 +302,9 @@ class DirectRuntime:
         pending.register(self.control.fileno(), select.POLLIN)
         return bool(pending.poll(0))
 
-    async def _limit(self, rlimits: list[tuple[int, tuple[int, int]]]) -> bool:
+    async def _limit(self, rlimits: RLimits) -> bool:
         """Have the reaper set the runtime's ``rlimits``; False if its exit came first."""
-        message = LIMITS.pack(b"L", len(rlimits))
-        message += b"".join(LIMIT.pack(which, *values) for which, values in rlimits)
-        await self._send(message)
+        await self._send(_limits_message(rlimits))
         kind, error, _, _ = await self._record()
         if kind == b"X":
             return False

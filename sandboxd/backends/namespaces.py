@@ -33,7 +33,13 @@ from guest.agent.common import BASE_ENV
 from sandboxd.agent_link import AgentLink, OutputHandler, StageHandler, Transcript, WarmRuntime
 from sandboxd.backends.agent_bundle import agent_command
 from sandboxd.backends.base import JailedBackend, JailedSandbox, Sandbox
-from sandboxd.backends.direct_run import DirectRuntime, fits
+from sandboxd.backends.direct_run import (
+    DirectRuntime,
+    RLimits,
+    first_rlimits,
+    fits,
+    queue_first_rlimits,
+)
 from sandboxd.errors import AgentError, LaunchError
 from sandboxd.host import seccomp
 from sandboxd.host.cgroups import Cgroup, CgroupLimits
@@ -330,7 +336,10 @@ class NamespacesBackend(JailedBackend):
     async def open_sandbox(
         self, slot: int, start_timeout: float, warm: WarmRuntime | None = None
     ) -> AsyncIterator[Sandbox]:
-        reaper = ReaperJail(warm, self.reaper) if warm is not None and self.reaper else None
+        rlimits = first_rlimits(self.default_limits.to_dict())
+        reaper = (
+            ReaperJail(warm, self.reaper, rlimits) if warm is not None and self.reaper else None
+        )
         try:
             fds = [data_fd(self.agent, "sandboxd-agent")]
             seccomp_fd = None
@@ -359,7 +368,7 @@ class NamespacesBackend(JailedBackend):
                 start: Callable[[], Awaitable[object]] = partial(link.handshake, warm)
                 if reaper:
                     sandbox.direct = reaper.runtime(sandbox.jail_pid, self.uid_base + slot)
-                    start = partial(sandbox.direct.started, self.default_limits.to_dict())
+                    start = sandbox.direct.started
                 async with sandbox.serving(start, argv, start_timeout):
                     yield sandbox
         finally:
@@ -372,10 +381,12 @@ class ReaperJail:
     runtime's command and environment, and the jail's ends of the reaper's socket and
     of the runtime's pipes (the daemon keeps the other ends, for its DirectRuntime)."""
 
-    def __init__(self, warm: WarmRuntime, program: bytes) -> None:
+    def __init__(self, warm: WarmRuntime, program: bytes, rlimits: RLimits) -> None:
         self.warm = warm
+        self.rlimits = rlimits  # the runtime's first, queued to the reaper
         self.program_fd = data_fd(program, "sandboxd-reaper")
         control, jail_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        queue_first_rlimits(control, rlimits)
         stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
         stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
         stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
@@ -408,6 +419,7 @@ class ReaperJail:
             jail_pid,
             owner,
             WORKDIR,
+            self.rlimits,
         )
         self.runtime_made = runtime
         return runtime
