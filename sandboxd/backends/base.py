@@ -125,6 +125,19 @@ class CpuWatch:
                     await self._started.wait()
 
 
+class SandboxLog(logging.LoggerAdapter[logging.Logger]):
+    """A sandbox's log: its backend's logger, each line after the sandbox's id. Not a
+    child logger: logging keeps every logger it names for good, and a sandbox is made
+    for every job (the daemon would grow with each)."""
+
+    def __init__(self, logger: logging.Logger, sandbox_id: str) -> None:
+        super().__init__(logger)
+        self.sandbox_id = sandbox_id
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"{self.sandbox_id}: {msg}", kwargs
+
+
 class Sandbox(abc.ABC):
     """One sandbox with its agent. The backend's ``open_sandbox`` owns its lifetime; the
     pool hands it to one job and then retires it."""
@@ -132,10 +145,11 @@ class Sandbox(abc.ABC):
     def __init__(
         self, sandbox_id: str, link: AgentLink, child: ChildProcess, log: logging.Logger
     ) -> None:
+        """``log``: the backend's logger (the sandbox's lines carry its id)."""
         self.id = sandbox_id
         self.link = link
         self.child = child  # the process the sandbox lives in (a jail, a VMM)
-        self.log = log
+        self.log = SandboxLog(log, sandbox_id)
         self.tail = LogTail(log)  # its last lines of log, for errors
         self.state = SandboxState.CREATING
         self.finished = trio.Event()  # set once it can serve nothing more

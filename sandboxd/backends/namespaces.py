@@ -105,7 +105,7 @@ class NamespacesSandbox(JailedSandbox):
     def __init__(
         self, sandbox_id: str, link: AgentLink, child: ChildProcess, cgroup: Cgroup, cpus: float
     ) -> None:
-        super().__init__(sandbox_id, link, child, cgroup, log.getChild(sandbox_id))
+        super().__init__(sandbox_id, link, child, cgroup, log)
         self.cpus = cpus
         self.memory_limit = 0  # of the cgroup, as set for the job (or the session)
         self.direct: DirectRuntime | None = None  # while its PID 1 is the reaper

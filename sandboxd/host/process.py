@@ -146,7 +146,9 @@ def spawn(
 class LogTail:
     """The last lines a child wrote to a stream, for error messages and the debug log."""
 
-    def __init__(self, logger: logging.Logger, lines: int = 40) -> None:
+    def __init__(
+        self, logger: logging.Logger | logging.LoggerAdapter[logging.Logger], lines: int = 40
+    ) -> None:
         self._logger = logger
         self._lines: collections.deque[str] = collections.deque(maxlen=lines)
 

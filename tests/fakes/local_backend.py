@@ -113,7 +113,7 @@ class LocalBackend(Backend):
         try:
             assert child.stdin and child.stdout
             link = AgentLink(child.stdin, child.stdout)
-            sandbox = LocalSandbox(sandbox_id, link, child, log.getChild(sandbox_id))
+            sandbox = LocalSandbox(sandbox_id, link, child, log)
             self.opened.append(sandbox)
             async with sandbox.serving(partial(link.handshake, warm), argv, start_timeout):
                 yield sandbox

@@ -4,6 +4,7 @@ draining — through the real RPC server, service and pool, with local sandboxes
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -122,6 +123,17 @@ async def test_the_ready_sandboxes_follow_the_demand(tmp_path):
             while stack.pool.stats()["ready_by_kind"] != {"python": 2, "plain": 0}:
                 await trio.sleep(0.01)
         assert stack.pool.stats()["ready_memory_bytes"] > 0
+
+
+async def test_the_daemon_keeps_nothing_per_job_it_has_answered_in_logging(tmp_path):
+    """logging keeps every logger it ever named: a logger per sandbox (one per job)
+    would grow the root daemon without bound with the jobs any client runs."""
+    async with local_stack(tmp_path, size=1, max_sandboxes=1) as stack:
+        await stack.client.execute("python", "pass")
+        named = len(logging.Logger.manager.loggerDict)
+        for _ in range(5):
+            await stack.client.execute("python", "pass")
+        assert len(logging.Logger.manager.loggerDict) == named
 
 
 async def test_draining_answers_the_job_in_flight_and_then_refuses(tmp_path):

@@ -83,7 +83,7 @@ class FirecrackerSandbox(VmSandbox):
         cgroup: Cgroup,
         chroot: Path,
     ) -> None:
-        super().__init__(sandbox_id, link, child, cgroup, log.getChild(sandbox_id))
+        super().__init__(sandbox_id, link, child, cgroup, log)
         self.chroot = chroot
         self.api = FirecrackerApi(chroot / API_SOCKET)
 

@@ -148,7 +148,7 @@ class QemuSandbox(VmSandbox):
         cgroup: Cgroup,
         qmp: QMPClient,
     ) -> None:
-        super().__init__(sandbox_id, link, child, cgroup, log.getChild(sandbox_id))
+        super().__init__(sandbox_id, link, child, cgroup, log)
         self.qmp = qmp
 
 
