@@ -20,7 +20,6 @@ from sandboxd.backends.namespaces import REAPER
 from sandboxd.result import ExecutionResult
 from tests.conftest import IS_ROOT
 from tests.daemon_process import Daemon, start_daemon, wait_for_warm
-from tests.elf import needs_loader
 from tests.host_state import (
     WARM_SOURCES,
     program_processes,
@@ -232,17 +231,6 @@ def test_a_job_that_fits_its_warm_runtime_runs_without_an_agent(make_daemon):
     assert not through_agent.warm, through_agent
     lines = through_agent.stdout.splitlines()
     assert [line.split()[1] for line in lines] == ["/usr/bin/python3", "python3"]
-
-
-def test_a_warm_sandbox_s_pid_1_starts_without_a_dynamic_loader(make_daemon):
-    """The image's cc links the reaper statically where the image's libc allows it (this
-    one's does): every sandbox's start execs it, and ld.so would be much of that."""
-    daemon = make_daemon(pool={"size": 1})
-    wait_for_warm(daemon.client, "python")
-    code = f"import sys; sys.stdout.write(open({REAPER!r}, 'rb').read(4096).hex())"
-    result = daemon.client.execute("python", code)
-    assert result.warm and result.exit_code == 0, result
-    assert not needs_loader(bytes.fromhex(result.stdout))
 
 
 LISTING = "import os, sys; print(sys.argv, sorted(os.listdir('.')))"
