@@ -9,7 +9,9 @@
  * fds: 0/1 the agent's channel and 2 the log, as the agent has them; CONTROL a
  * SOCK_SEQPACKET socket to the daemon; STDIN, STDOUT and STDERR the runtime's pipes.
  * To the daemon, records "<c3xiiqqq" (type, pid, wait status, utime us, stime us,
- * maxrss KiB): 'R' once the runtime started (pid in the jail), 'X' when it ended.
+ * maxrss KiB): 'R' once the runtime started (pid in the jail), 'X' when it ended, sent
+ * once every other process of the jail is killed (what the program left running dies
+ * with it, as under the agent, and the runtime's pipes close).
  * From the daemon: "L" then "<c3xi" and count "<i4xQQ" (resource, soft, hard) sets the
  * runtime's rlimits, as the agent sets a warm runtime's (the daemon may lack
  * CAP_SYS_RESOURCE over the jail's uid), and answers an 'L' record whose status is 0
@@ -212,8 +214,10 @@ int main(int argc, char **argv)
 			struct rusage usage;
 			pid_t done;
 			while ((done = wait4(-1, &status, WNOHANG, &usage)) > 0)
-				if (done == pid)
+				if (done == pid) {
+					kill(-1, SIGKILL); /* as PID 1: the jail's others */
 					report('X', pid, status, &usage);
+				}
 		}
 		if (fds[1].revents) {
 			char message[8 + MAX_LIMITS * sizeof(struct limit)];

@@ -83,6 +83,14 @@ PYTHON = {
     "memory_limit": "x = bytearray(600 * 2**20)\nprint(len(x))",
     "unicode_output": "print('héllo ✓ \\u00e9')",
     "empty_program": "",
+    "leaves_a_child_running": (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    time.sleep(30)\n"
+        "    print('the child outlived its parent')\n"
+        "    sys.exit()\n"
+        "print('parent done')\n"
+    ),
 }
 PYTHON["coding_cookie"] = "# -*- coding: latin-1 -*-\nprint('lat\xedn')\n"
 # Programs that cannot run warm: they start cold on either daemon, and say so.
