@@ -55,7 +55,7 @@ from sandboxd.peers import PeerAccount, PeerTable, SocketLimits
 from sandboxd.protocol import OUTPUT_FIELDS, OUTPUT_NOTIFICATION, Method
 from sandboxd.service import Service
 from sandboxd.sessions import Owner, Reserve, Sessions
-from sandboxd.stdin_stream import StdinChunk, StdinStream
+from sandboxd.stdin_stream import StdinStream, held_size
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Connection:
         # Interactive executions running on this connection: request id → their stdin;
         # and input that arrived before its execute request was dispatched.
         self._stdin: dict[Any, StdinStream] = {}
-        self._early_stdin: dict[Any, list[StdinChunk]] = {}
+        self._early_stdin: dict[Any, StdinStream] = {}
 
     def hold(self, size: int) -> None:
         self.held += size
@@ -197,21 +197,27 @@ class Connection:
             await sink.put(data, eof)
             return
         early = self._early_stdin.get(request_id)
-        if early is None and len(self._early_stdin) >= MAX_EARLY_STDIN_IDS:
-            raise InvalidParams.field("id", "no interactive execution with this id here")
-        early = self._early_stdin.setdefault(request_id, [])
-        if sum(len(chunk) for chunk, _ in early) + len(data) > MAX_EARLY_STDIN_BYTES:
+        new = early is None
+        if early is None:
+            if len(self._early_stdin) >= MAX_EARLY_STDIN_IDS:
+                raise InvalidParams.field("id", "no interactive execution with this id here")
+            # Its id is held too, as long as its input waits (an id can be megabytes).
+            early = StdinStream(MAX_EARLY_STDIN_BYTES - held_size(str(request_id)), self.account)
+        if not early.offer(data, eof):
             raise InvalidParams.field("data", "too much input before its execution started")
-        early.append((data, eof))
-        self.hold(len(data))
+        if new:
+            self._early_stdin[request_id] = early
+            self.hold(held_size(str(request_id)))
 
     def open_stdin(self, request_id: Any) -> StdinStream:
         if request_id is NOID or request_id in self._stdin:
             raise InvalidParams.field("interactive", "needs a request id unique on the connection")
-        stream = StdinStream(self.limits.stdin_buffer_bytes, self.account)
-        for data, eof in self._early_stdin.pop(request_id, []):
-            self.release(len(data))
-            stream.put_nowait(data, eof)
+        stream = self._early_stdin.pop(request_id, None)
+        if stream is None:
+            stream = StdinStream(self.limits.stdin_buffer_bytes, self.account)
+        else:
+            self.release(held_size(str(request_id)))
+            stream.max_bytes = self.limits.stdin_buffer_bytes
         self._stdin[request_id] = stream
         return stream
 
@@ -220,7 +226,7 @@ class Connection:
 
     def close(self) -> None:
         """Give back whatever the connection still held (it has ended)."""
-        for stream in self._stdin.values():
+        for stream in [*self._stdin.values(), *self._early_stdin.values()]:
             stream.close()
         self.account.arriving(self, None)
         self.release(self.held)

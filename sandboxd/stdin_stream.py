@@ -16,6 +16,14 @@ import trio
 from sandboxd.peers import PeerAccount
 
 StdinChunk = tuple[str, bool]  # (data, end of input)
+# What a chunk held costs beside its text (its tuple, its string's header, its slot in
+# the queue), counted with it: a flood of tiny chunks meets the budget as large ones do.
+CHUNK_OVERHEAD = 128
+
+
+def held_size(data: str) -> int:
+    """What a chunk of ``data`` counts against a budget while it is held."""
+    return len(data) + CHUNK_OVERHEAD
 
 
 class StdinStream:
@@ -25,23 +33,34 @@ class StdinStream:
         self._chunks: deque[StdinChunk] = deque()
         self._size = 0
         self._closed = False
+        self._ended = False  # the end of input came: what follows it is dropped
         self.taken = False  # whether a chunk has gone to the program
         self._lot = trio.lowlevel.ParkingLot()  # woken when a chunk comes or goes
 
-    def put_nowait(self, data: str, eof: bool) -> None:
-        """Add a chunk whatever the budget (input that was already capped elsewhere)."""
-        if not self._closed:
-            self._chunks.append((data, eof))
-            self._size += len(data)
-            self.account.hold(len(data))
-            self._lot.unpark_all()
+    def offer(self, data: str, eof: bool) -> bool:
+        """Add a chunk if the budget has room for it now; False (nothing added) if not."""
+        if self._size + held_size(data) > self.max_bytes:
+            return False
+        self._add(data, eof)
+        return True
 
     async def put(self, data: str, eof: bool) -> None:
         """Add a chunk once the budget has room for it (a chunk larger than the whole
         budget waits for an empty buffer); dropped if the job has ended."""
-        while self._size and self._size + len(data) > self.max_bytes and not self._closed:
+        size = held_size(data)
+        while self._size and self._size + size > self.max_bytes and not self._closed:
             await self._lot.park()
-        self.put_nowait(data, eof)
+        self._add(data, eof)
+
+    def _add(self, data: str, eof: bool) -> None:
+        """Hold a chunk, unless the job or its input has ended, or it brings nothing."""
+        if self._closed or self._ended or not (data or eof):
+            return
+        self._ended = eof
+        self._chunks.append((data, eof))
+        self._size += held_size(data)
+        self.account.hold(held_size(data))
+        self._lot.unpark_all()
 
     def close(self) -> None:
         """The job ended: drop what is held and what may still come."""
@@ -61,7 +80,7 @@ class StdinStream:
             await self._lot.park()
         data, eof = self._chunks.popleft()
         self.taken = True
-        self._size -= len(data)
-        self.account.release(len(data))
+        self._size -= held_size(data)
+        self.account.release(held_size(data))
         self._lot.unpark_all()
         return data, eof
