@@ -94,6 +94,13 @@ LANGUAGES: tuple[Language, ...] = (
     ),
 )
 BY_NAME: dict[str, Language] = {language.name: language for language in LANGUAGES}
+_BY_KEY = {key: language for language in LANGUAGES for key in (language.name, *language.aliases)}
+
+
+def named(name: str) -> Language | None:
+    """The language ``name`` (or an alias of it) names, whatever its case and the spaces
+    around it; None if it names none."""
+    return _BY_KEY.get(name.strip().lower())
 
 
 class LanguageTable:
@@ -102,19 +109,14 @@ class LanguageTable:
     def __init__(self, versions: Mapping[str, str]) -> None:
         self.versions = dict(versions)
         self._offered = [BY_NAME[name] for name in BY_NAME if name in versions]
-        self._lookup = {
-            key: language
-            for language in self._offered
-            for key in (language.name, *language.aliases)
-        }
 
     def names(self) -> list[str]:
         return [language.name for language in self._offered]
 
     def resolve(self, name: str) -> Language:
         """The language for ``name`` or an alias; UnsupportedLanguage if none."""
-        language = self._lookup.get(name.strip().lower())
-        if language is None:
+        language = named(name)
+        if language is None or language.name not in self.versions:
             known = self.names()
             raise UnsupportedLanguage(
                 f"Unsupported language: {name} (known: {', '.join(known)})",

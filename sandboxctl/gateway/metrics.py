@@ -7,6 +7,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from sandboxd.languages import named
+
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -52,7 +54,11 @@ class Metrics:
         self.up = Gauge("sandboxd_up", "1 if the daemon answered", registry=self.registry)
 
     def executed(self, language: str, record: dict[str, Any]) -> None:
-        self.executions.labels(language, record["status"]).inc()
+        """Count a run of ``language`` as the client named it: labelled by the language
+        it resolves to, so that spellings of one name ("Python ", "PY") cannot add
+        label values (each kept for good) without end."""
+        resolved = named(language)
+        self.executions.labels(resolved.name if resolved else "other", record["status"]).inc()
         timings = record["timings"]
         for phase in ("queue", "run", "total"):
             self.latency.labels(phase).observe(timings[phase])

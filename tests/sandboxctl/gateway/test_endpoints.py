@@ -8,6 +8,7 @@ import httpx
 
 from sandboxctl.gateway.http_errors import HTTP_STATUS
 from sandboxd import errors
+from sandboxd.languages import BY_NAME
 from tests.daemon_process import start_gateway
 from tests.host_state import wait_for
 
@@ -95,6 +96,17 @@ def test_body_over_the_cap_is_413_without_running_anything(http):
     answer = http.post("/execute", json={"language": "python", "code": "#" * (5 * 2**20)})
     assert answer.status_code == 413
     assert answer.json()["error"].startswith("request body larger than")
+
+
+def test_spellings_of_a_language_add_no_label_values_to_the_metrics(http):
+    """A client picks how it spells a language ("Python ", "PY", ...): each spelling was
+    once a label value, kept by the gateway for good and in every /metrics answer."""
+    for spelling in ("Python ", " PY", "python3", "PyThOn"):
+        answer = http.post("/execute", json={"language": spelling, "code": "print(1)"})
+        assert answer.status_code == 200, answer.text
+    text = http.get("/metrics").text
+    labels = {line.split("}")[0] for line in text.splitlines() if "executions_total{" in line}
+    assert {label.split('language="')[1].split('"')[0] for label in labels} <= set(BY_NAME)
 
 
 def test_openapi_and_docs(http):
