@@ -25,9 +25,14 @@ class FirecrackerApi:
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
         self._client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+            # Plain HTTP on a unix socket: no TLS and no proxy, so nothing of either to
+            # set up (httpx's defaults load certifi's CA bundle for the transport and
+            # again for the client: 50 ms of the daemon's CPU for every VM).
+            transport=httpx.AsyncHTTPTransport(uds=str(socket_path), verify=False),
             base_url="http://localhost",
             timeout=TIMEOUT,
+            verify=False,
+            trust_env=False,
         )
 
     async def aclose(self) -> None:
