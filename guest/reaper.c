@@ -10,8 +10,8 @@
  * SOCK_SEQPACKET socket to the daemon; STDIN, STDOUT and STDERR the runtime's pipes.
  * To the daemon, records "<c3xiiqqq" (type, pid, wait status, utime us, stime us,
  * maxrss KiB): 'R' once the runtime started (pid in the jail), 'X' when it ended, sent
- * once every other process of the jail is killed (what the program left running dies
- * with it, as under the agent, and the runtime's pipes close).
+ * once every other process of the jail has been sent SIGKILL (what the program left
+ * running dies with it, as under the agent, and the runtime's pipes close as it does).
  * From the daemon: "L" then "<c3xi" and count "<i4xQQ" (resource, soft, hard) sets the
  * runtime's rlimits, as the agent sets a warm runtime's (the daemon may lack
  * CAP_SYS_RESOURCE over the jail's uid), and answers an 'L' record whose status is 0

@@ -39,6 +39,8 @@ class StdinStream:
 
     def offer(self, data: str, eof: bool) -> bool:
         """Add a chunk if the budget has room for it now; False (nothing added) if not."""
+        if self._dropped(data, eof):
+            return True
         if self._size + held_size(data) > self.max_bytes:
             return False
         self._add(data, eof)
@@ -48,14 +50,17 @@ class StdinStream:
         """Add a chunk once the budget has room for it (a chunk larger than the whole
         budget waits for an empty buffer); dropped if the job has ended."""
         size = held_size(data)
-        while self._size and self._size + size > self.max_bytes and not self._closed:
+        while self._size and self._size + size > self.max_bytes and not self._dropped(data, eof):
             await self._lot.park()
-        self._add(data, eof)
+        if not self._dropped(data, eof):
+            self._add(data, eof)
+
+    def _dropped(self, data: str, eof: bool) -> bool:
+        """Whether a chunk is not kept: the job or its input has ended, or it brings
+        nothing."""
+        return self._closed or self._ended or not (data or eof)
 
     def _add(self, data: str, eof: bool) -> None:
-        """Hold a chunk, unless the job or its input has ended, or it brings nothing."""
-        if self._closed or self._ended or not (data or eof):
-            return
         self._ended = eof
         self._chunks.append((data, eof))
         self._size += held_size(data)

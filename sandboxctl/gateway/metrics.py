@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from sandboxd.languages import named
 
+SESSION = "session"  # the label of a session's exec that names no language
+
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -58,7 +60,8 @@ class Metrics:
         it resolves to, so that spellings of one name ("Python ", "PY") cannot add
         label values (each kept for good) without end."""
         resolved = named(language)
-        self.executions.labels(resolved.name if resolved else "other", record["status"]).inc()
+        label = resolved.name if resolved else language if language == SESSION else "other"
+        self.executions.labels(label, record["status"]).inc()
         timings = record["timings"]
         for phase in ("queue", "run", "total"):
             self.latency.labels(phase).observe(timings[phase])

@@ -10,6 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from sandboxctl.client import AsyncClient, Execution, OutputEvent
+from sandboxctl.gateway.metrics import SESSION
 from sandboxctl.gateway.models import ExecuteResponse
 from sandboxd.job import check_params
 from sandboxd.protocol import EXECUTE_FIELDS, Method, Status
@@ -29,7 +30,7 @@ class GatewayRun:
         if session is None:
             self.language = check_params(params, HTTP_FIELDS).language
         else:
-            self.language = str(params.get("language") or "session")
+            self.language = str(params.get("language") or SESSION)
         self.request_id = request_id
         self.params: dict[str, Any] = params
         self.started = time.monotonic()

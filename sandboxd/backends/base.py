@@ -150,7 +150,7 @@ class Sandbox(abc.ABC):
         self.link = link
         self.child = child  # the process the sandbox lives in (a jail, a VMM)
         self.log = SandboxLog(log, sandbox_id)
-        self.tail = LogTail(log)  # its last lines of log, for errors
+        self.tail = LogTail(self.log)  # its last lines of log, for errors
         self.state = SandboxState.CREATING
         self.finished = trio.Event()  # set once it can serve nothing more
         self.gone = trio.Event()  # set once it is stopped and everything it held released

@@ -256,9 +256,9 @@ class DirectRuntime:
                             status, cpu, memory = await self._exit()
                     except AgentError as exc:
                         failure = exc  # raised below, not through the nurseries (no group)
-                    # Whatever the program left running is dead by now (the reaper kills
-                    # it before it reports the exit; the kernel, if the reaper is gone),
-                    # and the pipes close. What is in them is read to the end, but after
+                    # Whatever the program left running is dying (the reaper kills it
+                    # before it reports the exit; the kernel, if the reaper is gone),
+                    # and the pipes close as it goes. What is in them is read to the end, but after
                     # a kill a process that could not be reached may hold them (as the
                     # agent waits, stage.py).
                     if killed:

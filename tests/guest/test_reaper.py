@@ -1,8 +1,8 @@
 """The reaper (guest/reaper.c) on its own, built by the host's cc and run as PID 1 of a
-pid namespace of its own (as PID 1 it kills every other process it can when it becomes
-the agent: here, only its namespace's): the rlimits queued as its first message are the
-runtime's before it reports it started, and a first message of any other kind starts
-nothing."""
+pid namespace of its own (as PID 1 it kills every other process it can when the runtime
+ends or it becomes the agent: here, only its namespace's): the rlimits queued as its
+first message are the runtime's before it reports it started, and a first message of
+any other kind starts nothing."""
 
 from __future__ import annotations
 
