@@ -215,8 +215,8 @@ class Connection:
         stream = self._early_stdin.pop(request_id, None)
         if stream is None:
             stream = StdinStream(self.limits.stdin_buffer_bytes, self.account)
-        else:
-            self.release(held_size(str(request_id)))
+        else:  # what its id held is what its early budget left out
+            self.release(MAX_EARLY_STDIN_BYTES - stream.max_bytes)
             stream.max_bytes = self.limits.stdin_buffer_bytes
         self._stdin[request_id] = stream
         return stream
