@@ -20,7 +20,7 @@ import trio
 
 from sandboxd.errors import AgentError
 from sandboxd.framing import LineBuffer, LineTooLong, encode, receive_line
-from sandboxd.protocol import AGENT_PROTOCOL
+from sandboxd.protocol import AGENT_PROTOCOL, STAGES, STREAMS
 from sandboxd.stdin_stream import StdinStream
 
 WarmRuntime = dict[str, Any]  # from sandboxd.job.warm_runtime
@@ -242,13 +242,15 @@ class AgentLink:
             if message["type"] == "result":
                 return self._answered(message)
             if message["type"] == "stage":
-                if on_stage is not None and message.get("stage") in ("compile", "run"):
+                if on_stage is not None and message.get("stage") in STAGES:
                     on_stage(message["stage"])
                 continue
             if message["type"] != "output":
                 raise AgentError(f"unexpected agent message type {message['type']!r}")
             stage, stream, data = message.get("stage"), message.get("stream"), message.get("data")
-            if not (isinstance(stage, str) and isinstance(stream, str) and isinstance(data, str)):
+            # Only the protocol's names: each new (stage, stream) would be a transcript of
+            # its own, each up to the cap, so an agent that made up names could grow us.
+            if stage not in STAGES or stream not in STREAMS or not isinstance(data, str):
                 raise AgentError("agent sent a malformed output message")
             transcript.add(stage, stream, data)
             await on_output(stage, stream, data)

@@ -25,6 +25,8 @@ SOCK_DIAG_BY_FAMILY = 20  # linux/sock_diag.h
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF  # linux/inet_diag.h
 TCP_ESTABLISHED = 1
 CACHE_SECONDS = 5.0  # how long a uid's answer is reused (the group file rarely changes)
+# Answers kept at most: a user with subordinate uids can connect as 65536 of them.
+CACHE_ENTRIES = 1024
 
 
 def tcp_peer_uid(client: tuple[str, int], server: tuple[str, int]) -> int | None:
@@ -75,6 +77,12 @@ class SocketUsers:
         if cached is not None and now - cached[0] < CACHE_SECONDS:
             return cached[1]
         answer = self._allows(uid)
+        if len(self._answers) >= CACHE_ENTRIES:
+            self._answers = {
+                key: kept for key, kept in self._answers.items() if now - kept[0] < CACHE_SECONDS
+            }
+            if len(self._answers) >= CACHE_ENTRIES:
+                self._answers.clear()  # all fresh: a flood of uids; answers are cheap to redo
         self._answers[uid] = (now, answer)
         return answer
 

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import trio
 
+from sandboxctl.gateway.local_peers import CACHE_ENTRIES, SocketUsers
 from tests.daemon_process import start_gateway
 from tests.host_state import program_processes, wait_for
 from tests.sandboxctl.gateway.ws_client import connect
@@ -64,6 +65,14 @@ def test_a_keyless_gateway_admits_exactly_who_may_use_the_socket(
         assert open_paths.stdout == "200"
     finally:
         gateway.stop()
+
+
+def test_a_flood_of_uids_does_not_grow_the_keyless_gateways_answers(tmp_path):
+    # A user with subordinate uids (/etc/subuid) can connect as 65536 of them.
+    users = SocketUsers(tmp_path / "sandboxd.sock")
+    for uid in range(100_000, 100_000 + 3 * CACHE_ENTRIES):
+        assert not users.allows(uid)  # no daemon: nobody
+    assert len(users._answers) <= CACHE_ENTRIES
 
 
 def test_each_local_user_has_a_rate_bucket_of_its_own(group_daemon, local_users, tmp_path):
