@@ -66,6 +66,7 @@ def execute_params(
     limits: dict[str, float] | None = None,
     interactive: bool | None = None,
     network: bool | None = None,
+    stream_output: bool | None = None,
 ) -> dict[str, Any]:
     """The params of an ``execute`` request, leaving out what was not given."""
     params = {
@@ -78,6 +79,7 @@ def execute_params(
         "limits": limits,
         "interactive": interactive,
         "network": network,
+        "stream_output": stream_output,
     }
     return {key: value for key, value in params.items() if value is not None}
 
@@ -154,6 +156,12 @@ class _Call:
             f"sandboxd went away before answering {self.method} (it stopped or restarted; "
             "a job it was running did not finish)"
         )
+
+
+def _streaming(on_output: OutputCallback | None, options: dict[str, Any]) -> dict[str, Any]:
+    """``options``, and without a callback to see the output as it comes, the daemon
+    spared from sending it but in the answer."""
+    return options if on_output is not None else {"stream_output": False, **options}
 
 
 def _output_relay(on_output: OutputCallback | None) -> Callable[[dict[str, Any]], None] | None:
@@ -234,9 +242,8 @@ class Client:
 
         ``options``: stdin, args, files, timeout, limits, network (see docs/api.md).
         """
-        record = self.call(
-            Method.EXECUTE, execute_params(language, code, **options), _output_relay(on_output)
-        )
+        params = execute_params(language, code, **_streaming(on_output, options))
+        record = self.call(Method.EXECUTE, params, _output_relay(on_output))
         return ExecutionResult.from_dict(record)
 
     def session(self, language: str = "python", **options: Any) -> Session:
@@ -271,7 +278,7 @@ class Session:
     ) -> ExecutionResult:
         """Run ``code`` in the session (``execute``'s options but network); with
         ``cell=True``, a Python cell in the session's interpreter kept alive."""
-        params = session_exec_params(self.id, code, options)
+        params = session_exec_params(self.id, code, _streaming(on_output, options))
         record = self.client.call(Method.SESSION_EXEC, params, _output_relay(on_output))
         return ExecutionResult.from_dict(record)
 
@@ -444,7 +451,9 @@ class AsyncClient:
     async def execute(
         self, language: str, code: str, *, on_output: OutputCallback | None = None, **options: Any
     ) -> ExecutionResult:
-        async with self.open_execution(language, code, **options) as execution:
+        async with self.open_execution(
+            language, code, **_streaming(on_output, options)
+        ) as execution:
             async for event in execution:
                 if on_output is not None:
                     on_output(event.stage, event.stream, event.data)
@@ -479,7 +488,7 @@ class AsyncSession:
     async def exec(
         self, code: str, *, on_output: OutputCallback | None = None, **options: Any
     ) -> ExecutionResult:
-        params = session_exec_params(self.id, code, options)
+        params = session_exec_params(self.id, code, _streaming(on_output, options))
         async with self.client.open_call(Method.SESSION_EXEC, params) as execution:
             async for event in execution:
                 if on_output is not None:

@@ -115,10 +115,10 @@ def _text(params: Mapping[str, Any], name: str, *, required: bool) -> str:
     return unicode_text(value, name)
 
 
-def flag(params: Mapping[str, Any], name: str) -> bool:
+def flag(params: Mapping[str, Any], name: str, default: bool = False) -> bool:
     value = params.get(name)
     if value is None:  # as for every optional field: null is the same as leaving it out
-        return False
+        return default
     if not isinstance(value, bool):
         raise InvalidParams.field(name, "expected true or false")
     return value
@@ -215,6 +215,7 @@ class CheckedParams:
     interactive: bool
     network: bool
     cell: bool
+    stream_output: bool
 
 
 def only_fields(params: Any, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -242,6 +243,7 @@ def check_params(params: Any, fields: tuple[str, ...] = EXECUTE_FIELDS) -> Check
         interactive=flag(params, "interactive"),
         network=flag(params, "network"),
         cell=flag(params, "cell"),
+        stream_output=flag(params, "stream_output", default=True),
     )
     if checked.cell and (checked.args or checked.interactive):
         raise InvalidParams.field("cell", "a cell takes no args and no interactive stdin")

@@ -37,9 +37,11 @@ OUTPUT_NOTIFICATION = "execute.output"  # the daemon's, while an execute runs
 # (the daemon's and the client library's alike).
 OUTPUT_FIELDS = ("stage", "stream", "data")
 
-# The params of execute (and of the gateway's POST /execute, but for interactive).
+# The params of execute (and of the gateway's POST /execute, but for interactive and
+# stream_output: it makes its responses of the output it streams).
 EXECUTE_FIELDS = (
     "language", "code", "stdin", "args", "files", "timeout", "limits", "interactive", "network",
+    "stream_output",
 )  # fmt: skip
 
 # A session's: what session.create takes, and session.exec (an execute in the session
@@ -47,7 +49,7 @@ EXECUTE_FIELDS = (
 SESSION_CREATE_FIELDS = ("language", "timeout", "limits", "ttl", "idle_timeout", "network")
 SESSION_EXEC_FIELDS = (
     "id", "language", "code", "stdin", "args", "files", "timeout", "limits", "interactive",
-    "cell",
+    "cell", "stream_output",
 )  # fmt: skip
 SESSION_LIMITS = ("memory_bytes", "processes", "file_size_bytes")  # for the whole session
 

@@ -252,6 +252,7 @@ class RequestContext:
     request_id: Any
     connection: Connection
     output: int = 0  # of the program's output, what its answer will carry
+    streams_output: bool = True  # sent as execute.output notifications, as it comes
 
     async def notify(self, method: str, params: dict[str, Any]) -> None:
         if self.request_id is not NOID:
@@ -265,9 +266,12 @@ class RequestContext:
         self.output += size
 
     async def relay_output(self, stage: str, stream: str, data: str) -> None:
-        """Stream output to the client; its uid holds it until the answer is sent."""
+        """Stream output to the client (unless it asked for the answer alone); its uid
+        holds it until the answer is sent."""
         self.connection.account.hold_output(len(data))
         self.output += len(data)
+        if not self.streams_output:
+            return
         await self.notify(
             OUTPUT_NOTIFICATION,
             {"id": self.request_id, **dict(zip(OUTPUT_FIELDS, (stage, stream, data), strict=True))},
@@ -291,6 +295,12 @@ def _expose(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Re
     # jsonrpcserver checks params against it; functions do not declare the attribute.
     exposed.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
     return exposed
+
+
+def _streams_output(params: dict[str, Any]) -> bool:
+    """Whether an execution's output goes out as it comes (a value that is not a
+    boolean is refused by the job's checks before any output)."""
+    return params.get("stream_output") is not False
 
 
 def _error_line(error: SandboxError) -> dict[str, Any]:
@@ -341,6 +351,7 @@ class RpcServer:
         # A uid's jobs start only while it has taken the output of those before: a
         # client that reads slowly cannot pile up results in the daemon.
         wait = context.connection.account.wait_for_output_room
+        context.streams_output = _streams_output(params)
         async with self._stdin_of(context, params) as stdin:
             return await self.service.execute(
                 params, context.relay_output, stdin, wait_to_start=wait
@@ -378,6 +389,7 @@ class RpcServer:
     async def _session_exec(self, context: RequestContext, **params: Any) -> Any:
         owner = self._owner(context, params)
         await context.connection.account.wait_for_output_room()  # as for execute
+        context.streams_output = _streams_output(params)
         async with self._stdin_of(context, params) as stdin:
             return await self.sessions.exec(owner, params, context.relay_output, stdin)
 

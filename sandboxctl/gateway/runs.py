@@ -17,8 +17,9 @@ from sandboxd.protocol import EXECUTE_FIELDS, Method, Status
 from sandboxd.result import ExecutionResult
 
 # What an HTTP request may carry: the daemon's execute fields but "interactive", which
-# only the WebSocket means (and sets).
-HTTP_FIELDS = tuple(name for name in EXECUTE_FIELDS if name != "interactive")
+# only the WebSocket means (and sets), and "stream_output": every response is made of
+# the output streamed.
+HTTP_FIELDS = tuple(name for name in EXECUTE_FIELDS if name not in ("interactive", "stream_output"))
 
 
 class GatewayRun:

@@ -26,6 +26,20 @@ async def test_a_job_runs_through_the_whole_request_path(tmp_path):
     assert result.timings["total"] >= result.timings["queue"] >= 0
 
 
+@pytest.mark.parametrize("streams", [True, False])
+async def test_output_streams_as_it_comes_unless_the_client_wants_the_answer_alone(
+    tmp_path, streams
+):
+    program = "import sys\nprint('out', flush=True)\nprint('err', file=sys.stderr)"
+    async with local_stack(tmp_path) as stack:
+        await wait_ready(stack.pool, 1)
+        options = {} if streams else {"stream_output": False}
+        async with stack.client.open_execution("python", program, **options) as execution:
+            events = [(event.stream, event.data) async for event in execution]
+    assert (execution.result.stdout, execution.result.stderr) == ("out\n", "err\n")
+    assert sorted(events) == ([("stderr", "err\n"), ("stdout", "out\n")] if streams else [])
+
+
 async def test_a_job_beyond_the_pool_waits_for_a_sandbox(tmp_path):
     results = []
 
@@ -100,6 +114,11 @@ async def test_an_agent_killed_mid_job_gives_a_killed_result_with_the_output_so_
             Method.EXECUTE,
             {"language": "python", "code": "", "limits": {"memory_bytes": 2**50}},
             errors.LimitAboveMaximum,
+        ),
+        (
+            Method.EXECUTE,
+            {"language": "python", "code": "", "stream_output": "no"},
+            errors.InvalidParams,
         ),
         ("no.such.method", {}, errors.MethodNotFound),
     ],
