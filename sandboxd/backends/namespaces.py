@@ -217,6 +217,7 @@ class NamespacesBackend(JailedBackend):
     ) -> None:
         super().__init__(instance, uid_base)
         self.default_limits = default_limits  # a ready jail's, until a job sets its own
+        self.first_rlimits = first_rlimits(default_limits.to_dict())  # its runtime's
         self.rootfs = rootfs
         self.agent_sources = agent  # the bundle (sandboxd.backends.agent_bundle)
         self.agent = b""  # what sandboxes run: the bundle compiled at start()
@@ -334,9 +335,10 @@ class NamespacesBackend(JailedBackend):
     async def open_sandbox(
         self, slot: int, start_timeout: float, warm: WarmRuntime | None = None
     ) -> AsyncIterator[Sandbox]:
-        rlimits = first_rlimits(self.default_limits.to_dict())
         reaper = (
-            ReaperJail(warm, self.reaper, rlimits) if warm is not None and self.reaper else None
+            ReaperJail(warm, self.reaper, self.first_rlimits)
+            if warm is not None and self.reaper
+            else None
         )
         try:
             fds = [data_fd(self.agent, "sandboxd-agent")]

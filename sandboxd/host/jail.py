@@ -5,7 +5,9 @@ jails QEMU itself.
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -46,6 +48,13 @@ def check_launcher() -> None:
         raise LaunchError(
             f"{ENTER_JAIL} is missing: build it with `make build` (or install the package)"
         )
+
+
+@functools.cache
+def _found(program: str) -> str:
+    """``program`` as found on PATH, once: enter-jail then execs it without a search of
+    its own (every directory before the right one was a failed exec per sandbox)."""
+    return shutil.which(program) or program
 
 
 def entering(cgroup: Cgroup, uid: int, groups: Sequence[int] = ()) -> list[str]:
@@ -93,7 +102,7 @@ async def jailed(
             raise LaunchError(f"cannot set the limits of cgroup {name}: {exc}") from exc
         try:
             child = spawn(
-                [*entering(cgroup, uid, groups), *argv],
+                [*entering(cgroup, uid, groups), _found(argv[0]), *argv[1:]],
                 cwd="/",
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 stdin=stdin,
