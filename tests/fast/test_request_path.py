@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from sandboxd import errors
-from sandboxd.protocol import Method, Status
+from sandboxd.protocol import STREAMS, Method, Status
 from tests.fast.stack import local_stack, running, wait_ready
 
 SLEEP_THEN_PRINT = "import time\ntime.sleep({})\nprint('done')"
@@ -37,7 +37,12 @@ async def test_output_streams_as_it_comes_unless_the_client_wants_the_answer_alo
         async with stack.client.open_execution("python", program, **options) as execution:
             events = [(event.stream, event.data) async for event in execution]
     assert (execution.result.stdout, execution.result.stderr) == ("out\n", "err\n")
-    assert sorted(events) == ([("stderr", "err\n"), ("stdout", "out\n")] if streams else [])
+    streamed = {
+        name: "".join(data for stream, data in events if stream == name) for name in STREAMS
+    }
+    assert streamed == (
+        {"stdout": "out\n", "stderr": "err\n"} if streams else dict.fromkeys(STREAMS, "")
+    )
 
 
 async def test_a_job_beyond_the_pool_waits_for_a_sandbox(tmp_path):
