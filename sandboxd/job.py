@@ -215,7 +215,6 @@ class CheckedParams:
     interactive: bool
     network: bool
     cell: bool
-    stream_output: bool
 
 
 def only_fields(params: Any, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -243,7 +242,6 @@ def check_params(params: Any, fields: tuple[str, ...] = EXECUTE_FIELDS) -> Check
         interactive=flag(params, "interactive"),
         network=flag(params, "network"),
         cell=flag(params, "cell"),
-        stream_output=flag(params, "stream_output", default=True),
     )
     if checked.cell and (checked.args or checked.interactive):
         raise InvalidParams.field("cell", "a cell takes no args and no interactive stdin")

@@ -50,7 +50,7 @@ from sandboxd.errors import (
     TooManyConnections,
 )
 from sandboxd.framing import LineBuffer, LineTooLong, encode, encode_chunks
-from sandboxd.job import unicode_text
+from sandboxd.job import flag, unicode_text
 from sandboxd.peers import PeerAccount, PeerTable, SocketLimits
 from sandboxd.protocol import OUTPUT_FIELDS, OUTPUT_NOTIFICATION, Method
 from sandboxd.service import Service
@@ -297,12 +297,6 @@ def _expose(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Re
     return exposed
 
 
-def _streams_output(params: dict[str, Any]) -> bool:
-    """Whether an execution's output goes out as it comes (a value that is not a
-    boolean is refused by the job's checks before any output)."""
-    return params.get("stream_output") is not False
-
-
 def _error_line(error: SandboxError) -> dict[str, Any]:
     """An error that belongs to no request (the connection's own)."""
     return {"jsonrpc": "2.0", "error": error.to_wire(), "id": None}
@@ -351,7 +345,7 @@ class RpcServer:
         # A uid's jobs start only while it has taken the output of those before: a
         # client that reads slowly cannot pile up results in the daemon.
         wait = context.connection.account.wait_for_output_room
-        context.streams_output = _streams_output(params)
+        context.streams_output = flag(params, "stream_output", default=True)
         async with self._stdin_of(context, params) as stdin:
             return await self.service.execute(
                 params, context.relay_output, stdin, wait_to_start=wait
@@ -389,7 +383,7 @@ class RpcServer:
     async def _session_exec(self, context: RequestContext, **params: Any) -> Any:
         owner = self._owner(context, params)
         await context.connection.account.wait_for_output_room()  # as for execute
-        context.streams_output = _streams_output(params)
+        context.streams_output = flag(params, "stream_output", default=True)
         async with self._stdin_of(context, params) as stdin:
             return await self.sessions.exec(owner, params, context.relay_output, stdin)
 
