@@ -355,8 +355,9 @@ class DirectRuntime:
         return fifo, unread, at_fifo
 
     def _runtime_alive(self) -> bool:
-        """Whether the runtime (the jail's PID 1's child) lives, not yet reaped or a
-        zombie. True if that cannot be known (a kernel without /proc's children)."""
+        """Whether the runtime (the jail's PID 1's child) lives and will go on: not
+        reaped, a zombie nor dying (:func:`proc.ending`). True if that cannot be known
+        (a kernel without /proc's children)."""
         try:
             reaper = self._jail_pid()
         except LaunchError:
@@ -364,7 +365,7 @@ class DirectRuntime:
         children = proc.children(reaper)
         if children is None:
             return True
-        return any((info := proc.stat(child)) and info.state != "Z" for child in children)
+        return not all(proc.ending(child) for child in children)
 
     def _unpublish(self, workdir: Workdir, staged: str) -> None:
         """Remove the staged source of a job that goes to the agent instead."""

@@ -1,9 +1,13 @@
-"""What /proc says of a process: its children, and its name, state, parent and flags."""
+"""What /proc says of a process: its children, its name, state, parent and flags, and
+whether it is on its way out."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import NamedTuple
+
+PF_EXITING = 0x00000004  # in /proc/<pid>/stat's flags: the process is exiting
 
 
 class ProcStat(NamedTuple):
@@ -37,3 +41,23 @@ def stat(pid: int) -> ProcStat | None:
     # After the name: state, ppid, pgrp, session, tty, tpgid, flags, ...
     fields = text[text.rindex(")") + 2 :].split()
     return ProcStat(comm, fields[0], int(fields[1]), int(fields[6]))
+
+
+def ending(pid: int) -> bool:
+    """Whether ``pid`` will run no more of its own code: gone, a zombie, exiting, or
+    with a SIGKILL pending. A process killed while it waited in a system call leaves
+    that call (a FIFO it was opening, say) before it is a zombie, and on a loaded
+    machine it may wait a while to be scheduled to finish dying."""
+    info = stat(pid)
+    if info is None or info.state in ("Z", "X") or info.flags & PF_EXITING:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    kill = 1 << (signal.SIGKILL - 1)
+    return any(
+        int(line.split()[1], 16) & kill
+        for line in status.splitlines()
+        if line.startswith(("SigPnd:", "ShdPnd:"))
+    )

@@ -12,6 +12,7 @@ import os
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,68 @@ def test_a_warm_runtime_that_died_waiting_gives_a_cold_start(make_daemon):
     assert wait_for(lambda: not program_processes(daemon.uid_base))
 
 
+STAGED = ".main.py.sandboxd"  # where the daemon writes a warm job's source first
+
+
+def jail_pid(daemon: Daemon) -> int:
+    """The host pid of the PID 1 (the reaper) of ``daemon``'s one sandbox."""
+    [reaper] = [
+        pid for pid, cmd in sandbox_processes(daemon.uid_base).items() if cmd.startswith(REAPER)
+    ]
+    return reaper
+
+
+FREEZER = Path("/sys/fs/cgroup/freezer")  # cgroup v1's: a SIGKILL does not thaw
+
+
+@contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """``pid`` held by the v1 freezer, where it leaves a wait for a signal but does not
+    run on: as a killed process the scheduler has not come back to yet."""
+    cgroup = FREEZER / f"sandboxd-test-{pid}"
+    cgroup.mkdir()
+    try:
+        (cgroup / "cgroup.procs").write_text(str(pid))
+        (cgroup / "freezer.state").write_text("FROZEN")
+        assert wait_for(lambda: (cgroup / "freezer.state").read_text().strip() == "FROZEN")
+        yield
+    finally:
+        (cgroup / "freezer.state").write_text("THAWED")
+        assert wait_for(lambda: not (cgroup / "cgroup.procs").read_text().split())
+        cgroup.rmdir()
+
+
+@pytest.mark.skipif(not FREEZER.is_dir(), reason="needs cgroup v1's freezer")
+def test_a_warm_runtime_killed_but_not_yet_dead_as_its_job_came_gives_a_cold_start(
+    make_daemon,
+):
+    """Killed as it waited for its source, it left the FIFO (no reader any more) but is
+    not a zombie yet: a job that finds it so does not take it for one still starting
+    (that would open the source later); it starts cold."""
+    daemon = make_daemon(pool={"size": 1})
+    client = daemon.client
+    wait_for_warm(client, "python")
+    runtime = waiting_runtime(daemon)
+    directory = Path(f"/proc/{jail_pid(daemon)}/root{WARM_SOURCES[0].rsplit('/', 1)[0]}")
+    with ThreadPoolExecutor(1) as executor:
+        with frozen(runtime):
+            os.kill(runtime, signal.SIGKILL)
+            files = [{"path": "data.txt", "content": "x"}]
+            job = executor.submit(client.execute, "python", LISTING, files=files)
+            # The job's files are written and its staged source is gone: renamed into
+            # place for the runtime, or removed for a cold start. Decided; it may die.
+            assert wait_for(
+                lambda: (
+                    job.done()
+                    or ((directory / "data.txt").is_file() and not (directory / STAGED).exists())
+                )
+            )
+        result = job.result(timeout=60)
+    listed = "['main.py'] ['data.txt', 'main.py']\n"
+    assert (result.status, result.stdout, result.warm) == ("ok", listed, False)
+    assert wait_for(lambda: not program_processes(daemon.uid_base))
+
+
 def test_a_warm_runtime_killed_as_its_job_came_gives_a_cold_start(make_daemon):
     """Killed so late that the daemon has written the job's files before it hears of
     the exit (here the reaper, stopped, reports it only later): it finds the runtime
@@ -290,9 +353,7 @@ def test_a_warm_runtime_killed_as_its_job_came_gives_a_cold_start(make_daemon):
     client = daemon.client
     wait_for_warm(client, "python")
     runtime = waiting_runtime(daemon)
-    [reaper] = [
-        pid for pid, cmd in sandbox_processes(daemon.uid_base).items() if cmd.startswith(REAPER)
-    ]
+    reaper = jail_pid(daemon)
     directory = WARM_SOURCES[0].rsplit("/", 1)[0]
     data = Path(f"/proc/{reaper}/root{directory}/data.txt")
     with ThreadPoolExecutor(1) as executor:
