@@ -9,7 +9,6 @@ everything the program wrote before.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import secrets
 import time
@@ -18,8 +17,9 @@ from typing import Any
 
 import trio
 
+from guest.agent.files import MAX_ENTRIES
 from sandboxd.errors import AgentError
-from sandboxd.framing import LineBuffer, LineTooLong, encode, receive_line
+from sandboxd.framing import LineBuffer, LineTooLong, TooManyValues, decode, encode, receive_line
 from sandboxd.protocol import AGENT_PROTOCOL, STAGES, STREAMS
 from sandboxd.stdin_stream import StdinStream
 
@@ -29,6 +29,8 @@ StageHandler = Callable[[str], None]  # a stage ("compile", "run") starts
 # The longest line an agent sends: an output message of 64 KiB, JSON-escaped (up to six
 # bytes per byte), with room to spare. Its result carries no output.
 MAX_AGENT_LINE = 1024 * 1024
+# The largest message, a directory listing: seven values an entry.
+MAX_AGENT_VALUES = 8 * MAX_ENTRIES
 STDIN_SLICE = 65536  # characters of streamed stdin per message to the agent
 FINAL_REPLIES = ("result", "done", "error")  # the last message of the agent's answers
 CUT_OFF_TIMEOUT = 5.0  # for a message begun as its run ended to go out whole
@@ -86,7 +88,9 @@ class AgentLink:
         if line is None:
             return None
         try:
-            message = json.loads(line)
+            message = decode(line, MAX_AGENT_VALUES)
+        except TooManyValues as exc:
+            raise AgentError(f"agent sent an oversized message: {exc}") from exc
         except ValueError as exc:
             raise AgentError(f"agent sent a line that is not JSON: {line[:200]!r}") from exc
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):

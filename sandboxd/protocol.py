@@ -11,6 +11,10 @@ from __future__ import annotations
 import enum
 
 DEFAULT_SOCKET = "/run/sandboxd.sock"  # the daemon's, unless configured otherwise
+# The JSON values one request line (a batch, whole) may hold: a batch of the most
+# requests a connection runs at once, each with the most files a job takes, needs
+# about 6000.
+MAX_REQUEST_VALUES = 16384
 
 
 class Method(enum.StrEnum):

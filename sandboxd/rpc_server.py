@@ -20,6 +20,7 @@ import math
 import select
 import socket
 import struct
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -49,10 +50,18 @@ from sandboxd.errors import (
     SandboxError,
     TooManyConnections,
 )
-from sandboxd.framing import LineBuffer, LineTooLong, encode, encode_chunks
+from sandboxd.framing import (
+    LineBuffer,
+    LineTooLong,
+    TooManyValues,
+    check_values,
+    decode,
+    encode,
+    encode_chunks,
+)
 from sandboxd.job import flag, unicode_text
 from sandboxd.peers import PeerAccount, PeerTable, SocketLimits
-from sandboxd.protocol import OUTPUT_FIELDS, OUTPUT_NOTIFICATION, Method
+from sandboxd.protocol import MAX_REQUEST_VALUES, OUTPUT_FIELDS, OUTPUT_NOTIFICATION, Method
 from sandboxd.service import Service
 from sandboxd.sessions import Owner, Reserve, Sessions
 from sandboxd.stdin_stream import StdinStream, held_size
@@ -90,9 +99,9 @@ async def _stdin_notification(connection: Connection, line: bytes) -> bool:
     if STDIN_METHOD.encode() not in line:
         return False
     try:
-        message = json.loads(line)
+        message = decode(line, MAX_REQUEST_VALUES)
     except ValueError:
-        return False
+        return False  # answered as any other line that is not a request
     if not isinstance(message, dict) or message.get("method") != STDIN_METHOD or "id" in message:
         return False
     try:
@@ -560,9 +569,26 @@ class RpcServer:
             self._answered.unpark_all()
 
     async def _answer_line(self, connection: Connection, line: bytes) -> None:
-        parsed = deserialize_request(json.loads, line.decode(errors="replace")).bind(
+        try:
+            check_values(line, MAX_REQUEST_VALUES)
+        except TooManyValues as exc:
+            await connection.send(_error_line(InvalidRequest(str(exc))))
+            return
+        text = line.decode(errors="replace")
+        # Parsed, its strings take what this text takes: up to four bytes a character
+        # once one is past Latin-1. The uid holds that too while it is answered.
+        wide = max(0, sys.getsizeof(text) - len(line))
+        parsed = deserialize_request(json.loads, text).bind(
             lambda document: validate_request(default_validator, document)
         )
+        del text  # its strings are the document's now
+        connection.hold(wide)
+        try:
+            await self._answer_parsed(connection, parsed)
+        finally:
+            connection.release(wide)
+
+    async def _answer_parsed(self, connection: Connection, parsed: Any) -> None:
         if isinstance(parsed, Left):
             await connection.send(to_serializable_one(parsed))
             return

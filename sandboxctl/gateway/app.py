@@ -48,6 +48,8 @@ from sandboxd.errors import (
     RequestTooLarge,
     SandboxError,
 )
+from sandboxd.framing import TooManyValues, check_values
+from sandboxd.protocol import MAX_REQUEST_VALUES
 
 log = logging.getLogger("sandboxd.gateway")
 access_log = logging.getLogger("sandboxd.gateway.access")
@@ -148,7 +150,8 @@ class GatewayMiddleware:
 
     async def _capped_body(self, receive: Receive) -> Receive:
         """Read the body (refused as soon as it passes the cap, or once it took longer
-        than the body timeout) and replay it. Raises RequestTooLarge, RequestTimeout."""
+        than the body timeout) and replay it. Raises RequestTooLarge, RequestTimeout, and
+        InvalidRequest for one with more JSON values than a request may hold."""
         messages: list[Message] = []
         size = 0
         with trio.move_on_after(self.body_timeout) as stalled:
@@ -167,6 +170,10 @@ class GatewayMiddleware:
                 f"the request body did not arrive within {self.body_timeout:g} s",
                 seconds=self.body_timeout,
             )
+        try:  # before any route parses it (the daemon's own rule, sandboxd.framing)
+            check_values(b"".join(m.get("body", b"") for m in messages), MAX_REQUEST_VALUES)
+        except TooManyValues as exc:
+            raise InvalidRequest(f"body: {exc}") from None
 
         async def replay() -> Message:
             return messages.pop(0) if messages else await receive()

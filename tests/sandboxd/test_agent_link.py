@@ -60,3 +60,15 @@ async def test_output_under_names_the_protocol_lacks_is_refused(names):
     _, failure = await run_against([{"type": "output", **names, "data": "x"}])
     assert isinstance(failure, AgentError)
     assert "malformed output" in str(failure)
+
+
+CHUNK = {"type": "output", "stage": "run", "stream": "stdout", "data": "x"}
+
+
+async def test_a_message_that_would_parse_to_far_more_than_its_bytes_is_refused():
+    # Under the line cap (1 MiB), but 200,000 dicts, 13 MB parsed: an agent's
+    # messages are read one at a time, but for every sandbox at once.
+    padding = [{}] * 200_000
+    _, failure = await run_against([{**CHUNK, "padding": padding}])
+    assert isinstance(failure, AgentError)
+    assert "JSON values" in str(failure)

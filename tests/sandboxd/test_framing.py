@@ -1,12 +1,22 @@
-"""Line framing with a cap, shared by every link."""
+"""Line framing with caps on a line's length and its JSON values, shared by every link."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import trio
 import trio.testing
 
-from sandboxd.framing import LineBuffer, LineTooLong, receive_line
+from sandboxd.framing import (
+    LineBuffer,
+    LineTooLong,
+    TooManyValues,
+    _within,
+    check_values,
+    decode,
+    receive_line,
+)
 
 
 def test_lines_split_across_feeds():
@@ -45,3 +55,50 @@ async def test_receive_line_over_a_stream():
     await send.aclose()
     assert await receive_line(receive, buffer) == b"partial"
     assert await receive_line(receive, buffer) is None
+
+
+def _values(document: object) -> int:
+    """How many values ``document`` holds, itself and its keys included."""
+    if isinstance(document, dict):
+        return 1 + sum(1 + _values(item) for item in document.values())
+    if isinstance(document, list):
+        return 1 + sum(_values(item) for item in document)
+    return 1
+
+
+DOCUMENTS = [
+    {'a"b,,:[{': 1, "c": ["x,\\", 2, [], {}], "d": 'q\\"\\\\,:"', "e": None},
+    [[], [[]], {"": ""}, "\\", '\\\\"', 1.5, True],
+    {"code": 'x = {1: [2, "3"]},\n' * 2000, "files": [{"path": "a", "content": "x"}] * 50},
+    "just a string, with: [marks] {inside}",
+]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_a_line_holds_as_many_values_as_its_reader_takes_and_no_more(document):
+    line = json.dumps(document).encode()
+    values = _values(document)
+    # Counted as one more than the marks outside strings: never fewer than there are,
+    # and more only by the empty containers (a bracket with no value after it).
+    empties = line.count(b"[]") + line.count(b"{}")
+    assert _within(line, values + empties)
+    assert decode(line, values + empties) == document
+    with pytest.raises(TooManyValues):
+        check_values(line, min(values - 1, len(line)))
+
+
+def test_a_line_of_empty_objects_is_refused_before_it_is_parsed():
+    """Four MiB of ``{},`` parse to a hundred MB of dicts: refused, within a few steps
+    per allowed value, whatever the line's length."""
+    line = b"[" + b"{}," * (4 * 2**20 // 3) + b"{}]"
+    with pytest.raises(TooManyValues, match="at most 16384 JSON values"):
+        decode(line, 16384)
+    escaped = b"[" + b'"\\\\\\"",' * 500_000 + b"1]"  # strings that are all escapes
+    with pytest.raises(TooManyValues):
+        check_values(escaped, 16384)
+
+
+def test_a_big_string_full_of_marks_is_one_value():
+    code = 'print({"a": [1, 2]}, "\\\\", \'"\')\n' * 100_000
+    line = json.dumps({"code": code}).encode()
+    assert decode(line, 4) == {"code": code}

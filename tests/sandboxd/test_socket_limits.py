@@ -336,3 +336,27 @@ def test_a_uid_that_does_not_take_its_output_waits_to_start_more_jobs(make_daemo
         while "result" not in (answer := receive_json_line(other)):
             pass
         assert answer["result"]["stdout"] == "1\n"
+
+
+def test_requests_that_would_parse_to_far_more_than_their_bytes_are_refused_unparsed(
+    make_daemon,
+):
+    """Sixteen lines of 4 MiB of ``{},``, each of which parses to about 100 MB of
+    dicts: refused before they are parsed, the daemon holding little more than their
+    bytes (before: 1.7 GB)."""
+    daemon = make_daemon()
+    empties = b"{}," * ((4 * MiB - 200) // 3)
+    line = b'{"jsonrpc":"2.0","method":"health","params":{"x":[' + empties + b'{}]},"id":1}\n'
+    socks = [connect(daemon.socket, timeout=60) for _ in range(16)]
+    with PeakMemory(daemon.process.pid) as memory:
+        senders = [threading.Thread(target=sock.sendall, args=(line,)) for sock in socks]
+        for sender in senders:
+            sender.start()
+        answers = [receive_json_line(sock) for sock in socks]
+        for sender in senders:
+            sender.join()
+    for sock in socks:
+        sock.close()
+    assert memory.growth < 3 * 16 * 4, memory.peak  # MiB: the lines' bytes, read and copied
+    assert {answer["error"]["code"] for answer in answers} == {errors.InvalidRequest.code}
+    assert "at most 16384 JSON values" in answers[0]["error"]["message"]

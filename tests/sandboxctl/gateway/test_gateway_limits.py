@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -120,6 +121,24 @@ def test_stalled_bodies_take_the_callers_own_slots_and_time_out(daemon, tmp_path
         assert httpx.get(f"{gateway.url}/health").status_code == 200
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("path", ["/execute", "/api/v2/execute", "/mcp/"])
+def test_bodies_that_would_parse_to_far_more_than_their_bytes_are_refused(gateway, path):
+    """Eight bodies under the size cap, each a hundred MB once parsed (``{},`` again
+    and again): refused before any route parses them, with the daemon's own rule."""
+    padding = b"{}," * ((4 * MiB - 200) // 3)
+    body = b'{"language":"python","code":"print(1)","files":[' + padding + b"{}]}"
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    with PeakMemory(gateway.process.pid) as memory, ThreadPoolExecutor(8) as posting:
+
+        def post(_: int) -> httpx.Response:
+            return httpx.post(f"{gateway.url}{path}", content=body, headers=headers, timeout=60)
+
+        answers = list(posting.map(post, range(8)))
+    assert memory.growth < 100, memory.peak  # MiB
+    assert {answer.status_code for answer in answers} == {400}
+    assert "at most 16384 JSON values" in answers[0].json()["error"]
 
 
 async def test_a_websocket_flooding_stdin_is_held_back(gateway, daemon):
