@@ -20,14 +20,39 @@ class LineTooLong(Exception):
     """More than ``max_line`` bytes arrived without a newline."""
 
 
+def _width(text: bytes | bytearray) -> int:
+    """The most bytes a character the strings of the JSON text ``text`` may take once
+    parsed: one while it is ASCII with no escape of a character, else four (one
+    character past the Basic Multilingual Plane widens its whole string)."""
+    return 1 if text.isascii() and b"\\u" not in text else 4
+
+
+def parsed_size(line: bytes) -> int:
+    """What a line (and its newline) may take once parsed, counted as its bytes, each
+    up to four times over (:func:`_width`); its values are capped apart
+    (:func:`check_values`)."""
+    return (len(line) + 1) * _width(line)
+
+
 class LineBuffer:
     def __init__(self, max_line: int) -> None:
         self.max_line = max_line
         self._data = bytearray()
         self._scanned = 0  # bytes already known to hold no newline
+        self._wide = False  # whether what is buffered may parse wide (_width)
 
     def feed(self, data: bytes | bytearray) -> None:
+        self._wide = (
+            self._wide
+            or _width(data) > 1
+            or (self._data[-1:] == b"\\" and data[:1] == b"u")  # an escape cut in two
+        )
         self._data += data
+
+    @property
+    def pending_size(self) -> int:
+        """What the buffered bytes of unfinished lines may take parsed (parsed_size)."""
+        return len(self._data) * (4 if self._wide else 1)
 
     def next_line(self) -> bytes | None:
         """The next complete line without its newline, or None if none is complete yet."""
@@ -42,6 +67,7 @@ class LineBuffer:
         line = bytes(self._data[:end])
         del self._data[: end + 1]
         self._scanned = 0
+        self._wide = self._wide and _width(self._data) > 1
         return line
 
     @property

@@ -5,8 +5,10 @@ the root daemon without bound. So every uid has a cap on its open connections an
 budget of bytes: the requests it has sent that are not answered yet (a line still
 arriving, a request running) and the input it streamed that no program has taken yet.
 A uid over its budget is not refused: its connections stop reading until its own
-requests finish, so the socket holds it back. Its jobs' output, which their results
-carry until sent, has a budget of the same size: past it, its next jobs wait to start.
+requests finish, so the socket holds it back. Requests are counted at what they may
+take parsed (sandboxd.framing.parsed_size), and parsed only as the budget has room.
+Its jobs' output, which their results carry until sent, has a budget of the same size:
+past it, its next jobs wait to start.
 The other uids are not affected.
 
 Timeouts bound the rest in time: a request line must arrive whole once it has begun, a
@@ -16,6 +18,8 @@ sent (a client that reads nothing would otherwise keep its answers here forever)
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
@@ -44,6 +48,7 @@ class PeerAccount:
         self.connections = 0
         self.held = 0
         self.output = 0  # of its jobs, what is not yet sent (a job's result carries it)
+        self.parsed = 0  # what its parsed requests take (sandboxd.framing.parsed_size)
         self._arriving: dict[object, float] = {}  # whose request line is arriving, since when
         self._lot = trio.lowlevel.ParkingLot()
 
@@ -76,6 +81,22 @@ class PeerAccount:
         holding it are running or sending, so they end on their own)."""
         while self.output >= self.budget:
             await self._lot.park()
+
+    @asynccontextmanager
+    async def parsing(self, size: int) -> AsyncIterator[None]:
+        """Hold a request of that parsed size while it is parsed and answered, once the
+        uid's parsed requests leave room for it (or there are none). Its bytes, held
+        while they arrived, were counted narrow until a wide character came, maybe in
+        its last piece: without this, lines read in that time could all parse at once,
+        four times their bytes."""
+        while self.parsed and self.parsed + size > self.budget:
+            await self._lot.park()
+        self.parsed += size
+        try:
+            yield
+        finally:
+            self.parsed -= size
+            self._lot.unpark_all()
 
     def is_arriving(self, reader: object) -> bool:
         return reader in self._arriving

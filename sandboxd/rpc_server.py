@@ -20,7 +20,6 @@ import math
 import select
 import socket
 import struct
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -58,6 +57,7 @@ from sandboxd.framing import (
     decode,
     encode,
     encode_chunks,
+    parsed_size,
 )
 from sandboxd.job import flag, unicode_text
 from sandboxd.peers import PeerAccount, PeerTable, SocketLimits
@@ -91,6 +91,16 @@ async def _feed_stdin(connection: Connection, params: Any) -> None:
     if not isinstance(eof, bool):
         raise InvalidParams.field("eof", "expected true or false")
     await connection.feed_stdin(request_id, data, eof)
+
+
+def _take_line(connection: Connection, buffer: LineBuffer) -> bytes | None:
+    """The next complete line of ``buffer``, now held by ``connection`` at its own
+    parsed size (it was held as part of what was arriving); None if none is complete."""
+    before = buffer.pending_size
+    line = buffer.next_line()
+    if line is not None:
+        connection.hold_change(before, parsed_size(line) + buffer.pending_size)
+    return line
 
 
 async def _stdin_notification(connection: Connection, line: bytes) -> bool:
@@ -140,7 +150,7 @@ class Connection:
         self.peer = peer
         self.account = account
         self.limits = limits
-        self.held = 0  # bytes of its request lines read and not yet answered
+        self.held = 0  # what its request lines read and not yet answered take (parsed_size)
         self.requests = 0  # read and not yet answered
         self.running = trio.Semaphore(limits.requests_per_connection)  # of those, at once
         self.read_scope = trio.CancelScope()  # the deadline of the read in progress
@@ -159,14 +169,21 @@ class Connection:
         self.held -= size
         self.account.release(size)
 
+    def hold_change(self, before: int, after: int) -> None:
+        """What it holds went from ``before`` to ``after``."""
+        if after >= before:
+            self.hold(after - before)
+        else:
+            self.release(before - after)
+
     def request_read(self) -> None:
         """A request line (already held) will be answered: its task counts too."""
         self.requests += 1
         self.hold(REQUEST_OVERHEAD)
 
     def request_done(self, size: int) -> None:
-        """A request line of ``size`` bytes was answered; with nothing left running, the
-        connection's idle time starts now."""
+        """A request line that held ``size`` was answered; with nothing left running,
+        the connection's idle time starts now."""
         self.requests -= 1
         self.release(size + REQUEST_OVERHEAD)
         if not self.requests and self.read_scope.deadline == math.inf:
@@ -502,7 +519,7 @@ class RpcServer:
                 return
             if line is None:
                 return
-            size = len(line) + 1
+            size = parsed_size(line)
             if not line.strip() or await _stdin_notification(connection, line):
                 connection.release(size)
                 continue
@@ -519,7 +536,7 @@ class RpcServer:
         """
         limits, account = self.limits, connection.account
         started, paused = trio.current_time(), 0.0
-        while (line := buffer.next_line()) is None:
+        while (line := _take_line(connection, buffer)) is None:
             before = trio.current_time()
             await account.wait_for_room(connection)
             paused += trio.current_time() - before
@@ -551,8 +568,9 @@ class RpcServer:
             if not buffer.pending:
                 started, paused = trio.current_time(), 0.0
                 account.arriving(connection, started)
+            before = buffer.pending_size
             buffer.feed(data)
-            connection.hold(len(data))
+            connection.hold_change(before, buffer.pending_size)
         # What follows the line in the buffer is the next one, arriving from now on.
         account.arriving(connection, None)
         if buffer.pending:
@@ -561,10 +579,12 @@ class RpcServer:
 
     async def _answer(self, connection: Connection, line: bytes) -> None:
         """Answer one line (a request or a batch), whose size the connection holds."""
+        size = parsed_size(line)
         try:
-            await self._answer_line(connection, line)
+            async with connection.account.parsing(size):
+                await self._answer_line(connection, line)
         finally:
-            connection.request_done(len(line) + 1)
+            connection.request_done(size)
             self._in_flight -= 1
             self._answered.unpark_all()
 
@@ -574,21 +594,9 @@ class RpcServer:
         except TooManyValues as exc:
             await connection.send(_error_line(InvalidRequest(str(exc))))
             return
-        text = line.decode(errors="replace")
-        # Parsed, its strings take what this text takes: up to four bytes a character
-        # once one is past Latin-1. The uid holds that too while it is answered.
-        wide = max(0, sys.getsizeof(text) - len(line))
-        parsed = deserialize_request(json.loads, text).bind(
+        parsed = deserialize_request(json.loads, line.decode(errors="replace")).bind(
             lambda document: validate_request(default_validator, document)
         )
-        del text  # its strings are the document's now
-        connection.hold(wide)
-        try:
-            await self._answer_parsed(connection, parsed)
-        finally:
-            connection.release(wide)
-
-    async def _answer_parsed(self, connection: Connection, parsed: Any) -> None:
         if isinstance(parsed, Left):
             await connection.send(to_serializable_one(parsed))
             return

@@ -15,6 +15,7 @@ from sandboxd.framing import (
     _within,
     check_values,
     decode,
+    parsed_size,
     receive_line,
 )
 
@@ -102,3 +103,21 @@ def test_a_big_string_full_of_marks_is_one_value():
     code = 'print({"a": [1, 2]}, "\\\\", \'"\')\n' * 100_000
     line = json.dumps({"code": code}).encode()
     assert decode(line, 4) == {"code": code}
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [[b'{"a":"x', "\U0001f600".encode(), b'"}\n'], [b'{"a":"x\\', b"ud83d\\ude00", b'"}\n']],
+    ids=["raw", "escape-cut-in-two"],
+)
+def test_a_line_that_may_parse_wide_is_counted_four_times_over(pieces):
+    buffer = LineBuffer(100)
+    buffer.feed(pieces[0])
+    assert buffer.pending_size == len(pieces[0])  # narrow so far
+    buffer.feed(pieces[1])
+    assert buffer.pending_size == 4 * len(pieces[0] + pieces[1])  # all of it, wide now
+    buffer.feed(pieces[2] + b'{"b":1')
+    line = buffer.next_line()
+    assert parsed_size(line) == 4 * (len(line) + 1)
+    assert buffer.pending_size == len(b'{"b":1')  # the next line is narrow again
+    assert parsed_size(b'{"b":1}') == 8

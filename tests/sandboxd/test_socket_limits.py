@@ -360,3 +360,33 @@ def test_requests_that_would_parse_to_far_more_than_their_bytes_are_refused_unpa
     assert memory.growth < 3 * 16 * 4, memory.peak  # MiB: the lines' bytes, read and copied
     assert {answer["error"]["code"] for answer in answers} == {errors.InvalidRequest.code}
     assert "at most 16384 JSON values" in answers[0]["error"]["message"]
+
+
+def test_strings_that_parse_wider_than_their_bytes_are_charged_as_wide(make_daemon):
+    """A character past the Basic Multilingual Plane makes its whole string four bytes a
+    character once parsed: sixteen jobs of 1 MiB of code, each 4 MiB parsed, waiting
+    their turn, the wide character last (so each line arrives counted narrow). Parsed
+    only as the uid's 16 MiB has room, about four are at once (before: all sixteen,
+    88 MB more)."""
+    daemon = make_daemon(
+        daemon={"pending_bytes_per_uid": 16 * MiB}, pool={"size": 1, "max_sandboxes": 1}
+    )
+    code = "import time; time.sleep(0.5)\n#" + "x" * MiB + "\U0001f600"
+    line = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "execute",
+         "params": {"language": "python", "code": code}},
+        ensure_ascii=False,
+    ).encode() + b"\n"  # fmt: skip
+    socks = [connect(daemon.socket, timeout=120) for _ in range(16)]
+    with PeakMemory(daemon.process.pid) as memory:
+        senders = [threading.Thread(target=sock.sendall, args=(line,)) for sock in socks]
+        for sender in senders:
+            sender.start()
+        answers = [receive_json_line(sock) for sock in socks]
+        for sender in senders:
+            sender.join()
+    for sock in socks:
+        sock.close()
+    assert [answer["result"]["status"] for answer in answers] == ["ok"] * 16
+    # MiB: their 16 MiB of bytes, the budget's worth parsed and one more, and the jobs.
+    assert memory.growth < 60, memory.peak
