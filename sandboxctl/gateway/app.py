@@ -37,7 +37,7 @@ from sandboxctl.gateway.models import (
 from sandboxctl.gateway.piston import piston_routes, piston_runtimes
 from sandboxctl.gateway.piston_connect import serve_piston_socket
 from sandboxctl.gateway.playground import playground_routes
-from sandboxctl.gateway.runs import GatewayRun
+from sandboxctl.gateway.runs import ClientLeft, GatewayRun
 from sandboxctl.gateway.sessions import session_routes
 from sandboxctl.gateway.streaming import EventStream, serve_websocket
 from sandboxd import __version__
@@ -54,6 +54,7 @@ from sandboxd.protocol import MAX_REQUEST_VALUES
 log = logging.getLogger("sandboxd.gateway")
 access_log = logging.getLogger("sandboxd.gateway.access")
 
+CLIENT_LEFT = 499  # logged for a request whose client went away before its answer
 PROTECTED = ("/execute", "/sessions", "/api/v2", "/mcp")  # and everything under them
 # The HTTP requests that run a program, each paid for with one of its key's tokens (the
 # WebSockets pay when their execution starts, MCP's tool calls when they run one).
@@ -127,6 +128,8 @@ class GatewayMiddleware:
             except SandboxError as refusal:
                 self.metrics.rejected.labels(type(refusal).__name__).inc()
                 await _send_error(scope, send_logged, request_id, refusal)
+            except ClientLeft:
+                status["code"] = CLIENT_LEFT  # nobody to answer
         finally:
             line = {
                 "request_id": request_id,
@@ -364,7 +367,7 @@ def create_app(
         request.state.log.update(language=run.language)
         if "text/event-stream" in request.headers.get("accept", ""):
             return EventStream(client, run, metrics, request.state.log)
-        answer = await run.complete(client)
+        answer = await run.complete(client, request.receive)
         metrics.executed(run.language, answer)
         request.state.log.update(result=answer["status"], timings=answer["timings"])
         return JSONResponse(answer)

@@ -246,7 +246,7 @@ def piston_routes(
         try:
             params, runtime = execute_params(body, await piston_runtimes(answers))
             run = GatewayRun(request.state.request_id, params)
-            record = await run.complete(client)
+            record = await run.complete(client, request.receive)
         except PistonError as exc:
             return JSONResponse({"message": str(exc)}, 400)
         except LimitAboveMaximum as exc:

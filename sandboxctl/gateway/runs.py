@@ -6,8 +6,12 @@ result record."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeVar
+
+import trio
+from starlette.types import Receive
 
 from sandboxctl.client import AsyncClient, Execution, OutputEvent
 from sandboxctl.gateway.metrics import SESSION
@@ -20,6 +24,40 @@ from sandboxd.result import ExecutionResult
 # only the WebSocket means (and sets), and "stream_output": every response is made of
 # the output streamed.
 HTTP_FIELDS = tuple(name for name in EXECUTE_FIELDS if name not in ("interactive", "stream_output"))
+
+
+T = TypeVar("T")
+
+
+class ClientLeft(Exception):
+    """The HTTP client went away before its answer: its job was stopped, and nothing is
+    sent (logged as 499, as nginx does)."""
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def unless_client_leaves(receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
+    """What ``work()`` returns or raises (as itself, not in a group), unless the client
+    behind ``receive`` (its body already read) goes away first: then ``work`` is
+    cancelled (closing an execution stops its job) and this raises ClientLeft."""
+    done: list[T] = []
+    failure: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+        try:
+            done.append(await work())
+        except Exception as exc:  # raised below, outside the nursery
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if not done:
+        raise ClientLeft
+    return done[0]
 
 
 class GatewayRun:
@@ -64,9 +102,14 @@ class GatewayRun:
             return client.open_execution(**self.params, **extra)
         return client.open_call(Method.SESSION_EXEC, {**self.params, **self.session, **extra})
 
-    async def complete(self, client: AsyncClient, **extra: Any) -> dict[str, Any]:
-        """Run it to the end; the response body."""
-        async with self.open(client, **extra) as execution:
-            async for event in execution:
-                self.add(event)
-        return self.response(execution.result)
+    async def complete(self, client: AsyncClient, receive: Receive, **extra: Any) -> dict[str, Any]:
+        """Run it to the end; the response body. ClientLeft if the client behind
+        ``receive`` went away first (the job is stopped)."""
+
+        async def run() -> dict[str, Any]:
+            async with self.open(client, **extra) as execution:
+                async for event in execution:
+                    self.add(event)
+            return self.response(execution.result)
+
+        return await unless_client_leaves(receive, run)

@@ -73,7 +73,7 @@ def session_routes(
         request.state.log.update(session=session_id)
         if "text/event-stream" in request.headers.get("accept", ""):
             return EventStream(client, run, metrics, request.state.log)
-        answer = await run.complete(client)
+        answer = await run.complete(client, request.receive)
         metrics.executed(run.language, answer)
         request.state.log.update(result=answer["status"])
         return JSONResponse(answer)

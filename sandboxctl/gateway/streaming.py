@@ -28,7 +28,7 @@ from sandboxctl.client import AsyncClient, Execution, OutputEvent
 from sandboxctl.gateway.access import AccessControl
 from sandboxctl.gateway.http_errors import error_body
 from sandboxctl.gateway.metrics import Metrics
-from sandboxctl.gateway.runs import GatewayRun
+from sandboxctl.gateway.runs import GatewayRun, unless_client_leaves
 from sandboxd.errors import InvalidRequest, RequestTimeout, SandboxError
 
 
@@ -38,12 +38,6 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 
 def _output(event: OutputEvent) -> dict[str, str]:
     return {"stream": event.stream, "stage": event.stage, "data": event.data}
-
-
-async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()  # the client went away: closing the execution stops the job
 
 
 class EventStream(Response):
@@ -65,7 +59,7 @@ class EventStream(Response):
         self.log_fields = log_fields
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
+        async def stream() -> None:
             async with self.run.open(self.client) as execution:
                 first = await anext(execution, None)  # errors before output: plain JSON
                 await send(
@@ -78,10 +72,10 @@ class EventStream(Response):
                         ],
                     }
                 )
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-                    await self._relay(send, execution, first)
-                    nursery.cancel_scope.cancel()
+                await self._relay(send, execution, first)
+
+        try:
+            await unless_client_leaves(receive, stream)
         except SandboxError as exc:
             self.metrics.rejected.labels(type(exc).__name__).inc()
             status, body, headers = error_body(self.run.request_id, exc)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
+import pytest
 
+from tests.host_state import program_processes, wait_for
 from tests.sandboxctl.gateway.ws_client import connect
 
 SSE = {"Accept": "text/event-stream"}
@@ -61,6 +64,44 @@ def test_sse_client_leaving_stops_the_job(gateway, daemon):
     while daemon.client.health()["pool"]["busy"] and time.monotonic() < end:
         time.sleep(0.05)
     assert daemon.client.health()["pool"]["busy"] == 0
+
+
+SILENT = "import time\ntime.sleep(30)"  # no output: the client leaves before any
+LEAVING = {
+    "json": ("/execute", {}, {"language": "python", "code": SILENT}),
+    "sse": ("/execute", SSE, {"language": "python", "code": SILENT}),
+    "piston": (
+        "/api/v2/execute",
+        {},
+        {
+            "language": "python",
+            "version": "*",
+            "files": [{"content": SILENT}],
+            "run_timeout": 30000,
+        },
+    ),
+    "session": ("/sessions/{session}/exec", {}, {"code": SILENT}),
+}
+
+
+@pytest.mark.parametrize("kind", LEAVING)
+def test_a_client_leaving_before_any_output_stops_the_job(gateway, daemon, kind):
+    path, headers, body = LEAVING[kind]
+    if "{session}" in path:
+        created = httpx.post(f"{gateway.url}/sessions", json={"language": "python"})
+        path = path.format(session=created.json()["id"])
+    content = json.dumps(body).encode()
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"{head}Content-Length: {len(content)}\r\n\r\n".encode()
+            + content
+        )
+        assert wait_for(lambda: program_processes(daemon.uid_base), timeout=20)
+    # Before: the job ran to its end (here 30 s) for a client long gone.
+    assert wait_for(lambda: not program_processes(daemon.uid_base), timeout=10)
 
 
 async def test_websocket_streams_output_and_takes_stdin(gateway):
