@@ -21,7 +21,13 @@ import math
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    nullcontext,
+    suppress,
+)
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,7 +181,11 @@ def _output_relay(on_output: OutputCallback | None) -> Callable[[dict[str, Any]]
 
 
 class Client:
-    """Blocking client. ``timeout`` bounds each call (None: wait as long as the job runs)."""
+    """Blocking client. ``timeout`` bounds each call (None: wait as long as the job runs).
+
+    ``max_connections`` caps the connections its calls open at once, from any thread
+    (calls beyond it wait), as for :class:`AsyncClient`.
+    """
 
     def __init__(
         self,
@@ -183,11 +193,24 @@ class Client:
         *,
         timeout: float | None = None,
         on_behalf_of: str | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.socket_path = os.fspath(socket_path) if socket_path else default_socket()
         self.timeout = timeout
         # A delegate's (the gateway's) caller, whose sessions these are (docs/api.md).
         self.on_behalf_of = on_behalf_of
+        self._slots: AbstractContextManager[Any] = nullcontext()
+        if max_connections is not None:
+            import threading  # here: the CLI, which never needs it, starts faster
+
+            self._slots = threading.BoundedSemaphore(max_connections)
+
+    def for_caller(self, on_behalf_of: str) -> Client:
+        """The same client, its connections counted with these, acting for a delegate's
+        caller."""
+        other = Client(self.socket_path, timeout=self.timeout, on_behalf_of=on_behalf_of)
+        other._slots = self._slots
+        return other
 
     def call(
         self,
@@ -198,7 +221,10 @@ class Client:
         params = params or {}
         if self.on_behalf_of is not None and method.startswith("session."):
             params = {**params, "on_behalf_of": self.on_behalf_of}
-        call = _Call(method, params)
+        with self._slots:
+            return self._call(_Call(method, params), on_notification)
+
+    def _call(self, call: _Call, on_notification: Callable[[dict[str, Any]], None] | None) -> Any:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(self.timeout)
             try:

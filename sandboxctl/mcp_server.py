@@ -142,7 +142,7 @@ def build_server(
     def client_of(ctx: Context) -> Client:
         """Who calls: the gateway's key for this HTTP request, or whoever started us."""
         key = key_of(ctx)
-        return client if key is None else Client(client.socket_path, on_behalf_of=key)
+        return client if key is None else client.for_caller(key)
 
     def session_of(ctx: Context, session_id: str) -> Session:
         return Session(client_of(ctx), {"id": session_id})

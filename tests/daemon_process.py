@@ -189,16 +189,17 @@ def start_gateway(
     extra_args: list[str] = (),
     listener: socket.socket | None = None,
     netns: str | None = None,
+    daemon: dict[str, object] | None = None,
     **gateway: object,
 ) -> Gateway:
     """Start ``sandboxd-gateway`` on a free loopback port, or as systemd's socket
     activation would on ``listener``, in the network namespace whose file is ``netns``
-    (None: ours); wait until it answers."""
+    (None: ours), with ``daemon`` settings besides the socket; wait until it answers."""
     port = listener.getsockname()[1] if listener is not None else free_port()
     config = write_config(
         tmp_path / "gateway.toml",
         {
-            "daemon": {"socket": str(daemon_socket)},
+            "daemon": {"socket": str(daemon_socket), **(daemon or {})},
             "gateway": {"api_port": port, "bind": "127.0.0.1", **gateway},
         },
     )

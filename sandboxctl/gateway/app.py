@@ -20,9 +20,9 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sandboxctl.client import AsyncClient
 from sandboxctl.gateway.access import AccessControl
 from sandboxctl.gateway.daemon_answers import DaemonAnswers
+from sandboxctl.gateway.daemon_connections import DaemonConnections
 from sandboxctl.gateway.http_errors import error_body
 from sandboxctl.gateway.mcp_endpoint import mcp_endpoint
 from sandboxctl.gateway.metrics import Metrics
@@ -217,7 +217,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def create_app(
-    client: AsyncClient,
+    connections: DaemonConnections,
     access: AccessControl,
     *,
     max_body_bytes: int,
@@ -225,8 +225,9 @@ def create_app(
     host: str = "127.0.0.1",
 ) -> FastAPI:
     metrics = Metrics()
-    answers = DaemonAnswers(client)
-    mcp_app, mcp_running = mcp_endpoint(client.socket_path, host, access.spend)
+    client = connections.runs
+    answers = DaemonAnswers(connections.answers)
+    mcp_app, mcp_running = mcp_endpoint(connections.mcp, host, access.spend)
     # /docs and /redoc with their assets from the package: they work on a host without
     # internet access, and no third party learns who opens them.
     app = FastAPIOffline(

@@ -46,9 +46,9 @@ def error_text(error: errors.SandboxError) -> str:
     """The ``error`` field: the original's wording where it had one."""
     if isinstance(error, errors.InvalidParams | errors.InvalidRequest | errors.ParseError):
         return f"Invalid request: {error.message.removeprefix('invalid params: ')}"
-    if isinstance(error, errors.NoCapacity):
+    if isinstance(error, errors.NoCapacity) and not isinstance(error, errors.TooManyConnections):
         return f"No available VMs ({error.message})"
-    if isinstance(error, errors.DaemonUnavailable):
+    if isinstance(error, errors.DaemonUnavailable | errors.TooManyConnections):
         return f"Service unavailable: {error.message}"
     return error.message
 

@@ -22,13 +22,15 @@ from sandboxctl.mcp_server import build_server
 
 
 def mcp_endpoint(
-    socket_path: str, host: str, spend: Callable[[str], None]
+    client: Client, host: str, spend: Callable[[str], None]
 ) -> tuple[Starlette, Callable[[Any], AbstractAsyncContextManager[None]]]:
-    """The ASGI app to mount at ``/mcp`` (on a gateway bound to ``host``), and the
-    lifespan the gateway must run it in (its session manager). Each HTTP request holds
-    one of its key's slots (the gateway's middleware); ``spend`` takes one of its tokens
-    for a tool call that runs a program (the handshake and the other calls take none)."""
-    server = build_server(Client(socket_path), per_caller=True, spend=spend)
+    """The ASGI app to mount at ``/mcp`` (on a gateway bound to ``host``), whose tools
+    call the daemon with ``client`` (the MCP share of the gateway's connections), and
+    the lifespan the gateway must run it in (its session manager). Each HTTP request
+    holds one of its key's slots (the gateway's middleware); ``spend`` takes one of its
+    tokens for a tool call that runs a program (the handshake and the other calls take
+    none)."""
+    server = build_server(client, per_caller=True, spend=spend)
     # On a loopback bind the SDK also refuses foreign Host and Origin headers (DNS
     # rebinding: a web page the local user opens must not reach it).
     app = server.streamable_http_app(

@@ -19,9 +19,9 @@ from hypercorn.events import Closed
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
-from sandboxctl.client import AsyncClient
 from sandboxctl.gateway.access import AccessControl, load_keys
 from sandboxctl.gateway.app import create_app
+from sandboxctl.gateway.daemon_connections import DaemonConnections
 from sandboxctl.gateway.local_peers import SocketUsers
 from sandboxd import __version__
 from sandboxd.config import Config, load_config
@@ -105,7 +105,7 @@ async def run_gateway(
     gateway = config.gateway
     app = create_app(
         # As many connections as the daemon allows one uid: more callers wait their turn.
-        AsyncClient(config.daemon.socket, max_connections=config.daemon.max_connections_per_uid),
+        DaemonConnections.sharing(str(config.daemon.socket), config.daemon.max_connections_per_uid),
         access,
         max_body_bytes=gateway.max_body_bytes,
         body_timeout=gateway.body_timeout,

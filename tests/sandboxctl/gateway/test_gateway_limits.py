@@ -16,7 +16,9 @@ import trio
 from sandboxctl.gateway.local_peers import CACHE_ENTRIES, SocketUsers
 from tests.daemon_process import start_gateway
 from tests.host_state import program_processes, wait_for
+from tests.sandboxctl.gateway.test_mcp_http import mcp_over_http
 from tests.sandboxctl.gateway.ws_client import connect
+from tests.sandboxctl.test_mcp import call
 from tests.sandboxd.test_socket_limits import MiB, PeakMemory
 
 HELLO = {"language": "python", "code": "print('hi')"}
@@ -162,3 +164,56 @@ async def test_a_websocket_flooding_stdin_is_held_back(gateway, daemon):
     # A gateway blocked on a full stdin cannot see its client go (hypercorn tells only
     # through the messages it queued): the job ends at its own time limit.
     assert wait_for(lambda: not program_processes(daemon.uid_base))
+
+
+SLEEPY = {"language": "python", "code": "import time; time.sleep(1); print('slept')"}
+
+
+def gateway_of_eight(make_daemon, tmp_path):
+    """A daemon that allows each uid 8 connections, and a gateway that knows it."""
+    daemon = make_daemon(daemon={"max_connections_per_uid": 8})
+    cap = {"max_connections_per_uid": 8}
+    return daemon, start_gateway(tmp_path, daemon.socket, daemon=cap, concurrent_per_key=32)
+
+
+async def test_mcp_calls_past_their_share_of_connections_wait_their_turn(make_daemon, tmp_path):
+    """A gateway allowed 8 daemon connections, and ten MCP calls at once: before, each
+    opened one more, and those past the daemon's cap were refused as "No available VMs";
+    now MCP has its share (2) and the rest wait, while runs keep theirs."""
+    _, gateway = gateway_of_eight(make_daemon, tmp_path)
+    results: list[dict] = []
+    try:
+        async with mcp_over_http(gateway.url) as session, trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                results.append(await call(session, "run_code", **SLEEPY))
+
+            for _ in range(10):
+                nursery.start_soon(run)
+            await trio.sleep(0.5)
+            answer = await trio.to_thread.run_sync(
+                lambda: httpx.post(f"{gateway.url}/execute", json=HELLO, timeout=30)
+            )
+            assert answer.json()["output"] == "hi\n"
+        assert [result["stdout"] for result in results] == ["slept\n"] * 10
+    finally:
+        gateway.stop()
+
+
+def test_health_answers_while_every_run_holds_a_connection(make_daemon, tmp_path):
+    """Eight jobs of ten seconds on a gateway allowed 8 daemon connections: before,
+    health waited behind them (it shared their connections); now it has its own."""
+    daemon, gateway = gateway_of_eight(make_daemon, tmp_path)
+    long = {"language": "python", "code": "import time; time.sleep(10)"}
+    try:
+        with ThreadPoolExecutor(8) as posting:
+            jobs = [
+                posting.submit(httpx.post, f"{gateway.url}/execute", json=long, timeout=60)
+                for _ in range(8)
+            ]
+            assert wait_for(lambda: len(program_processes(daemon.uid_base)) >= 5, timeout=30)
+            for path in ("/health", "/languages"):
+                assert httpx.get(f"{gateway.url}{path}", timeout=3).status_code == 200
+            assert all(job.result().status_code == 200 for job in jobs)
+    finally:
+        gateway.stop()
