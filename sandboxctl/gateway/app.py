@@ -115,11 +115,12 @@ class GatewayMiddleware:
         try:
             try:
                 self._check_access(scope, state)
-                # A WebSocket's execution is admitted once its request has come.
+                # A WebSocket holds its slot from the handshake on: its execution takes
+                # a token once its request has come.
                 executes = scope.get("method") == "POST" and EXECUTIONS.fullmatch(scope["path"])
                 with (
                     self.access.admit(state["key_id"], executes=bool(executes))
-                    if state["key_id"] and scope["type"] == "http"
+                    if state["key_id"]
                     else contextlib.nullcontext()
                 ):
                     if scope["type"] == "http":

@@ -12,7 +12,6 @@ already initialized, 4001 no init in time, 4002 an error (sent first as ``error`
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +23,7 @@ from sandboxctl.client import AsyncClient, Execution
 from sandboxctl.gateway.access import AccessControl
 from sandboxctl.gateway.piston import PistonError, ended_in_compile, execute_params
 from sandboxctl.gateway.runs import GatewayRun
+from sandboxctl.gateway.streaming import receive_message
 from sandboxd.errors import SandboxError
 from sandboxd.result import ExecutionResult
 
@@ -74,11 +74,11 @@ async def serve_piston_socket(
         run = GatewayRun(websocket.state.request_id, params)
         state = _State()
         compiled = bool(runtime["compiled"])
-        with access.admit(websocket.state.key_id, executes=True):
-            async with run.open(client, interactive=True) as execution, trio.open_nursery() as n:
-                n.start_soon(_take_messages, websocket, execution, n.cancel_scope, state)
-                await _relay(websocket, execution, compiled)
-                n.cancel_scope.cancel()
+        access.spend(websocket.state.key_id)  # its slot is the socket's (the middleware)
+        async with run.open(client, interactive=True) as execution, trio.open_nursery() as n:
+            n.start_soon(_take_messages, websocket, execution, n.cancel_scope, state)
+            await _relay(websocket, execution, compiled)
+            n.cancel_scope.cancel()
         if state.gone:
             return
         if state.closing is not None:
@@ -99,7 +99,7 @@ async def serve_piston_socket(
 
 async def _message(websocket: WebSocket) -> dict[str, Any]:
     try:
-        message = json.loads(await websocket.receive_text())
+        message = await receive_message(websocket)
     except ValueError:
         raise Closing(4002, "Notified Error") from None
     return message if isinstance(message, dict) else {}

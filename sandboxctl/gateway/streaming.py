@@ -30,6 +30,8 @@ from sandboxctl.gateway.http_errors import error_body
 from sandboxctl.gateway.metrics import Metrics
 from sandboxctl.gateway.runs import GatewayRun, unless_client_leaves
 from sandboxd.errors import InvalidRequest, RequestTimeout, SandboxError
+from sandboxd.framing import decode
+from sandboxd.protocol import MAX_REQUEST_VALUES
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
@@ -111,13 +113,15 @@ async def serve_websocket(
     metrics: Metrics,
     request_timeout: float,
 ) -> None:
-    """Serve one WebSocket execution; its request must come within ``request_timeout``."""
+    """Serve one WebSocket execution; its request must come within ``request_timeout``.
+    The socket holds one of its key's slots from the start (the gateway's middleware);
+    the execution takes one of its tokens."""
     await websocket.accept()
     request_id = websocket.state.request_id
     try:
         try:
             with trio.fail_after(request_timeout):
-                first = await websocket.receive_json()
+                first = await receive_message(websocket)
         except trio.TooSlowError:
             raise RequestTimeout(
                 f"no ExecuteRequest within {request_timeout:g} s", seconds=request_timeout
@@ -127,14 +131,17 @@ async def serve_websocket(
         run = GatewayRun(request_id, first)
         websocket.state.log.update(language=run.language)
         ending: dict[str, Any] | None = None  # stays None if the client leaves
-        with access.admit(websocket.state.key_id, executes=True):
-            async with (
-                run.open(client, interactive=True) as execution,
-                trio.open_nursery() as nursery,
-            ):
-                nursery.start_soon(_forward_stdin, websocket, execution, nursery.cancel_scope)
-                ending = await _relay_websocket(websocket, run, execution, metrics)
-                nursery.cancel_scope.cancel()
+        refused: list[SandboxError] = []  # a stdin message that is not one
+        access.spend(websocket.state.key_id)
+        async with (
+            run.open(client, interactive=True) as execution,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(_forward_stdin, websocket, execution, nursery.cancel_scope, refused)
+            ending = await _relay_websocket(websocket, run, execution, metrics)
+            nursery.cancel_scope.cancel()
+        if refused:
+            raise refused[0]
     except SandboxError as exc:
         metrics.rejected.labels(type(exc).__name__).inc()
         ending = _websocket_error(request_id, exc)
@@ -173,17 +180,35 @@ async def _relay_websocket(
     return {"type": "result", **answer}
 
 
+async def receive_message(websocket: WebSocket) -> Any:
+    """The next message, parsed as the daemon parses a request (at most its number of
+    JSON values: sandboxd.framing); ValueError if it is not JSON."""
+    return decode((await websocket.receive_text()).encode(), MAX_REQUEST_VALUES)
+
+
 async def _forward_stdin(
-    websocket: WebSocket, execution: Execution, scope: trio.CancelScope
+    websocket: WebSocket,
+    execution: Execution,
+    scope: trio.CancelScope,
+    refused: list[SandboxError],
 ) -> None:
-    """Pass the client's stdin messages on; if the client leaves, stop everything."""
+    """Pass the client's stdin messages on; if the client leaves, or sends a message
+    that is not a stdin message (then in ``refused``), stop everything."""
     try:
         while True:
-            message = await websocket.receive_json()
+            try:
+                message = await receive_message(websocket)
+            except ValueError as exc:
+                raise InvalidRequest(f"a message that is not JSON: {exc}") from None
             if isinstance(message, dict) and message.get("type") == "stdin":
-                data, eof = message.get("data", ""), bool(message.get("eof", False))
-                await execution.send_stdin(str(data), eof=eof)
-    except (WebSocketDisconnect, ValueError):
+                data, eof = message.get("data", ""), message.get("eof", False)
+                if not isinstance(data, str) or not isinstance(eof, bool):
+                    raise InvalidRequest("a stdin message has a string data and a boolean eof")
+                await execution.send_stdin(data, eof=eof)
+    except WebSocketDisconnect:
+        scope.cancel()
+    except InvalidRequest as exc:
+        refused.append(exc)
         scope.cancel()
     except SandboxError:
         pass  # the execution ended; its relay reports how

@@ -217,3 +217,34 @@ def test_health_answers_while_every_run_holds_a_connection(make_daemon, tmp_path
             assert all(job.result().status_code == 200 for job in jobs)
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("path", ["/execute/ws", "/api/v2/connect"])
+async def test_websockets_waiting_for_their_request_take_their_callers_slots(
+    daemon, tmp_path, path
+):
+    """Twelve WebSockets that never send their request, from a caller allowed 4
+    requests at once: before, all were accepted (300 such sockets, each with a message
+    on its way, held 1.3 GB); now 4 are, the rest are refused at the handshake, and a
+    socket that goes gives its slot back."""
+    gateway = start_gateway(tmp_path, daemon.socket, concurrent_per_key=4, body_timeout=30)
+    url = gateway.url.replace("http://", "ws://") + path
+    accepted, refused = 0, 0
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(12):
+                try:
+                    await stack.enter_async_context(connect(url))
+                    accepted += 1
+                except RuntimeError:
+                    refused += 1
+        assert (accepted, refused) == (4, 8)
+        async with connect(url) as ws:  # the slots came back with the sockets
+            hello = {"language": "python", "code": "print('hi')"}
+            if path == "/api/v2/connect":
+                hello = {"type": "init", "version": "*", "files": [{"content": "print('hi')"}],
+                         "language": "python"}  # fmt: skip
+            await ws.send(hello)
+            assert (await ws.receive())["type"] in ("output", "runtime")
+    finally:
+        gateway.stop()

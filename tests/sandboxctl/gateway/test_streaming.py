@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.host_state import program_processes, wait_for
-from tests.sandboxctl.gateway.ws_client import connect
+from tests.sandboxctl.gateway.ws_client import WebSocketClosed, connect
 
 SSE = {"Accept": "text/event-stream"}
 
@@ -155,3 +155,27 @@ async def test_websocket_needs_a_key_when_keys_are_configured(keyed_gateway):
         while (message := await ws.receive())["type"] == "output":
             pass
     assert message["stdout"] == "7\n"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"not json",
+        b'{"type": "stdin", "data": "x", "eof": "false"}',
+        b'{"type": "stdin", "data": 1}',
+    ],
+    ids=["not-json", "eof-not-boolean", "data-not-a-string"],
+)
+async def test_a_websocket_message_that_is_not_stdin_ends_it_with_an_error(
+    gateway, daemon, message
+):
+    url = gateway.url.replace("http://", "ws://") + "/execute/ws"
+    async with connect(url) as ws:
+        await ws.send({"language": "python", "code": "import sys; print(sys.stdin.read())"})
+        await ws.send_text(message.decode())
+        answer = await ws.receive()
+        with pytest.raises(WebSocketClosed) as closed:
+            await ws.receive()
+    assert (answer["type"], answer["status"], closed.value.code) == ("error", 400, 1008)
+    assert answer["error"].startswith("Invalid request: ")
+    assert wait_for(lambda: not program_processes(daemon.uid_base))

@@ -41,7 +41,10 @@ class WebSocket:
         self._pending.extend(self._connection.events())
 
     async def send(self, message: dict[str, Any]) -> None:
-        await self._stream.send_all(self._connection.send(TextMessage(json.dumps(message))))
+        await self.send_text(json.dumps(message))
+
+    async def send_text(self, text: str) -> None:
+        await self._stream.send_all(self._connection.send(TextMessage(text)))
 
     async def receive(self) -> dict[str, Any]:
         while True:
