@@ -328,11 +328,14 @@ class Sessions:
 
     @contextlib.asynccontextmanager
     async def _using(self, owner: Owner, session_id: Any) -> Any:
-        """The session, its sandbox for this call only (calls wait their turn)."""
+        """The session, its sandbox for this call only (calls wait their turn). A call
+        whose turn comes once the session is up (its time to live, or its end on the
+        way) finds no session: calls queued behind each other would otherwise keep it
+        for as long as they take."""
         session = self._find(owner, session_id)
         try:
             async with session.lock:
-                if session.ended:
+                if session.ended or session.ending or trio.current_time() >= session.expires:
                     raise _not_found(session_id)
                 self._changed.unpark_all()  # busy: no idle timeout runs
                 sandbox = session.sandbox

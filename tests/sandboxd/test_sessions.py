@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -190,6 +191,28 @@ def test_an_idle_session_is_reaped_and_says_so(daemon, client):
     listed = next(s for s in client.sessions() if s["id"] == session.id)
     assert (listed["state"], listed["ended"]) == ("ended", "idle for 1 s")
     assert f"session {session.id} of uid 0 ended: idle for 1 s" in daemon.log()
+
+
+def test_calls_queued_past_a_sessions_time_to_live_find_it_ended(daemon, client):
+    """Ten one-second calls queued at once on a session that lives three seconds:
+    before, every one ran, the last at ten seconds; now those whose turn comes after
+    the three find no session."""
+    session = client.session(ttl=3)
+    started = time.monotonic()
+
+    def call(_: int) -> str:
+        try:
+            session.exec("import time; time.sleep(1)")
+        except errors.SessionNotFound:
+            return "ended"
+        return f"ran by {time.monotonic() - started:.0f} s"
+
+    with ThreadPoolExecutor(10) as calls:
+        outcomes = list(calls.map(call, range(10)))
+    assert 1 <= sum(outcome != "ended" for outcome in outcomes) <= 4, outcomes
+    assert time.monotonic() - started < 8, outcomes
+    listed = next(s for s in client.sessions() if s["id"] == session.id)
+    assert (listed["state"], listed["ended"]) == ("ended", "its time to live of 3 s was up")
 
 
 def test_stopping_the_daemon_ends_every_session(make_daemon):
