@@ -323,6 +323,24 @@ def _expose(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Re
     return exposed
 
 
+MAX_ID_CHARS = 256  # a request's id comes back in each of its notifications
+
+
+def _requests(document: Any) -> list[Any]:
+    return document if isinstance(document, list) else [document]
+
+
+def _unfit_id(request: Any) -> bool:
+    """Whether the request's id is too long to echo: its every output notification
+    carries it (a megabyte id made each one a megabyte)."""
+    found = request.get("id") if isinstance(request, dict) else None
+    if isinstance(found, str):
+        return len(found) > MAX_ID_CHARS
+    if isinstance(found, int) and not isinstance(found, bool):
+        return not -(2**63) <= found < 2**64
+    return False
+
+
 def _error_line(error: SandboxError) -> dict[str, Any]:
     """An error that belongs to no request (the connection's own)."""
     return {"jsonrpc": "2.0", "error": error.to_wire(), "id": None}
@@ -601,6 +619,13 @@ class RpcServer:
             await connection.send(to_serializable_one(parsed))
             return
         document = parsed._value
+        if any(_unfit_id(request) for request in _requests(document)):
+            refusal = InvalidRequest(
+                f"a request id is a string of at most {MAX_ID_CHARS} "
+                "characters or an integer of at most 64 bits"
+            )
+            await connection.send(_error_line(refusal))
+            return
         if not isinstance(document, list):
             context = RequestContext(None, connection)
             try:

@@ -179,6 +179,26 @@ def test_batch_requests_are_answered_together(daemon):
     assert reply[1]["error"]["code"] == errors.MethodNotFound.code
 
 
+@pytest.mark.parametrize(
+    "request_id",
+    ["x" * 257, 2**64, -(2**63) - 1],
+    ids=["long-string", "above-64-bits", "below-64-bits"],
+)
+@pytest.mark.parametrize("batched", [False, True], ids=["alone", "in-a-batch"])
+def test_an_id_too_big_to_echo_is_refused_before_anything_runs(daemon, request_id, batched):
+    """Each output notification carries the request's id: a megabyte id would make every
+    one a megabyte."""
+    request = {"jsonrpc": "2.0", "method": "execute", "id": request_id,
+               "params": {"language": "python", "code": "print('ran')"}}  # fmt: skip
+    payload = [{"jsonrpc": "2.0", "method": "health", "id": 1}, request] if batched else request
+    [reply] = raw_exchange(daemon.socket, json.dumps(payload).encode() + b"\n")
+    assert (reply["id"], reply["error"]["code"]) == (None, errors.InvalidRequest.code)
+    assert "at most 256 characters" in reply["error"]["message"]
+    fits = {**request, "id": "x" * 256, "params": {**request["params"], "stream_output": False}}
+    [answer] = raw_exchange(daemon.socket, json.dumps(fits).encode() + b"\n")
+    assert (answer["id"], answer["result"]["stdout"]) == ("x" * 256, "ran\n")
+
+
 def test_methods_without_params_refuse_params(client):
     with pytest.raises(InvalidParams) as caught:
         client.call("health", {"verbose": True})
