@@ -10,9 +10,11 @@ from typing import Any
 import trio
 
 from sandboxctl.client import AsyncClient
+from sandboxd.errors import DaemonUnavailable
 
 HEALTH_SECONDS = 0.5  # how old a health answer may be (load balancers poll it)
 LANGUAGES_SECONDS = 30.0  # the languages change only with the daemon's image
+ANSWER_TIMEOUT = 5.0  # how long a caller waits for the daemon to answer
 
 
 class _Cached:
@@ -25,12 +27,19 @@ class _Cached:
 
     async def get(self) -> dict[str, Any]:
         """The answer, asked anew if the one kept is too old; the daemon's errors (a
-        refusal, DaemonUnavailable) are raised, not kept."""
-        async with self._lock:  # one question at a time; the others take its answer
-            if self._answer is None or trio.current_time() - self._when > self._seconds:
-                self._answer = await self._ask()
-                self._when = trio.current_time()
-            return self._answer
+        refusal, DaemonUnavailable) are raised, not kept, and so is its silence past
+        ANSWER_TIMEOUT (a health check must hear something)."""
+        try:
+            with trio.fail_after(ANSWER_TIMEOUT):
+                async with self._lock:  # one question at a time; the others take its answer
+                    if self._answer is None or trio.current_time() - self._when > self._seconds:
+                        self._answer = await self._ask()
+                        self._when = trio.current_time()
+                    return self._answer
+        except trio.TooSlowError:
+            raise DaemonUnavailable(
+                f"the daemon did not answer within {ANSWER_TIMEOUT:g} s"
+            ) from None
 
 
 class DaemonAnswers:

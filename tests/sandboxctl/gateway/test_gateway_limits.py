@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -246,5 +249,26 @@ async def test_websockets_waiting_for_their_request_take_their_callers_slots(
                          "language": "python"}  # fmt: skip
             await ws.send(hello)
             assert (await ws.receive())["type"] in ("output", "runtime")
+    finally:
+        gateway.stop()
+
+
+def test_health_says_unhealthy_when_the_daemon_stops_answering(make_daemon, tmp_path):
+    """A daemon that hangs (here stopped): health answers 503 within its timeout, as a
+    load balancer needs, rather than hanging with it."""
+    daemon = make_daemon()
+    gateway = start_gateway(tmp_path, daemon.socket)
+    try:
+        assert httpx.get(f"{gateway.url}/health").status_code == 200
+        os.kill(daemon.process.pid, signal.SIGSTOP)
+        try:
+            time.sleep(1)  # past the answer the gateway keeps
+            for path in ("/health", "/ready"):
+                answer = httpx.get(f"{gateway.url}{path}", timeout=15)
+                assert answer.status_code == 503, answer.text
+                assert "did not answer within 5 s" in answer.text
+        finally:
+            os.kill(daemon.process.pid, signal.SIGCONT)
+        assert wait_for(lambda: httpx.get(f"{gateway.url}/health").status_code == 200)
     finally:
         gateway.stop()
