@@ -20,14 +20,8 @@ import json
 import math
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import (
-    AbstractAsyncContextManager,
-    AbstractContextManager,
-    asynccontextmanager,
-    nullcontext,
-    suppress,
-)
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,11 +174,18 @@ def _output_relay(on_output: OutputCallback | None) -> Callable[[dict[str, Any]]
     return relay
 
 
+WAIT_POLL = 0.25  # seconds between a blocking call's ``while_waiting`` checks
+
+
 class Client:
     """Blocking client. ``timeout`` bounds each call (None: wait as long as the job runs).
 
     ``max_connections`` caps the connections its calls open at once, from any thread
-    (calls beyond it wait), as for :class:`AsyncClient`.
+    (calls beyond it wait), as for :class:`AsyncClient`. ``while_waiting`` is called
+    every WAIT_POLL seconds while a call waits for a connection or for the daemon's
+    answer, and what it raises ends the call with its connection, which stops the
+    daemon's work for it: how a call in a worker thread notices that its caller was
+    cancelled (``anyio.from_thread.check_cancelled``).
     """
 
     def __init__(
@@ -194,12 +195,14 @@ class Client:
         timeout: float | None = None,
         on_behalf_of: str | None = None,
         max_connections: int | None = None,
+        while_waiting: Callable[[], None] | None = None,
     ) -> None:
         self.socket_path = os.fspath(socket_path) if socket_path else default_socket()
         self.timeout = timeout
         # A delegate's (the gateway's) caller, whose sessions these are (docs/api.md).
         self.on_behalf_of = on_behalf_of
-        self._slots: AbstractContextManager[Any] = nullcontext()
+        self._while_waiting = while_waiting
+        self._slots: Any = None  # a threading.BoundedSemaphore, with max_connections
         if max_connections is not None:
             import threading  # here: the CLI, which never needs it, starts faster
 
@@ -208,9 +211,44 @@ class Client:
     def for_caller(self, on_behalf_of: str) -> Client:
         """The same client, its connections counted with these, acting for a delegate's
         caller."""
-        other = Client(self.socket_path, timeout=self.timeout, on_behalf_of=on_behalf_of)
+        other = Client(
+            self.socket_path,
+            timeout=self.timeout,
+            on_behalf_of=on_behalf_of,
+            while_waiting=self._while_waiting,
+        )
         other._slots = self._slots
         return other
+
+    @contextmanager
+    def _slot(self) -> Iterator[None]:
+        if self._slots is None:
+            yield
+            return
+        while not self._slots.acquire(timeout=WAIT_POLL if self._while_waiting else None):
+            self._checked()
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def _checked(self) -> None:
+        if self._while_waiting is not None:
+            self._while_waiting()
+
+    def _receive(self, sock: socket.socket) -> bytes:
+        """The daemon's next bytes, within the call's timeout (polling while_waiting)."""
+        if self._while_waiting is None:
+            return sock.recv(65536)
+        waited = 0.0
+        while True:
+            try:
+                return sock.recv(65536)
+            except TimeoutError:
+                waited += WAIT_POLL
+                if self.timeout is not None and waited >= self.timeout:
+                    raise
+                self._checked()
 
     def call(
         self,
@@ -221,7 +259,7 @@ class Client:
         params = params or {}
         if self.on_behalf_of is not None and method.startswith("session."):
             params = {**params, "on_behalf_of": self.on_behalf_of}
-        with self._slots:
+        with self._slot():
             return self._call(_Call(method, params), on_notification)
 
     def _call(self, call: _Call, on_notification: Callable[[dict[str, Any]], None] | None) -> Any:
@@ -234,12 +272,14 @@ class Client:
             # Refused before it arrived whole (too large): the answer says why.
             with suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(encode(call.request_message()))
+            if self._while_waiting is not None:
+                sock.settimeout(WAIT_POLL)  # to look in between (_receive)
             buffer = LineBuffer(MAX_LINE)
             while True:
                 line = buffer.next_line()
                 if line is None:
                     try:
-                        data = sock.recv(65536)
+                        data = self._receive(sock)
                     except OSError as exc:
                         raise _unavailable(self.socket_path, exc) from exc
                     if not data:

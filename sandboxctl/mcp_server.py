@@ -22,6 +22,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Literal, TypeVar
 
+import anyio.from_thread
 import anyio.to_thread
 import click
 from mcp.server.mcpserver import Context, MCPServer
@@ -282,7 +283,9 @@ def build_server(
 @click.version_option(__version__, prog_name="sandboxd-mcp")
 def main(socket_path: str | None) -> None:
     """sandboxd's tools for an MCP host, over stdio (an MCP host starts this)."""
-    build_server(Client(socket_path)).run("stdio")
+    # A call the host cancels ends its daemon call (the tools run in worker threads).
+    client = Client(socket_path, while_waiting=anyio.from_thread.check_cancelled)
+    build_server(client).run("stdio")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import anyio.from_thread
+
 from sandboxctl.client import AsyncClient, Client
 
 
@@ -25,6 +27,9 @@ class DaemonConnections:
         mcp = max(1, budget // 4)
         return cls(
             runs=AsyncClient(socket_path, max_connections=max(1, budget - mcp - 1)),
-            mcp=Client(socket_path, max_connections=mcp),
+            # Its calls run in the SDK's worker threads: a cancelled tool call ends its.
+            mcp=Client(
+                socket_path, max_connections=mcp, while_waiting=anyio.from_thread.check_cancelled
+            ),
             answers=AsyncClient(socket_path, max_connections=1),
         )

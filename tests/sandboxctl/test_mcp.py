@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import trio
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from sandboxd.protocol import Status
+from tests.host_state import program_processes, wait_for
 
 
 @asynccontextmanager
@@ -91,3 +93,18 @@ async def test_a_session_keeps_files_and_python_state_and_ends_with_the_host(dae
     # The host went away: the server closed the session it had left open.
     listed = {s["id"]: s for s in daemon.client.sessions()}
     assert listed[session_id]["ended"] == "closed by its owner"
+
+
+async def test_a_call_the_host_cancels_stops_its_program(daemon):
+    """The host gives up on run_code (it sends MCP's cancellation) but stays: the
+    program is stopped, not left to run to its time limit."""
+    async with mcp_client(daemon) as session:
+        with trio.move_on_after(3):
+            await call(session, "run_code", language="python", code="import time; time.sleep(30)")
+        assert program_processes(daemon.uid_base), "the program was not running yet"
+        gone = await trio.to_thread.run_sync(  # the client's tasks run meanwhile
+            lambda: wait_for(lambda: not program_processes(daemon.uid_base), timeout=10)
+        )
+        assert gone
+        ran = await call(session, "run_code", language="python", code="print('still here')")
+        assert ran["stdout"] == "still here\n"

@@ -8,9 +8,11 @@ from contextlib import asynccontextmanager
 
 import httpx
 import httpx2
+import trio
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
+from tests.host_state import program_processes, wait_for
 from tests.sandboxctl.gateway.conftest import KEYS
 from tests.sandboxctl.test_mcp import call
 
@@ -59,3 +61,13 @@ async def test_it_needs_a_key_and_its_sessions_are_that_key_s(keys_gateway):
             )
             assert refused.is_error and "no session" in refused.content[0].text.lower()
         await call(alice, "close_session", session_id=session_id)
+
+
+async def test_a_host_leaving_mid_call_stops_the_program(gateway, daemon):
+    """The MCP host goes while run_code runs (its HTTP request closed): the program is
+    stopped, as for any HTTP caller that leaves."""
+    with trio.move_on_after(3):
+        async with mcp_over_http(gateway.url) as session:
+            await call(session, "run_code", language="python", code="import time; time.sleep(30)")
+    assert program_processes(daemon.uid_base), "the program was not running yet"
+    assert wait_for(lambda: not program_processes(daemon.uid_base), timeout=10)
