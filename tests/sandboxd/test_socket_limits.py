@@ -338,16 +338,10 @@ def test_a_uid_that_does_not_take_its_output_waits_to_start_more_jobs(make_daemo
         assert answer["result"]["stdout"] == "1\n"
 
 
-def test_requests_that_would_parse_to_far_more_than_their_bytes_are_refused_unparsed(
-    make_daemon,
-):
-    """Sixteen lines of 4 MiB of ``{},``, each of which parses to about 100 MB of
-    dicts: refused before they are parsed, the daemon holding little more than their
-    bytes (before: 1.7 GB)."""
-    daemon = make_daemon()
-    empties = b"{}," * ((4 * MiB - 200) // 3)
-    line = b'{"jsonrpc":"2.0","method":"health","params":{"x":[' + empties + b'{}]},"id":1}\n'
-    socks = [connect(daemon.socket, timeout=60) for _ in range(16)]
+def sixteen_at_once(daemon, line: bytes) -> tuple[list[dict], PeakMemory]:
+    """Send ``line`` on sixteen connections at once; their answers, and the daemon's
+    memory meanwhile."""
+    socks = [connect(daemon.socket, timeout=120) for _ in range(16)]
     with PeakMemory(daemon.process.pid) as memory:
         senders = [threading.Thread(target=sock.sendall, args=(line,)) for sock in socks]
         for sender in senders:
@@ -357,6 +351,19 @@ def test_requests_that_would_parse_to_far_more_than_their_bytes_are_refused_unpa
             sender.join()
     for sock in socks:
         sock.close()
+    return answers, memory
+
+
+def test_requests_that_would_parse_to_far_more_than_their_bytes_are_refused_unparsed(
+    make_daemon,
+):
+    """Sixteen lines of 4 MiB of ``{},``, each of which parses to about 100 MB of
+    dicts: refused before they are parsed, the daemon holding little more than their
+    bytes (before: 1.7 GB)."""
+    daemon = make_daemon()
+    empties = b"{}," * ((4 * MiB - 200) // 3)
+    line = b'{"jsonrpc":"2.0","method":"health","params":{"x":[' + empties + b'{}]},"id":1}\n'
+    answers, memory = sixteen_at_once(daemon, line)
     assert memory.growth < 3 * 16 * 4, memory.peak  # MiB: the lines' bytes, read and copied
     assert {answer["error"]["code"] for answer in answers} == {errors.InvalidRequest.code}
     assert "at most 16384 JSON values" in answers[0]["error"]["message"]
@@ -377,16 +384,7 @@ def test_strings_that_parse_wider_than_their_bytes_are_charged_as_wide(make_daem
          "params": {"language": "python", "code": code}},
         ensure_ascii=False,
     ).encode() + b"\n"  # fmt: skip
-    socks = [connect(daemon.socket, timeout=120) for _ in range(16)]
-    with PeakMemory(daemon.process.pid) as memory:
-        senders = [threading.Thread(target=sock.sendall, args=(line,)) for sock in socks]
-        for sender in senders:
-            sender.start()
-        answers = [receive_json_line(sock) for sock in socks]
-        for sender in senders:
-            sender.join()
-    for sock in socks:
-        sock.close()
+    answers, memory = sixteen_at_once(daemon, line)
     assert [answer["result"]["status"] for answer in answers] == ["ok"] * 16
     # MiB: their 16 MiB of bytes, the budget's worth parsed and one more, and the jobs.
     assert memory.growth < 60, memory.peak
