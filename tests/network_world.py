@@ -3,8 +3,9 @@ else, so that no packet of theirs can reach a real network.
 
 ``uplink`` is where the daemon's egress leaves (as the host's own namespace would in
 production); beyond it, ``outside`` holds servers on an allowed address, on refused
-ones and on private ones (a line on port 8080, and on port 8000 an HTTP server whose
-``/page.html`` is PAGE). Neither routes anywhere else.
+ones and on private ones (a line on port 8080; on port 8081 a server that keeps every
+connection open; on port 8000 an HTTP server whose ``/page.html`` is PAGE). Neither
+routes anywhere else.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ while True:
     conn, _ = listener.accept()
     conn.sendall(b"hello from " + conn.getsockname()[0].encode() + b"\\n")
     conn.close()
+"""
+HOLDING = """
+import socket
+listener = socket.create_server(("0.0.0.0", 8081), backlog=64)
+held = []
+while True:
+    held.append(listener.accept()[0])  # open until the world goes
 """
 # Every address at once (a refused one costs its whole timeout): each line the address
 # and what came back, or the error's name.
@@ -92,7 +100,8 @@ def outside_world() -> Iterator[str]:
             (uplink, [sys.executable, "-c", SERVER]),
             (outside, [sys.executable, "-c", SERVER]),
         ]
-        for name, command in [*commands, (outside, http)]:
+        holding = (outside, [sys.executable, "-c", HOLDING])
+        for name, command in [*commands, holding, (outside, http)]:
             in_it = ["nsenter", f"--net={netns.NETNS_RUN_DIR}/{name}"]
             servers.append(subprocess.Popen([*in_it, *command], stderr=subprocess.DEVNULL))
         yield uplink

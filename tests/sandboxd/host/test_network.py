@@ -101,7 +101,7 @@ import socket
 held, seen = [], []
 for _ in range({count}):
     try:
-        held.append(socket.create_connection(("{address}", 8080), timeout=1))
+        held.append(socket.create_connection(("{address}", 8081), timeout=1))
         seen.append("open")
     except OSError as exc:
         seen.append(type(exc).__name__)
@@ -110,6 +110,10 @@ print(*seen)
 
 
 def test_a_sandbox_holds_no_more_connections_at_once_than_allowed(tmp_path, world):
+    """Against a server that keeps them open. One that closes them is not a test of the
+    limit: conntrack takes the server's retransmitted FIN, met before the sandbox's
+    ACK, for the second FIN of the close, calls a connection the sandbox still holds
+    TIME_WAIT, and the count leaves it out (one run in twelve let a fifth in)."""
     network = {"allow": [f"{ALLOWED}/32"], "uplink_netns": world, "max_connections": 4}
     daemon = start_daemon(tmp_path, pool={"size": 1}, network=network)
     try:
