@@ -20,18 +20,32 @@ class LineTooLong(Exception):
     """More than ``max_line`` bytes arrived without a newline."""
 
 
-def _width(text: bytes | bytearray) -> int:
-    """The most bytes a character the strings of the JSON text ``text`` may take once
-    parsed: one while it is ASCII with no escape of a character, else four (one
-    character past the Basic Multilingual Plane widens its whole string)."""
-    return 1 if text.isascii() and b"\\u" not in text else 4
+_ASCII = bytes(range(128))
+VALUE_BYTES = 72  # what a parsed value may take beyond its text: an empty dict and its slot
+_SCANNED_LINE = 65536  # longer lines are charged for the most values a line may hold
 
 
-def parsed_size(line: bytes) -> int:
-    """What a line (and its newline) may take once parsed, counted as its bytes, each
-    up to four times over (:func:`_width`); its values are capped apart
-    (:func:`check_values`)."""
-    return (len(line) + 1) * _width(line)
+def _wide_end(text: bytes | bytearray) -> int:
+    """One past the last byte of ``text`` that may make a string parse wide (a byte past
+    ASCII, or the ``u`` of an escape of a character); 0 if there is none. One
+    character past the Basic Multilingual Plane makes its whole string four bytes a
+    character."""
+    escape = text.rfind(b"\\u")
+    return max(len(text.rstrip(_ASCII)), escape + 2 if escape >= 0 else 0)
+
+
+def parsed_size(line: bytes, max_values: int) -> int:
+    """What a line (and its newline) may take once parsed: its bytes, each up to four
+    times over (:func:`_wide_end`), and VALUE_BYTES for each value it may hold (counted
+    by its marks, in lines short enough to count at once; for longer ones, the most a
+    line may hold, :func:`check_values`)."""
+    width = 4 if _wide_end(line) else 1
+    values = 1 + _marks(line) if len(line) <= _SCANNED_LINE else max_values
+    return (len(line) + 1) * width + VALUE_BYTES * min(values, max_values)
+
+
+def _marks(text: bytes) -> int:
+    return sum(text.count(mark) for mark in (b",", b":", b"[", b"{"))
 
 
 class LineBuffer:
@@ -39,19 +53,19 @@ class LineBuffer:
         self.max_line = max_line
         self._data = bytearray()
         self._scanned = 0  # bytes already known to hold no newline
-        self._wide = False  # whether what is buffered may parse wide (_width)
+        self._wide = 0  # one past the last byte buffered that may parse wide (_wide_end)
 
     def feed(self, data: bytes | bytearray) -> None:
-        self._wide = (
-            self._wide
-            or _width(data) > 1
-            or (self._data[-1:] == b"\\" and data[:1] == b"u")  # an escape cut in two
-        )
+        if end := _wide_end(data):
+            self._wide = len(self._data) + end
+        elif self._data[-1:] == b"\\" and data[:1] == b"u":  # an escape cut in two
+            self._wide = len(self._data) + 1
         self._data += data
 
     @property
     def pending_size(self) -> int:
-        """What the buffered bytes of unfinished lines may take parsed (parsed_size)."""
+        """What the buffered bytes of unfinished lines may take parsed, as strings
+        (parsed_size counts their values once they are whole)."""
         return len(self._data) * (4 if self._wide else 1)
 
     def next_line(self) -> bytes | None:
@@ -67,7 +81,7 @@ class LineBuffer:
         line = bytes(self._data[:end])
         del self._data[: end + 1]
         self._scanned = 0
-        self._wide = self._wide and _width(self._data) > 1
+        self._wide = max(0, self._wide - end - 1)
         return line
 
     @property
@@ -116,7 +130,10 @@ def decode(line: bytes, max_values: int) -> Any:
     """The JSON document of ``line``: ValueError if it is not JSON, TooManyValues if it
     holds more than ``max_values`` values (:func:`check_values`)."""
     check_values(line, max_values)
-    return json.loads(line)
+    try:
+        return json.loads(line)
+    except RecursionError:  # nested deeper than the parser goes: not JSON it takes
+        raise ValueError("nested too deeply") from None
 
 
 # Big strings are encoded in slices of this many characters (see encode_chunks).

@@ -99,7 +99,7 @@ def _take_line(connection: Connection, buffer: LineBuffer) -> bytes | None:
     before = buffer.pending_size
     line = buffer.next_line()
     if line is not None:
-        connection.hold_change(before, parsed_size(line) + buffer.pending_size)
+        connection.hold_change(before, parsed_size(line, MAX_REQUEST_VALUES) + buffer.pending_size)
     return line
 
 
@@ -537,9 +537,10 @@ class RpcServer:
                 return
             if line is None:
                 return
-            size = parsed_size(line)
+            size = parsed_size(line, MAX_REQUEST_VALUES)
             if not line.strip() or await _stdin_notification(connection, line):
                 connection.release(size)
+                await trio.lowlevel.checkpoint()  # a flood of blank lines: others run too
                 continue
             connection.request_read()
             self._in_flight += 1
@@ -597,7 +598,7 @@ class RpcServer:
 
     async def _answer(self, connection: Connection, line: bytes) -> None:
         """Answer one line (a request or a batch), whose size the connection holds."""
-        size = parsed_size(line)
+        size = parsed_size(line, MAX_REQUEST_VALUES)
         try:
             async with connection.account.parsing(size):
                 await self._answer_line(connection, line)

@@ -124,7 +124,8 @@ class GatewayMiddleware:
                     else contextlib.nullcontext()
                 ):
                     if scope["type"] == "http":
-                        receive = await self._capped_body(receive)
+                        # Every POST body is JSON; a PUT's is a file, raw.
+                        receive = await self._capped_body(receive, scope["method"] == "POST")
                     await self.app(scope, receive, send_logged)
             except SandboxError as refusal:
                 self.metrics.rejected.labels(type(refusal).__name__).inc()
@@ -152,10 +153,11 @@ class GatewayMiddleware:
             headers, scope.get("client"), scope.get("server")
         )
 
-    async def _capped_body(self, receive: Receive) -> Receive:
+    async def _capped_body(self, receive: Receive, parsed: bool) -> Receive:
         """Read the body (refused as soon as it passes the cap, or once it took longer
         than the body timeout) and replay it. Raises RequestTooLarge, RequestTimeout, and
-        InvalidRequest for one with more JSON values than a request may hold."""
+        InvalidRequest for one to be ``parsed`` as JSON with more values than a request
+        may hold."""
         messages: list[Message] = []
         size = 0
         with trio.move_on_after(self.body_timeout) as stalled:
@@ -175,7 +177,9 @@ class GatewayMiddleware:
                 seconds=self.body_timeout,
             )
         try:  # before any route parses it (the daemon's own rule, sandboxd.framing)
-            check_values(b"".join(m.get("body", b"") for m in messages), MAX_REQUEST_VALUES)
+            if parsed:
+                body = b"".join(m.get("body", b"") for m in messages)
+                check_values(body, MAX_REQUEST_VALUES)
         except TooManyValues as exc:
             raise InvalidRequest(f"body: {exc}") from None
 

@@ -118,6 +118,20 @@ def test_a_line_that_may_parse_wide_is_counted_four_times_over(pieces):
     assert buffer.pending_size == 4 * len(pieces[0] + pieces[1])  # all of it, wide now
     buffer.feed(pieces[2] + b'{"b":1')
     line = buffer.next_line()
-    assert parsed_size(line) == 4 * (len(line) + 1)
+    # Its bytes four times over, and 72 bytes for each of its values (one more than
+    # its marks: an object, a key, a string).
+    assert parsed_size(line, 16384) == 4 * (len(line) + 1) + 72 * 3
     assert buffer.pending_size == len(b'{"b":1')  # the next line is narrow again
-    assert parsed_size(b'{"b":1}') == 8
+    assert parsed_size(b'{"b":1}', 16384) == 8 + 72 * 3
+
+
+def test_lines_after_a_wide_one_are_narrow_without_a_rescan():
+    """The buffer keeps where its last wide byte is: ten thousand lines behind one
+    wide byte are each found narrow at once (each one rescanned the rest before)."""
+    buffer = LineBuffer(2**20)
+    buffer.feed(b"\\u00e9\n" + b"{}\n" * 10_000)
+    assert buffer.pending_size == 4 * (7 + 30_000)
+    assert buffer.next_line() == b"\\u00e9"
+    assert buffer.pending_size == 30_000
+    assert all(buffer.next_line() == b"{}" for _ in range(10_000))
+    assert buffer.next_line() is None

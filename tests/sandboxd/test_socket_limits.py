@@ -388,3 +388,59 @@ def test_strings_that_parse_wider_than_their_bytes_are_charged_as_wide(make_daem
     assert [answer["result"]["status"] for answer in answers] == ["ok"] * 16
     # MiB: their 16 MiB of bytes, the budget's worth parsed and one more, and the jobs.
     assert memory.growth < 60, memory.peak
+
+
+def test_small_requests_waiting_their_turn_are_charged_for_their_values(make_daemon):
+    """Eight long jobs take a connection's running slots; then lines of 24 KB, each
+    8180 empty objects (within the per-line cap) that parse to 590 KB: charged only
+    their bytes, 2342 of them held 1.4 GB parsed while they waited; charged for their
+    values, the uid's 64 MiB holds about a hundred."""
+    daemon = make_daemon()
+    sock = connect(daemon.socket, timeout=2)
+    params = {"language": "python", "code": "import time; time.sleep(20)", "timeout": 25}
+    for number in range(8):
+        sock.sendall(request("execute", params, id_=number))
+    assert wait_for(lambda: len(program_processes(daemon.uid_base)) == 8, timeout=30)
+    line = request("health", {"x": [{}] * 8180}, id_=100).replace(b" ", b"")
+    sent = 0
+    with PeakMemory(daemon.process.pid) as memory:
+        deadline = time.monotonic() + 10
+        with contextlib.suppress(TimeoutError):  # the daemon stopped reading: its budget
+            while time.monotonic() < deadline and sent < 3000:
+                sock.sendall(line)
+                sent += 1
+        time.sleep(1)
+    sock.close()
+    assert memory.growth < 96, (memory.peak, sent)  # MiB: the budget and the jobs
+    assert daemon.client.health()["status"] == "healthy"
+
+
+def test_a_flood_of_blank_lines_does_not_stop_the_daemon_serving_others(make_daemon):
+    """Blank lines are read and dropped in the reading loop; 64 KiB of them at a time,
+    one ending in an escape that may parse wide, kept the daemon from everyone else for
+    about a second a read (each line rescanned the rest of the buffer, and none let
+    another task run)."""
+    daemon = make_daemon()
+    flood = b"\n" * 65534 + b"\\u"
+    stop = threading.Event()
+
+    def flooding() -> None:
+        with connect(daemon.socket) as sock, contextlib.suppress(OSError):
+            deadline = time.monotonic() + 4
+            while not stop.is_set() and time.monotonic() < deadline:
+                sock.sendall(flood)
+
+    flooder = threading.Thread(target=flooding)
+    flooder.start()
+    took = []
+    try:
+        time.sleep(0.5)
+        for _ in range(10):
+            started = time.monotonic()
+            assert daemon.client.health()["status"] == "healthy"
+            took.append(time.monotonic() - started)
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        flooder.join()
+    assert max(took) < 0.5, took  # before: up to 1.2 s each

@@ -146,6 +146,19 @@ def test_bodies_that_would_parse_to_far_more_than_their_bytes_are_refused(gatewa
     assert "at most 16384 JSON values" in answers[0].json()["error"]
 
 
+def test_a_file_upload_full_of_commas_is_not_taken_for_json(http):
+    """A PUT body is a file, raw: a 2 MiB CSV has far more commas than a request may
+    hold values, and is written whole."""
+    csv = b"1,2,3,4,5,6,7,8\n" * (2 * MiB // 16)
+    base = f"/sessions/{http.post('/sessions', json={'language': 'python'}).json()['id']}"
+    try:
+        answer = http.put(f"{base}/files/big.csv", content=csv)
+        assert answer.status_code == 200, answer.text
+        assert http.get(f"{base}/files/big.csv").content == csv
+    finally:
+        http.delete(base)
+
+
 async def test_a_websocket_flooding_stdin_is_held_back(gateway, daemon):
     url = gateway.url.replace("http://", "ws://") + "/execute/ws"
     chunk = {"type": "stdin", "data": "y" * MiB}
