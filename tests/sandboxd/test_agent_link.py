@@ -72,3 +72,14 @@ async def test_a_message_that_would_parse_to_far_more_than_its_bytes_is_refused(
     _, failure = await run_against([{**CHUNK, "padding": padding}])
     assert isinstance(failure, AgentError)
     assert "JSON values" in str(failure)
+
+
+async def test_a_message_nested_deeper_than_the_parser_goes_is_refused():
+    # Within the values cap, but deeper than json's recursion: an AgentError (which
+    # kills the sandbox), not a RecursionError escaping the daemon's error tree.
+    to_agent_send, _unread = trio.testing.memory_stream_one_way_pair()
+    from_agent_send, from_agent_receive = trio.testing.memory_stream_one_way_pair()
+    link = AgentLink(to_agent_send, from_agent_receive)
+    await from_agent_send.send_all(b"[" * 50_000 + b"]" * 50_000 + b"\n")
+    with pytest.raises(AgentError, match="not JSON"):
+        await link.run({"type": "job"}, ignore, Transcript(CAP))
