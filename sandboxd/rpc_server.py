@@ -93,14 +93,17 @@ async def _feed_stdin(connection: Connection, params: Any) -> None:
     await connection.feed_stdin(request_id, data, eof)
 
 
-def _take_line(connection: Connection, buffer: LineBuffer) -> bytes | None:
-    """The next complete line of ``buffer``, now held by ``connection`` at its own
-    parsed size (it was held as part of what was arriving); None if none is complete."""
+def _take_line(connection: Connection, buffer: LineBuffer) -> tuple[bytes, int] | None:
+    """The next complete line of ``buffer`` and its parsed size, at which
+    ``connection`` now holds it (it was held as part of what was arriving); None if
+    none is complete."""
     before = buffer.pending_size
     line = buffer.next_line()
-    if line is not None:
-        connection.hold_change(before, parsed_size(line, MAX_REQUEST_VALUES) + buffer.pending_size)
-    return line
+    if line is None:
+        return None
+    size = parsed_size(line, MAX_REQUEST_VALUES)
+    connection.hold_change(before, size + buffer.pending_size)
+    return line, size
 
 
 async def _stdin_notification(connection: Connection, line: bytes) -> bool:
@@ -522,7 +525,7 @@ class RpcServer:
         buffer = LineBuffer(self.limits.max_request_bytes)
         while True:
             try:
-                line = await self._next_line(connection, buffer)
+                taken = await self._next_line(connection, buffer)
             except LineTooLong:
                 error: SandboxError = RequestTooLarge(
                     f"request larger than the limit of {self.limits.max_request_bytes} bytes",
@@ -535,27 +538,30 @@ class RpcServer:
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-            if line is None:
+            if taken is None:
                 return
-            size = parsed_size(line, MAX_REQUEST_VALUES)
+            line, size = taken
             if not line.strip() or await _stdin_notification(connection, line):
                 connection.release(size)
                 await trio.lowlevel.checkpoint()  # a flood of blank lines: others run too
                 continue
             connection.request_read()
             self._in_flight += 1
-            requests.start_soon(self._answer, connection, line)
+            requests.start_soon(self._answer, connection, line, size)
 
-    async def _next_line(self, connection: Connection, buffer: LineBuffer) -> bytes | None:
-        """The next request line; None at the end of the stream or once the connection
-        sat idle (nothing running, nothing arriving) for the idle timeout.
+    async def _next_line(
+        self, connection: Connection, buffer: LineBuffer
+    ) -> tuple[bytes, int] | None:
+        """The next request line and its parsed size; None at the end of the stream or
+        once the connection sat idle (nothing running, nothing arriving) for the idle
+        timeout.
 
         Raises LineTooLong, and RequestTimeout for a line that does not arrive whole
         within the request timeout (time spent waiting for its uid's budget not counted).
         """
         limits, account = self.limits, connection.account
         started, paused = trio.current_time(), 0.0
-        while (line := _take_line(connection, buffer)) is None:
+        while (taken := _take_line(connection, buffer)) is None:
             before = trio.current_time()
             await account.wait_for_room(connection)
             paused += trio.current_time() - before
@@ -594,11 +600,11 @@ class RpcServer:
         account.arriving(connection, None)
         if buffer.pending:
             account.arriving(connection, trio.current_time())
-        return line
+        return taken
 
-    async def _answer(self, connection: Connection, line: bytes) -> None:
-        """Answer one line (a request or a batch), whose size the connection holds."""
-        size = parsed_size(line, MAX_REQUEST_VALUES)
+    async def _answer(self, connection: Connection, line: bytes, size: int) -> None:
+        """Answer one line (a request or a batch), which the connection holds at
+        ``size`` (its parsed size)."""
         try:
             async with connection.account.parsing(size):
                 await self._answer_line(connection, line)
