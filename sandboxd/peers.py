@@ -86,9 +86,9 @@ class PeerAccount:
     async def parsing(self, size: int) -> AsyncIterator[None]:
         """Hold a request of that parsed size while it is parsed and answered, once the
         uid's parsed requests leave room for it (or there are none). Its bytes, held
-        while they arrived, were counted narrow until a wide character came, maybe in
-        its last piece: without this, lines read in that time could all parse at once,
-        four times their bytes."""
+        while they arrived, were counted as narrow strings until a wide character came,
+        maybe in its last piece, and its values only once it was whole: without this,
+        lines read in that time could all be parsed at once."""
         while self.parsed and self.parsed + size > self.budget:
             await self._lot.park()
         self.parsed += size
