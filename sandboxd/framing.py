@@ -20,28 +20,44 @@ class LineTooLong(Exception):
     """More than ``max_line`` bytes arrived without a newline."""
 
 
-_ASCII = bytes(range(128))
 VALUE_BYTES = 72  # what a parsed value may take beyond its text: an empty dict and its slot
 _SCANNED_LINE = 65536  # longer lines are charged for the most values a line may hold
 
+# Python keeps a string at one, two or four bytes a character, the widest of its
+# characters deciding: past U+00FF two, past U+FFFF four. In UTF-8 (which is all a line
+# may be: parse_json) the lead byte of a character tells its width; in an escape, its
+# first hex digits. Lines and their strings are charged at the widest width they hold.
+# The bytes no character of width 2, of width 4, starts with:
+_BELOW_LEAD = (bytes(range(0xC4)), bytes(range(0xF0)))
+# The same escapes, found in the reversed text (so the first found is the last one):
+# ``\\u`` and digits past 00, ``\\u`` and the half of a surrogate pair.
+_REVERSED_ESCAPE = (re.compile(rb"(?<!00)u\\"), re.compile(rb"[89a-fA-F][dD]u\\"))
 
-def _wide_end(text: bytes | bytearray) -> int:
-    """One past the last byte of ``text`` that may make a string parse wide (a byte past
-    ASCII, or the ``u`` of an escape of a character); 0 if there is none. One
-    character past the Basic Multilingual Plane makes its whole string four bytes a
-    character."""
-    escape = text.rfind(b"\\u")
-    return max(len(text.rstrip(_ASCII)), escape + 2 if escape >= 0 else 0)
+
+def _wide_ends(text: bytes | bytearray) -> tuple[int, int]:
+    """For widths 2 and 4, one past the last byte of ``text`` that may make a string
+    parse that wide; 0 if there is none."""
+    reversed_text = text[::-1] if b"\\u" in text else None
+    ends = []
+    for below, escape in zip(_BELOW_LEAD, _REVERSED_ESCAPE, strict=True):
+        end = len(text.rstrip(below))
+        if reversed_text is not None and (found := escape.search(reversed_text)):
+            end = max(end, len(text) - found.start())
+        ends.append(end)
+    return ends[0], ends[1]
+
+
+def _width(ends: tuple[int, int]) -> int:
+    return 4 if ends[1] else 2 if ends[0] else 1
 
 
 def parsed_size(line: bytes, max_values: int) -> int:
-    """What a line (and its newline) may take once parsed: its bytes, each up to four
-    times over (:func:`_wide_end`), and VALUE_BYTES for each value it may hold (counted
-    by its marks, in lines short enough to count at once; for longer ones, the most a
-    line may hold, :func:`check_values`)."""
-    width = 4 if _wide_end(line) else 1
+    """What a line (and its newline) may take once parsed: its bytes, each as wide as
+    its widest character, decoded and again in its strings, and VALUE_BYTES for each
+    value it may hold (counted by its marks, in lines short enough to count at once;
+    for longer ones, the most a line may hold, :func:`check_values`)."""
     values = 1 + _marks(line) if len(line) <= _SCANNED_LINE else max_values
-    return (len(line) + 1) * width + VALUE_BYTES * min(values, max_values)
+    return (len(line) + 1) * _width(_wide_ends(line)) + VALUE_BYTES * min(values, max_values)
 
 
 def _marks(text: bytes) -> int:
@@ -53,20 +69,25 @@ class LineBuffer:
         self.max_line = max_line
         self._data = bytearray()
         self._scanned = 0  # bytes already known to hold no newline
-        self._wide = 0  # one past the last byte buffered that may parse wide (_wide_end)
+        self._wide = (0, 0)  # one past the last byte buffered that may parse 2, 4 wide
+
+    _ESCAPE_TAIL = 5  # an escape cut between two pieces: the first piece's last bytes
 
     def feed(self, data: bytes | bytearray) -> None:
-        if end := _wide_end(data):
-            self._wide = len(self._data) + end
-        elif self._data[-1:] == b"\\" and data[:1] == b"u":  # an escape cut in two
-            self._wide = len(self._data) + 1
+        tail = min(len(self._data), self._ESCAPE_TAIL)
+        start = len(self._data) - tail
+        two, four = _wide_ends(bytes(self._data[start:]) + data if tail else data)
+        self._wide = (
+            start + two if two else self._wide[0],
+            start + four if four else self._wide[1],
+        )
         self._data += data
 
     @property
     def pending_size(self) -> int:
         """What the buffered bytes of unfinished lines may take parsed, as strings
         (parsed_size counts their values once they are whole)."""
-        return len(self._data) * (4 if self._wide else 1)
+        return len(self._data) * _width(self._wide)
 
     def next_line(self) -> bytes | None:
         """The next complete line without its newline, or None if none is complete yet."""
@@ -81,7 +102,7 @@ class LineBuffer:
         line = bytes(self._data[:end])
         del self._data[: end + 1]
         self._scanned = 0
-        self._wide = max(0, self._wide - end - 1)
+        self._wide = (max(0, self._wide[0] - end - 1), max(0, self._wide[1] - end - 1))
         return line
 
     @property
@@ -126,14 +147,21 @@ def check_values(line: bytes, max_values: int) -> None:
         raise TooManyValues(f"a message may hold at most {max_values} JSON values")
 
 
+def parse_json(line: bytes) -> Any:
+    """The JSON document of ``line``, which must be UTF-8 (RFC 8259): ValueError if it
+    is not. Bytes that are not UTF-8 are refused, not replaced, since what a line is
+    charged parsed is worked out from its UTF-8 (:func:`parsed_size`)."""
+    try:
+        return json.loads(line.decode())
+    except RecursionError:  # nested deeper than the parser goes: not JSON it takes
+        raise ValueError("nested too deeply") from None
+
+
 def decode(line: bytes, max_values: int) -> Any:
     """The JSON document of ``line``: ValueError if it is not JSON, TooManyValues if it
     holds more than ``max_values`` values (:func:`check_values`)."""
     check_values(line, max_values)
-    try:
-        return json.loads(line)
-    except RecursionError:  # nested deeper than the parser goes: not JSON it takes
-        raise ValueError("nested too deeply") from None
+    return parse_json(line)
 
 
 # Big strings are encoded in slices of this many characters (see encode_chunks).

@@ -5,8 +5,12 @@ the root daemon without bound. So every uid has a cap on its open connections an
 budget of bytes: the requests it has sent that are not answered yet (a line still
 arriving, a request running) and the input it streamed that no program has taken yet.
 A uid over its budget is not refused: its connections stop reading until its own
-requests finish, so the socket holds it back. Requests are counted at what they may
-take parsed (sandboxd.framing.parsed_size), and parsed only as the budget has room.
+requests finish, so the socket holds it back. Past the budget a connection still reads
+a little (PAST_BUDGET_BYTES), and at most one request: the input of its interactive
+jobs (which would otherwise wait out their time for it, holding the budget), or one
+small request if it has none running (a health check). Requests are counted at what
+they may take parsed (sandboxd.framing.parsed_size), and parsed only as the budget has
+room, but for small ones.
 Its jobs' output, which their results carry until sent, has a budget of the same size:
 past it, its next jobs wait to start.
 The other uids are not affected.
@@ -25,6 +29,11 @@ from dataclasses import dataclass
 import trio
 
 from sandboxd.errors import TooManyConnections
+
+# What a connection may read past its uid's budget, and the parsed size of a request
+# parsed whatever the uid's others take: with at most one such request per connection,
+# and a cap on connections, what a uid holds past its budget stays a few megabytes.
+PAST_BUDGET_BYTES = 65536
 
 
 @dataclass(frozen=True)
@@ -88,8 +97,9 @@ class PeerAccount:
         uid's parsed requests leave room for it (or there are none). Its bytes, held
         while they arrived, were counted as narrow strings until a wide character came,
         maybe in its last piece, and its values only once it was whole: without this,
-        lines read in that time could all be parsed at once."""
-        while self.parsed and self.parsed + size > self.budget:
+        lines read in that time could all be parsed at once. A small one is parsed at
+        once: its connection read it whole, at most one past the budget."""
+        while size > PAST_BUDGET_BYTES and self.parsed and self.parsed + size > self.budget:
             await self._lot.park()
         self.parsed += size
         try:

@@ -14,7 +14,6 @@ still had running is cancelled, and the sandboxes go with it.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import select
@@ -57,10 +56,11 @@ from sandboxd.framing import (
     decode,
     encode,
     encode_chunks,
+    parse_json,
     parsed_size,
 )
 from sandboxd.job import flag, unicode_text
-from sandboxd.peers import PeerAccount, PeerTable, SocketLimits
+from sandboxd.peers import PAST_BUDGET_BYTES, PeerAccount, PeerTable, SocketLimits
 from sandboxd.protocol import MAX_REQUEST_VALUES, OUTPUT_FIELDS, OUTPUT_NOTIFICATION, Method
 from sandboxd.service import Service
 from sandboxd.sessions import Owner, Reserve, Sessions
@@ -158,6 +158,8 @@ class Connection:
         self.running = trio.Semaphore(limits.requests_per_connection)  # of those, at once
         self.read_scope = trio.CancelScope()  # the deadline of the read in progress
         self.draining = False  # the daemon stops: read no further request
+        self.reading_ahead = False  # what it reads now is past its uid's budget
+        self.took_ahead = False  # it took a request read past the budget, since it was in it
         self._send_lock = trio.Lock()
         # Interactive executions running on this connection: request id → their stdin;
         # and input that arrived before its execute request was dispatched.
@@ -191,6 +193,25 @@ class Connection:
         self.release(size + REQUEST_OVERHEAD)
         if not self.requests and self.read_scope.deadline == math.inf:
             self.read_scope.deadline = trio.current_time() + self.limits.idle_timeout
+
+    async def wait_to_read(self, pending: int) -> None:
+        """Return once it may read on (``pending``: what its unfinished lines hold).
+        Within its uid's budget it may; past it, while what it has read past it is
+        small and holds no request yet, if one of its interactive jobs may wait for
+        that input, or if it has no request running (a health check gets in); else
+        once the uid has room (sandboxd.peers)."""
+        account = self.account
+        self.reading_ahead = False
+        if account.held < account.budget:
+            self.took_ahead = False
+        elif (
+            (self._stdin or not self.requests)
+            and not self.took_ahead
+            and pending < PAST_BUDGET_BYTES
+        ):
+            self.reading_ahead = True
+        else:
+            await account.wait_for_room(self)
 
     def stop_reading(self) -> None:
         """Read no request after the one arriving now (the daemon is draining)."""
@@ -546,6 +567,7 @@ class RpcServer:
                 await trio.lowlevel.checkpoint()  # a flood of blank lines: others run too
                 continue
             connection.request_read()
+            connection.took_ahead |= connection.reading_ahead
             self._in_flight += 1
             requests.start_soon(self._answer, connection, line, size)
 
@@ -563,7 +585,7 @@ class RpcServer:
         started, paused = trio.current_time(), 0.0
         while (taken := _take_line(connection, buffer)) is None:
             before = trio.current_time()
-            await account.wait_for_room(connection)
+            await connection.wait_to_read(buffer.pending_size)
             paused += trio.current_time() - before
             if connection.draining and not buffer.pending:
                 return None
@@ -619,7 +641,7 @@ class RpcServer:
         except TooManyValues as exc:
             await connection.send(_error_line(InvalidRequest(str(exc))))
             return
-        parsed = deserialize_request(json.loads, line.decode(errors="replace")).bind(
+        parsed = deserialize_request(parse_json, line).bind(  # type: ignore[arg-type]
             lambda document: validate_request(default_validator, document)
         )
         if isinstance(parsed, Left):

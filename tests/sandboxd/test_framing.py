@@ -125,13 +125,47 @@ def test_a_line_that_may_parse_wide_is_counted_four_times_over(pieces):
     assert parsed_size(b'{"b":1}', 16384) == 8 + 72 * 3
 
 
+def parsed_width(text: str) -> int:
+    """The bytes a character CPython keeps ``text`` at."""
+    widest = max(map(ord, text), default=0)
+    return 1 if widest < 0x100 else 2 if widest < 0x10000 else 4
+
+
+@pytest.mark.parametrize(
+    ("string", "width"),
+    [
+        ("plain", 1),
+        ("café and naïve stay narrow", 1),
+        ("\\u00e9 escaped too", 1),
+        ("Ā is the first past latin-1", 2),
+        ("€ and 中文", 2),
+        ("\\u20ac escaped", 2),
+        ("\\\\u20ac is no escape but counted as one", 2),
+        ("an emoji \U0001f600", 4),
+        ("\\ud83d\\ude00 escaped", 4),
+    ],
+)
+def test_a_line_is_charged_at_the_width_its_widest_character_parses_to(string, width):
+    """CPython keeps a string at 1, 2 or 4 bytes a character, its widest deciding: a
+    line is charged at that width, no longer four times over for any byte past ASCII
+    (which made code with an "é" cost four times its size)."""
+    line = b'{"code":"' + string.encode() + b'"}'  # ``string`` is the JSON text
+    parsed = json.loads(line)["code"]
+    assert parsed_width(parsed) == width or "no escape" in string
+    assert parsed_size(line, 16384) == (len(line) + 1) * width + 72 * 3
+    buffer = LineBuffer(1000)
+    buffer.feed(line[:-4])
+    buffer.feed(line[-4:])  # its widest character may come in the last piece
+    assert buffer.pending_size == len(line) * width
+
+
 def test_lines_after_a_wide_one_are_narrow_without_a_rescan():
     """The buffer keeps where its last wide byte is: ten thousand lines behind one
     wide byte are each found narrow at once (each one rescanned the rest before)."""
     buffer = LineBuffer(2**20)
-    buffer.feed(b"\\u00e9\n" + b"{}\n" * 10_000)
+    buffer.feed(b"\\ud83d\n" + b"{}\n" * 10_000)
     assert buffer.pending_size == 4 * (7 + 30_000)
-    assert buffer.next_line() == b"\\u00e9"
+    assert buffer.next_line() == b"\\ud83d"
     assert buffer.pending_size == 30_000
     assert all(buffer.next_line() == b"{}" for _ in range(10_000))
     assert buffer.next_line() is None

@@ -39,6 +39,17 @@ def test_parse_error(daemon):
     assert reply["id"] is None
 
 
+def test_a_line_that_is_not_utf8_is_a_parse_error_not_a_guess(daemon):
+    """JSON between systems is UTF-8 (RFC 8259): a Latin-1 byte in the code was
+    replaced by U+FFFD and the job ran; what a line is charged is worked out from its
+    UTF-8, so it is refused, saying where."""
+    line = b'{"jsonrpc":"2.0","method":"execute","params":{"language":"python",'
+    line += b'"code":"print(\'caf\xe9\')"},"id":1}\n'
+    [reply] = raw_exchange(daemon.socket, line)
+    assert reply["error"]["code"] == errors.ParseError.code
+    assert "can't decode byte 0xe9 in position 84" in reply["error"]["data"]
+
+
 def test_invalid_request(daemon):
     [reply] = raw_exchange(daemon.socket, b'{"jsonrpc": "1.0", "method": 5, "id": 1}\n')
     assert reply["error"]["code"] == errors.InvalidRequest.code

@@ -444,3 +444,35 @@ def test_a_flood_of_blank_lines_does_not_stop_the_daemon_serving_others(make_dae
         stop.set()
         flooder.join()
     assert max(took) < 0.5, took  # before: up to 1.2 s each
+
+
+def test_interactive_jobs_past_their_uids_budget_still_get_their_input(make_daemon):
+    """Five interactive jobs whose code, 1 MiB with an emoji, takes 4 MiB parsed: more
+    than their uid's 16 MiB. The daemon stopped reading their connection, so the input
+    they waited for never came and each ran out its time; a health check of the same
+    uid waited as long. Past the budget, a connection still reads its jobs' input, and
+    one that holds nothing may send a small request."""
+    daemon = make_daemon(daemon={"pending_bytes_per_uid": 16 * MiB})
+    code = "#" + "x" * MiB + "\U0001f600\nprint('ready', end='', flush=True)\nprint('got', input())"
+    params = {"language": "python", "code": code, "interactive": True, "timeout": 20}
+    with connect(daemon.socket, timeout=30) as sock:
+        for number in range(5):
+            message = {"jsonrpc": "2.0", "id": number, "method": "execute", "params": params}
+            sock.sendall(json.dumps(message, ensure_ascii=False).encode() + b"\n")
+        # Three are parsed at once (each a little over 4 MiB) and wait for their input.
+        for _ in range(3):
+            assert receive_json_line(sock)["params"]["data"] == "ready"
+        with connect(daemon.socket, timeout=10) as other:  # a new one: it has read nothing
+            other.sendall(request("health"))
+            assert receive_json_line(other)["result"]["status"] == "healthy"
+        for number in range(5):
+            stdin = {"id": number, "data": f"hi {number}\n", "eof": True}
+            message = {"jsonrpc": "2.0", "method": "execute.stdin", "params": stdin}
+            sock.sendall(json.dumps(message).encode() + b"\n")
+        results = {}
+        while len(results) < 5:
+            if "result" in (message := receive_json_line(sock)):
+                results[message["id"]] = message["result"]
+    assert {n: (r["status"], r["stdout"]) for n, r in results.items()} == {
+        n: ("ok", f"readygot hi {n}\n") for n in range(5)
+    }
