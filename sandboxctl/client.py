@@ -177,11 +177,64 @@ def _output_relay(on_output: OutputCallback | None) -> Callable[[dict[str, Any]]
 WAIT_POLL = 0.25  # seconds between a blocking call's ``while_waiting`` checks
 
 
+class _Slots:
+    """The connections a blocking client may open at once, shared by the callers it
+    acts for (:meth:`Client.for_caller`: a gateway's keys) so that none waits long
+    behind another: one caller holds all of them but one (which is then there for
+    another at once), and a free one goes to the waiting caller that holds fewest (the
+    first of those to come)."""
+
+    def __init__(self, total: int) -> None:
+        import threading  # here: the CLI, which never needs it, starts faster
+
+        self.total = total
+        self.per_caller = max(1, total - 1)
+        self._held: dict[str | None, int] = {}
+        self._waiting: list[list[str | None]] = []  # a list each: told apart by identity
+        self._changed = threading.Condition()
+
+    def _turn(self, waiter: list[str | None]) -> bool:
+        if sum(self._held.values()) >= self.total:
+            return False
+        may = [other for other in self._waiting if self._held.get(other[0], 0) < self.per_caller]
+        return bool(may) and min(may, key=lambda other: self._held.get(other[0], 0)) is waiter
+
+    @contextmanager
+    def held(self, caller: str | None, check: Callable[[], None] | None) -> Iterator[None]:
+        """Hold one for ``caller``, once it is its turn; ``check`` is called every
+        WAIT_POLL seconds meanwhile, and what it raises gives up the wait."""
+        waiter = [caller]
+        with self._changed:
+            self._waiting.append(waiter)
+        try:
+            while True:
+                with self._changed:
+                    if self._turn(waiter):
+                        self._held[caller] = self._held.get(caller, 0) + 1
+                        break
+                    self._changed.wait(WAIT_POLL if check else None)
+                if check is not None:
+                    check()
+        finally:
+            with self._changed:
+                self._waiting.remove(waiter)
+                self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._held[caller] -= 1
+                if not self._held[caller]:
+                    del self._held[caller]
+                self._changed.notify_all()
+
+
 class Client:
     """Blocking client. ``timeout`` bounds each call (None: wait as long as the job runs).
 
     ``max_connections`` caps the connections its calls open at once, from any thread
-    (calls beyond it wait), as for :class:`AsyncClient`. ``while_waiting`` is called
+    (calls beyond it wait), as for :class:`AsyncClient`, shared fairly by the callers
+    of :meth:`for_caller`. ``while_waiting`` is called
     every WAIT_POLL seconds while a call waits for a connection or for the daemon's
     answer, and what it raises ends the call with its connection, which stops the
     daemon's work for it: how a call in a worker thread notices that its caller was
@@ -202,15 +255,11 @@ class Client:
         # A delegate's (the gateway's) caller, whose sessions these are (docs/api.md).
         self.on_behalf_of = on_behalf_of
         self._while_waiting = while_waiting
-        self._slots: Any = None  # a threading.BoundedSemaphore, with max_connections
-        if max_connections is not None:
-            import threading  # here: the CLI, which never needs it, starts faster
-
-            self._slots = threading.BoundedSemaphore(max_connections)
+        self._slots = None if max_connections is None else _Slots(max_connections)
 
     def for_caller(self, on_behalf_of: str) -> Client:
         """The same client, its connections counted with these, acting for a delegate's
-        caller."""
+        caller (whose calls wait their turn among the other callers', :class:`_Slots`)."""
         other = Client(
             self.socket_path,
             timeout=self.timeout,
@@ -225,16 +274,8 @@ class Client:
         if self._slots is None:
             yield
             return
-        while not self._slots.acquire(timeout=WAIT_POLL if self._while_waiting else None):
-            self._checked()
-        try:
+        with self._slots.held(self.on_behalf_of, self._while_waiting):
             yield
-        finally:
-            self._slots.release()
-
-    def _checked(self) -> None:
-        if self._while_waiting is not None:
-            self._while_waiting()
 
     def _receive(self, sock: socket.socket) -> bytes:
         """The daemon's next bytes, within the call's timeout (polling while_waiting)."""
@@ -248,7 +289,8 @@ class Client:
                 waited += WAIT_POLL
                 if self.timeout is not None and waited >= self.timeout:
                     raise
-                self._checked()
+                if self._while_waiting is not None:
+                    self._while_waiting()
 
     def call(
         self,

@@ -11,6 +11,7 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ import trio
 from sandboxctl.gateway.local_peers import CACHE_ENTRIES, SocketUsers
 from tests.daemon_process import start_gateway
 from tests.host_state import program_processes, wait_for
+from tests.sandboxctl.gateway.conftest import KEYS
 from tests.sandboxctl.gateway.test_mcp_http import mcp_over_http
 from tests.sandboxctl.gateway.ws_client import connect
 from tests.sandboxctl.test_mcp import call
@@ -212,6 +214,39 @@ async def test_mcp_calls_past_their_share_of_connections_wait_their_turn(make_da
             )
             assert answer.json()["output"] == "hi\n"
         assert [result["stdout"] for result in results] == ["slept\n"] * 10
+    finally:
+        gateway.stop()
+
+
+async def test_one_keys_mcp_calls_leave_room_in_the_share_for_another_key(make_daemon, tmp_path):
+    """MCP's share of the gateway's daemon connections was one pool: Alice's long
+    calls took all of it, and Bob's list_languages waited until one ended. Now one key
+    holds all but one of them (here 1 of 2), and Bob is answered at once."""
+    daemon = make_daemon(daemon={"max_connections_per_uid": 8})
+    keys = tmp_path / "keys"
+    keys.write_text("".join(f"{name}:{key}\n" for name, key in KEYS.items()))
+    gateway = start_gateway(
+        tmp_path,
+        daemon.socket,
+        daemon={"max_connections_per_uid": 8},
+        api_keys_file=str(keys),
+        concurrent_per_key=32,
+    )
+    long = {"language": "python", "code": "import time; time.sleep(10)", "timeout": 20}
+    try:
+        async with (
+            mcp_over_http(gateway.url, KEYS["alice"]) as alice,
+            mcp_over_http(gateway.url, KEYS["bob"]) as bob,
+            trio.open_nursery() as nursery,
+        ):
+            for _ in range(2):
+                nursery.start_soon(partial(call, alice, "run_code", **long))
+            running = partial(wait_for, lambda: program_processes(daemon.uid_base), timeout=30)
+            assert await trio.to_thread.run_sync(running)
+            with trio.fail_after(5):  # before: about 10 s, until one of Alice's ended
+                languages = await call(bob, "list_languages")
+            assert "python" in json.dumps(languages)
+            nursery.cancel_scope.cancel()
     finally:
         gateway.stop()
 
