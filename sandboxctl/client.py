@@ -177,6 +177,16 @@ def _output_relay(on_output: OutputCallback | None) -> Callable[[dict[str, Any]]
 WAIT_POLL = 0.25  # seconds between a blocking call's ``while_waiting`` checks
 
 
+class _Waiter:
+    """One call waiting for a connection (waiters of one caller are told apart by
+    identity: ``list.remove`` would take the first equal one)."""
+
+    __slots__ = ("caller",)
+
+    def __init__(self, caller: str | None) -> None:
+        self.caller = caller
+
+
 class _Slots:
     """The connections a blocking client may open at once, shared by the callers it
     acts for (:meth:`Client.for_caller`: a gateway's keys) so that none waits long
@@ -190,20 +200,21 @@ class _Slots:
         self.total = total
         self.per_caller = max(1, total - 1)
         self._held: dict[str | None, int] = {}
-        self._waiting: list[list[str | None]] = []  # a list each: told apart by identity
+        self._waiting: list[_Waiter] = []
         self._changed = threading.Condition()
 
-    def _turn(self, waiter: list[str | None]) -> bool:
+    def _turn(self, waiter: _Waiter) -> bool:
         if sum(self._held.values()) >= self.total:
             return False
-        may = [other for other in self._waiting if self._held.get(other[0], 0) < self.per_caller]
-        return bool(may) and min(may, key=lambda other: self._held.get(other[0], 0)) is waiter
+        held = self._held.get
+        may = [other for other in self._waiting if held(other.caller, 0) < self.per_caller]
+        return bool(may) and min(may, key=lambda other: held(other.caller, 0)) is waiter
 
     @contextmanager
     def held(self, caller: str | None, check: Callable[[], None] | None) -> Iterator[None]:
         """Hold one for ``caller``, once it is its turn; ``check`` is called every
         WAIT_POLL seconds meanwhile, and what it raises gives up the wait."""
-        waiter = [caller]
+        waiter = _Waiter(caller)
         with self._changed:
             self._waiting.append(waiter)
         try:
@@ -217,7 +228,7 @@ class _Slots:
                     check()
         finally:
             with self._changed:
-                self._waiting.remove(waiter)
+                self._waiting = [other for other in self._waiting if other is not waiter]
                 self._changed.notify_all()
         try:
             yield

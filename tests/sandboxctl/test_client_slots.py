@@ -58,3 +58,40 @@ def test_what_a_caller_checks_while_it_waits_ends_its_wait():
             pass
     with slots.held("bob", None):  # bob's wait left nothing behind
         pass
+
+
+def test_a_callers_second_wait_given_up_leaves_its_first_in_the_queue():
+    """Two waiters of one caller, the second cancelled: it took the first one's place
+    out of the queue (removed by equality), which then never got its turn, and the
+    share was wedged for every caller."""
+    slots = _Slots(2)
+    alice, bob = ExitStack(), ExitStack()
+    alice.enter_context(slots.held("alice", None))
+    bob.enter_context(slots.held("bob", None))
+    first = threading.Event()
+    leave = threading.Event()
+
+    def wait() -> None:
+        with slots.held("alice", None):
+            first.set()
+            leave.wait(5)
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    threading.Event().wait(0.1)
+
+    def cancelled() -> None:
+        raise TimeoutError
+
+    try:
+        with slots.held("alice", cancelled):
+            raise AssertionError("a second slot while both are held")
+    except TimeoutError:
+        pass
+    alice.close()
+    bob.close()
+    assert first.wait(5)
+    leave.set()
+    waiting.join(5)
+    with slots.held("carol", None):
+        pass
