@@ -160,12 +160,27 @@ def test_a_line_is_charged_at_the_width_its_widest_character_parses_to(string, w
 
 
 def test_lines_after_a_wide_one_are_narrow_without_a_rescan():
-    """The buffer keeps where its last wide byte is: ten thousand lines behind one
-    wide byte are each found narrow at once (each one rescanned the rest before)."""
+    """The buffer keeps where the last piece with a wide byte ends: the lines after it
+    are each found narrow at once (each one rescanned the rest before)."""
     buffer = LineBuffer(2**20)
-    buffer.feed(b"\\ud83d\n" + b"{}\n" * 10_000)
-    assert buffer.pending_size == 4 * (7 + 30_000)
+    buffer.feed(b"\\ud83d\n{}\n")  # a piece read at once counts wide whole
+    buffer.feed(b"{}\n" * 10_000)
+    assert buffer.pending_size == 4 * (10 + 30_000)
     assert buffer.next_line() == b"\\ud83d"
+    assert buffer.pending_size == 4 * (3 + 30_000)
+    assert buffer.next_line() == b"{}"
     assert buffer.pending_size == 30_000
     assert all(buffer.next_line() == b"{}" for _ in range(10_000))
     assert buffer.next_line() is None
+
+
+def test_a_line_of_escapes_is_charged_in_linear_time():
+    """Four MiB of ``\\u00e9`` (json.dumps's default for "é") is narrow: found in a
+    few passes in C (the reversed-regex scan took 140 ms on the event loop)."""
+    line = b'"' + b"\\u00e9" * (4 * 2**20 // 6) + b'"'
+    buffer = LineBuffer(8 * 2**20)
+    for start in range(0, len(line), 65536):
+        buffer.feed(line[start : start + 65536])
+    buffer.feed(b"\n")
+    assert buffer.pending_size == len(line) + 1
+    assert parsed_size(buffer.next_line(), 16384) == len(line) + 1 + 72 * 16384  # values: the cap
