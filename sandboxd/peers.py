@@ -22,7 +22,7 @@ sent (a client that reads nothing would otherwise keep its answers here forever)
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -58,6 +58,7 @@ class PeerAccount:
         self.held = 0
         self.output = 0  # of its jobs, what is not yet sent (a job's result carries it)
         self.parsed = 0  # what its parsed requests take (sandboxd.framing.parsed_size)
+        self.unfinished = 0  # of what it holds, its request lines still arriving
         self._arriving: dict[object, float] = {}  # whose request line is arriving, since when
         self._lot = trio.lowlevel.ParkingLot()
 
@@ -66,7 +67,7 @@ class PeerAccount:
 
     def release(self, size: int) -> None:
         self.held -= size
-        if self.held < self.budget:
+        if self.held - self.unfinished < self.budget:  # room, or for the oldest line
             self._lot.unpark_all()
 
     def arriving(self, reader: object, since: float | None) -> None:
@@ -111,11 +112,24 @@ class PeerAccount:
     def is_arriving(self, reader: object) -> bool:
         return reader in self._arriving
 
-    async def wait_for_room(self, reader: object) -> None:
-        """Return once the uid holds less than its budget, or once ``reader``'s line is
-        the uid's oldest arriving one: that one always goes on, so a uid whose budget is
-        all in unfinished lines cannot stall itself for good."""
-        while self.held >= self.budget and not self._oldest(reader):
+    def wake(self) -> None:
+        """Something a waiting reader may read on for has changed (``unless``)."""
+        self._lot.unpark_all()
+
+    async def wait_for_room(
+        self, reader: object, unless: Callable[[], bool] = lambda: False
+    ) -> None:
+        """Return once the uid holds less than its budget, once ``unless()`` is true, or
+        once ``reader``'s line is the uid's oldest arriving one while what the uid holds
+        but unfinished lines is within its budget: that one goes on, so a uid whose
+        budget is all in unfinished lines cannot stall itself for good. (It went on
+        whatever else was held: a client writing its requests back to back was never
+        held back, nor one sending input for jobs that had not started.)"""
+        while (
+            self.held >= self.budget
+            and not unless()
+            and not (self.held - self.unfinished < self.budget and self._oldest(reader))
+        ):
             await self._lot.park()
 
     def _oldest(self, reader: object) -> bool:

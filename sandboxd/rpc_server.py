@@ -97,12 +97,12 @@ def _take_line(connection: Connection, buffer: LineBuffer) -> tuple[bytes, int] 
     """The next complete line of ``buffer`` and its parsed size, at which
     ``connection`` now holds it (it was held as part of what was arriving); None if
     none is complete."""
-    before = buffer.pending_size
     line = buffer.next_line()
     if line is None:
         return None
     size = parsed_size(line, MAX_REQUEST_VALUES)
-    connection.hold_change(before, size + buffer.pending_size)
+    connection.hold(size)
+    connection.arriving_holds(buffer.pending_size)
     return line, size
 
 
@@ -154,6 +154,7 @@ class Connection:
         self.account = account
         self.limits = limits
         self.held = 0  # what its request lines read and not yet answered take (parsed_size)
+        self.unfinished = 0  # of that, its lines still arriving
         self.requests = 0  # read and not yet answered
         self.running = trio.Semaphore(limits.requests_per_connection)  # of those, at once
         self.read_scope = trio.CancelScope()  # the deadline of the read in progress
@@ -174,12 +175,14 @@ class Connection:
         self.held -= size
         self.account.release(size)
 
-    def hold_change(self, before: int, after: int) -> None:
-        """What it holds went from ``before`` to ``after``."""
-        if after >= before:
-            self.hold(after - before)
+    def arriving_holds(self, size: int) -> None:
+        """What its unfinished lines hold is now ``size`` (sandboxd.peers: unfinished)."""
+        change, self.unfinished = size - self.unfinished, size
+        self.account.unfinished += change
+        if change >= 0:
+            self.hold(change)
         else:
-            self.release(before - after)
+            self.release(-change)
 
     def request_read(self) -> None:
         """A request line (already held) will be answered: its task counts too."""
@@ -195,23 +198,26 @@ class Connection:
             self.read_scope.deadline = trio.current_time() + self.limits.idle_timeout
 
     async def wait_to_read(self, pending: int) -> None:
-        """Return once it may read on (``pending``: what its unfinished lines hold).
-        Within its uid's budget it may; past it, while what it has read past it is
-        small and holds no request yet, if one of its interactive jobs may wait for
-        that input, or if it has no request running (a health check gets in); else
-        once the uid has room (sandboxd.peers)."""
+        """Return once it may read on (``pending``: what its unfinished lines hold):
+        while its uid is within its budget; past it, while what it has read past it is
+        small and holds nothing yet (no request, no input for a job not started), if
+        one of its interactive jobs may wait for that input, or if it has no request
+        running (a health check gets in); else once the uid has room (sandboxd.peers)."""
         account = self.account
         self.reading_ahead = False
         if account.held < account.budget:
             self.took_ahead = False
-        elif (
-            (self._stdin or not self.requests)
-            and not self.took_ahead
-            and pending < PAST_BUDGET_BYTES
-        ):
-            self.reading_ahead = True
-        else:
-            await account.wait_for_room(self)
+            return
+
+        def may_read_ahead() -> bool:
+            return (
+                bool(self._stdin or not self.requests)
+                and not self.took_ahead
+                and pending < PAST_BUDGET_BYTES
+            )
+
+        await account.wait_for_room(self, unless=may_read_ahead)
+        self.reading_ahead = account.held >= account.budget and may_read_ahead()
 
     def stop_reading(self) -> None:
         """Read no request after the one arriving now (the daemon is draining)."""
@@ -255,6 +261,8 @@ class Connection:
             early = StdinStream(MAX_EARLY_STDIN_BYTES - held_size(str(request_id)), self.account)
         if not early.offer(data, eof):
             raise InvalidParams.field("data", "too much input before its execution started")
+        # Held until its job starts: read past the budget, it is the one thing read so.
+        self.took_ahead |= self.reading_ahead
         if new:
             self._early_stdin[request_id] = early
             self.hold(held_size(str(request_id)))
@@ -269,6 +277,7 @@ class Connection:
             self.release(MAX_EARLY_STDIN_BYTES - stream.max_bytes)
             stream.max_bytes = self.limits.stdin_buffer_bytes
         self._stdin[request_id] = stream
+        self.account.wake()  # its reader, past the budget, may read this job's input now
         return stream
 
     def close_stdin(self, request_id: Any) -> None:
@@ -279,6 +288,7 @@ class Connection:
         for stream in [*self._stdin.values(), *self._early_stdin.values()]:
             stream.close()
         self.account.arriving(self, None)
+        self.arriving_holds(0)
         self.release(self.held)
 
     async def watch_hangup(self) -> None:
@@ -615,9 +625,8 @@ class RpcServer:
             if not buffer.pending:
                 started, paused = trio.current_time(), 0.0
                 account.arriving(connection, started)
-            before = buffer.pending_size
             buffer.feed(data)
-            connection.hold_change(before, buffer.pending_size)
+            connection.arriving_holds(buffer.pending_size)
         # What follows the line in the buffer is the next one, arriving from now on.
         account.arriving(connection, None)
         if buffer.pending:

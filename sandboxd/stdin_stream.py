@@ -9,6 +9,7 @@ What waits here also counts against the sending uid's budget (sandboxd.peers).
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 
 import trio
@@ -22,8 +23,9 @@ CHUNK_OVERHEAD = 128
 
 
 def held_size(data: str) -> int:
-    """What a chunk of ``data`` counts against a budget while it is held."""
-    return len(data) + CHUNK_OVERHEAD
+    """What a chunk of ``data`` counts against a budget while it is held: what the
+    string takes (up to four bytes a character: its widest decides), and the rest."""
+    return sys.getsizeof(data) + CHUNK_OVERHEAD
 
 
 class StdinStream:

@@ -15,9 +15,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sandboxd import errors
+from sandboxd.framing import parsed_size
+from sandboxd.protocol import MAX_REQUEST_VALUES
 from tests.daemon_process import receive_json_line
 from tests.host_state import program_processes, wait_for
 
@@ -446,33 +449,112 @@ def test_a_flood_of_blank_lines_does_not_stop_the_daemon_serving_others(make_dae
     assert max(took) < 0.5, took  # before: up to 1.2 s each
 
 
-def test_interactive_jobs_past_their_uids_budget_still_get_their_input(make_daemon):
-    """Five interactive jobs whose code, 1 MiB with an emoji, takes 4 MiB parsed: more
-    than their uid's 16 MiB. The daemon stopped reading their connection, so the input
-    they waited for never came and each ran out its time; a health check of the same
-    uid waited as long. Past the budget, a connection still reads its jobs' input, and
-    one that holds nothing may send a small request."""
-    daemon = make_daemon(daemon={"pending_bytes_per_uid": 16 * MiB})
-    code = "#" + "x" * MiB + "\U0001f600\nprint('ready', end='', flush=True)\nprint('got', input())"
-    params = {"language": "python", "code": code, "interactive": True, "timeout": 20}
-    with connect(daemon.socket, timeout=30) as sock:
-        for number in range(5):
-            message = {"jsonrpc": "2.0", "id": number, "method": "execute", "params": params}
-            sock.sendall(json.dumps(message, ensure_ascii=False).encode() + b"\n")
-        # Three are parsed at once (each a little over 4 MiB) and wait for their input.
-        for _ in range(3):
-            assert receive_json_line(sock)["params"]["data"] == "ready"
+def execute_line(number: int, **params: object) -> bytes:
+    message = {"jsonrpc": "2.0", "id": number, "method": "execute", "params": params}
+    return json.dumps(message, ensure_ascii=False).encode() + b"\n"
+
+
+def test_an_interactive_job_past_its_uids_budget_still_gets_its_input(make_daemon):
+    """A long job whose code takes 12 MiB parsed (3 MiB with an emoji), then on a
+    connection of its own an interactive job of 4 MiB parsed: together they fit the
+    uid's budget parsed, but not with what their requests hold besides. Once the
+    daemon had read the second, it stopped reading that connection, so the input the
+    job waited for never came and it ran out its time; a health check of the same
+    uid waited as long. Past the budget, a connection still reads its jobs' input,
+    and one that holds nothing may send a small request."""
+    filler = execute_line(
+        0,
+        language="python",
+        code="#"
+        + "x" * (3 * MiB)
+        + "\U0001f600\nimport time\nprint('on', end='', flush=True)\ntime.sleep(20)",
+        timeout=25,
+    )
+    interactive = execute_line(
+        1,
+        language="python",
+        code="#"
+        + "x" * MiB
+        + "\U0001f600\nprint('ready', end='', flush=True)\nprint('got', input())",
+        interactive=True,
+        timeout=15,
+    )
+    sizes = [parsed_size(line[:-1], MAX_REQUEST_VALUES) for line in (filler, interactive)]
+    daemon = make_daemon(daemon={"pending_bytes_per_uid": sum(sizes) + 1024})
+    with connect(daemon.socket, timeout=30) as long, connect(daemon.socket, timeout=30) as sock:
+        long.sendall(filler)
+        assert receive_json_line(long)["params"]["data"] == "on"
+        sock.sendall(interactive)
+        assert receive_json_line(sock)["params"]["data"] == "ready"
         with connect(daemon.socket, timeout=10) as other:  # a new one: it has read nothing
             other.sendall(request("health"))
             assert receive_json_line(other)["result"]["status"] == "healthy"
-        for number in range(5):
-            stdin = {"id": number, "data": f"hi {number}\n", "eof": True}
-            message = {"jsonrpc": "2.0", "method": "execute.stdin", "params": stdin}
-            sock.sendall(json.dumps(message).encode() + b"\n")
-        results = {}
-        while len(results) < 5:
-            if "result" in (message := receive_json_line(sock)):
-                results[message["id"]] = message["result"]
-    assert {n: (r["status"], r["stdout"]) for n, r in results.items()} == {
-        n: ("ok", f"readygot hi {n}\n") for n in range(5)
-    }
+        stdin = {"id": 1, "data": "hi\n", "eof": True}
+        message = {"jsonrpc": "2.0", "method": "execute.stdin", "params": stdin}
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        while "result" not in (answer := receive_json_line(sock)):
+            pass
+    assert (answer["result"]["status"], answer["result"]["stdout"]) == ("ok", "readygot hi\n")
+
+
+def flood(socks: list[socket.socket], lines: Callable[[int], bytes], seconds: float) -> int:
+    """Send the lines ``lines(n)`` on each socket from a thread of its own until the
+    daemon stops taking them (or ``seconds`` pass); the bytes it took. Each write ends
+    with the first byte of the next line, so that one has always begun arriving."""
+    sent = [0] * len(socks)
+
+    def send(index: int) -> None:
+        socks[index].settimeout(3)
+        deadline = time.monotonic() + seconds
+        number = 0
+        with contextlib.suppress(TimeoutError, OSError):
+            while time.monotonic() < deadline:
+                line = lines(number)
+                line = (line if number == 0 else line[1:]) + lines(number + 1)[:1]
+                socks[index].sendall(line)
+                sent[index] += len(line)
+                number += 1
+
+    senders = [threading.Thread(target=send, args=(index,)) for index in range(len(socks))]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    return sum(sent)
+
+
+def test_requests_written_back_to_back_are_held_back_at_the_budget(make_daemon):
+    """One connection writing 1 MiB requests back to back, each a job that sleeps: the
+    line already arriving behind each one was let on as the uid's oldest, so the
+    daemon read all of them whatever its budget."""
+    daemon = make_daemon(daemon={"pending_bytes_per_uid": 16 * MiB})
+    code = "import time; time.sleep(20)\n#" + "x" * MiB
+    with connect(daemon.socket) as sock, PeakMemory(daemon.process.pid) as memory:
+        sent = flood([sock], lambda n: execute_line(n, language="python", code=code), 6)
+    assert sent < 24 * MiB, sent  # the budget, and the lines in the socket's buffers
+    assert memory.growth < 64, memory.peak
+    assert daemon.client.health()["status"] == "healthy"
+
+
+def test_input_for_jobs_that_never_start_is_held_back_at_the_budget(make_daemon):
+    """Sixteen connections sending 60 KB of input for ids with no job: as nothing of
+    theirs was running, each next line went on as the uid's oldest, and input waiting
+    for its job is kept (64 ids of 1 MiB a connection): 1 GiB against a 16 MiB budget."""
+    daemon = make_daemon(daemon={"pending_bytes_per_uid": 16 * MiB})
+
+    def stdin_line(number: int) -> bytes:
+        stdin = {"id": f"e{number // 16}", "data": "a" * 60_000}
+        return (
+            json.dumps({"jsonrpc": "2.0", "method": "execute.stdin", "params": stdin}).encode()
+            + b"\n"
+        )
+
+    socks = [connect(daemon.socket) for _ in range(16)]
+    with PeakMemory(daemon.process.pid) as memory:
+        sent = flood(socks, stdin_line, 6)
+    for sock in socks:
+        sock.close()
+    # The budget, a line or two past it on each, and what the sockets' buffers hold.
+    assert sent < 64 * MiB, sent
+    assert memory.growth < 96, memory.peak
+    assert daemon.client.health()["status"] == "healthy"
