@@ -37,9 +37,8 @@ def _widths(text: bytes | bytearray, escapes: bytes | bytearray | None = None) -
     raw characters and by the escapes in ``escapes`` (``text`` itself by default), in
     a few passes in C (a reversed-regex scan took 140 ms of the event loop for 4 MiB of
     ``\\u00e9``)."""
-    ascii_only = text.isascii()
-    two = not ascii_only and bool(text.translate(None, _BELOW_LEAD[0]))
-    four = not ascii_only and bool(text.translate(None, _BELOW_LEAD[1]))
+    leads = b"" if text.isascii() else text.translate(None, _BELOW_LEAD[0])
+    two, four = bool(leads), bool(leads.translate(None, _BELOW_LEAD[1]))
     escaped = text if escapes is None else escapes
     if b"\\u" in escaped:
         two = two or escaped.count(b"\\u") != escaped.count(b"\\u00")
